@@ -1,0 +1,3 @@
+"""esq-lightning: Error-Silenced Quantization with PyTorch Lightning and Hydra."""
+
+__version__ = "0.1.0"
