@@ -1,0 +1,259 @@
+"""Bit-packed export of a quantized model (1 bit/weight BWN, 2 bits/weight TWN) and its reload."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .functional import dequantize, quantize_codes
+from .modules import quant_layers
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "pack_codes",
+    "unpack_codes",
+    "export_packed",
+    "load_packed",
+]
+
+FORMAT_NAME = "esq-packed"
+FORMAT_VERSION = 1
+# File layout: MAGIC | u64 little-endian header length | zlib-compressed UTF-8 JSON header |
+# padding | data. Raw bytes plus one compressed header keep the overhead to a few dozen bytes per
+# tensor (no pickle, so loading a file cannot run code) and make the on-disk size easy to account
+# for.
+_MAGIC = b"ESQPACK\x00"
+_ALIGN = 8  # every blob starts on an 8-byte boundary, so frombuffer gives aligned tensors
+_BITS = {"bwn": 1, "twn": 2}
+
+
+def _pad(n: int) -> int:
+    return (-n) % _ALIGN
+
+
+def pack_codes(codes: Tensor, kind: str) -> Tensor:
+    """Pack int8 codes (BWN {-1,+1}, TWN {-1,0,+1}) into uint8, 8 or 4 codes per byte, LSB first."""
+    bits = _BITS[kind]
+    per_byte = 8 // bits
+    flat = codes.reshape(-1)
+    # BWN: bit 1 = +1; TWN: code + 1 in {0, 1, 2} (3 never occurs and is rejected on load).
+    vals = (flat > 0).to(torch.uint8) if kind == "bwn" else (flat + 1).to(torch.uint8)
+    pad = (-vals.numel()) % per_byte
+    if pad:
+        vals = torch.cat([vals, vals.new_zeros(pad)])
+    vals = vals.reshape(-1, per_byte)
+    packed = torch.zeros(vals.shape[0], dtype=torch.uint8, device=vals.device)
+    for j in range(per_byte):
+        packed |= vals[:, j] << (bits * j)
+    return packed
+
+
+def unpack_codes(packed: Tensor, kind: str, numel: int) -> Tensor:
+    """Inverse of pack_codes: the first ``numel`` codes as int8."""
+    bits = _BITS[kind]
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    vals = ((packed.reshape(-1, 1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel].to(torch.int8)
+    if kind == "bwn":
+        return vals * 2 - 1
+    if bool((vals > 2).any()):
+        raise ValueError("invalid ternary code 3 in packed data")
+    return vals - 1
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _raw(t: Tensor) -> memoryview:
+    # Viewed as bytes, so bfloat16 and bool need no numpy dtype of their own.
+    flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy())
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | None = None) -> dict[str, Any]:
+    """Write ``model`` to ``path`` with its quantized layers bit-packed; return a size report.
+
+    Quantized layers (at ratio 1, whatever their SQ ratio) are stored as packed codes plus one
+    alpha per filter (per layer for per_filter=False) in the weight's dtype; every other state_dict
+    tensor is stored raw. ``meta`` (JSON-able, e.g. the model's construction config) is stored for
+    load_packed to rebuild the architecture.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("export_packed writes little-endian data and needs a little-endian host")
+    meta = {} if meta is None else meta
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"meta must be JSON-serializable (OmegaConf: use to_container): {exc}") from exc
+
+    state = model.state_dict()
+    blobs: list[Tensor] = []
+    offset = 0
+
+    def add(t: Tensor) -> int:
+        nonlocal offset
+        start = offset
+        blobs.append(t)
+        offset += _nbytes(t) + _pad(_nbytes(t))
+        return start
+
+    quantized: list[dict[str, Any]] = []
+    float32_quantized = packed_quantized = 0
+    with torch.no_grad():
+        for name, layer in quant_layers(model):
+            key = f"{name}.weight" if name else "weight"
+            if key not in state:
+                raise ValueError(f"quantized layer {name!r} has no state_dict entry {key!r}")
+            w = layer.weight.detach()
+            codes, alpha = quantize_codes(w, layer.kind, layer.per_filter)
+            packed = pack_codes(codes, layer.kind)
+            alpha = alpha.contiguous()
+            quantized.append(
+                {
+                    "key": key,
+                    "kind": layer.kind,
+                    "per_filter": layer.per_filter,
+                    "shape": list(w.shape),
+                    "dtype": _dtype_name(w.dtype),
+                    "codes": add(packed),
+                    "codes_bytes": _nbytes(packed),
+                    "alpha": add(alpha),
+                    "alpha_numel": alpha.numel(),
+                }
+            )
+            float32_quantized += 4 * w.numel()
+            packed_quantized += _nbytes(packed) + _nbytes(alpha)
+
+    qkeys = {q["key"] for q in quantized}
+    tensors: list[dict[str, Any]] = []
+    other_bytes = float32_model = 0
+    for key, t in state.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"state_dict entry {key!r} is not a tensor ({type(t).__name__}); cannot pack it")
+        float32_model += t.numel() * (4 if t.is_floating_point() else t.element_size())
+        if key in qkeys:
+            continue
+        tensors.append({"key": key, "dtype": _dtype_name(t.dtype), "shape": list(t.shape), "offset": add(t)})
+        other_bytes += _nbytes(t)
+
+    header = zlib.compress(
+        json.dumps(
+            {"format": FORMAT_NAME, "version": FORMAT_VERSION, "meta": meta,
+             "quantized": quantized, "tensors": tensors},
+            separators=(",", ":"),
+        ).encode("utf-8"),
+        level=9,
+    )
+    prefix = len(_MAGIC) + 8 + len(header)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    # Written to a side file and renamed, so an interrupted export never leaves a half file.
+    with open(tmp, "wb") as fh:
+        fh.write(_MAGIC)
+        fh.write(struct.pack("<Q", len(header)))
+        fh.write(header)
+        fh.write(b"\x00" * _pad(prefix))
+        for t in blobs:
+            fh.write(_raw(t))
+            fh.write(b"\x00" * _pad(_nbytes(t)))
+    os.replace(tmp, path)
+
+    file_bytes = path.stat().st_size
+    return {
+        "packed_bytes": file_bytes,
+        "file_bytes": file_bytes,
+        "float32_quantized_bytes": float32_quantized,
+        "packed_quantized_bytes": packed_quantized,
+        "ratio": float32_quantized / packed_quantized if packed_quantized else float("nan"),
+        "other_bytes": other_bytes,
+        "overhead_bytes": file_bytes - packed_quantized - other_bytes,
+        "float32_model_bytes": float32_model,
+        "model_ratio": float32_model / file_bytes,
+        "quantized_layers": len(quantized),
+    }
+
+
+def _read(path: Path) -> tuple[dict[str, Any], bytearray, int]:
+    data = bytearray(path.read_bytes())
+    if len(data) < len(_MAGIC) + 8 or bytes(data[: len(_MAGIC)]) != _MAGIC:
+        raise ValueError(f"{path} is not an esq packed model (missing {_MAGIC!r} signature)")
+    (hlen,) = struct.unpack("<Q", bytes(data[len(_MAGIC) : len(_MAGIC) + 8]))
+    start = len(_MAGIC) + 8
+    try:
+        header = json.loads(zlib.decompress(bytes(data[start : start + hlen])).decode("utf-8"))
+    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not an esq packed model (unreadable header: {exc})") from exc
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is not an esq packed model (header names no {FORMAT_NAME!r} format)")
+    version = header.get("version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: esq packed format version {version} unsupported (need {FORMAT_VERSION})")
+    base = start + hlen
+    return header, data, base + _pad(base)
+
+
+def load_packed(
+    path: str | os.PathLike[str], build_model: Callable[[dict], nn.Module]
+) -> tuple[nn.Module, dict]:
+    """Rebuild a model written by export_packed: ``build_model(meta)`` gives the plain architecture.
+
+    Quantized weights are dequantized with the same operation as bwn()/twn(), so the returned
+    model (in eval mode, no quantization code needed) reproduces the quantized model's logits at
+    ratio 1 exactly.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("load_packed reads little-endian data and needs a little-endian host")
+    path = Path(path)
+    header, data, base = _read(path)
+
+    def view(offset: int, dtype: torch.dtype, count: int) -> Tensor:
+        start = base + offset
+        if count and start + count * torch.empty(0, dtype=dtype).element_size() > len(data):
+            raise ValueError("truncated: the header points past the end of the file")
+        if not count:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype, count=count, offset=start)
+
+    state: dict[str, Tensor] = {}
+    try:
+        for q in header["quantized"]:
+            shape = torch.Size(q["shape"])
+            dtype = _dtype_of(q["dtype"])
+            numel = shape.numel()
+            codes = unpack_codes(view(q["codes"], torch.uint8, q["codes_bytes"]), q["kind"], numel)
+            rows = shape[0] if q["per_filter"] else 1
+            alpha = view(q["alpha"], dtype, q["alpha_numel"])
+            state[q["key"]] = dequantize(codes.reshape(rows, -1), alpha, shape)
+        for t in header["tensors"]:
+            shape = torch.Size(t["shape"])
+            state[t["key"]] = view(t["offset"], _dtype_of(t["dtype"]), shape.numel()).reshape(shape).clone()
+        meta = header["meta"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path}: corrupt esq packed model ({exc})") from exc
+
+    model = build_model(meta)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), meta

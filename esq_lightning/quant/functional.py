@@ -1,0 +1,106 @@
+"""Weight quantizers (BWN, TWN), their integer codes and the per-filter relative error."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KINDS",
+    "TWN_DELTA_FACTOR",
+    "bwn",
+    "bwn_codes",
+    "twn",
+    "twn_codes",
+    "quantize_weight",
+    "quantize_codes",
+    "dequantize",
+    "relative_error",
+]
+
+KINDS: tuple[str, ...] = ("bwn", "twn")
+TWN_DELTA_FACTOR: float = 0.7
+
+
+def _rows(w: Tensor, per_filter: bool) -> Tensor:
+    # One row per group that shares an alpha: a filter (dim 0), or the whole layer.
+    return w.reshape(w.shape[0], -1) if per_filter else w.reshape(1, -1)
+
+
+def _check_weight(w: Tensor) -> None:
+    if w.dim() < 1 or w.shape[0] == 0 or w.numel() == 0:
+        raise ValueError(f"expected a non-empty weight, output filters on dim 0; got shape {tuple(w.shape)}")
+
+
+def dequantize(codes: Tensor, alpha: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """alpha * code, one alpha per row of ``codes`` ([O, d] or [1, O*d]), reshaped to ``shape``.
+
+    bwn(), twn() and the export loader all build their weights here, so an exported model
+    dequantizes to exactly the tensor that the training forward used.
+    """
+    return (alpha.reshape(-1, 1) * codes.to(alpha.dtype)).reshape(shape)
+
+
+def bwn_codes(w: Tensor, per_filter: bool = True) -> tuple[Tensor, Tensor]:
+    """Sign codes (int8 in {-1, +1}, sign(0) = +1) with one row per alpha, and alpha = mean |W|.
+
+    Codes have shape [O, d] (per_filter) or [1, O*d]; alpha has shape [O] or [1], dtype of w.
+    """
+    _check_weight(w)
+    rows = _rows(w.detach(), per_filter)
+    alpha = rows.abs().mean(dim=1)
+    codes = torch.where(rows >= 0, 1, -1).to(torch.int8)
+    return codes, alpha
+
+
+def twn_codes(w: Tensor, per_filter: bool = True) -> tuple[Tensor, Tensor]:
+    """Ternary codes (int8 in {-1, 0, +1}) and alpha, with Delta = 0.7 * mean |W| per row.
+
+    alpha is the mean of |W| over the entries above Delta, 0 where there are none.
+    """
+    _check_weight(w)
+    rows = _rows(w.detach(), per_filter)
+    mag = rows.abs()
+    delta = TWN_DELTA_FACTOR * mag.mean(dim=1, keepdim=True)
+    above = mag > delta
+    count = above.sum(dim=1)
+    # clamp keeps an empty set at 0 / 1 = 0 instead of NaN, without a host sync.
+    alpha = torch.where(above, mag, torch.zeros_like(mag)).sum(dim=1) / count.clamp_min(1).to(mag.dtype)
+    codes = (torch.where(rows > delta, 1, 0) - torch.where(rows < -delta, 1, 0)).to(torch.int8)
+    return codes, alpha
+
+
+def quantize_codes(w: Tensor, kind: str, per_filter: bool = True) -> tuple[Tensor, Tensor]:
+    """(codes, alpha) of ``kind`` ("bwn" or "twn"); see bwn_codes and twn_codes."""
+    if kind == "bwn":
+        return bwn_codes(w, per_filter)
+    if kind == "twn":
+        return twn_codes(w, per_filter)
+    raise ValueError(f"unknown quantizer kind {kind!r}; allowed: {', '.join(KINDS)}")
+
+
+def bwn(w: Tensor, per_filter: bool = True) -> Tensor:
+    """Binary weights alpha_i * sign(W_i) per output filter (per_filter=False: one alpha per layer)."""
+    codes, alpha = bwn_codes(w, per_filter)
+    return dequantize(codes, alpha, w.shape)
+
+
+def twn(w: Tensor, per_filter: bool = True) -> Tensor:
+    """Ternary weights in {-alpha_i, 0, +alpha_i} per output filter (per_filter=False: per layer)."""
+    codes, alpha = twn_codes(w, per_filter)
+    return dequantize(codes, alpha, w.shape)
+
+
+def quantize_weight(w: Tensor, kind: str, per_filter: bool = True) -> Tensor:
+    """Quantized copy of ``w`` (no gradient): kind "bwn" or "twn"."""
+    codes, alpha = quantize_codes(w, kind, per_filter)
+    return dequantize(codes, alpha, w.shape)
+
+
+def relative_error(w: Tensor, q: Tensor) -> Tensor:
+    """e_i = ||W_i - Q_i||_1 / ||W_i||_1 per output filter, 0 for an all-zero filter."""
+    w2 = w.detach().reshape(w.shape[0], -1)
+    q2 = q.detach().reshape(q.shape[0], -1)
+    num = (w2 - q2).abs().sum(dim=1)
+    den = w2.abs().sum(dim=1)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))

@@ -1,0 +1,279 @@
+"""Quantized Conv2d/Linear layers with Stochastic Quantization, and model-level helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import KINDS, quantize_weight, relative_error
+from .selection import SELECTION_FUNCTIONS, VARIANTS, sample_selection
+
+__all__ = [
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantMixin",
+    "StraightThroughQuantize",
+    "quantize_model",
+    "quant_layers",
+    "set_sq_ratio",
+    "get_sq_ratio",
+    "draw_selection",
+    "clear_selection",
+    "full_quantization",
+    "selection_state",
+]
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
+class StraightThroughQuantize(torch.autograd.Function):
+    """Forward: exactly quantize_weight(w); backward: the gradient at Q, unchanged, to W."""
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, kind: str, per_filter: bool) -> Tensor:  # noqa: D102
+        return quantize_weight(w, kind, per_filter)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        return grad, None, None
+
+
+class QuantMixin:
+    """State and weight selection shared by QuantConv2d and QuantLinear."""
+
+    weight: nn.Parameter
+    sq_mask: Tensor | None
+
+    def _init_quant(
+        self,
+        kind: str = "bwn",
+        per_filter: bool = True,
+        sq_variant: str = "paper",
+        sq_f: str = "linear",
+        sq_name: str = "",
+    ) -> None:
+        _check_choice("quantizer kind", kind, KINDS)
+        _check_choice("SQ variant", sq_variant, VARIANTS)
+        _check_choice("SQ selection function f", sq_f, SELECTION_FUNCTIONS)
+        self.kind = kind
+        self.per_filter = bool(per_filter)
+        self.sq_variant = sq_variant
+        self.sq_f = sq_f
+        self.sq_name = sq_name
+        self._sq_ratio = 1.0
+        # Non-persistent buffer: follows .to(device) but never enters the state_dict, so
+        # checkpoints of quantized and full-precision models share their keys.
+        self.register_buffer("sq_mask", None, persistent=False)
+
+    @property
+    def sq_ratio(self) -> float:
+        """Fraction of output filters that use the quantized weights (1 = whole layer)."""
+        return self._sq_ratio
+
+    @sq_ratio.setter
+    def sq_ratio(self, ratio: float) -> None:
+        ratio = float(ratio)
+        if ratio != ratio:
+            raise ValueError("SQ ratio is NaN")
+        # A mask drawn for another ratio has the wrong number of quantized filters.
+        if ratio != self._sq_ratio:
+            self.sq_mask = None
+        self._sq_ratio = ratio
+
+    def quantized_weight(self) -> Tensor:
+        """Q (all filters), differentiable with the straight-through estimator."""
+        return StraightThroughQuantize.apply(self.weight, self.kind, self.per_filter)
+
+    def effective_weight(self) -> Tensor:
+        """The weight this forward uses: Q, W, or Q on the drawn filters and W elsewhere."""
+        ratio = self._sq_ratio
+        if ratio >= 1:
+            return self.quantized_weight()
+        if ratio <= 0:
+            return self.weight
+        mask = self.sq_mask
+        if mask is None:
+            name = self.sq_name or type(self).__name__
+            raise RuntimeError(
+                f"SQ ratio r < 1 but no selection drawn for layer {name}: "
+                f"call draw_selection(model, generator) once per training step (r = {ratio:g})"
+            )
+        mask = mask.reshape((-1,) + (1,) * (self.weight.dim() - 1))
+        return torch.where(mask, self.quantized_weight(), self.weight)
+
+    @torch.no_grad()
+    def relative_error(self) -> Tensor:
+        """Per-filter relative error of the current weights."""
+        return relative_error(self.weight, quantize_weight(self.weight, self.kind, self.per_filter))
+
+    def _quant_repr(self) -> str:
+        return (
+            f"kind={self.kind}, per_filter={self.per_filter}, sq_ratio={self._sq_ratio:g}, "
+            f"sq_variant={self.sq_variant}, sq_f={self.sq_f}"
+        )
+
+
+class QuantConv2d(QuantMixin, nn.Conv2d):
+    """nn.Conv2d whose forward uses BWN/TWN weights (state_dict identical to nn.Conv2d)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        kind: str = "bwn",
+        per_filter: bool = True,
+        sq_variant: str = "paper",
+        sq_f: str = "linear",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_quant(kind, per_filter, sq_variant, sq_f)
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Conv2d's name
+        return self._conv_forward(input, self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return super().extra_repr() + ", " + self._quant_repr()
+
+
+class QuantLinear(QuantMixin, nn.Linear):
+    """nn.Linear whose forward uses BWN/TWN weights (state_dict identical to nn.Linear)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        kind: str = "bwn",
+        per_filter: bool = True,
+        sq_variant: str = "paper",
+        sq_f: str = "linear",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_quant(kind, per_filter, sq_variant, sq_f)
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's name
+        return F.linear(input, self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return super().extra_repr() + ", " + self._quant_repr()
+
+
+_QUANT_OF: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+_PLAIN_OF: dict[type, type] = {QuantConv2d: nn.Conv2d, QuantLinear: nn.Linear}
+_QUANT_ATTRS = ("kind", "per_filter", "sq_variant", "sq_f", "sq_name", "_sq_ratio")
+
+
+def _to_plain(layer: nn.Module) -> None:
+    layer.__class__ = _PLAIN_OF[type(layer)]
+    for attr in _QUANT_ATTRS:
+        layer.__dict__.pop(attr, None)
+    layer._buffers.pop("sq_mask", None)
+    layer._non_persistent_buffers_set.discard("sq_mask")
+
+
+def quantize_model(
+    model: nn.Module,
+    kind: str,
+    per_filter: bool = True,
+    keep_first_last: bool = False,
+    variant: str = "paper",
+    f: str = "linear",
+) -> nn.Module:
+    """Turn every nn.Conv2d / nn.Linear of ``model`` into its Quant version, in place.
+
+    The layer object keeps its identity (its class is swapped), so parameters, hooks, device,
+    dtype, other attributes and any optimizer holding the parameters stay valid. kind "full"
+    returns the model unchanged. keep_first_last keeps the first Conv2d and the last Linear (in
+    registration order) in full precision. Calling it again reconfigures every layer (ratio 1).
+    """
+    _check_choice("quantizer kind", kind, KINDS + ("full",))
+    _check_choice("SQ variant", variant, VARIANTS)
+    _check_choice("SQ selection function f", f, SELECTION_FUNCTIONS)
+    if kind == "full":
+        return model
+    named = list(model.named_modules())
+    keep: set[int] = set()
+    if keep_first_last:
+        convs = [m for _, m in named if isinstance(m, nn.Conv2d)]
+        linears = [m for _, m in named if isinstance(m, nn.Linear)]
+        keep = {id(m) for m in convs[:1] + linears[-1:]}
+    for name, module in named:
+        if id(module) in keep:
+            if type(module) in _PLAIN_OF:
+                _to_plain(module)
+            continue
+        if type(module) in _QUANT_OF:
+            module.__class__ = _QUANT_OF[type(module)]
+        if type(module) in _PLAIN_OF:
+            # A re-quantized layer starts afresh: ratio 1, no mask.
+            module._init_quant(kind, per_filter, variant, f, name)
+    return model
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    """(qualified name, layer) of every quantized layer (QuantConv2d/QuantLinear), in registration order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantMixin)]
+
+
+def set_sq_ratio(model: nn.Module, ratio: float) -> None:
+    """Set the SQ ratio of every quantized layer (a changed ratio clears the drawn masks)."""
+    for _, layer in quant_layers(model):
+        layer.sq_ratio = ratio
+
+
+def get_sq_ratio(model: nn.Module) -> float | None:
+    """The common SQ ratio of the quantized layers; None without any; ValueError if they differ."""
+    ratios = {layer.sq_ratio for _, layer in quant_layers(model)}
+    if not ratios:
+        return None
+    if len(ratios) > 1:
+        raise ValueError(f"quantized layers have different SQ ratios: {sorted(ratios)}")
+    return ratios.pop()
+
+
+@torch.no_grad()
+def draw_selection(model: nn.Module, generator: torch.Generator | None) -> None:
+    """Draw this step's filter selection of every layer with 0 < ratio < 1, in quant_layers order.
+
+    Each draw uses the layer's current relative errors; layers at ratio 1 or 0 draw nothing, so
+    they consume no random numbers.
+    """
+    for _, layer in quant_layers(model):
+        ratio = layer.sq_ratio
+        if ratio >= 1 or ratio <= 0:
+            layer.sq_mask = None
+            continue
+        err = layer.relative_error()
+        layer.sq_mask = sample_selection(err, ratio, generator, layer.sq_variant, layer.sq_f)
+
+
+def clear_selection(model: nn.Module) -> None:
+    """Forget the drawn masks of every quantized layer."""
+    for _, layer in quant_layers(model):
+        layer.sq_mask = None
+
+
+def selection_state(model: nn.Module) -> dict[str, Tensor | None]:
+    """Drawn mask (or None) per quantized layer name, for debugging and logging."""
+    return {name: layer.sq_mask for name, layer in quant_layers(model)}
+
+
+@contextmanager
+def full_quantization(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block at ratio 1 (evaluation, export); restores ratios and drawn masks after."""
+    saved = [(layer, layer.sq_ratio, layer.sq_mask) for _, layer in quant_layers(model)]
+    try:
+        for layer, _, _ in saved:
+            layer.sq_ratio = 1.0
+        yield model
+    finally:
+        for layer, ratio, mask in saved:
+            layer.sq_ratio = ratio
+            layer.sq_mask = mask
