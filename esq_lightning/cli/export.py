@@ -1,0 +1,26 @@
+"""esq-export: write the packed (1-/2-bit) file of a trained checkpoint and check that it reloads to identical logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+import esq_lightning.config  # noqa: F401  (registers resolvers)
+from esq_lightning.cli._common import CONFIG_PATH, user_errors_as_one_line
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="export", version_base="1.3")
+@user_errors_as_one_line
+def main(cfg: DictConfig) -> None:
+    from esq_lightning.export import export_checkpoint
+
+    report = export_checkpoint(cfg.ckpt_path, cfg.out, verify=bool(cfg.verify))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

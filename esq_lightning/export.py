@@ -1,0 +1,51 @@
+"""Export a trained checkpoint to the packed format and load it back as a plain PyTorch model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from esq_lightning.errors import ESQUserError
+from esq_lightning.models import build_model
+from esq_lightning.quant import export_packed, full_quantization, load_packed, quant_layers
+
+
+def _build_from_meta(meta: dict[str, Any]) -> nn.Module:
+    return build_model(meta["model"])
+
+
+def load_exported(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A plain (unquantized-code) model holding the exact dequantized weights, and the run metadata."""
+    model, meta = load_packed(path, _build_from_meta)
+    model.eval()
+    return model, meta
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True) -> dict[str, Any]:
+    """Pack the checkpoint's model; returns the size report (and the logits check when verify)."""
+    from esq_lightning.evaluate import load_trained_model
+
+    model, config = load_trained_model(ckpt_path)
+    if not quant_layers(model):
+        raise ESQUserError(f"{ckpt_path}: the model is full precision (quant=full); nothing to pack")
+    out = Path(out) if out else Path(ckpt_path).with_suffix(".esq")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": config["model"], "quant": config["quant"], "data": {"name": config["data"]["name"]},
+            "source_checkpoint": str(ckpt_path)}
+    report = export_packed(model, out, meta)
+    report["path"] = str(out)
+    if verify:
+        shape = (8, int(config["data"]["in_channels"]), int(config["data"]["image_size"]), int(config["data"]["image_size"]))
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), full_quantization(model):
+            expected = model.eval()(x)
+        rebuilt, _ = load_exported(out)
+        with torch.no_grad():
+            got = rebuilt(x)
+        report["identical_logits"] = bool(torch.equal(expected, got))
+        if not report["identical_logits"]:
+            raise RuntimeError(f"{out}: reloaded logits differ from the checkpoint's (max {(expected - got).abs().max():.3g})")
+    return report

@@ -1,0 +1,62 @@
+"""results.json: one record per run (training or evaluation), the source of every table and figure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+import esq_lightning
+
+SCHEMA_VERSION = 1
+
+
+def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The results record of a run: config identity, accuracies as fractions, threat model, timing."""
+    pairing = cfg.get("pairing") or {}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "esq_lightning_version": esq_lightning.__version__,
+        "task": cfg.get("task_name", "train"),
+        "experiment": cfg.get("experiment_name"),
+        "setting": cfg.get("setting"),
+        "dataset": cfg.data.name,
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "quant": cfg.quant.kind,
+        "bits": int(cfg.quant.get("bits", 32)),
+        "pairing": {"layers": list(pairing.get("layers", [])), "lambdas": [float(v) for v in pairing.get("lambdas", [])],
+                    "p": int(pairing.get("p", 2))},
+        "seed": int(cfg.seed),
+        "init_from": cfg.get("init_from"),
+        "clean_acc": ev["clean_acc"],
+        "robust_acc": ev["robust_acc"],
+        "attacks": ev["attacks"],
+        "threat_model": {"norm": cfg.eval.get("norm", "linf"), "eps": float(cfg.eval.eps)},
+        "n_samples": ev["n_samples"],
+        "eval_sq_ratio": 1.0,
+        **extra,
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A small plain-text table of a results record."""
+    rows = [("dataset", results["dataset"]), ("model", results["model"]), ("setting", results.get("setting")),
+            ("method", results["method"]), ("quant", results["quant"]), ("seed", results["seed"]),
+            ("threat model", f"{results['threat_model']['norm']} eps={results['threat_model']['eps']:.4g}"),
+            ("n_samples", results["n_samples"]), ("clean_acc", f"{results['clean_acc']:.4f}")]
+    for name, acc in results["robust_acc"].items():
+        eps = results["attacks"].get(name, {}).get("eps")
+        label = f"{name} acc" + (f" (eps={eps:.4g})" if isinstance(eps, (int, float)) else "")
+        rows.append((label, f"{acc:.4f}"))
+    for key in ("epochs", "train_seconds", "checkpoint"):
+        if key in results:
+            value = results[key]
+            rows.append((key, f"{value:.1f}" if isinstance(value, float) else value))
+    width = max(len(str(k)) for k, _ in rows)
+    line = "-" * (width + 2 + max(len(str(v)) for _, v in rows))
+    return "\n".join([line, *(f"{str(k).ljust(width)}  {v}" for k, v in rows), line])
+
+
+def print_results(results: dict[str, Any]) -> None:
+    print(format_table(results), flush=True)

@@ -1,0 +1,52 @@
+"""Run directories: find finished runs by their results.json, and resolve `init_from=setting:NAME`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from esq_lightning.errors import ESQUserError
+
+RESULTS = "results.json"
+
+
+def iter_results(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every readable results.json under root (a run or multirun directory), as (run_dir, results)."""
+    root = Path(root)
+    if not root.exists():
+        return
+    for path in sorted(root.rglob(RESULTS)):
+        try:
+            yield path.parent, json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # a run that is still writing, or a foreign file: not a finished run
+
+
+def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, model: str, seed: int) -> str | None:
+    """A checkpoint path for `init_from`.
+
+    `setting:NF` picks the newest finished run of setting NF with the same dataset, model and seed
+    under runs_root (falling back to any seed when none matches), so a quantization stage finds the
+    full-precision start of an earlier stage without a hand-copied path.
+    """
+    if spec is None or not str(spec).startswith("setting:"):
+        if spec is not None and not Path(spec).is_file():
+            raise ESQUserError(f"init_from: file not found: {spec}")
+        return spec
+    setting = str(spec).split(":", 1)[1]
+    candidates = [
+        (run_dir, res) for run_dir, res in iter_results(runs_root)
+        if res.get("setting") == setting and res.get("dataset") == dataset and res.get("model") == model
+        and res.get("checkpoint") and Path(res["checkpoint"]).is_file()
+    ]
+    same_seed = [c for c in candidates if c[1].get("seed") == seed]
+    pool = same_seed or candidates
+    if not pool:
+        raise ESQUserError(
+            f"init_from={spec}: no finished run of setting {setting} for data={dataset} model={model} under "
+            f"{runs_root} (train it first, e.g. esq-train experiment={dataset}/{setting}, or give a checkpoint path)"
+        )
+    run_dir, res = max(pool, key=lambda c: (Path(c[1]["checkpoint"]).stat().st_mtime))
+    return res["checkpoint"]

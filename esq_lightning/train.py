@@ -1,0 +1,186 @@
+"""train(cfg): build data, model, module, callbacks and loggers from a Hydra config, fit, evaluate, write results.json."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from esq_lightning.checkpoint import load_model_weights
+from esq_lightning.data import build_datamodule
+from esq_lightning.errors import ESQUserError
+from esq_lightning.evaluation import evaluate_robustness
+from esq_lightning.models import build_model
+from esq_lightning.module import ESQModule
+from esq_lightning.objectives import Objective
+from esq_lightning.pairing import check_pairing_names
+from esq_lightning.quant import quantize_model
+from esq_lightning.results import build_results, print_results
+from esq_lightning.runs import resolve_init_from
+from esq_lightning.utils import atomic_write_json, set_threads
+
+
+def build_network(cfg_model: DictConfig | dict, cfg_quant: DictConfig | dict) -> nn.Module:
+    """The classifier of a run: the architecture, quantized as `quant` says (nothing for quant=full)."""
+    model = build_model(cfg_model)
+    q = dict(cfg_quant)
+    return quantize_model(
+        model, q["kind"], per_filter=q.get("per_filter", True), keep_first_last=q.get("keep_first_last", False),
+        variant=q.get("variant", "paper"), f=q.get("f", "linear"),
+    )
+
+
+def build_objective(cfg: DictConfig) -> Objective:
+    method = cfg.method
+    pairing = cfg.pairing
+    return Objective(
+        name=method.name,
+        pairing_layers=list(pairing.layers),
+        pairing_lambdas=[float(v) for v in pairing.lambdas],
+        pairing_p=int(pairing.get("p", 2)),
+        alp_lambda=float(method.get("alp_lambda", 0.5)),
+        trades_beta=float(method.get("trades_beta", 6.0)),
+    )
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    loggers = []
+    for name, conf in (cfg.get("logger") or {}).items():
+        if conf is None:
+            continue
+        if name == "wandb" and not conf.get("offline", True):
+            _require_wandb_login()
+        if name == "tensorboard":
+            _require_tensorboard()
+        loggers.append(instantiate(conf))
+    return loggers
+
+
+def _require_wandb_login() -> None:
+    import wandb
+
+    if not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
+        raise ESQUserError(
+            "logger.wandb.offline=false needs a W&B login: run `wandb login` or set WANDB_API_KEY "
+            "(or keep the default offline mode and `wandb sync` later)"
+        )
+
+
+def _require_tensorboard() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        raise ESQUserError("logger=tensorboard needs the tensorboard package: pip install tensorboard")
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    return [instantiate(conf) for conf in (cfg.get("callbacks") or {}).values() if conf is not None]
+
+
+def output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def resolve_ckpt_path(spec: str | None, out: Path) -> str | None:
+    if spec is None:
+        return None
+    path = out / "checkpoints" / "last.ckpt" if spec == "last" else Path(spec)
+    if not path.is_file():
+        raise ESQUserError(f"ckpt_path: checkpoint not found: {path}")
+    return str(path)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train and evaluate one run; returns (results, objects)."""
+    out = output_dir()
+    set_threads(cfg.get("threads"))
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    model = build_network(cfg.model, cfg.quant)
+    check_pairing_names(model, list(cfg.pairing.layers))
+    init_from = resolve_init_from(cfg.get("init_from"), cfg.paths.runs_root, cfg.data.name, cfg.model.name, cfg.seed)
+    if init_from:
+        load_model_weights(model, init_from)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
+    if cfg.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+
+    optimizer = instantiate(cfg.optimizer)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    config["init_from"] = init_from
+    module = ESQModule(
+        model=model, objective=build_objective(cfg), num_classes=cfg.data.num_classes, optimizer=optimizer,
+        scheduler=scheduler, seed=cfg.seed, config=config, channels_last=bool(cfg.get("channels_last")),
+    )
+    if cfg.get("compile"):
+        module.model = torch.compile(module.model)
+
+    callbacks = build_callbacks(cfg)
+    loggers = build_loggers(cfg)
+    trainer = pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        callbacks=callbacks,
+        logger=loggers if loggers else False,
+        default_root_dir=str(out),
+        # Attacks need autograd during validation; Lightning's default inference_mode forbids it.
+        inference_mode=False,
+        # The tensor loaders shard themselves by rank (same permutation on every rank).
+        use_distributed_sampler=False,
+    )
+    try:
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        train_seconds = time.perf_counter() - start
+        final_ckpt = out / "checkpoints" / "final.ckpt"
+        trainer.save_checkpoint(final_ckpt)
+        results: dict[str, Any] = {}
+        if trainer.is_global_zero:
+            results = evaluate_and_record(cfg, module, datamodule, trainer, final_ckpt, train_seconds, out, loggers)
+        return results, {"trainer": trainer, "module": module, "datamodule": datamodule}
+    finally:
+        _finish_wandb(loggers)
+
+
+def evaluate_and_record(
+    cfg: DictConfig, module: ESQModule, datamodule: pl.LightningDataModule, trainer: pl.Trainer,
+    final_ckpt: Path, train_seconds: float, out: Path, loggers: list[Any],
+) -> dict[str, Any]:
+    """The end-of-training evaluation on the test split, written to results.json and the loggers."""
+    datamodule.setup("test")
+    x, y = datamodule.test_tensors()
+    model = getattr(module.model, "_orig_mod", module.model)
+    ev = evaluate_robustness(
+        model, x, y, attacks=list(cfg.eval.attacks), eps=float(cfg.eval.eps),
+        params=OmegaConf.to_container(cfg.eval.get("params") or {}, resolve=True), n_samples=cfg.eval.n_samples,
+        batch_size=int(cfg.eval.batch_size), device=module.device, seed=int(cfg.seed),
+    )
+    results = build_results(cfg, ev, epochs=trainer.current_epoch, train_seconds=train_seconds,
+                            checkpoint=str(final_ckpt), run_dir=str(out),
+                            val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+    atomic_write_json(out / "results.json", results)
+    for logger in loggers:
+        logger.log_metrics({"test/clean_acc": results["clean_acc"],
+                            **{f"test/{k}_acc": v for k, v in results["robust_acc"].items()}})
+    print_results(results)
+    return results
+
+
+def _finish_wandb(loggers: list[Any]) -> None:
+    # Closing the run here means the next job of a multirun never logs into this one.
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
