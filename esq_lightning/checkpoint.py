@@ -1,7 +1,8 @@
-"""Reading checkpoints: the run config they carry, and model weights from Lightning or plain state dicts."""
+"""Reading checkpoints: the run config they carry, model weights (Lightning or plain state dicts), resume checks."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,8 @@ def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k.replace("_orig_mod.", ""): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def load_model_weights(model: nn.Module, path: str | Path) -> None:
-    """Load weights into model; a checkpoint of another architecture fails with one line naming the file."""
-    state = model_state_dict(read_checkpoint(path))
+def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """One line naming the file when `state` does not fit `model` (other keys or shapes)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -52,4 +52,94 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
         detail = (f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected, "
                   f"{len(mismatched)} with other shapes (e.g. {mismatched[:2]})")
         raise ESQUserError(f"{path} holds weights of another model than {type(model).__name__}: {detail}")
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Load weights into model; a checkpoint of another architecture fails with one line naming the file."""
+    state = model_state_dict(read_checkpoint(path))
+    check_model_state(model, state, path)
     model.load_state_dict(state)
+
+
+LAST = "last.ckpt"
+
+
+def resolve_resume_path(spec: str, run_dir: str | Path | None) -> Path:
+    """The checkpoint that `ckpt_path=` names: `last`, a run directory, or a checkpoint file.
+
+    `last` is <run dir>/checkpoints/last.ckpt of *this* run, so resuming an interrupted run needs its
+    hydra.run.dir=; a run directory (or its checkpoints/ folder) means its last.ckpt.
+    """
+    if spec == "last":
+        if run_dir is None:
+            raise ESQUserError("ckpt_path=last: no run directory to look in; give ckpt_path=<run dir or .ckpt file>")
+        path = Path(run_dir) / "checkpoints" / LAST
+        if not path.is_file():
+            raise ESQUserError(
+                f"ckpt_path=last: no checkpoint at {path}; `last` looks in this run's directory, so resume with "
+                "the interrupted run's hydra.run.dir=<its run dir>, or give ckpt_path=<its run dir or a .ckpt file>"
+            )
+        return path
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / LAST, path / LAST):
+            if candidate.is_file():
+                return candidate
+        raise ESQUserError(f"ckpt_path: {path} is a directory without checkpoints/{LAST}; allowed: a run directory, "
+                           "a .ckpt file, or `last`")
+    if not path.is_file():
+        raise ESQUserError(f"ckpt_path: checkpoint not found: {path}; allowed: a .ckpt file, a run directory, "
+                           "or `last`")
+    return path
+
+
+# What must match between the run being resumed and this one: resuming continues the same run. A
+# different run from those weights is `init_from=`.
+RESUME_IDENTITY = (("data", "name"), ("model", "name"), ("quant", "kind"), ("quant", "per_filter"),
+                   ("method", "name"), ("seed",))
+
+
+def check_resume_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any]) -> None:
+    """Fail with one line naming the file unless `path` is a training checkpoint of this run's model and config.
+
+    Lightning itself would raise deep inside `fit` with a traceback (an unpickling error, a missing
+    key, a state_dict mismatch) after the data is loaded.
+    """
+    ckpt = read_checkpoint(path)
+    for key in ("state_dict", "optimizer_states", "loops", "epoch", "global_step"):
+        if key not in ckpt:
+            raise ESQUserError(f"ckpt_path: {path} is not a Lightning training checkpoint (no {key}); to start from "
+                               f"its weights use init_from={path}")
+    check_model_state(model, model_state_dict(ckpt), path)
+    old = ckpt.get("esq_config") or {}
+    for keys in RESUME_IDENTITY:
+        was, now = _dig(old, keys), _dig(config, keys)
+        if was is not None and now is not None and was != now:
+            name = ".".join(keys)
+            raise ESQUserError(f"ckpt_path: {path} was written by a run with {name}={was}, this run has "
+                               f"{name}={now}; resume with the same config, or start a new run from its weights "
+                               f"with init_from={path}")
+
+
+def _dig(d: Any, keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def keep_metrics_of_interrupted_run(run_dir: str | Path) -> Path | None:
+    """Move csv/metrics.csv of the interrupted run aside before a resume; returns where it went.
+
+    Lightning's CSVLogger rewrites metrics.csv from its own in-memory rows, so the resumed run would
+    otherwise drop every row logged before the interruption. Called on global rank 0 only.
+    """
+    src = Path(run_dir) / "csv" / "metrics.csv"
+    if not src.is_file():
+        return None
+    k = 1
+    while (dst := src.with_name(f"metrics.before-resume-{k}.csv")).exists():
+        k += 1
+    os.replace(src, dst)
+    return dst

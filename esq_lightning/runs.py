@@ -49,4 +49,7 @@ def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, mod
             f"{runs_root} (train it first, e.g. esq-train experiment={dataset}/{setting}, or give a checkpoint path)"
         )
     run_dir, res = max(pool, key=lambda c: (Path(c[1]["checkpoint"]).stat().st_mtime))
+    if not same_seed:
+        print(f"warning: init_from={spec}: no run of setting {setting} with seed {seed} under {runs_root}; "
+              f"starting from seed {res.get('seed')}: {res['checkpoint']}", flush=True)
     return res["checkpoint"]

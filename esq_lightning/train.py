@@ -13,7 +13,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from esq_lightning.checkpoint import load_model_weights
+from esq_lightning.checkpoint import (
+    check_resume_checkpoint,
+    keep_metrics_of_interrupted_run,
+    load_model_weights,
+    resolve_resume_path,
+)
 from esq_lightning.data import build_datamodule
 from esq_lightning.errors import ESQUserError
 from esq_lightning.evaluation import evaluate_robustness
@@ -21,10 +26,13 @@ from esq_lightning.models import build_model
 from esq_lightning.module import ESQModule
 from esq_lightning.objectives import Objective
 from esq_lightning.pairing import check_pairing_names
+from esq_lightning.plugins import AtomicCheckpointIO
 from esq_lightning.quant import quantize_model
 from esq_lightning.results import build_results, print_results
 from esq_lightning.runs import resolve_init_from
+from esq_lightning.schema import validate_config
 from esq_lightning.utils import atomic_write_json, set_threads
+from esq_lightning.wandb_utils import log_results_table, restore_wandb_env, snapshot_wandb_env, wandb_logger_config
 
 
 def build_network(cfg_model: DictConfig | dict, cfg_quant: DictConfig | dict) -> nn.Module:
@@ -50,6 +58,20 @@ def build_objective(cfg: DictConfig) -> Objective:
     )
 
 
+def compile_model(model: nn.Module, pairing_layers: list[str], **compile_kwargs: Any) -> nn.Module:
+    """torch.compile the classifier (`compile: true`); docs/performance.md has the costs.
+
+    Pairing at inner modules captures their outputs with forward hooks added around each pass. By
+    default dynamo does not guard on module hooks, so a compiled model would silently skip them;
+    guarding costs one more graph (hooks on vs off), compiled once and reused every step.
+    """
+    if any(name != "logits" for name in pairing_layers):
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.skip_nnmodule_hook_guards = False
+    return torch.compile(model, **compile_kwargs)
+
+
 def build_loggers(cfg: DictConfig) -> list[Any]:
     loggers = []
     for name, conf in (cfg.get("logger") or {}).items():
@@ -59,6 +81,9 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
             _require_wandb_login()
         if name == "tensorboard":
             _require_tensorboard()
+        if name == "wandb":
+            # Tags from the config plus setting/quant/method/data/model, so a sweep's runs filter by them.
+            conf = wandb_logger_config(cfg, conf)
         loggers.append(instantiate(conf))
     return loggers
 
@@ -80,8 +105,10 @@ def _require_tensorboard() -> None:
         raise ESQUserError("logger=tensorboard needs the tensorboard package: pip install tensorboard")
 
 
-def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    return [instantiate(conf) for conf in (cfg.get("callbacks") or {}).values() if conf is not None]
+def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callback]:
+    callbacks = [instantiate(conf) for conf in (cfg.get("callbacks") or {}).values() if conf is not None]
+    # LearningRateMonitor refuses to run without a logger; with logger=none there is nothing to monitor into.
+    return [cb for cb in callbacks if has_logger or not isinstance(cb, pl.callbacks.LearningRateMonitor)]
 
 
 def output_dir() -> Path:
@@ -93,15 +120,14 @@ def output_dir() -> Path:
 def resolve_ckpt_path(spec: str | None, out: Path) -> str | None:
     if spec is None:
         return None
-    path = out / "checkpoints" / "last.ckpt" if spec == "last" else Path(spec)
-    if not path.is_file():
-        raise ESQUserError(f"ckpt_path: checkpoint not found: {path}")
-    return str(path)
+    return str(resolve_resume_path(str(spec), out))
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train and evaluate one run; returns (results, objects)."""
     out = output_dir()
+    # Every config error fails here, in one line, before any data is read (docs/reliability.md).
+    validate_config(cfg)
     set_threads(cfg.get("threads"))
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -120,15 +146,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
     config["init_from"] = init_from
+    if ckpt_path:
+        check_resume_checkpoint(ckpt_path, model, config)
+        if pl.utilities.rank_zero_only.rank == 0:
+            keep_metrics_of_interrupted_run(out)
     module = ESQModule(
         model=model, objective=build_objective(cfg), num_classes=cfg.data.num_classes, optimizer=optimizer,
         scheduler=scheduler, seed=cfg.seed, config=config, channels_last=bool(cfg.get("channels_last")),
     )
     if cfg.get("compile"):
-        module.model = torch.compile(module.model)
+        module.model = compile_model(module.model, list(cfg.pairing.layers))
 
-    callbacks = build_callbacks(cfg)
+    # WandbLogger(offline=True) sets WANDB_MODE in os.environ; restored in finally so it cannot leak to the next job.
+    wandb_env = snapshot_wandb_env()
     loggers = build_loggers(cfg)
+    callbacks = build_callbacks(cfg, has_logger=bool(loggers))
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         callbacks=callbacks,
@@ -138,6 +170,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         inference_mode=False,
         # The tensor loaders shard themselves by rank (same permutation on every rank).
         use_distributed_sampler=False,
+        # Checkpoints go to a temporary file next to the target, then an atomic rename (plugins.py).
+        plugins=[AtomicCheckpointIO()],
     )
     try:
         start = time.perf_counter()
@@ -151,6 +185,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         return results, {"trainer": trainer, "module": module, "datamodule": datamodule}
     finally:
         _finish_wandb(loggers)
+        restore_wandb_env(wandb_env)
 
 
 def evaluate_and_record(
@@ -166,13 +201,14 @@ def evaluate_and_record(
         params=OmegaConf.to_container(cfg.eval.get("params") or {}, resolve=True), n_samples=cfg.eval.n_samples,
         batch_size=int(cfg.eval.batch_size), device=module.device, seed=int(cfg.seed),
     )
-    results = build_results(cfg, ev, epochs=trainer.current_epoch, train_seconds=train_seconds,
+    results = build_results(cfg, ev, gradient_masking=ev.get("gradient_masking"), epochs=trainer.current_epoch, train_seconds=train_seconds,
                             checkpoint=str(final_ckpt), run_dir=str(out),
                             val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
     atomic_write_json(out / "results.json", results)
     for logger in loggers:
         logger.log_metrics({"test/clean_acc": results["clean_acc"],
                             **{f"test/{k}_acc": v for k, v in results["robust_acc"].items()}})
+    log_results_table(loggers, results)
     print_results(results)
     return results
 

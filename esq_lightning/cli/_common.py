@@ -12,13 +12,45 @@ from esq_lightning.errors import ESQUserError
 CONFIG_PATH = "pkg://esq_lightning.conf"
 
 
+def data_error_message(exc: BaseException) -> str | None:
+    """The one line for a dataset file that is missing or unreadable, else None.
+
+    The data layer raises CorruptArchiveError and FileNotFoundError with messages that already name
+    the file; only those raised inside esq_lightning.data count, so that a FileNotFoundError from a
+    bug elsewhere keeps its traceback.
+    """
+    if type(exc).__name__ == "CorruptArchiveError":
+        return f"data: {exc}"
+    if isinstance(exc, FileNotFoundError):
+        tb = exc.__traceback__
+        last = None
+        while tb is not None:
+            last = tb
+            tb = tb.tb_next
+        module = last.tb_frame.f_globals.get("__name__", "") if last is not None else ""
+        if module.startswith("esq_lightning.data"):
+            return f"data: {exc}"
+    return None
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def user_errors_as_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except ESQUserError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            print(f"error: {one_line(str(exc))}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        except (OSError, RuntimeError) as exc:
+            # Missing or corrupt dataset files surface inside Trainer.fit; they are the user's to fix.
+            message = data_error_message(exc)
+            if message is None:
+                raise
+            print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
     return wrapper

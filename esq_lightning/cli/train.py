@@ -12,6 +12,12 @@ from esq_lightning.cli._common import CONFIG_PATH, user_errors_as_one_line
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> float | None:
+    from esq_lightning.schema import validate_config
+
+    # Before importing the training stack: a typo fails in about a second (structure, types, ranges),
+    # a wrong name or path once torch is imported, both before any data is read. train() validates
+    # again for callers that use it directly; that second pass is cheap.
+    validate_config(cfg)
     from esq_lightning.train import train
 
     results, _ = train(cfg)
