@@ -1,4 +1,4 @@
-"""esq-eval: Hydra main over conf/eval.yaml; evaluates a checkpoint given as ckpt_path=."""
+"""esq-eval: Hydra main over conf/eval.yaml; mode=whitebox (ckpt_path=) or transfer|amplification|blackbox (ckpts=)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ def main(cfg: DictConfig) -> float | None:
     from esq_lightning.evaluate import evaluate
 
     results = evaluate(cfg)
+    if results.get("mode", "whitebox") != "whitebox":
+        return None
+    # A sweeper optimises the last attack's robust accuracy (clean accuracy without attacks).
     robust = results.get("robust_acc") or {}
     return list(robust.values())[-1] if robust else results.get("clean_acc")
 

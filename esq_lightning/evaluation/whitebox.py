@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from esq_lightning.attacks import ATTACKS, run_attack
+from esq_lightning.errors import ESQUserError
+from esq_lightning.evaluation.masking import gradient_masking_report
 from esq_lightning.quant import full_quantization
 
 
@@ -20,13 +22,21 @@ def attack_budget(name: str, eps: float, params: Mapping[str, Any]) -> tuple[flo
     budget (their default, or eval.params.<name>.eps). An attack's own `eps` always wins.
     """
     if name not in ATTACKS:
-        raise ValueError(f"eval.attacks: unknown attack '{name}'; allowed: {', '.join(ATTACKS)}")
-    extra = {k: v for k, v in params.items() if k != "eps"}
-    if "eps" in params:
-        return float(params["eps"]), extra
+        raise ESQUserError(f"eval.attacks: unknown attack '{name}'; allowed: {', '.join(ATTACKS)}")
     spec = ATTACKS[name]
-    norm = extra.get("norm", spec.norm)
-    return (float(eps) if norm == "linf" and spec.kind == "budgeted" else None), extra
+    extra = {k: v for k, v in params.items() if k != "eps"}
+    unknown = sorted(set(extra) - set(spec.defaults))
+    if unknown:
+        raise ESQUserError(f"eval.params.{name}: unknown parameters {unknown}; "
+                           f"valid: {', '.join(sorted(spec.defaults))}, eps")
+    if params.get("eps") is not None:
+        return float(params["eps"]), extra
+    norm = str(extra.get("norm", spec.norm)).lower()
+    attack_eps = float(eps) if norm in ("linf", "inf") and spec.kind == "budgeted" else spec.default_eps
+    if spec.kind == "budgeted" and attack_eps is None:
+        raise ESQUserError(f"eval.params.{name}.eps: {name} is a budgeted {norm} attack with no default budget; "
+                           f"give one, e.g. eval.params.{name}.eps=1.0")
+    return attack_eps, extra
 
 
 @torch.no_grad()
@@ -34,6 +44,40 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 500, device: torch.de
     """Predicted labels of x, computed in batches on `device`."""
     out = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def attack_in_batches(
+    name: str,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | None,
+    params: Mapping[str, Any],
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    keep_adv: bool = False,
+) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """Run one registry attack over (x, y) in batches on `device`.
+
+    Returns (correct, x_adv or None, parameter record) with tensors on the CPU; `correct` is
+    "correct on the clean input and on x_adv within eps". The caller sets eval mode and the SQ ratio.
+    """
+    correct, advs, used = [], [], {}
+    batches = range(0, len(y), batch_size)
+    for i in tqdm(batches, desc=f"attack {name}", disable=not progress, leave=False):
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        out = run_attack(name, model, xb, yb, eps=eps, **params)
+        correct.append(out.correct.cpu())
+        if keep_adv:
+            advs.append(out.x_adv.cpu())
+        # Every batch runs with the same parameters; keep the record, add up the time.
+        runtime = used.get("runtime_s", 0.0) + out.params.get("runtime_s", 0.0)
+        used = {**out.params, "runtime_s": round(runtime, 3)}
+    used["n_inputs"] = len(y)
+    used["eval_batch_size"] = batch_size
+    correct_all = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+    return correct_all, (torch.cat(advs) if advs else x[:0].clone()) if keep_adv else None, used
 
 
 def evaluate_robustness(
@@ -48,11 +92,13 @@ def evaluate_robustness(
     device: torch.device | str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    masking_tolerance: float = 0.01,
 ) -> dict[str, Any]:
     """Clean and robust accuracy (fractions) of `model` on (x, y).
 
     The model is put in eval mode at full quantization for the whole evaluation and restored after.
-    Returns {"clean_acc", "robust_acc": {attack: acc}, "attacks": {attack: parameters used}, "n_samples"}.
+    Returns {"clean_acc", "robust_acc": {attack: acc}, "attacks": {attack: parameters used}, "n_samples",
+    "gradient_masking": the report of esq_lightning.evaluation.masking, with `masking_tolerance`}.
     """
     params = params or {}
     if n_samples is not None:
@@ -68,16 +114,12 @@ def evaluate_robustness(
             for name in attacks:
                 torch.manual_seed(seed)  # attacks with their own randomness (random starts, restarts) are repeatable
                 attack_eps, extra = attack_budget(name, eps, params.get(name, {}))
-                correct, used = [], {}
-                batches = range(0, len(y), batch_size)
-                for i in tqdm(batches, desc=f"attack {name}", disable=not progress, leave=False):
-                    xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-                    out = run_attack(name, model, xb, yb, eps=attack_eps, **extra)
-                    correct.append(out.correct.cpu() & clean_correct[i : i + batch_size])
-                    used = out.params
-                used["n_inputs"] = len(y)
-                result["robust_acc"][name] = torch.cat(correct).float().mean().item()
+                correct, _, used = attack_in_batches(name, model, x, y, attack_eps, extra, batch_size, device,
+                                                     progress)
+                result["robust_acc"][name] = (correct & clean_correct).float().mean().item()
                 result["attacks"][name] = used
     finally:
         model.train(was_training)
+    result["gradient_masking"] = gradient_masking_report(result["clean_acc"], result["robust_acc"], result["attacks"],
+                                                          tolerance=masking_tolerance)
     return result
