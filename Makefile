@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 ARGS ?=
 
-.PHONY: setup run test test-slow bench bench-smoke clean
+.PHONY: setup run test test-slow bench bench-smoke clean reproduce
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,17 @@ test: setup
 ## Long tests (training to accuracy, full pipelines).
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q $(ARGS)
+
+## The paper's pipeline on digits (about 19 minutes on 2 cores; docs/sweeps.md). ARGS="scale=cifar dry_run=true" etc.
+reproduce: setup
+	$(BIN)/esq-reproduce $(ARGS)
+
+## Speed and memory benchmarks (docs/performance.md): full form, and the reduced form CI runs as a test.
+bench: setup
+	$(BIN)/python -m benchmarks.run $(ARGS)
+
+bench-smoke: setup
+	$(BIN)/python -m benchmarks.run --smoke $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs multirun

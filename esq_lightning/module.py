@@ -48,9 +48,14 @@ class ESQModule(pl.LightningModule):
         self.seed = int(seed)
         self.config = config or {}
         self.channels_last = channels_last
+        if channels_last:
+            # Inputs are converted in _prepare; a model left in NCHW would convert back on every conv.
+            self.model.to(memory_format=torch.channels_last)
         self.quantized = len(quant_layers(model)) > 0
         self.train_attack: Callable[..., Tensor] | None = None  # set by PGDCallback.setup
-        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # validate_args=False: the check calls torch.unique on the targets, a host sync on every training step
+        # (cross-entropy already rejects bad targets).
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self._eval_stack: ExitStack | None = None

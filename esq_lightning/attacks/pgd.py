@@ -16,6 +16,7 @@ from esq_lightning.attacks.utils import (
     frozen_eval,
     grad_enabled,
 )
+from esq_lightning.quant.modules import frozen_quant_weights
 
 __all__ = ["pgd", "fgsm", "check_gradients", "GradientCheckError"]
 
@@ -48,7 +49,9 @@ def _random_start(
         radius = torch.rand((n, 1), generator=generator, device=gen_device, dtype=x.dtype)
         delta = (direction * eps * radius.pow(1.0 / d)).view(shape)
     # Drawn on the generator's device (a CPU generator keeps training reproducible from (seed,
-    # step) whatever the accelerator), then moved.
+    # step) whatever the accelerator), then moved; from pinned memory the copy needs no host sync.
+    if x.device.type == "cuda" and delta.device.type == "cpu":
+        return delta.pin_memory().to(x.device, non_blocking=True)
     return delta.to(x.device)
 
 
@@ -96,7 +99,8 @@ def pgd(
             x_adv = x0.clone()
         if steps == 0:
             return x_adv.detach()
-        with frozen_eval(model):
+        # Weights cannot change during the attack: quantized layers quantize once, not on every step.
+        with frozen_eval(model), frozen_quant_weights(model):
             for _ in range(steps):
                 x_adv.requires_grad_(True)
                 loss = loss_fn(model(x_adv), y0)

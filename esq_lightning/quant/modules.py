@@ -25,6 +25,7 @@ __all__ = [
     "draw_selection",
     "clear_selection",
     "full_quantization",
+    "frozen_quant_weights",
     "selection_state",
 ]
 
@@ -69,6 +70,8 @@ class QuantMixin:
         self.sq_f = sq_f
         self.sq_name = sq_name
         self._sq_ratio = 1.0
+        # Set only inside frozen_quant_weights(): the effective weight computed once for many forwards.
+        self._frozen_weight: Tensor | None = None
         # Non-persistent buffer: follows .to(device) but never enters the state_dict, so
         # checkpoints of quantized and full-precision models share their keys.
         self.register_buffer("sq_mask", None, persistent=False)
@@ -94,6 +97,10 @@ class QuantMixin:
 
     def effective_weight(self) -> Tensor:
         """The weight this forward uses: Q, W, or Q on the drawn filters and W elsewhere."""
+        frozen = self.__dict__.get("_frozen_weight")
+        # The cache carries no graph: it only serves forwards that need no weight gradient.
+        if frozen is not None and not (self.weight.requires_grad and torch.is_grad_enabled()):
+            return frozen
         ratio = self._sq_ratio
         if ratio >= 1:
             return self.quantized_weight()
@@ -167,7 +174,7 @@ class QuantLinear(QuantMixin, nn.Linear):
 
 _QUANT_OF: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 _PLAIN_OF: dict[type, type] = {QuantConv2d: nn.Conv2d, QuantLinear: nn.Linear}
-_QUANT_ATTRS = ("kind", "per_filter", "sq_variant", "sq_f", "sq_name", "_sq_ratio")
+_QUANT_ATTRS = ("kind", "per_filter", "sq_variant", "sq_f", "sq_name", "_sq_ratio", "_frozen_weight")
 
 
 def _to_plain(layer: nn.Module) -> None:
@@ -243,15 +250,62 @@ def draw_selection(model: nn.Module, generator: torch.Generator | None) -> None:
     """Draw this step's filter selection of every layer with 0 < ratio < 1, in quant_layers order.
 
     Each draw uses the layer's current relative errors; layers at ratio 1 or 0 draw nothing, so
-    they consume no random numbers.
+    they consume no random numbers. All layers' errors travel to the generator's device in one
+    copy and all masks come back in one copy: with the training step's CPU generator and CUDA
+    weights that is two host syncs per step instead of two per layer, with the same draws as
+    layer by layer.
     """
+    drawing = []
     for _, layer in quant_layers(model):
         ratio = layer.sq_ratio
         if ratio >= 1 or ratio <= 0:
             layer.sq_mask = None
-            continue
-        err = layer.relative_error()
-        layer.sq_mask = sample_selection(err, ratio, generator, layer.sq_variant, layer.sq_f)
+        else:
+            drawing.append(layer)
+    if not drawing:
+        return
+    errs = [layer.relative_error() for layer in drawing]
+    if len({e.device for e in errs}) > 1:  # a model spread over devices: layer by layer
+        for layer, err in zip(drawing, errs):
+            layer.sq_mask = sample_selection(err, layer.sq_ratio, generator, layer.sq_variant, layer.sq_f)
+        return
+    draw_device = generator.device if generator is not None else errs[0].device
+    # float64 holds every float32/16 value exactly, so the concatenation changes no error and no draw.
+    flat = torch.cat([e.reshape(-1).to(torch.float64) for e in errs]).to(draw_device)
+    sizes = [e.numel() for e in errs]
+    masks = [
+        sample_selection(err, layer.sq_ratio, generator, layer.sq_variant, layer.sq_f)
+        for layer, err in zip(drawing, flat.split(sizes))
+    ]
+    target = errs[0].device
+    packed = torch.cat(masks)
+    if target.type == "cuda":
+        # Pinned memory lets the copy run without waiting for the device (the allocator keeps it alive).
+        packed = packed.pin_memory()
+    for layer, mask in zip(drawing, packed.to(target, non_blocking=target.type == "cuda").split(sizes)):
+        layer.sq_mask = mask
+
+
+@contextmanager
+def frozen_quant_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block every quantized layer reuses its effective weight, computed once on entry.
+
+    For attacks: many forward passes on weights that cannot change (frozen parameters, fixed
+    selection) and no weight gradient, so quantizing on every pass is wasted work. The cached
+    weight is exactly what effective_weight() returns, so results are identical. Do not update the
+    weights, the ratio or the selection inside the block.
+    """
+    layers = [layer for _, layer in quant_layers(model)]
+    saved = [layer.__dict__.get("_frozen_weight") for layer in layers]
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                layer._frozen_weight = None
+                layer._frozen_weight = layer.effective_weight()
+        yield model
+    finally:
+        for layer, previous in zip(layers, saved):
+            layer._frozen_weight = previous
 
 
 def clear_selection(model: nn.Module) -> None:

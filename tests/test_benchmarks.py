@@ -1,0 +1,70 @@
+"""The benchmark's reduced form (`python -m benchmarks.run --smoke`) runs and reports every ratio; timings are not judged."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIO_KEYS = ("framework_overhead", "esq_vs_madry", "sq_overhead", "pgd_vs_torchattacks", "data_pipeline")
+
+
+def run_benchmark(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *args, "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
+    return run_benchmark(["--smoke"], tmp_path_factory.mktemp("bench"))
+
+
+def test_smoke_reports_every_ratio_as_a_finite_positive_number(smoke: tuple[subprocess.CompletedProcess, dict]) -> None:
+    proc, result = smoke
+    has_torchattacks = importlib.util.find_spec("torchattacks") is not None
+    assert list(result["ratios"]) == list(RATIO_KEYS)
+    for key in RATIO_KEYS:
+        r = result["ratios"][key]
+        if key == "pgd_vs_torchattacks" and not has_torchattacks:
+            assert r["value"] is None and "torchattacks" in r["note"]
+            continue
+        assert isinstance(r["value"], float) and math.isfinite(r["value"]) and r["value"] > 0, (key, r)
+        assert r["numerator_median_s"] > 0 and r["denominator_median_s"] > 0
+        assert r["title"] in proc.stdout
+    machine = result["machine"]
+    assert machine["torch"] and machine["cpu_model"] and machine["torch_threads"] == 1 and machine["device"] == "cpu"
+
+
+def test_smoke_measures_pairing_memory(smoke: tuple[subprocess.CompletedProcess, dict]) -> None:
+    mem = smoke[1]["memory"]
+    assert mem["logits"]["saved_activation_bytes"] > 0
+    assert mem["many"]["saved_activation_bytes"] > mem["logits"]["saved_activation_bytes"]
+    # Pairing a module keeps one more activation-sized tensor alive (the clean/adversarial difference), no more.
+    assert mem["extra_per_paired_output_byte"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_cli_settings_and_subsets() -> None:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.run import parse_args, settings_from, wanted
+
+    args = parse_args(["--smoke", "--batch", "8", "--only", "data_pipeline,memory", "--clock", "process"])
+    s = settings_from(args)
+    assert (s.model, s.batch, s.clock, s.pgd_steps) == ("small_cnn", 8, "process", 2)
+    assert wanted(args) == {"data_pipeline", "memory"}
+    assert settings_from(parse_args([])).model == "resnet20"
+    with pytest.raises(SystemExit, match="--only"):
+        wanted(parse_args(["--only", "nope"]))
