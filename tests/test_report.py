@@ -1,0 +1,160 @@
+"""esq-report on synthetic results.json files: mean ± std over seeds, row order, variants, LaTeX, extra sections."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from esq_lightning.errors import ESQUserError
+from esq_lightning.report import PAPER_SETTINGS, format_eps, latex_escape, make_report
+
+
+def write_result(run_dir: Path, setting: str, seed: int, clean: float, pgd: float, *, task: str = "train",
+                 quant: str = "bwn", method: str = "esq", eps: float = 8 / 255, overrides: list[str] | None = None,
+                 dataset: str = "cifar10", model: str = "wrn28_10") -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"task": task, "setting": setting, "experiment": f"{dataset}-{model}-{setting}", "dataset": dataset,
+              "model": model, "method": method, "quant": quant, "seed": seed, "clean_acc": clean,
+              "robust_acc": {"fgsm": pgd + 0.1, "pgd20": pgd}, "threat_model": {"norm": "linf", "eps": eps},
+              "n_samples": 1000, "pairing": {"layers": ["logits"], "lambdas": [10.0], "p": 2}}
+    (run_dir / "results.json").write_text(json.dumps(record))
+    if overrides is not None:
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+
+
+def row(markdown: str, label: str) -> list[str]:
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == label:
+            return cells
+    raise AssertionError(f"no row {label!r} in\n{markdown}")
+
+
+def test_mean_and_sample_std_over_seeds_in_percent(tmp_path: Path) -> None:
+    cleans, pgds = [0.90, 0.80, 0.85], [0.30, 0.50, 0.46]
+    for seed, (c, p) in enumerate(zip(cleans, pgds)):
+        write_result(tmp_path / "mr" / str(seed), "AEB", seed, c, p, overrides=[f"seed={seed}", "experiment=cifar10/AEB"])
+    write_result(tmp_path / "mr" / "3", "NF", 0, 0.95, 0.0)
+    report = make_report(tmp_path / "mr")
+    md = report["markdown"]
+    cells = row(md, "AEB")
+    assert cells[1] == "3"
+    assert cells[2] == f"{100 * statistics.fmean(cleans):.2f} ± {100 * statistics.stdev(cleans):.2f}"
+    assert cells[4] == f"{100 * statistics.fmean(pgds):.2f} ± {100 * statistics.stdev(pgds):.2f}"
+    assert row(md, "NF")[1:] == ["1", "95.00", "10.00", "0.00"]  # one seed: no std
+    # The threat model is stated with the table; 8/255 in the paper's units.
+    assert "linf eps=8/255" in md and "1000 test inputs" in md
+    out = tmp_path / "mr" / "report"
+    assert {p.name for p in out.iterdir()} >= {"report.md", "report.tex", "whitebox_train.md", "whitebox_train.tex",
+                                               "whitebox.csv"}
+    tex = (out / "whitebox_train.tex").read_text()
+    assert r"85.00 $\pm$ 5.00" in tex and r"\epsilon = 8/255" in tex and r"\toprule" in tex
+    table = report["tables"]["train"][0]
+    aeb = next(r for r in table.rows if r.label == "AEB")
+    assert aeb.cells["pgd20"].mean == pytest.approx(statistics.fmean(pgds))
+    assert sorted(aeb.seeds) == [0, 1, 2]
+
+
+def test_paper_settings_first_in_paper_order_then_others(tmp_path: Path) -> None:
+    names = ["zzz", "AAT", "NEB", "custom", "NF", "AF", "EB"]
+    for i, name in enumerate(names):
+        write_result(tmp_path / str(i), name, 0, 0.5, 0.1)
+    labels = [r.label for r in make_report(tmp_path)["tables"]["train"][0].rows]
+    assert labels == ["NF", "AF", "NEB", "AAT", "EB", "cifar10-wrn28_10-custom", "zzz"]
+    assert PAPER_SETTINGS.index("AAT") == len(PAPER_SETTINGS) - 1
+
+
+def test_runs_differing_in_more_than_the_seed_are_separate_rows(tmp_path: Path) -> None:
+    for i, (quant, lam) in enumerate([("bwn", 1), ("twn", 1), ("bwn", 10), ("bwn", 10)]):
+        write_result(tmp_path / str(i), "EB", i, 0.5 + i / 100, 0.1, quant=quant,
+                     overrides=[f"quant={quant}", f"pairing.lambdas=[{lam}]", f"seed={i}", "threads=1"])
+    md = make_report(tmp_path)["markdown"]
+    assert row(md, "EB (pairing.lambdas=[10], quant=bwn)")[1] == "2"
+    assert row(md, "EB (pairing.lambdas=[1], quant=bwn)")[1] == "1"
+    assert row(md, "EB (pairing.lambdas=[1], quant=twn)")[1] == "1"
+
+
+def test_eval_results_go_to_a_second_table_and_datasets_to_separate_tables(tmp_path: Path) -> None:
+    write_result(tmp_path / "a", "NF", 0, 0.9, 0.1)
+    write_result(tmp_path / "b", "NF", 0, 0.8, 0.2, task="eval")
+    write_result(tmp_path / "c", "NF", 0, 0.7, 0.3, dataset="digits", model="small_cnn", eps=0.2)
+    report = make_report(tmp_path, out=tmp_path / "elsewhere", fmt="md")
+    assert [(t.dataset, t.eps) for t in report["tables"]["train"]] == [("cifar10", 8 / 255), ("digits", 0.2)]
+    assert len(report["tables"]["eval"]) == 1 and report["tables"]["eval"][0].rows[0].cells["clean"].mean == 0.8
+    files = {p.name for p in (tmp_path / "elsewhere").iterdir()}
+    assert "whitebox_eval.md" in files and not any(f.endswith(".tex") for f in files)
+    md = report["markdown"]
+    assert md.index("training runs") < md.index("esq-eval runs")
+
+
+def test_transfer_amplification_and_blackbox_sections(tmp_path: Path) -> None:
+    write_result(tmp_path / "train" / "0", "NF", 0, 0.9, 0.1)
+    ev = tmp_path / "eval"
+    (ev / "t").mkdir(parents=True)
+    (ev / "t" / "transfer.json").write_text(json.dumps({
+        "task": "eval", "mode": "transfer", "dataset": "cifar10", "labels": ["NF (full)", "AEB (bwn)"],
+        "matrix": [[0.1, 0.6], [0.7, 0.4]], "clean_acc": [0.9, 0.8], "attack": "pgd20", "n_samples": 100,
+        "threat_model": {"norm": "linf", "eps": 8 / 255}}))
+    (ev / "a").mkdir()
+    (ev / "a" / "amplification.png").write_bytes(b"\x89PNG fake")
+    (ev / "a" / "amplification.json").write_text(json.dumps({
+        "task": "eval", "mode": "amplification", "dataset": "cifar10", "n_samples": 100,
+        "attack": {"norm": "linf", "eps": 8 / 255, "steps": 10},
+        "curves": [{"label": "NF (full)", "modules": ["m1", "m2"], "d": [0.1, 0.5], "clean_acc": 0.9, "adv_acc": 0.0}],
+        "figure": str(ev / "a" / "amplification.png")}))
+    (ev / "b").mkdir()
+    (ev / "b" / "blackbox.json").write_text(json.dumps({
+        "task": "eval", "mode": "blackbox", "dataset": "cifar10", "n_samples": 20, "budgets": [0, 1, 2],
+        "curves": [{"label": "NF (full)", "attack": "boundary", "legend": "NF (full), Boundary (7000 queries)",
+                    "accuracy": [0.9, 0.5, 0.1]}]}))
+    report = make_report(tmp_path)
+    md = report["markdown"]
+    assert "| NF (full) | 10.00 | 60.00 |" in md and "| clean | 90.00 | 80.00 |" in md
+    assert "| NF (full) | 90.00 | 0.00 | 0.1000 | 0.5000 |" in md and "![error amplification](amplification_1.png)" in md
+    assert "| NF (full), Boundary (7000 queries) | 90.0 | 50.0 | 10.0 |" in md
+    out = tmp_path / "report"
+    assert (out / "amplification_1.png").read_bytes() == b"\x89PNG fake"
+    assert {"transfer.md", "transfer.tex", "amplification.tex", "blackbox.md"} <= {p.name for p in out.iterdir()}
+    # A second report does not pick up its own output as input.
+    assert make_report(tmp_path)["markdown"] == md
+
+
+def test_helpers() -> None:
+    assert format_eps(8 / 255) == "8/255" and format_eps(0.2) == "0.2" and format_eps(0.3) == "0.3"
+    assert latex_escape("a_b & 5%") == r"a\_b \& 5\%"
+
+
+def test_nothing_to_report_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(ESQUserError, match="no results.json"):
+        make_report(tmp_path)
+
+
+def test_cli_prints_markdown_and_fails_in_one_line(tmp_path: Path) -> None:
+    write_result(tmp_path / "runs" / "0", "NVB", 0, 0.9, 0.1)
+    proc = subprocess.run([sys.executable, "-m", "esq_lightning.cli.report", str(tmp_path / "runs"), "--format", "both"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "| NVB | 1 | 90.00 |" in proc.stdout
+    assert (tmp_path / "runs" / "report" / "report.tex").is_file()
+    proc = subprocess.run([sys.executable, "-m", "esq_lightning.cli.report", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_a_repeated_seed_counts_once_newest_wins(tmp_path: Path) -> None:
+    import os
+
+    write_result(tmp_path / "old", "NEB", 0, 0.10, 0.0)
+    write_result(tmp_path / "new", "NEB", 0, 0.90, 0.5)
+    write_result(tmp_path / "other", "NEB", 1, 0.70, 0.3)
+    os.utime(tmp_path / "old" / "results.json", (1, 1))
+    report = make_report(tmp_path)
+    (neb,) = report["tables"]["train"][0].rows
+    assert neb.n == 2 and neb.cells["clean"].values == [0.90, 0.70]
+    assert neb.dropped == [str(tmp_path / "old")] and "Left out: 1 older run" in report["markdown"]
