@@ -94,10 +94,17 @@ def dataset_identity(train_config: dict[str, Any]) -> dict[str, Any]:
     return ident
 
 
+def _resolve(cfg: DictConfig, spec: Any) -> str:
+    """A checkpoint path, or `setting:NAME` looked up among the finished runs under paths.runs_root (seed=)."""
+    from esq_lightning.runs import resolve_checkpoint
+
+    return resolve_checkpoint(str(spec), cfg.paths.runs_root, int(cfg.get("seed", 0)))
+
+
 def checkpoint_paths(cfg: DictConfig, mode: str) -> list[str]:
-    ckpts = [str(p) for p in (cfg.get("ckpts") or [])]
+    ckpts = [_resolve(cfg, p) for p in (cfg.get("ckpts") or [])]
     if not ckpts and cfg.get("ckpt_path"):
-        ckpts = [str(cfg.ckpt_path)]
+        ckpts = [_resolve(cfg, cfg.ckpt_path)]
     if not ckpts:
         raise ESQUserError(f"ckpts: mode={mode} needs checkpoints, e.g. ckpts=[runs/a/checkpoints/final.ckpt,"
                            "runs/b/checkpoints/final.ckpt]")
@@ -197,6 +204,7 @@ def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
         raise ESQUserError(
             f"ckpt_path: mode=whitebox evaluates one checkpoint: give ckpt_path=path/to/final.ckpt{extra}")
     check_attack_names(list(cfg.eval.attacks), "eval.attacks")
+    cfg.ckpt_path = _resolve(cfg, cfg.ckpt_path)
     model, train_config = load_trained_model(cfg.ckpt_path)
     run_cfg = run_config_with_eval(train_config, cfg)
     datamodule = build_datamodule(run_cfg.data, seed=int(train_config["seed"]))

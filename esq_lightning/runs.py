@@ -53,3 +53,22 @@ def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, mod
         print(f"warning: init_from={spec}: no run of setting {setting} with seed {seed} under {runs_root}; "
               f"starting from seed {res.get('seed')}: {res['checkpoint']}", flush=True)
     return res["checkpoint"]
+
+
+def resolve_checkpoint(spec: str, runs_root: str | Path, seed: int) -> str:
+    """A checkpoint path for esq-eval: a path as it is, or `setting:NAME` = the newest finished training run of
+    setting NAME with this seed under runs_root (one dataset and model only; otherwise give paths)."""
+    if not str(spec).startswith("setting:"):
+        return str(spec)
+    setting = str(spec).split(":", 1)[1]
+    found = [res for _, res in iter_results(runs_root)
+             if res.get("task", "train") == "train" and res.get("setting") == setting and res.get("seed") == seed
+             and res.get("checkpoint") and Path(res["checkpoint"]).is_file()]
+    if not found:
+        raise ESQUserError(f"{spec}: no finished training run of setting {setting} with seed {seed} under {runs_root} "
+                           "(set paths.runs_root=... and seed=..., or give a checkpoint path)")
+    kinds = {(r.get("dataset"), r.get("model")) for r in found}
+    if len(kinds) > 1:
+        raise ESQUserError(f"{spec}: runs of setting {setting} for several data/models under {runs_root} "
+                           f"({sorted(kinds)}); give a checkpoint path or a narrower paths.runs_root")
+    return max(found, key=lambda r: Path(r["checkpoint"]).stat().st_mtime)["checkpoint"]
