@@ -108,3 +108,23 @@ def test_esq_eval_cli_reproduces_clean_accuracy_from_any_directory(tmp_path: Pat
     assert ev["clean_acc"] == results["clean_acc"]
     assert ev["robust_acc"]["fgsm"] == results["robust_acc"]["fgsm"]
     assert ev["task"] == "eval" and ev["setting"] == results["setting"]
+
+
+MODEL_DATA = [("small_cnn", "digits"), ("resnet20", "cifar10"), ("resnet56", "cifar10"),
+              ("preact_resnet18", "cifar10"), ("wrn28_10", "cifar10"), ("resnet152", "cifar100")]
+
+
+@pytest.mark.parametrize(("model", "data"), MODEL_DATA)
+def test_fast_dev_run_of_every_model_on_its_data(model: str, data: str, tmp_path: Path) -> None:
+    """One error-silenced BWN training step, one validation batch and the final evaluation, per model."""
+    overrides = [f"model={model}", f"data={data}", "trainer.fast_dev_run=1", "callbacks.pgd.steps=1",
+                 "eval.n_samples=4", "eval.attacks=[fgsm]", "logger=none"]
+    if data != "digits":
+        from tests.fakes import make_fake_cifar
+
+        make_fake_cifar(tmp_path / "data", name=data, n_train=8, n_test=8)
+        overrides += [f"data.data_dir={tmp_path / 'data'}", "data.batch_size=2"]
+    results = _train(tmp_path / "run", overrides)
+    assert (results["model"], results["dataset"], results["quant"]) == (model, data, "bwn")
+    assert 0.0 <= results["robust_acc"]["fgsm"] <= results["clean_acc"] <= 1.0
+    assert Path(results["checkpoint"]).is_file()
