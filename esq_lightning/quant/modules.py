@@ -53,6 +53,22 @@ class QuantMixin:
     weight: nn.Parameter
     sq_mask: Tensor | None
 
+    def __init__(
+        self,
+        *args: Any,
+        kind: str = "bwn",
+        per_filter: bool = True,
+        sq_variant: str = "paper",
+        sq_f: str = "linear",
+        **kwargs: Any,
+    ) -> None:
+        # Cooperative: the next class in the MRO is the torch layer (nn.Conv2d or nn.Linear).
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self._init_quant(kind, per_filter, sq_variant, sq_f)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return super().extra_repr() + ", " + self._quant_repr()  # type: ignore[misc]
+
     def _init_quant(
         self,
         kind: str = "bwn",
@@ -131,45 +147,15 @@ class QuantMixin:
 class QuantConv2d(QuantMixin, nn.Conv2d):
     """nn.Conv2d whose forward uses BWN/TWN weights (state_dict identical to nn.Conv2d)."""
 
-    def __init__(
-        self,
-        *args: Any,
-        kind: str = "bwn",
-        per_filter: bool = True,
-        sq_variant: str = "paper",
-        sq_f: str = "linear",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_quant(kind, per_filter, sq_variant, sq_f)
-
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Conv2d's name
         return self._conv_forward(input, self.effective_weight(), self.bias)
-
-    def extra_repr(self) -> str:  # noqa: D102
-        return super().extra_repr() + ", " + self._quant_repr()
 
 
 class QuantLinear(QuantMixin, nn.Linear):
     """nn.Linear whose forward uses BWN/TWN weights (state_dict identical to nn.Linear)."""
 
-    def __init__(
-        self,
-        *args: Any,
-        kind: str = "bwn",
-        per_filter: bool = True,
-        sq_variant: str = "paper",
-        sq_f: str = "linear",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_quant(kind, per_filter, sq_variant, sq_f)
-
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's name
         return F.linear(input, self.effective_weight(), self.bias)
-
-    def extra_repr(self) -> str:  # noqa: D102
-        return super().extra_repr() + ", " + self._quant_repr()
 
 
 _QUANT_OF: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
