@@ -128,3 +128,13 @@ def test_fast_dev_run_of_every_model_on_its_data(model: str, data: str, tmp_path
     assert (results["model"], results["dataset"], results["quant"]) == (model, data, "bwn")
     assert 0.0 <= results["robust_acc"]["fgsm"] <= results["clean_acc"] <= 1.0
     assert Path(results["checkpoint"]).is_file()
+
+
+@pytest.mark.slow
+def test_default_experiment_reaches_90_percent_clean_accuracy(tmp_path: Path) -> None:
+    """The Quickstart's promise: the default experiment, in full, on digits (about 2 minutes on 2 cores)."""
+    cfg = compose_config("train", ["trainer.enable_progress_bar=false"], tmp_path)
+    results, _ = train(cfg)
+    assert results["clean_acc"] > 0.90
+    assert results["epochs"] == 30 and results["quant"] == "bwn" and results["method"] == "esq"
+    assert 0.0 < results["robust_acc"]["pgd20"] < results["clean_acc"]
