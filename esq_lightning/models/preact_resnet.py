@@ -12,15 +12,17 @@ from esq_lightning.models.common import CIFAR10_MEAN, CIFAR10_STD, ResidualNet, 
 
 
 class PreActBlock(nn.Module):
-    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 + shortcut. Output is taken after the add (no ReLU follows)."""
+    """BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3 + shortcut. Output is taken after the add (no ReLU follows)."""
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        # Dropout between the convolutions is the wide-block variant (WideBlock); off in PreAct ResNet-18.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_planes != planes:
@@ -31,7 +33,7 @@ class PreActBlock(nn.Module):
         # The projection sees the pre-activated input, as in the reference pre-activation code.
         shortcut = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
         return out + shortcut
 
 

@@ -9,32 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from esq_lightning.models.common import CIFAR10_MEAN, CIFAR10_STD, ResidualNet, init_weights, make_normalize
+from esq_lightning.models.preact_resnet import PreActBlock
 
 
-class WideBlock(nn.Module):
+class WideBlock(PreActBlock):
     """Pre-activation wide block: BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3 + shortcut.
 
-    Output is taken after the add (the next block, or the final BN-ReLU, activates it).
+    Output is taken after the add (the next block, or the final BN-ReLU, activates it). As in the reference
+    WRN code, the projection shortcut takes the activated input; this is PreActBlock with dropout.
     """
-
-    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        # As in the reference WRN code, the projection shortcut takes the activated input.
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
-        return out + shortcut
 
 
 class WideResNet(ResidualNet):
