@@ -24,10 +24,10 @@ from benchmarks.common import (
 from esq_lightning.attacks import pgd
 from esq_lightning.callbacks import PGDCallback, QuantRatioCallback, TrainAttack
 from esq_lightning.data import CropFlip, TensorDataModule
-from esq_lightning.module import ATTACK_STREAM, SQ_STREAM, ESQModule
+from esq_lightning.module import ATTACK_STREAM, ESQModule
 from esq_lightning.objectives import Objective
 from esq_lightning.pairing import forward_with_activations
-from esq_lightning.quant import draw_selection, quant_layers
+from esq_lightning.quant import draw_selection, quant_layers, sq_generator
 from esq_lightning.utils import step_generator
 
 Batches = list[tuple[Tensor, Tensor]]
@@ -73,7 +73,7 @@ class HandLoop:
         if self.s.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.quantized:
-            draw_selection(self.model, step_generator(self.s.seed, i, SQ_STREAM))
+            draw_selection(self.model, sq_generator(self.s.seed, i))
         fn = self._timed_attack if self.time_attack else self.attack
         attack = functools.partial(fn, self.model, generator=step_generator(self.s.seed, i, ATTACK_STREAM))
         t0 = self.clock.now() if self.time_attack else 0.0
@@ -250,7 +250,7 @@ def esq_memory(model: nn.Module, batch: tuple[Tensor, Tensor], s: Settings, pair
     if s.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     if quant_layers(model):
-        draw_selection(model, step_generator(s.seed, 0, SQ_STREAM))
+        draw_selection(model, sq_generator(s.seed, 0))
     with autocast(s):
         x_adv = train_attack(s)(model, x, y, generator=step_generator(s.seed, 0, ATTACK_STREAM))
     objective = Objective("esq", pairing_layers=pairing, pairing_lambdas=[1.0] * len(pairing))

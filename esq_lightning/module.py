@@ -14,11 +14,11 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from esq_lightning.objectives import Objective
-from esq_lightning.quant import draw_selection, full_quantization, quant_layers
+from esq_lightning.quant import draw_selection, full_quantization, quant_layers, sq_generator
 from esq_lightning.utils import step_generator
 
-# Streams of step_generator: one per kind of randomness inside a training step.
-SQ_STREAM, ATTACK_STREAM = 0, 1
+# Each kind of randomness in a training step has its own step_generator stream.
+ATTACK_STREAM = 1  # step_generator stream of the PGD random start; SQ draws use quant.SQ_STREAM
 
 
 class ESQModule(pl.LightningModule):
@@ -78,7 +78,7 @@ class ESQModule(pl.LightningModule):
 
     def draw_sq_selection(self) -> None:
         if self.quantized:
-            draw_selection(self.model, step_generator(self.seed, self.global_step, SQ_STREAM))
+            draw_selection(self.model, sq_generator(self.seed, self.global_step))
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

@@ -19,7 +19,8 @@ __all__ = [
 VARIANTS: tuple[str, ...] = ("paper", "reference")
 SELECTION_FUNCTIONS: tuple[str, ...] = ("constant", "linear", "softmax", "sigmoid")
 _EPS = 1e-7
-_MASK64 = (1 << 64) - 1
+# The stream of esq_lightning.utils.step_generator that SQ draws use (the PGD random start uses another).
+SQ_STREAM = 0
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -121,20 +122,12 @@ def sample_selection(
     return mask.to(err.device)
 
 
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def sq_generator(seed: int, step: int) -> torch.Generator:
-    """CPU generator seeded from (seed, step) alone.
+    """CPU generator seeded from (seed, step) alone: the SQ stream of `esq_lightning.utils.step_generator`.
 
-    The training step calls this with the global step, so every data-parallel rank and a resumed
-    run draw the same selection without communicating. The seed is mixed (splitmix64) so that
-    nearby (seed, step) pairs give unrelated streams.
+    The training step draws with the same generator for its global step, so every data-parallel rank and
+    a resumed run draw the same selection without communicating.
     """
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(_splitmix64((int(seed) * 1_000_003 + int(step)) & _MASK64) >> 1)
-    return gen
+    from esq_lightning.utils import step_generator
+
+    return step_generator(seed, step, SQ_STREAM)
