@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from omegaconf import OmegaConf
 
 
@@ -12,11 +14,20 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("eval_frac"):
         # ${eval_frac:8/255} -> 0.031372..., so configs can state eps as the fraction papers use.
         OmegaConf.register_new_resolver("eval_frac", _frac)
+    if not OmegaConf.has_resolver("esq_setting"):
+        # ${esq_setting:} -> the setting label derived from method, quant and init_from (esq_lightning/labels.py).
+        OmegaConf.register_new_resolver("esq_setting", _setting)
 
 
 def _frac(text: str) -> float:
     num, _, den = str(text).partition("/")
     return float(num) / float(den) if den else float(num)
+
+
+def _setting(*, _root_: Any) -> str:
+    from esq_lightning.labels import derived_setting
+
+    return derived_setting(_root_)
 
 
 register_resolvers()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from esq_lightning.errors import ESQUserError
-from esq_lightning.runs import iter_results
+from esq_lightning.runs import find_runs
 
 # Which datasets a scale covers, and the model of each (for finding checkpoints).
 SCALES: dict[str, list[tuple[str, str]]] = {
@@ -136,15 +136,9 @@ def _launcher_args(opts: dict[str, Any]) -> list[str]:
 
 
 def find_checkpoint(runs_root: str | Path, setting: str, dataset: str, model: str, seed: int) -> str | None:
-    """The final checkpoint of the newest finished training run of a setting (same rule as init_from=setting:X)."""
-    best: tuple[float, str] | None = None
-    for _, res in iter_results(runs_root):
-        if (res.get("task", "train") == "train" and res.get("setting") == setting and res.get("dataset") == dataset
-                and res.get("model") == model and res.get("seed") == seed and res.get("checkpoint")):
-            path = Path(res["checkpoint"])
-            if path.is_file() and (best is None or path.stat().st_mtime > best[0]):
-                best = (path.stat().st_mtime, str(path))
-    return best[1] if best else None
+    """The final checkpoint of the newest finished training run of a setting (the rule of init_from=setting:X)."""
+    found = find_runs(runs_root, setting, seed=seed, dataset=dataset, model=model)
+    return found[0]["checkpoint"] if found else None
 
 
 def plan(opts: dict[str, Any], train_extra: Sequence[str], eval_extra: Sequence[str]) -> list[Step]:

@@ -11,6 +11,15 @@ import esq_lightning
 SCHEMA_VERSION = 1
 
 
+def train_threat_model(cfg: DictConfig) -> dict[str, Any] | None:
+    """The attack a run trained against (callbacks.pgd's norm and eps), None without one. A start found by
+    init_from=setting:NAME must have trained against the same one."""
+    pgd = (cfg.get("callbacks") or {}).get("pgd")
+    if pgd is None:
+        return None
+    return {"norm": str(pgd.get("norm", "linf")), "eps": float(pgd.eps)}
+
+
 def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The results record of a run: config identity, accuracies as fractions, threat model, timing."""
     pairing = cfg.get("pairing") or {}
@@ -33,6 +42,7 @@ def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str
         "robust_acc": ev["robust_acc"],
         "attacks": ev["attacks"],
         "threat_model": {"norm": cfg.eval.get("norm", "linf"), "eps": float(cfg.eval.eps)},
+        "train_threat_model": train_threat_model(cfg),
         "n_samples": ev["n_samples"],
         "eval_sq_ratio": 1.0,
         **extra,

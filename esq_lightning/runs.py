@@ -1,4 +1,10 @@
-"""Run directories: find finished runs by their results.json, and resolve `init_from=setting:NAME`."""
+"""Run directories: find finished runs by their results.json, and resolve `setting:NAME` to a checkpoint.
+
+One rule serves every place that looks for "the newest finished run of a setting" (init_from=setting:NF,
+esq-eval ckpt_path=setting:NF, esq-reproduce): a training record (task train) of that derived setting
+label, whose checkpoint exists, with the requested seed, dataset and model, and for a start of a new run the
+same training threat model; the newest checkpoint wins.
+"""
 
 from __future__ import annotations
 
@@ -24,35 +30,72 @@ def iter_results(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
             continue  # a run that is still writing, or a foreign file: not a finished run
 
 
-def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, model: str, seed: int) -> str | None:
+def train_threat_model(res: dict[str, Any]) -> dict[str, Any] | None:
+    """The threat model a run trained against (records older than the field: the one it was evaluated at)."""
+    return res.get("train_threat_model", res.get("threat_model"))
+
+
+def _same_threat_model(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Same norm and eps; a run without any attack (callbacks.pgd=null) fits every threat model."""
+    if a is None or b is None:
+        return True
+    return str(a.get("norm")) == str(b.get("norm")) and abs(float(a["eps"]) - float(b["eps"])) <= 1e-9
+
+
+def find_runs(runs_root: str | Path, setting: str, *, seed: int | None = None, dataset: str | None = None,
+              model: str | None = None, threat_model: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The finished training runs of `setting` under runs_root that match every given field, newest first."""
+    found = []
+    for _, res in iter_results(runs_root):
+        if res.get("task", "train") != "train" or res.get("setting") != setting:
+            continue
+        if not res.get("checkpoint") or not Path(res["checkpoint"]).is_file():
+            continue
+        if seed is not None and res.get("seed") != seed:
+            continue
+        if dataset is not None and res.get("dataset") != dataset or model is not None and res.get("model") != model:
+            continue
+        if threat_model is not None and not _same_threat_model(train_threat_model(res), threat_model):
+            continue
+        found.append(res)
+    return sorted(found, key=lambda r: Path(r["checkpoint"]).stat().st_mtime, reverse=True)
+
+
+def _describe(tm: dict[str, Any] | None) -> str:
+    return "no training attack" if tm is None else f"{tm.get('norm')} eps={float(tm['eps']):.4g}"
+
+
+def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, model: str, seed: int,
+                      threat_model: dict[str, Any] | None = None, init_seed: int | None = None) -> str | None:
     """A checkpoint path for `init_from`.
 
-    `setting:NF` picks the newest finished run of setting NF with the same dataset, model and seed
-    under runs_root (falling back to any seed when none matches), so a quantization stage finds the
-    full-precision start of an earlier stage without a hand-copied path.
+    `setting:NF` picks the newest finished run of setting NF with the same dataset, model, training threat
+    model and seed (`init_seed` when given) under runs_root, so a quantization stage finds the
+    full-precision start of an earlier stage without a hand-copied path. Another seed or threat model is
+    never taken silently: the error says what exists.
     """
     if spec is None or not str(spec).startswith("setting:"):
         if spec is not None and not Path(spec).is_file():
             raise ESQUserError(f"init_from: file not found: {spec}")
         return spec
     setting = str(spec).split(":", 1)[1]
-    candidates = [
-        (run_dir, res) for run_dir, res in iter_results(runs_root)
-        if res.get("setting") == setting and res.get("dataset") == dataset and res.get("model") == model
-        and res.get("checkpoint") and Path(res["checkpoint"]).is_file()
-    ]
-    same_seed = [c for c in candidates if c[1].get("seed") == seed]
-    pool = same_seed or candidates
-    if not pool:
+    want_seed = seed if init_seed is None else int(init_seed)
+    found = find_runs(runs_root, setting, seed=want_seed, dataset=dataset, model=model, threat_model=threat_model)
+    if found:
+        return found[0]["checkpoint"]
+    others = find_runs(runs_root, setting, dataset=dataset, model=model)
+    if not others:
         raise ESQUserError(
             f"init_from={spec}: no finished run of setting {setting} for data={dataset} model={model} under "
             f"{runs_root} (train it first, e.g. esq-train experiment={dataset}/{setting}, or give a checkpoint path)"
         )
-    run_dir, res = max(pool, key=lambda c: (Path(c[1]["checkpoint"]).stat().st_mtime))
-    if not same_seed:
-        print(f"warning: init_from={spec}: no run of setting {setting} with seed {seed} under {runs_root}; "
-              f"starting from seed {res.get('seed')}: {res['checkpoint']}", flush=True)
-    return res["checkpoint"]
+    seen = sorted({(int(r.get("seed", -1)), _describe(train_threat_model(r))) for r in others})
+    shown = ", ".join(f"seed {s} ({tm})" for s, tm in seen[:6])
+    raise ESQUserError(
+        f"init_from={spec}: no finished run of setting {setting} with seed {want_seed} trained at "
+        f"{_describe(threat_model)} for data={dataset} model={model} under {runs_root}; found {shown}. "
+        f"Train that start first, or choose one with init_seed=<seed> (and the same eps), or give a checkpoint path"
+    )
 
 
 def resolve_checkpoint(spec: str, runs_root: str | Path, seed: int) -> str:
@@ -61,9 +104,7 @@ def resolve_checkpoint(spec: str, runs_root: str | Path, seed: int) -> str:
     if not str(spec).startswith("setting:"):
         return str(spec)
     setting = str(spec).split(":", 1)[1]
-    found = [res for _, res in iter_results(runs_root)
-             if res.get("task", "train") == "train" and res.get("setting") == setting and res.get("seed") == seed
-             and res.get("checkpoint") and Path(res["checkpoint"]).is_file()]
+    found = find_runs(runs_root, setting, seed=seed)
     if not found:
         raise ESQUserError(f"{spec}: no finished training run of setting {setting} with seed {seed} under {runs_root} "
                            "(set paths.runs_root=... and seed=..., or give a checkpoint path)")
@@ -71,4 +112,4 @@ def resolve_checkpoint(spec: str, runs_root: str | Path, seed: int) -> str:
     if len(kinds) > 1:
         raise ESQUserError(f"{spec}: runs of setting {setting} for several data/models under {runs_root} "
                            f"({sorted(kinds)}); give a checkpoint path or a narrower paths.runs_root")
-    return max(found, key=lambda r: Path(r["checkpoint"]).stat().st_mtime)["checkpoint"]
+    return found[0]["checkpoint"]

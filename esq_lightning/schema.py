@@ -143,6 +143,14 @@ def _threads(v: Any) -> str | None:
     return "a number of threads >= 1, auto, or null (torch's default)"
 
 
+def _metric_name(v: Any) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v or v.startswith(".") or v.endswith("."):
+        return "a key of results.json, dotted for nested keys (e.g. robust_acc.pgd20 or clean_acc)"
+    return None
+
+
 def _setting_or_path(v: Any) -> str | None:
     if isinstance(v, str) and v.startswith("setting:") and not v.split(":", 1)[1].strip():
         return "a checkpoint file or setting:NAME with a setting name (e.g. setting:NF)"
@@ -496,10 +504,12 @@ class TrainConfig(Schema):
     """conf/train.yaml."""
 
     task_name: str = spec("train")
-    setting: str = spec("custom")
+    setting: str = spec(REQUIRED)
     experiment_name: str = spec(REQUIRED)
     seed: int = spec(REQUIRED, ge=0)
     init_from: Optional[str] = spec(None, check=_setting_or_path)
+    init_seed: Optional[int] = spec(None, ge=0)
+    optimized_metric: Optional[str] = spec(None, check=_metric_name)
     ckpt_path: Optional[str] = spec(None)
     threads: Union[int, str, None] = spec(None, check=_threads)
     channels_last: bool = spec(False)
@@ -529,6 +539,19 @@ class TrainConfig(Schema):
         if method == "esq" and not list(node.pairing.layers):
             raise ESQUserError("pairing.layers: [] pairs nothing, but method=esq needs at least one layer; "
                                "allowed: module names of the model, e.g. [logits]")
+        pgd = callbacks.get("pgd")
+        if method != "natural" and pgd is not None and int(pgd.get("steps", 1)) == 0 \
+                and not bool(pgd.get("random_start", True)):
+            what = "the pairing term is always zero" if method == "esq" else "it trains on the clean inputs"
+            raise ESQUserError(f"callbacks.pgd.steps: 0 with random_start=false makes x_adv = x, so method={method} "
+                               f"would train something other than it names ({what}); allowed: steps >= 1, or "
+                               "random_start=true, or method=natural")
+        metric = node.get("optimized_metric")
+        attacks = [str(a) for a in (node.eval.get("attacks") or [])]
+        if metric and str(metric).startswith("robust_acc.") and str(metric).split(".", 1)[1] not in attacks:
+            raise ESQUserError(f"optimized_metric: {metric} names an attack that eval.attacks does not run "
+                               f"({', '.join(attacks) or 'none'}); allowed: robust_acc.<one of eval.attacks>, clean_acc")
+        ctx.later.append(lambda: _check_setting(node))
         ctx.later.append(lambda: _check_paths(node))
         ctx.final.append(lambda: _check_model_and_pairing(node))
 
@@ -819,6 +842,17 @@ def _check_cifar_dir(node: DictConfig, key: str) -> None:
     if not (root / archive).is_file() and not (root / folder).is_dir():
         raise ESQUserError(f"{key}.data_dir: {str(root)!r} holds neither {archive} nor {folder}/; "
                            f"allowed: the folder that holds them, or {key}.download=true")
+
+
+def _check_setting(cfg: DictConfig) -> None:
+    """`setting` is derived from the run (esq_lightning/labels.py); a hand-set value must agree with it."""
+    from esq_lightning.labels import derived_setting
+
+    derived = derived_setting(cfg)
+    given = _get(cfg, "setting", "")
+    if given != derived:
+        raise ESQUserError(f"setting: {given!r} contradicts the run, which is {derived!r} (method, quant and the "
+                           "init_from run decide it); allowed: leave setting unset")
 
 
 def _check_paths(cfg: DictConfig) -> None:

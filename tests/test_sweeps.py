@@ -158,16 +158,22 @@ def test_multirun_with_offline_wandb_then_report(launcher: list[str], tmp_path: 
     offline = {q: _offline_runs(d) for q, d in quants.items()}
     assert all(len(v) == 1 for v in offline.values()), offline  # one W&B run per job, in its own run dir
     assert offline["bwn"][0].name != offline["twn"][0].name
+    # The setting label is derived from the run: the default experiment swept to TWN is ET, not EB.
+    settings = {"bwn": "EB", "twn": "ET"}
+    for quant, d in quants.items():
+        results = json.loads((d / "results.json").read_text())
+        assert results["setting"] == settings[quant] and results["experiment"] == f"digits-small_cnn-{settings[quant]}"
     for quant, (run,) in offline.items():
         record = _run_record_bytes(run)
         # Grouped by experiment, job type train, tags from the config plus the automatic ones.
-        for token in (b"digits-small_cnn-EB", b"smoke", f"quant:{quant}".encode(), b"setting:EB", b"method:esq"):
+        for token in (f"digits-small_cnn-{settings[quant]}".encode(), b"smoke", f"quant:{quant}".encode(),
+                      f"setting:{settings[quant]}".encode(), b"method:esq"):
             assert token in record, (quant, token)
         other = b"quant:twn" if quant == "bwn" else b"quant:bwn"
-        assert other not in record
+        assert other not in record and f"setting:{settings['twn' if quant == 'bwn' else 'bwn']}".encode() not in record
     proc = esq("report", [str(sweep_dir)], cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"\| EB \(quant=bwn\) \| 1 \|", proc.stdout) and re.search(r"\| EB \(quant=twn\) \| 1 \|", proc.stdout)
+    assert re.search(r"\| EB \| 1 \|", proc.stdout) and re.search(r"\| ET \| 1 \|", proc.stdout)
     assert (sweep_dir / "report" / "report.md").is_file() and (sweep_dir / "report" / "whitebox_train.tex").is_file()
 
 

@@ -21,9 +21,25 @@ def main(cfg: DictConfig) -> float | None:
     from esq_lightning.train import train
 
     results, _ = train(cfg)
-    # The value an Optuna sweep optimizes: the last attack's robust accuracy (pgd20 by default).
-    robust = results.get("robust_acc") or {}
-    return list(robust.values())[-1] if robust else results.get("clean_acc")
+    # The value an Optuna sweep optimizes, named by optimized_metric.
+    return metric_value(results, str(cfg.optimized_metric)) if cfg.get("optimized_metric") else None
+
+
+def metric_value(results: dict, name: str) -> float:
+    """results[a][b] for name `a.b`; one line naming the key and what exists when it is not there."""
+    from esq_lightning.errors import ESQUserError
+
+    node = results
+    for i, part in enumerate(name.split(".")):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(name.split(".")[:i]) or "results.json"
+            have = sorted(k for k, v in node.items() if isinstance(v, (int, float, dict))) if isinstance(node, dict) else []
+            raise ESQUserError(f"optimized_metric: {name!r} is not in this run's results ({where} has "
+                               f"{', '.join(have) or 'no keys'}); allowed: a dotted key such as robust_acc.pgd20")
+        node = node[part]
+    if not isinstance(node, (int, float)):
+        raise ESQUserError(f"optimized_metric: {name!r} is not a number in results.json")
+    return float(node)
 
 
 if __name__ == "__main__":

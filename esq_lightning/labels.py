@@ -1,0 +1,110 @@
+"""Setting labels (NF, NVB, NEB, AAT, EB, ...) derived from what a run does, in the paper's scheme.
+
+A full-precision run is `<method>F`: NF (natural), AF (adversarial). A quantized run is
+`<start><method><quantizer>`: the start is the method letter of the checkpoint it started from (N or A;
+nothing from scratch), the method is V (vanilla SQ: natural), E (error-silenced) or A (adversarial), and the
+quantizer is B (BWN), T (TWN) or the bit width of any other quantizer. Methods without a letter (alp,
+trades) appear by name and the parts are then joined with `-` so the label stays readable: `A-TRADES-B`.
+
+The label is the `setting` of the composed config (`${esq_setting:}` in conf/train.yaml), so the run
+directory, results.json, the W&B group and tags and esq-report's rows all carry it; it is never copied
+from a preset, so a sweep over `method` or `quant` cannot put a run in another setting's row.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+# The letter of a full-precision run's method (also what a quantized run that starts from it writes first).
+START_LETTER = {"natural": "N", "adversarial": "A"}
+# The letter of a quantized run's method.
+METHOD_LETTER = {"natural": "V", "esq": "E", "adversarial": "A"}
+QUANT_LETTER = {"bwn": "B", "twn": "T"}
+FULL = "F"
+# The start of a run whose init_from checkpoint says nothing about how it was trained.
+UNKNOWN_START = "X"
+
+
+def is_full_precision(quant_kind: str | None, bits: int | None = None) -> bool:
+    return quant_kind in (None, "full") or (bits is not None and int(bits) >= 32)
+
+
+def _join(parts: list[str]) -> str:
+    parts = [p for p in parts if p]
+    return "".join(parts) if all(len(p) == 1 or p.isdigit() for p in parts) else "-".join(parts)
+
+
+def quant_code(quant_kind: str, bits: int | None) -> str:
+    return QUANT_LETTER.get(quant_kind) or str(int(bits) if bits is not None else quant_kind)
+
+
+def derive_setting(method: str, quant_kind: str | None, bits: int | None = None, start: str | None = None) -> str:
+    """The setting label of a run: `derive_setting("esq", "bwn", 1, "N") == "NEB"`."""
+    if is_full_precision(quant_kind, bits):
+        return _join([START_LETTER.get(method, method.upper()), FULL])
+    return _join([start or "", METHOD_LETTER.get(method, method.upper()), quant_code(str(quant_kind), bits)])
+
+
+def start_from_setting(label: str) -> str:
+    """What a run started from a run of setting `label` writes first: N for NF, A for AF, the label otherwise."""
+    if label.endswith(FULL) and len(label) > 1:
+        return label[: -len(FULL)].rstrip("-")
+    return label
+
+
+def setting_of_config(config: Any, start: str | None) -> str:
+    method = str(config["method"]["name"])
+    quant = config["quant"]
+    return derive_setting(method, quant.get("kind"), quant.get("bits"), start)
+
+
+@functools.lru_cache(maxsize=64)
+def _start_of_checkpoint(path: str, mtime: float) -> str:
+    """The start letter of a checkpoint file: from its run's results.json or Hydra config when beside it
+    (no torch import, so config validation stays fast), else from the esq_config inside the checkpoint."""
+    ckpt = Path(path)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    results = run_dir / "results.json"
+    if results.is_file():
+        try:
+            label = json.loads(results.read_text()).get("setting")
+        except (OSError, json.JSONDecodeError):
+            label = None
+        if label:
+            return start_from_setting(str(label))
+    hydra_config = run_dir / ".hydra" / "config.yaml"
+    if hydra_config.is_file():
+        from omegaconf import OmegaConf
+
+        try:
+            cfg = OmegaConf.load(hydra_config)
+            return start_from_setting(setting_of_config(cfg, None))
+        except Exception:  # noqa: BLE001 - an unreadable side file: look inside the checkpoint instead
+            pass
+    from esq_lightning.checkpoint import read_checkpoint
+
+    config = read_checkpoint(ckpt).get("esq_config")
+    if not isinstance(config, dict) or "method" not in config or "quant" not in config:
+        return UNKNOWN_START
+    return start_from_setting(str(config.get("setting") or setting_of_config(config, None)))
+
+
+def start_of(init_from: str | None) -> str | None:
+    """The start part of the label for `init_from`: None from scratch, `setting:NF` -> N, a file -> its run's."""
+    if init_from is None:
+        return None
+    spec = str(init_from)
+    if spec.startswith("setting:"):
+        return start_from_setting(spec.split(":", 1)[1].strip())
+    path = Path(spec)
+    if not path.is_file():
+        return UNKNOWN_START  # validation names the missing file
+    return _start_of_checkpoint(str(path.resolve()), path.stat().st_mtime)
+
+
+def derived_setting(cfg: Any) -> str:
+    """The setting label of a composed esq-train config."""
+    return setting_of_config(cfg, start_of(cfg.get("init_from")))
