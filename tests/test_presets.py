@@ -35,8 +35,32 @@ def test_every_preset_runs_fast_dev_run(dataset: str, tmp_path: Path) -> None:
         run_dir = tmp_path / "runs" / name
         results, _ = train(compose_config("train", [f"experiment={dataset}/{name}", *common], run_dir))
         saved = json.loads((run_dir / "results.json").read_text())
-        assert saved["setting"] == results["setting"]
+        # The label is derived from the run and equals the preset's name: the presets are what they say.
+        assert saved["setting"] == results["setting"] == (name if name != "default" else "EB")
         assert results["dataset"] == dataset
         if name not in ("NF", "AF", "default"):
             start = "NF" if name.startswith("N") else "AF"
             assert results["init_from"] == f"setting:{start}"
+
+
+CONF = EXPERIMENTS.parent
+
+
+def test_presets_are_compositions_of_one_scale_stage_and_one_setting() -> None:
+    """A setting is one file (conf/settings/), a dataset scale another (conf/scales/<scale>/{pretrain,quantize});
+    an experiment file only pairs them, so a new setting or scale is one file, not a column of near copies."""
+    from omegaconf import OmegaConf
+
+    settings = {p.stem for p in (CONF / "settings").glob("*.yaml")}
+    assert {"NF", "AF", "NVB", "NEB", "AVB", "AEB", "AET", "NVT", "NET", "AVT", "NAB", "NAT", "AAB", "AAT"} <= settings
+    for scale in ("digits", "cifar10", "cifar100"):
+        assert {p.stem for p in (CONF / "scales" / scale).glob("*.yaml")} == {"pretrain", "quantize"}
+        for name in settings:
+            exp = OmegaConf.load(EXPERIMENTS / scale / f"{name}.yaml")
+            stage = "pretrain" if name.endswith("F") else "quantize"
+            assert list(exp.keys()) == ["defaults"], (scale, name)
+            assert list(exp.defaults) == [f"/scales/{scale}/{stage}", f"/settings/{name}"], (scale, name)
+    for name in settings:
+        setting = OmegaConf.load(CONF / "settings" / f"{name}.yaml")
+        assert set(setting.keys()) <= {"defaults", "init_from"}, name
+        assert ("init_from" in setting) == (not name.endswith("F")), name
