@@ -501,6 +501,7 @@ class TrainConfig(Schema):
     seed: int = spec(REQUIRED, ge=0)
     init_from: Optional[str] = spec(None, check=_setting_or_path)
     ckpt_path: Optional[str] = spec(None)
+    trust_checkpoint: bool = spec(False)
     threads: Union[int, str, None] = spec(None, check=_threads)
     channels_last: bool = spec(False)
     compile: bool = spec(False)
@@ -541,10 +542,13 @@ class EvalRunConfig(Schema):
     mode: str = spec("whitebox", choices=("whitebox", "transfer", "amplification", "blackbox"))
     ckpt_path: Optional[str] = spec(None)
     ckpts: list[str] = spec(None)
+    trust_checkpoint: bool = spec(False)
     data: dict[str, Any] = spec(None)
     seed: int = spec(0, ge=0)
     threads: Union[int, str, None] = spec(None, check=_threads)
     progress: bool = spec(True)
+    resume: Union[bool, str] = spec("auto", choices=(True, False, "auto"))
+    trainer: Optional[TrainerConfig] = spec(None)
     eval: dict[str, Any] = spec(REQUIRED)  # checked as EvalConfig once merged with the checkpoint's config
     paths: PathsConfig = spec(REQUIRED)
 
