@@ -67,6 +67,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def _refusal_reason(exc: BaseException) -> str:
+    """The specific line of torch's weights-only error (it starts with generic advice to disable the check)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    specific = [ln for ln in lines[1:] if not ln.lower().startswith(("check the documentation", "weights only"))]
+    return " ".join((specific[0] if specific else lines[0] if lines else "").split())[:300]
+
+
 def _disallowed_globals(path: str | Path, exc: BaseException) -> list[str]:
     names = re.findall(r"GLOBAL ([\w.]+)", str(exc))
     if not names:
@@ -109,6 +116,9 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", trusted: bool |
                 f"checkpoint holds (tensors, containers, numbers, strings), and unpickling it could run code; if you "
                 f"trust the file, rerun with {TRUST_KEY}=true"
             ) from None
+        if not trusted and "weights only load failed" in str(exc).lower():
+            raise ESQUserError(f"cannot read checkpoint {path}: the weights-only unpickler refused it "
+                               f"({_refusal_reason(exc)}); if you trust the file, rerun with {TRUST_KEY}=true") from None
         raise ESQUserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     except ESQUserError:
         raise
