@@ -131,6 +131,10 @@ def test_two_gloo_processes_on_an_odd_number_of_inputs_equal_one(ckpt: Path, tmp
     assert masks(tmp_path / "two") == masks(tmp_path / "one")
     assert all(len(m) == 45 for m in masks(tmp_path / "two").values())
     assert 0 < two["robust_acc"]["pgd20"] < two["clean_acc"]
+    # The batches of both ranks resume in one process: every one is read back, none recomputed.
+    again = evaluate(compose_config("eval", [*EVAL, f"ckpt_path={ckpt}"], tmp_path / "two"))
+    assert (again["clean_acc"], again["robust_acc"]) == (one["clean_acc"], one["robust_acc"])
+    assert all(rec["runtime_s"] == two["attacks"][name]["runtime_s"] for name, rec in again["attacks"].items())
 
 
 @pytest.mark.parametrize("n_batches", [0, 1, 2, 5, 7, 16])
