@@ -28,9 +28,9 @@ from esq_lightning.evaluation import (
     plot_blackbox,
     transfer_matrix,
 )
-from esq_lightning.results import SCHEMA_VERSION, build_results, print_results
 from esq_lightning.evaluation.distributed import launch as launch_processes
 from esq_lightning.evaluation.store import evaluation_identity, open_store
+from esq_lightning.results import SCHEMA_VERSION, build_results, print_results
 from esq_lightning.utils import atomic_write_json, atomic_write_text, set_threads
 
 MODES = ("whitebox", "transfer", "amplification", "blackbox")
