@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import os
+import pickle
+import re
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +18,124 @@ from torch import nn
 
 from esq_lightning.errors import ESQUserError
 
+# ---- safe loading --------------------------------------------------------------------------------------
+# A .ckpt is a pickle, and unpickling can call any importable function (os.system, ...): a file from
+# someone else must not run code on load. Every checkpoint read here and in Lightning's resume
+# (plugins.AtomicCheckpointIO.load_checkpoint) goes through torch.load(weights_only=True): its
+# unpickler rebuilds tensors, storages, dtypes and the builtin containers and primitives (dict, list,
+# tuple, set, str, int, float, bool, None, bytes, collections.OrderedDict / Counter) and refuses every
+# other global. That is everything an esq-train checkpoint holds: the weights, Lightning's optimizer
+# and scheduler states, loops and callbacks state, and esq_config (the resolved run config as plain
+# containers). SAFE_GLOBALS adds the few other types a checkpoint of this project may carry.
+SAFE_GLOBALS: tuple[Any, ...] = ()
+# The opt-in for files the user trusts (e.g. written by other tools): the config key of esq-train,
+# esq-eval and esq-export.
+TRUST_KEY = "trust_checkpoint"
+_TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("esq_trust_checkpoint", default=False)
+_WARNED: set[str] = set()
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load a checkpoint with a one-line error naming the file when it is missing or unreadable."""
+
+@contextlib.contextmanager
+def trusting_checkpoints(trusted: bool) -> Iterator[None]:
+    """Within the block, checkpoints load with full unpickling (trusted) or weights_only (the default)."""
+    token = _TRUSTED.set(bool(trusted))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def with_checkpoint_trust(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator of an entry point fn(cfg, ...): its checkpoint reads follow cfg.trust_checkpoint (default false)."""
+    @functools.wraps(fn)
+    def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        trusted = cfg.get(TRUST_KEY, False) if hasattr(cfg, "get") else False
+        if trusted not in (True, False):
+            raise ESQUserError(f"{TRUST_KEY}: {trusted!r} is not a boolean; allowed: true, false")
+        with trusting_checkpoints(bool(trusted)):
+            return fn(cfg, *args, **kwargs)
+
+    return wrapper
+
+
+def checkpoints_trusted() -> bool:
+    return _TRUSTED.get()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _refusal_reason(exc: BaseException) -> str:
+    """The specific line of torch's weights-only error (it starts with generic advice to disable the check)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    specific = [ln for ln in lines[1:] if not ln.lower().startswith(("check the documentation", "weights only"))]
+    return " ".join((specific[0] if specific else lines[0] if lines else "").split())[:300]
+
+
+def _disallowed_globals(path: str | Path, exc: BaseException) -> list[str]:
+    names = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+    if not names:
+        try:
+            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - not a zip checkpoint: the error message is all there is
+            names = []
+    return list(dict.fromkeys(names))
+
+
+def _warn_trusted(path: str) -> None:
+    if path not in _WARNED:
+        _WARNED.add(path)
+        print(f"warning: {TRUST_KEY}=true: unpickling {path} in full, which runs any code the file carries; "
+              "use it only for files you trust", file=sys.stderr, flush=True)
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", trusted: bool | None = None,
+                    opener: Callable[[], Any] | None = None) -> Any:
+    """torch.load(path) that never runs code from the file unless trusted (trust_checkpoint=true).
+
+    A file that needs a global outside the allowlist raises ESQUserError naming the file and the global;
+    any other unreadable file raises ESQUserError naming the file. `opener` gives a file object to read
+    instead of `path` (remote checkpoints).
+    """
+    trusted = checkpoints_trusted() if trusted is None else trusted
+    source = opener() if opener is not None else path
+    try:
+        if trusted:
+            _warn_trusted(str(path))
+            return torch.load(source, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        names = _disallowed_globals(path, exc) if not trusted else []
+        if names:
+            raise ESQUserError(
+                f"refusing to load {path}: it needs the global {', '.join(names)}, which is not among the types a "
+                f"checkpoint holds (tensors, containers, numbers, strings), and unpickling it could run code; if you "
+                f"trust the file, rerun with {TRUST_KEY}=true"
+            ) from None
+        if not trusted and "weights only load failed" in str(exc).lower():
+            raise ESQUserError(f"cannot read checkpoint {path}: the weights-only unpickler refused it "
+                               f"({_refusal_reason(exc)}); if you trust the file, rerun with {TRUST_KEY}=true") from None
+        raise ESQUserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+    except ESQUserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means the same thing to the user
+        raise ESQUserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+    finally:
+        if opener is not None and hasattr(source, "close"):
+            source.close()
+
+
+def read_checkpoint(path: str | Path, trusted: bool | None = None) -> dict[str, Any]:
+    """Load a checkpoint safely (see safe_torch_load), with a one-line error naming the file when it is missing,
+    unreadable, or needs code to load."""
     path = Path(path)
     if not path.is_file():
         raise ESQUserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means the same thing to the user
-        raise ESQUserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    ckpt = safe_torch_load(path, trusted=trusted)
     if not isinstance(ckpt, dict):
         raise ESQUserError(f"{path} is not a checkpoint (expected a dict with a state_dict)")
     return ckpt

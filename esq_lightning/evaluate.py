@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import esq_lightning
 from esq_lightning.attacks import ATTACKS
-from esq_lightning.checkpoint import checkpoint_config, load_model_weights, read_checkpoint
+from esq_lightning.checkpoint import checkpoint_config, load_model_weights, read_checkpoint, with_checkpoint_trust
 from esq_lightning.data import build_datamodule
 from esq_lightning.errors import ESQUserError
 from esq_lightning.evaluation import (
@@ -28,6 +28,8 @@ from esq_lightning.evaluation import (
     plot_blackbox,
     transfer_matrix,
 )
+from esq_lightning.evaluation.distributed import launch as launch_processes
+from esq_lightning.evaluation.store import evaluation_identity, open_store
 from esq_lightning.results import SCHEMA_VERSION, build_results, print_results
 from esq_lightning.utils import atomic_write_json, atomic_write_text, set_threads
 
@@ -179,6 +181,7 @@ def check_attack_names(names: Sequence[str], key: str) -> None:
             raise ESQUserError(f"{key}: unknown attack '{name}'; allowed: {', '.join(ATTACKS)}")
 
 
+@with_checkpoint_trust
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation `cfg.mode` asks for; returns the record it wrote into the Hydra run directory."""
     mode = str(cfg.get("mode") or "whitebox")
@@ -204,21 +207,30 @@ def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
         raise ESQUserError(
             f"ckpt_path: mode=whitebox evaluates one checkpoint: give ckpt_path=path/to/final.ckpt{extra}")
     check_attack_names(list(cfg.eval.attacks), "eval.attacks")
+    # trainer=ddp_cpu|ddp: one process per device, each on its share of the batches (evaluation/distributed.py).
+    shard = launch_processes(cfg.get("trainer"))
     cfg.ckpt_path = _resolve(cfg, cfg.ckpt_path)
     model, train_config = load_trained_model(cfg.ckpt_path)
     run_cfg = run_config_with_eval(train_config, cfg)
     datamodule = build_datamodule(run_cfg.data, seed=int(train_config["seed"]))
     datamodule.setup("test")
     x, y = datamodule.test_tensors()
+    params = OmegaConf.to_container(run_cfg.eval.get("params") or {}, resolve=True)
+    # Per-(attack, batch) results in <run dir>/eval_state, read back when the same command runs again there.
+    store = open_store(out, evaluation_identity(
+        cfg.ckpt_path, x, y, list(run_cfg.eval.attacks), float(run_cfg.eval.eps), params, run_cfg.eval.n_samples,
+        int(run_cfg.eval.batch_size), int(cfg.seed)), cfg.get("resume", "auto"), shard)
     ev = evaluate_robustness(
-        model, x, y, attacks=list(run_cfg.eval.attacks), eps=float(run_cfg.eval.eps),
-        params=OmegaConf.to_container(run_cfg.eval.get("params") or {}, resolve=True),
-        n_samples=run_cfg.eval.n_samples, batch_size=int(run_cfg.eval.batch_size), device=default_device(),
-        seed=int(cfg.seed), progress=bool(cfg.get("progress", True)),
+        model, x, y, attacks=list(run_cfg.eval.attacks), eps=float(run_cfg.eval.eps), params=params,
+        n_samples=run_cfg.eval.n_samples, batch_size=int(run_cfg.eval.batch_size), device=shard.device,
+        seed=int(cfg.seed), progress=bool(cfg.get("progress", True)) and shard.is_main,
         masking_tolerance=float((run_cfg.eval.get("masking") or {}).get("tolerance", 0.01)),
+        store=store, shard=shard,
     )
     results = build_results(run_cfg, ev, checkpoint=str(cfg.ckpt_path), run_dir=str(out), mode="whitebox",
-                            gradient_masking=ev["gradient_masking"])
+                            gradient_masking=ev["gradient_masking"], processes=shard.world_size)
+    if not shard.is_main:
+        return results  # rank 0 writes and prints the merged results
     atomic_write_json(out / "results.json", results)
     print_results(results)
     print(format_flags(ev["gradient_masking"]), flush=True)

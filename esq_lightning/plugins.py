@@ -1,4 +1,5 @@
-"""AtomicCheckpointIO: checkpoints written to a temporary file beside the target, fsynced, then renamed into place."""
+"""AtomicCheckpointIO: checkpoints written to a temporary file beside the target, fsynced, then renamed into place;
+read back (resume) without unpickling code."""
 
 from __future__ import annotations
 
@@ -79,3 +80,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options for local paths")
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's resume read (Trainer.fit(ckpt_path=...)), safe like every other checkpoint read.
+
+        weights_only=True with the project's allowlist unless trust_checkpoint=true
+        (checkpoint.safe_torch_load); a file that needs anything else stops with one line naming it.
+        """
+        from lightning_fabric.utilities.cloud_io import get_filesystem
+
+        from esq_lightning.checkpoint import safe_torch_load
+
+        fs = get_filesystem(path)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        opener = None if "://" not in str(path) or str(path).startswith("file://") else (lambda: fs.open(path, "rb"))
+        local = str(path).removeprefix("file://")
+        return safe_torch_load(local if opener is None else path, map_location=map_location, opener=opener)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from esq_lightning.errors import ESQUserError
-from esq_lightning.runs import iter_results
+from esq_lightning.runs import iter_results, read_json_record
 
 # The paper's settings in the order of its tables; everything else follows, sorted by name.
 PAPER_SETTINGS = ["NF", "AF", "NVB", "NEB", "AVB", "AEB", "AET", "NVT", "NET", "AVT", "NAB", "NAT", "AAB", "AAT"]
@@ -188,17 +188,18 @@ def build_tables(records: Iterable[tuple[Path, dict[str, Any]]], task: str) -> l
     return tables
 
 
-def find_extras(root: Path, skip: Path | None = None) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
-    """The transfer / amplification / blackbox records under root, by kind (file stem)."""
+def find_extras(root: Path, skip: Path | None = None, unreadable: list[tuple[Path, str]] | None = None
+                ) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
+    """The transfer / amplification / blackbox records under root, by kind (file stem); the files that cannot
+    be read are appended to `unreadable` as (path, why)."""
     found: dict[str, list[tuple[Path, dict[str, Any]]]] = {name.split(".")[0]: [] for name in EXTRA_FILES}
     for name in EXTRA_FILES:
         for path in sorted(root.rglob(name)):
             if skip is not None and skip in path.resolve().parents:
                 continue
-            try:
-                found[name.split(".")[0]].append((path, json.loads(path.read_text())))
-            except (OSError, json.JSONDecodeError):
-                continue
+            record = read_json_record(path, unreadable)
+            if record is not None:
+                found[name.split(".")[0]].append((path, record))
     return found
 
 
@@ -410,7 +411,8 @@ def tables_csv(tables: Sequence[Table]) -> str:
 def make_report(root: str | Path, out: str | Path | None = None, fmt: str = "both", digits: int = 2) -> dict[str, Any]:
     """Collect every results record (and transfer/amplification/blackbox file) under root, write the tables to out.
 
-    Returns {"markdown": the whole report as markdown, "tables": {task: [Table]}, "files": [written paths]}.
+    Returns {"markdown": the whole report as markdown, "tables": {task: [Table]}, "files": [written paths],
+    "unreadable": [(path, why)] of the files it could not read and left out}.
     """
     if fmt not in ("md", "latex", "both"):
         raise ESQUserError(f"--format {fmt}: allowed: md, latex, both")
@@ -418,9 +420,13 @@ def make_report(root: str | Path, out: str | Path | None = None, fmt: str = "bot
     if not root.exists():
         raise ESQUserError(f"{root}: no such run or multirun directory")
     out = Path(out) if out is not None else root / "report"
-    records = [(d, r) for d, r in iter_results(root) if out.resolve() not in d.resolve().parents]
-    extras = find_extras(root, skip=out.resolve())
+    unreadable: list[tuple[Path, str]] = []
+    records = [(d, r) for d, r in iter_results(root, unreadable) if out.resolve() not in d.resolve().parents]
+    extras = find_extras(root, skip=out.resolve(), unreadable=unreadable)
     if not records and not any(extras.values()):
+        if unreadable:
+            raise ESQUserError(f"{root}: no readable results; cannot read "
+                               + "; ".join(f"{path} ({why})" for path, why in unreadable))
         raise ESQUserError(f"{root}: no results.json (nor transfer/amplification/blackbox.json) found; "
                            "give a run or multirun directory of esq-train / esq-eval")
     out.mkdir(parents=True, exist_ok=True)
@@ -465,7 +471,8 @@ def make_report(root: str | Path, out: str | Path | None = None, fmt: str = "bot
     csv_path.write_text(tables_csv([t for ts in tables.values() for t in ts]))
     files.append(csv_path)
     return {"markdown": markdown, "tables": tables, "files": files, "out": out,
-            "n_runs": len(records), "extras": {k: [str(p) for p, _ in v] for k, v in extras.items()}}
+            "n_runs": len(records), "extras": {k: [str(p) for p, _ in v] for k, v in extras.items()},
+            "unreadable": unreadable}
 
 
 def _write(out: Path, stem: str, md: str, tex: str, fmt: str) -> list[Path]:

@@ -18,16 +18,35 @@ from esq_lightning.errors import ESQUserError
 RESULTS = "results.json"
 
 
-def iter_results(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Every readable results.json under root (a run or multirun directory), as (run_dir, results)."""
+def iter_results(root: str | Path, unreadable: list[tuple[Path, str]] | None = None
+                 ) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every readable results.json under root (a run or multirun directory), as (run_dir, results).
+
+    The others (a run that is still writing, a corrupt or foreign file) are skipped; with `unreadable`,
+    each is appended to it as (path, why).
+    """
     root = Path(root)
     if not root.exists():
         return
     for path in sorted(root.rglob(RESULTS)):
-        try:
-            yield path.parent, json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # a run that is still writing, or a foreign file: not a finished run
+        record = read_json_record(path, unreadable)
+        if record is not None:
+            yield path.parent, record
+
+
+def read_json_record(path: Path, unreadable: list[tuple[Path, str]] | None = None) -> dict[str, Any] | None:
+    """The JSON object in path, or None (and (path, why) appended to `unreadable`) when it cannot be read."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())
+    else:
+        if isinstance(record, dict):
+            return record
+        why = f"not a JSON object but a {type(record).__name__}"
+    if unreadable is not None:
+        unreadable.append((path, why))
+    return None
 
 
 def train_threat_model(res: dict[str, Any]) -> dict[str, Any] | None:

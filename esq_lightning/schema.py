@@ -511,6 +511,7 @@ class TrainConfig(Schema):
     init_seed: Optional[int] = spec(None, ge=0)
     optimized_metric: Optional[str] = spec(None, check=_metric_name)
     ckpt_path: Optional[str] = spec(None)
+    trust_checkpoint: bool = spec(False)
     threads: Union[int, str, None] = spec(None, check=_threads)
     channels_last: bool = spec(False)
     compile: bool = spec(False)
@@ -564,10 +565,13 @@ class EvalRunConfig(Schema):
     mode: str = spec("whitebox", choices=("whitebox", "transfer", "amplification", "blackbox"))
     ckpt_path: Optional[str] = spec(None)
     ckpts: list[str] = spec(None)
+    trust_checkpoint: bool = spec(False)
     data: dict[str, Any] = spec(None)
     seed: int = spec(0, ge=0)
     threads: Union[int, str, None] = spec(None, check=_threads)
     progress: bool = spec(True)
+    resume: Union[bool, str] = spec("auto", choices=(True, False, "auto"))
+    trainer: Optional[TrainerConfig] = spec(None)
     eval: dict[str, Any] = spec(REQUIRED)  # checked as EvalConfig once merged with the checkpoint's config
     paths: PathsConfig = spec(REQUIRED)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from esq_lightning.checkpoint import (
     check_resume_checkpoint,
+    with_checkpoint_trust,
     keep_metrics_of_interrupted_run,
     load_model_weights,
     resolve_resume_path,
@@ -123,6 +124,7 @@ def resolve_ckpt_path(spec: str | None, out: Path) -> str | None:
     return str(resolve_resume_path(str(spec), out))
 
 
+@with_checkpoint_trust
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train and evaluate one run; returns (results, objects)."""
     out = output_dir()

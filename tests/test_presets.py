@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from esq_lightning.train import train
 from tests.hydra_utils import FAST, compose_config
@@ -38,6 +39,9 @@ def test_every_preset_runs_fast_dev_run(dataset: str, tmp_path: Path) -> None:
         # The label is derived from the run and equals the preset's name: the presets are what they say.
         assert saved["setting"] == results["setting"] == (name if name != "default" else "EB")
         assert results["dataset"] == dataset
+        # Every preset's checkpoint (its optimizer and scheduler states included) loads without trust_checkpoint;
+        # the later stages' init_from=setting:NF|AF read theirs the same way.
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(results["checkpoint"]) == [], name
         if name not in ("NF", "AF", "default"):
             start = "NF" if name.startswith("N") else "AF"
             assert results["init_from"] == f"setting:{start}"

@@ -158,3 +158,32 @@ def test_a_repeated_seed_counts_once_newest_wins(tmp_path: Path) -> None:
     (neb,) = report["tables"]["train"][0].rows
     assert neb.n == 2 and neb.cells["clean"].values == [0.90, 0.70]
     assert neb.dropped == [str(tmp_path / "old")] and "Left out: 1 older run" in report["markdown"]
+
+
+def test_unreadable_files_are_named_and_the_rest_is_reported(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_result(runs / "0", "NVB", 0, 0.9, 0.1)
+    write_result(runs / "1", "NEB", 0, 0.8, 0.3)
+    corrupt = runs / "1" / "results.json"
+    corrupt.write_text(corrupt.read_text()[:40])  # a run killed while an old version wrote it, or a bad copy
+    foreign = runs / "2" / "results.json"
+    foreign.parent.mkdir()
+    foreign.write_text("[1, 2]")
+    bad_transfer = runs / "3" / "transfer.json"
+    bad_transfer.parent.mkdir()
+    bad_transfer.write_bytes(b"\xff\xfe not json")
+    report = make_report(runs)
+    assert report["n_runs"] == 1 and row(report["markdown"], "NVB")[1] == "1"
+    named = {str(path): why for path, why in report["unreadable"]}
+    assert set(named) == {str(corrupt), str(foreign), str(bad_transfer)}
+    assert "JSONDecodeError" in named[str(corrupt)] and "not a JSON object" in named[str(foreign)]
+
+    proc = subprocess.run([sys.executable, "-m", "esq_lightning.cli.report", str(runs), "--quiet"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for path in (corrupt, foreign, bad_transfer):
+        assert f"esq-report: skipped {path}: cannot read it" in proc.stderr
+
+    (runs / "0" / "results.json").write_text("{")
+    with pytest.raises(ESQUserError, match=f"no readable results; cannot read .*{runs / '0' / 'results.json'}"):
+        make_report(runs)

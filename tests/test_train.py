@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from esq_lightning.checkpoint import read_checkpoint
 from esq_lightning.train import train
 from tests.hydra_utils import FAST, compose_config
 
@@ -128,6 +129,9 @@ def test_fast_dev_run_of_every_model_on_its_data(model: str, data: str, tmp_path
     assert (results["model"], results["dataset"], results["quant"]) == (model, data, "bwn")
     assert 0.0 <= results["robust_acc"]["fgsm"] <= results["clean_acc"] <= 1.0
     assert Path(results["checkpoint"]).is_file()
+    # Its checkpoint (weights, optimizer, loops, callbacks, esq_config) loads safely, without trust_checkpoint.
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(results["checkpoint"]) == []
+    assert set(read_checkpoint(results["checkpoint"], trusted=False)) >= {"state_dict", "optimizer_states", "loops"}
 
 
 @pytest.mark.slow

@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
     report = make_report(args.dir, out=args.out, fmt=args.format, digits=args.digits)
+    for path, why in report["unreadable"]:
+        print(f"esq-report: skipped {path}: cannot read it ({why})", file=sys.stderr, flush=True)
     if not args.quiet:
         print(report["markdown"], flush=True)
     print(f"esq-report: {report['n_runs']} runs; wrote {len(report['files'])} files to {report['out']}",

@@ -57,12 +57,20 @@ def attack_in_batches(
     device: torch.device | str = "cpu",
     progress: bool = True,
     keep_adv: bool = False,
+    store: Any | None = None,
+    shard: Any | None = None,
+    seed: int = 0,
 ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
     """Run one registry attack over (x, y) in batches on `device`.
 
     Returns (correct, x_adv or None, parameter record) with tensors on the CPU; `correct` is
     "correct on the clean input and on x_adv within eps". The caller sets eval mode and the SQ ratio.
+    Without keep_adv, the batches go through evaluation.store.run_in_batches: with `store`, finished
+    batches are kept and read back (resume); with `shard`, this process runs its share of the batches
+    and the masks of all processes are merged (evaluation/distributed.py).
     """
+    if not keep_adv:
+        return _attack_per_batch(name, model, x, y, eps, params, batch_size, device, progress, store, shard, seed)
     correct, advs, used = [], [], {}
     batches = range(0, len(y), batch_size)
     for i in tqdm(batches, desc=f"attack {name}", disable=not progress, leave=False):
@@ -80,6 +88,36 @@ def attack_in_batches(
     return correct_all, (torch.cat(advs) if advs else x[:0].clone()) if keep_adv else None, used
 
 
+def _attack_per_batch(name: str, model: nn.Module, x: Tensor, y: Tensor, eps: float | None,
+                      params: Mapping[str, Any], batch_size: int, device: torch.device | str, progress: bool,
+                      store: Any | None, shard: Any | None, seed: int) -> tuple[Tensor, None, dict[str, Any]]:
+    from esq_lightning.evaluation.store import run_in_batches
+
+    def compute(start: int, stop: int) -> tuple[Tensor, dict[str, Any]]:
+        out = run_attack(name, model, x[start:stop].to(device), y[start:stop].to(device), eps=eps, **params)
+        return out.correct, out.params
+
+    correct, records = run_in_batches(name, len(y), batch_size, compute, store=store, shard=shard, seed=seed,
+                                      device=device, progress=progress)
+    # Every batch runs with the same parameters; keep the last batch's record, add up the time.
+    used = {**(records[-1] if records else {}), "runtime_s": round(sum(r.get("runtime_s", 0.0) for r in records), 3)}
+    used["n_inputs"] = len(y)
+    used["eval_batch_size"] = batch_size
+    return correct, None, used
+
+
+def clean_correct_in_batches(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500,
+                             device: torch.device | str = "cpu", store: Any | None = None,
+                             shard: Any | None = None) -> Tensor:
+    """predict(...) == y, per batch through evaluation.store.run_in_batches (kept with `store`, split with `shard`)."""
+    from esq_lightning.evaluation.store import run_in_batches
+
+    def compute(start: int, stop: int) -> tuple[Tensor, dict[str, Any]]:
+        return predict(model, x[start:stop], batch_size, device) == y[start:stop], {}
+
+    return run_in_batches("clean", len(y), batch_size, compute, store=store, shard=shard, device=device)[0]
+
+
 def evaluate_robustness(
     model: nn.Module,
     x: Tensor,
@@ -93,12 +131,20 @@ def evaluate_robustness(
     seed: int = 0,
     progress: bool = True,
     masking_tolerance: float = 0.01,
+    store: Any | None = None,
+    shard: Any | None = None,
 ) -> dict[str, Any]:
     """Clean and robust accuracy (fractions) of `model` on (x, y).
 
     The model is put in eval mode at full quantization for the whole evaluation and restored after.
     Returns {"clean_acc", "robust_acc": {attack: acc}, "attacks": {attack: parameters used}, "n_samples",
-    "gradient_masking": the report of esq_lightning.evaluation.masking, with `masking_tolerance`}.
+    "gradient_masking": the report of esq_lightning.evaluation.masking, with `masking_tolerance`,
+    "correct": {attack: per-sample mask, clean-correct and correct under the attack}, "clean_correct"}.
+
+    store (evaluation.store.EvalStore) keeps every (attack, batch) result as it finishes and reads back the
+    finished ones (a resumed evaluation); shard (evaluation.distributed.Shard) runs this process's share of
+    the batches and merges the masks of all processes. Either way the result equals an uninterrupted
+    single-process run.
     """
     params = params or {}
     if n_samples is not None:
@@ -106,17 +152,19 @@ def evaluate_robustness(
     was_training = model.training
     model.eval()
     model.to(device)
-    result: dict[str, Any] = {"n_samples": len(y), "robust_acc": {}, "attacks": {}}
+    result: dict[str, Any] = {"n_samples": len(y), "robust_acc": {}, "attacks": {}, "correct": {}}
     try:
         with full_quantization(model):
-            clean_correct = predict(model, x, batch_size, device) == y
+            clean_correct = clean_correct_in_batches(model, x, y, batch_size, device, store=store, shard=shard)
+            result["clean_correct"] = clean_correct
             result["clean_acc"] = clean_correct.float().mean().item()
             for name in attacks:
                 torch.manual_seed(seed)  # attacks with their own randomness (random starts, restarts) are repeatable
                 attack_eps, extra = attack_budget(name, eps, params.get(name, {}))
                 correct, _, used = attack_in_batches(name, model, x, y, attack_eps, extra, batch_size, device,
-                                                     progress)
-                result["robust_acc"][name] = (correct & clean_correct).float().mean().item()
+                                                     progress, store=store, shard=shard, seed=seed)
+                result["correct"][name] = correct & clean_correct
+                result["robust_acc"][name] = result["correct"][name].float().mean().item()
                 result["attacks"][name] = used
     finally:
         model.train(was_training)
