@@ -54,9 +54,10 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A full-precision and a BWN checkpoint trained once per session; the FP run logs the amplification callback."""
     root = tmp_path_factory.mktemp("ckpts")
     out = {}
-    for quant, extra in (("full", ["setting=NF", "callbacks.amplification.every_n_epochs=1",
+    # Labels are derived: natural full precision is NF, natural BWN from scratch is VB.
+    for quant, extra in (("full", ["callbacks.amplification.every_n_epochs=1",
                                    "callbacks.amplification.n_samples=32"]),
-                         ("bwn", ["setting=NEB"])):
+                         ("bwn", [])):
         run_dir = root / quant
         cfg = compose_config("train", [*TRAIN, f"quant={quant}", *extra], run_dir)
         results, _ = train(cfg)
@@ -129,11 +130,11 @@ def test_transfer_matrix_diagonal_is_whitebox_pgd(ckpts, tmp_path):
     record = run_eval(tmp_path / "transfer", ["mode=transfer", f"ckpts=[{ckpts['full']},{ckpts['bwn']}]", *common])
     matrix = record["matrix"]
     assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
-    assert record["labels"] == ["NF (full)", "NEB (bwn)"]
+    assert record["labels"] == ["NF (full)", "VB (bwn)"]
     on_disk = json.loads((tmp_path / "transfer" / "transfer.json").read_text())
     assert on_disk["matrix"] == matrix and on_disk["attack"] == "pgd20" and on_disk["params"]["eps"] == EPS
     table = (tmp_path / "transfer" / "transfer.md").read_text()
-    assert "NF (full)" in table and "NEB (bwn)" in table and table.count("\n|") >= 4
+    assert "NF (full)" in table and "VB (bwn)" in table and table.count("\n|") >= 4
     for i, key in enumerate(("full", "bwn")):
         wb = run_eval(tmp_path / f"wb_{key}", [f"ckpt_path={ckpts[key]}", "eval.attacks=[pgd20]", *common])
         # Same attack, batches and seed: the diagonal is the white-box number, exactly.

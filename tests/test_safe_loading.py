@@ -41,7 +41,7 @@ class Payload:
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A real tiny checkpoint, the same checkpoint with the payload inside, and a runs root that names it."""
     root = tmp_path_factory.mktemp("safe")
-    results, _ = train(compose_config("train", [*TINY, "setting=NF"], root / "run"))
+    results, _ = train(compose_config("train", [*TINY], root / "run"))
     good = Path(results["checkpoint"])
     ckpt = read_checkpoint(good)
     evil = root / "evil" / "checkpoints" / "final.ckpt"
