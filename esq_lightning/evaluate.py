@@ -30,6 +30,7 @@ from esq_lightning.evaluation import (
 )
 from esq_lightning.results import SCHEMA_VERSION, build_results, print_results
 from esq_lightning.utils import atomic_write_json, atomic_write_text, set_threads
+from esq_lightning.versions import package_versions
 
 MODES = ("whitebox", "transfer", "amplification", "blackbox")
 
@@ -161,6 +162,7 @@ def _header(mode: str, cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Lo
     return {
         "schema_version": SCHEMA_VERSION,
         "esq_lightning_version": esq_lightning.__version__,
+        "versions": package_versions(),
         "task": "eval",
         "mode": mode,
         "dataset": run_cfg.data.name,
