@@ -28,6 +28,7 @@ from esq_lightning.evaluation import (
     plot_blackbox,
     transfer_matrix,
 )
+from esq_lightning.evaluation.loggers import check_eval_loggers, log_evaluation
 from esq_lightning.results import SCHEMA_VERSION, build_results, print_results
 from esq_lightning.utils import atomic_write_json, atomic_write_text, set_threads
 from esq_lightning.versions import package_versions
@@ -188,6 +189,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ESQUserError(f"mode={mode}: unknown evaluation mode; allowed: {', '.join(MODES)}")
     out = output_dir()
     set_threads(cfg.get("threads"))
+    check_eval_loggers(cfg)  # logger=wandb|tensorboard (evaluation/loggers.py): a missing login fails here
     if mode == "whitebox":
         return evaluate_whitebox(cfg, out)
     if mode == "transfer":
@@ -224,6 +226,7 @@ def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
     atomic_write_json(out / "results.json", results)
     print_results(results)
     print(format_flags(ev["gradient_masking"]), flush=True)
+    log_evaluation(cfg, "whitebox", results, [train_config], out=out)
     return results
 
 
@@ -246,6 +249,7 @@ def evaluate_transfer(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Loa
     atomic_write_text(out / "transfer.md", table)
     print(table, flush=True)
     print(f"wrote {out / 'transfer.json'} and {out / 'transfer.md'}", flush=True)
+    log_evaluation(cfg, "transfer", record, [item.train_config for item in loaded], out=out)
     return record
 
 
@@ -284,6 +288,7 @@ def evaluate_amplification(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequenc
         values = " ".join(f"{d:.4f}" for d in curve["d"])
         print(f"{curve['label']}: clean {curve['clean_acc']:.4f}, pgd {curve['adv_acc']:.4f}, D_l = {values}")
     print(f"wrote {out / 'amplification.json'} and {png}", flush=True)
+    log_evaluation(cfg, "amplification", record, [item.train_config for item in loaded], out=out)
     return record
 
 
@@ -315,4 +320,5 @@ def evaluate_blackbox(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Loa
         accs = " ".join(f"{a:.3f}" for a in curve["accuracy"])
         print(f"{curve['legend']}: {accs}")
     print(f"budgets: {' '.join(f'{b:g}' for b in budgets)}\nwrote {out / 'blackbox.json'} and {png}", flush=True)
+    log_evaluation(cfg, "blackbox", record, [item.train_config for item in loaded], out=out)
     return record

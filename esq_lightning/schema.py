@@ -545,6 +545,8 @@ class EvalRunConfig(Schema):
     seed: int = spec(0, ge=0)
     threads: Union[int, str, None] = spec(None, check=_threads)
     progress: bool = spec(True)
+    tags: list[str] = spec(None)
+    logger: Optional[LoggersConfig] = spec(None)  # logger=wandb|tensorboard (esq_lightning/evaluation/loggers.py)
     eval: dict[str, Any] = spec(REQUIRED)  # checked as EvalConfig once merged with the checkpoint's config
     paths: PathsConfig = spec(REQUIRED)
 
