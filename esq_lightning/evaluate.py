@@ -48,9 +48,16 @@ def run_config_with_eval(train_config: dict[str, Any], cfg: DictConfig) -> DictC
 
 
 def load_trained_model(ckpt_path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The classifier of a checkpoint written by esq-train (quantized layers and all), and its run config."""
+    """The classifier of a checkpoint written by esq-train (quantized layers and all), and its run config.
+
+    A packed file of esq-export (model.esq) gives its rebuilt model (the dequantized weights, no quantization
+    code) and the training config it carries, so every mode evaluates the file as shipped.
+    """
+    from esq_lightning.export import is_packed_file, load_packed_for_eval
     from esq_lightning.train import build_network
 
+    if is_packed_file(ckpt_path):
+        return load_packed_for_eval(ckpt_path)
     ckpt = read_checkpoint(ckpt_path)
     train_config = checkpoint_config(ckpt, ckpt_path)
     model = build_network(train_config["model"], train_config["quant"])
