@@ -29,6 +29,7 @@ from esq_lightning.evaluation import (
     transfer_matrix,
 )
 from esq_lightning.evaluation.loggers import check_eval_loggers, log_evaluation
+from esq_lightning.evaluation.robustbench import check_robustbench, write_model_info
 from esq_lightning.results import SCHEMA_VERSION, build_results, print_results
 from esq_lightning.utils import atomic_write_json, atomic_write_text, set_threads
 from esq_lightning.versions import package_versions
@@ -215,6 +216,7 @@ def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
         raise ESQUserError(
             f"ckpt_path: mode=whitebox evaluates one checkpoint: give ckpt_path=path/to/final.ckpt{extra}")
     check_attack_names(list(cfg.eval.attacks), "eval.attacks")
+    check_robustbench(cfg)
     cfg.ckpt_path = _resolve(cfg, cfg.ckpt_path)
     model, train_config = load_trained_model(cfg.ckpt_path)
     run_cfg = run_config_with_eval(train_config, cfg)
@@ -233,6 +235,7 @@ def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
     atomic_write_json(out / "results.json", results)
     print_results(results)
     print(format_flags(ev["gradient_masking"]), flush=True)
+    write_model_info(cfg, results, train_config, out)
     log_evaluation(cfg, "whitebox", results, [train_config], out=out)
     return results
 
