@@ -53,6 +53,7 @@ CPU = {"models": ("wrn28_10", "resnet152"), "batch": 4, "image_size": 16, "steps
        "compile_backend": "eager", "ddp_model": "resnet20"}
 TINY_KWARGS = {"wrn28_10": {"depth": 10, "widen_factor": 1}, "resnet152": {"num_blocks": (1, 1, 1, 1), "width": 8}}
 NUM_CLASSES = {"wrn28_10": 10, "resnet152": 100}
+DDP_TIMEOUT_S = 240
 
 
 def log(msg: str) -> None:
@@ -155,8 +156,11 @@ def _ddp_worker(rank: int, world: int, backend: str, init: str, s: Settings, tin
     from esq_lightning.quant import draw_selection, sq_generator
     from esq_lightning.utils import step_generator
 
+    from datetime import timedelta
+
     torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
+    # A rendezvous or collective that cannot complete fails after 2 minutes instead of hanging.
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         n_gpu = torch.cuda.device_count() if s.device == "cuda" else 0
         device = torch.device(f"cuda:{rank % n_gpu}") if n_gpu else torch.device("cpu")
@@ -197,10 +201,18 @@ def ddp_check(s: Settings, tiny: bool) -> dict[str, Any]:
     backend = "nccl" if n_gpu >= 2 else "gloo"
     where = (f"{backend}, 2 GPUs" if n_gpu >= 2 else "gloo, both processes on the one GPU" if n_gpu == 1
              else "gloo, CPU")
+    # One node: gloo talks over the loopback interface (a host name that resolves to an unreachable address, common
+    # on machines without a network, would stall its connect).
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     with tempfile.TemporaryDirectory() as tmp:
         init, result = f"file://{tmp}/rendezvous", f"{tmp}/result.json"
         t0 = time.perf_counter()
-        mp.spawn(_ddp_worker, args=(2, backend, init, s, tiny, result), nprocs=2, join=True)
+        ctx = mp.spawn(_ddp_worker, args=(2, backend, init, s, tiny, result), nprocs=2, join=False)
+        while not ctx.join(timeout=5):
+            if time.perf_counter() - t0 > DDP_TIMEOUT_S:
+                for proc in ctx.processes:
+                    proc.terminate()
+                raise TimeoutError(f"the 2-process DDP step did not finish in {DDP_TIMEOUT_S} s")
         out = json.loads(Path(result).read_text())
     out.update(where=where, wall_s=time.perf_counter() - t0, identical=out["max_param_diff"] == 0.0)
     return out
