@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ def wandb_records(run_dir: Path) -> list[Any]:
         if kind == 0 and length == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         chunks += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
@@ -46,9 +49,16 @@ def wandb_records(run_dir: Path) -> list[Any]:
 
 def read_offline_run(eval_dir: Path) -> dict[str, Any]:
     (run_dir,) = (eval_dir / "wandb").glob("offline-run-*")
-    runs = [r.run for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "run"]
+    # wandb's writer can still be flushing the log when finish() returns on a loaded machine: wait for its
+    # exit record.
+    deadline = time.monotonic() + 60
+    records = wandb_records(run_dir)
+    while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        records = wandb_records(run_dir)
+    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     summary: dict[str, Any] = {}
-    for r in wandb_records(run_dir):
+    for r in records:
         if r.WhichOneof("record_type") == "summary":
             for item in r.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
