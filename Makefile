@@ -8,13 +8,21 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 ARGS ?=
 
-.PHONY: setup run test test-slow bench bench-smoke clean reproduce
+# Extras `make setup` installs: tests, evaluation attacks, logger=tensorboard.
+EXTRAS ?= dev,attacks,tensorboard
+# The versions the test suite passed with (pip freeze of a passing venv, torch excluded: TORCH_SPEC pins it).
+# pyproject.toml keeps loose ranges for `pip install`; `make lock` refreshes this file.
+CONSTRAINTS ?= constraints.txt
+LOCK_VENV ?= .venv-lock
 
-$(VENV)/.installed: pyproject.toml setup.py
+.PHONY: setup run test test-slow bench bench-smoke clean reproduce lock gpu-check
+
+$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[dev,attacks]"
+	# -qq: setuptools prints an information notice on every editable build; real errors still show.
+	$(BIN)/python -m pip install -qq -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -42,5 +50,23 @@ bench: setup
 bench-smoke: setup
 	$(BIN)/python -m benchmarks.run --smoke $(ARGS)
 
+## Refresh constraints.txt: a fresh venv with the newest versions the ranges allow, the test suite on it, and on
+## success its pip freeze (minus torch, CUDA wheels and this package) becomes the lock file.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(LOCK_VENV)/bin/python -m pip install -qq -e ".[$(EXTRAS)]"
+	$(LOCK_VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) -q
+	echo "# pip constraints: the versions the test suite passed with (make lock; torch is pinned by TORCH_SPEC)" > $(CONSTRAINTS).tmp
+	$(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|triton|nvidia-[a-z0-9-]*|esq-lightning)[=@ ]' >> $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	rm -rf $(LOCK_VENV)
+
+## The GPU check (benchmarks/gpu_check.sh): throughput, memory, bf16 agreement and a DDP step on this machine's GPU.
+gpu-check: setup
+	bash benchmarks/gpu_check.sh $(ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache outputs multirun
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache outputs multirun

@@ -1,4 +1,12 @@
-"""esq-lightning: Error-Silenced Quantization with PyTorch Lightning and Hydra."""
+"""esq-lightning: Error-Silenced Quantization with PyTorch Lightning and Hydra.
+
+The Python API (esq_lightning/api.py), imported lazily so that `import esq_lightning` stays cheap:
+    from esq_lightning import train, evaluate, export, load_model, load_results
+"""
+
+import sys
+import types
+from typing import Any
 
 from esq_lightning.config import register_resolvers
 
@@ -7,3 +15,29 @@ __version__ = "0.1.0"
 # The configs use ${eval_frac:8/255} and ${int_mul:...}; registering here makes them resolvable wherever
 # the package is imported (entry points, tests, notebooks).
 register_resolvers()
+
+API = ("train", "evaluate", "export", "load_model", "load_results")
+
+
+def __getattr__(name: str) -> Any:
+    if name in API:
+        from esq_lightning import api
+
+        value = getattr(api, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'esq_lightning' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Importing the modules esq_lightning.train/.evaluate/.export would set them as attributes of the package,
+    hiding the API functions of the same names; the package keeps the functions (the modules stay in sys.modules,
+    so `from esq_lightning.train import ...` is unchanged)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

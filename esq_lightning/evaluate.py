@@ -30,8 +30,11 @@ from esq_lightning.evaluation import (
 )
 from esq_lightning.evaluation.distributed import launch as launch_processes
 from esq_lightning.evaluation.store import evaluation_identity, open_store
+from esq_lightning.evaluation.loggers import check_eval_loggers, log_evaluation
+from esq_lightning.evaluation.robustbench import check_robustbench, write_model_info
 from esq_lightning.results import SCHEMA_VERSION, build_results, print_results
 from esq_lightning.utils import atomic_write_json, atomic_write_text, set_threads
+from esq_lightning.versions import package_versions
 
 MODES = ("whitebox", "transfer", "amplification", "blackbox")
 
@@ -48,9 +51,16 @@ def run_config_with_eval(train_config: dict[str, Any], cfg: DictConfig) -> DictC
 
 
 def load_trained_model(ckpt_path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The classifier of a checkpoint written by esq-train (quantized layers and all), and its run config."""
+    """The classifier of a checkpoint written by esq-train (quantized layers and all), and its run config.
+
+    A packed file of esq-export (model.esq) gives its rebuilt model (the dequantized weights, no quantization
+    code) and the training config it carries, so every mode evaluates the file as shipped.
+    """
+    from esq_lightning.export import is_packed_file, load_packed_for_eval
     from esq_lightning.train import build_network
 
+    if is_packed_file(ckpt_path):
+        return load_packed_for_eval(ckpt_path)
     ckpt = read_checkpoint(ckpt_path)
     train_config = checkpoint_config(ckpt, ckpt_path)
     model = build_network(train_config["model"], train_config["quant"])
@@ -163,6 +173,7 @@ def _header(mode: str, cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Lo
     return {
         "schema_version": SCHEMA_VERSION,
         "esq_lightning_version": esq_lightning.__version__,
+        "versions": package_versions(),
         "task": "eval",
         "mode": mode,
         "dataset": run_cfg.data.name,
@@ -189,6 +200,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ESQUserError(f"mode={mode}: unknown evaluation mode; allowed: {', '.join(MODES)}")
     out = output_dir()
     set_threads(cfg.get("threads"))
+    check_eval_loggers(cfg)  # logger=wandb|tensorboard (evaluation/loggers.py): a missing login fails here
     if mode == "whitebox":
         return evaluate_whitebox(cfg, out)
     if mode == "transfer":
@@ -207,6 +219,7 @@ def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
         raise ESQUserError(
             f"ckpt_path: mode=whitebox evaluates one checkpoint: give ckpt_path=path/to/final.ckpt{extra}")
     check_attack_names(list(cfg.eval.attacks), "eval.attacks")
+    check_robustbench(cfg)
     # trainer=ddp_cpu|ddp: one process per device, each on its share of the batches (evaluation/distributed.py).
     shard = launch_processes(cfg.get("trainer"))
     cfg.ckpt_path = _resolve(cfg, cfg.ckpt_path)
@@ -234,6 +247,8 @@ def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
     atomic_write_json(out / "results.json", results)
     print_results(results)
     print(format_flags(ev["gradient_masking"]), flush=True)
+    write_model_info(cfg, results, train_config, out)
+    log_evaluation(cfg, "whitebox", results, [train_config], out=out)
     return results
 
 
@@ -256,6 +271,7 @@ def evaluate_transfer(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Loa
     atomic_write_text(out / "transfer.md", table)
     print(table, flush=True)
     print(f"wrote {out / 'transfer.json'} and {out / 'transfer.md'}", flush=True)
+    log_evaluation(cfg, "transfer", record, [item.train_config for item in loaded], out=out)
     return record
 
 
@@ -294,6 +310,7 @@ def evaluate_amplification(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequenc
         values = " ".join(f"{d:.4f}" for d in curve["d"])
         print(f"{curve['label']}: clean {curve['clean_acc']:.4f}, pgd {curve['adv_acc']:.4f}, D_l = {values}")
     print(f"wrote {out / 'amplification.json'} and {png}", flush=True)
+    log_evaluation(cfg, "amplification", record, [item.train_config for item in loaded], out=out)
     return record
 
 
@@ -325,4 +342,5 @@ def evaluate_blackbox(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Loa
         accs = " ".join(f"{a:.3f}" for a in curve["accuracy"])
         print(f"{curve['legend']}: {accs}")
     print(f"budgets: {' '.join(f'{b:g}' for b in budgets)}\nwrote {out / 'blackbox.json'} and {png}", flush=True)
+    log_evaluation(cfg, "blackbox", record, [item.train_config for item in loaded], out=out)
     return record

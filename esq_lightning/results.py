@@ -7,6 +7,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 import esq_lightning
+from esq_lightning.versions import package_versions
 
 SCHEMA_VERSION = 1
 
@@ -26,6 +27,8 @@ def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str
     return {
         "schema_version": SCHEMA_VERSION,
         "esq_lightning_version": esq_lightning.__version__,
+        # torch, Lightning, numpy, ... as installed (constraints.txt pins the ones the test suite passed with).
+        "versions": package_versions(),
         "task": cfg.get("task_name", "train"),
         "experiment": cfg.get("experiment_name"),
         "setting": cfg.get("setting"),

@@ -558,6 +558,21 @@ class TrainConfig(Schema):
 
 
 @dataclass(kw_only=True)
+class RobustbenchConfig(Schema):
+    """conf/eval.yaml `robustbench` (esq_lightning/evaluation/robustbench.py)."""
+
+    write: bool = spec(False)
+    model_name: Optional[str] = spec(None)
+    name: Optional[str] = spec(None)
+    authors: Optional[str] = spec(None)
+    link: Optional[str] = spec(None)
+    venue: Optional[str] = spec(None)
+    reported: Union[float, str, None] = spec(None)
+    additional_data: bool = spec(False)
+    architecture: Optional[str] = spec(None)
+
+
+@dataclass(kw_only=True)
 class EvalRunConfig(Schema):
     """conf/eval.yaml (esq-eval)."""
 
@@ -572,6 +587,9 @@ class EvalRunConfig(Schema):
     progress: bool = spec(True)
     resume: Union[bool, str] = spec("auto", choices=(True, False, "auto"))
     trainer: Optional[TrainerConfig] = spec(None)
+    tags: list[str] = spec(None)
+    robustbench: Optional[RobustbenchConfig] = spec(None)
+    logger: Optional[LoggersConfig] = spec(None)  # logger=wandb|tensorboard (esq_lightning/evaluation/loggers.py)
     eval: dict[str, Any] = spec(REQUIRED)  # checked as EvalConfig once merged with the checkpoint's config
     paths: PathsConfig = spec(REQUIRED)
 

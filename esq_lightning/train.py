@@ -85,7 +85,12 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
         if name == "wandb":
             # Tags from the config plus setting/quant/method/data/model, so a sweep's runs filter by them.
             conf = wandb_logger_config(cfg, conf)
-        loggers.append(instantiate(conf))
+        logger = instantiate(conf)
+        if name == "wandb":
+            from esq_lightning.notices import quiet_wandb_logger
+
+            logger = quiet_wandb_logger(logger)
+        loggers.append(logger)
     return loggers
 
 

@@ -68,3 +68,35 @@ def test_cli_settings_and_subsets() -> None:
     assert settings_from(parse_args([])).model == "resnet20"
     with pytest.raises(SystemExit, match="--only"):
         wanted(parse_args(["--only", "nope"]))
+
+
+def test_gpu_check_cpu_form_reports_every_section(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh --cpu: the GPU check's code paths (bf16 autocast, channels_last, dynamo tracing,
+    2-process DDP) on tiny shapes; every number is produced and the two checks pass."""
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu", "--steps", "1", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["failures"] == [] and "all checks passed" in proc.stdout
+    variants = ["float32", "bf16", "bf16+channels_last", "bf16+channels_last+compile"]
+    for model in ("wrn28_10", "resnet152"):
+        rows = result["models"][model]
+        for v in variants:
+            r = rows[v]
+            assert r["esq"]["images_per_s"] > 0 and r["madry"]["images_per_s"] > 0, (model, v)
+            assert math.isfinite(r["esq_over_madry"]) and r["floor"] > 1, (model, v)
+            assert f"{model:<10} {v:<27}" in proc.stdout
+        agree = rows["bf16_vs_float32"]
+        assert agree["agree"] and 0 < agree["rel_l2_error"] <= agree["tolerance"]
+    ddp = result["ddp"]
+    assert ddp["identical"] and ddp["where"] == "gloo, CPU" and "weights identical on both ranks: yes" in proc.stdout
+
+
+def test_gpu_check_without_a_gpu_says_so(tmp_path: Path) -> None:
+    if importlib.util.find_spec("torch") and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path / "x.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device: run with --cpu" in proc.stdout

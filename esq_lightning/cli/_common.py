@@ -40,6 +40,9 @@ def one_line(text: str) -> str:
 def user_errors_as_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from esq_lightning.notices import quiet_library_notices
+
+        quiet_library_notices()
         try:
             return fn(*args, **kwargs)
         except ESQUserError as exc:

@@ -1,0 +1,173 @@
+"""The Python API: the CLI's steps as functions, composing the same Hydra configs.
+
+    from esq_lightning import train, evaluate, export, load_model, load_results
+
+    results = train(quant="twn", trainer__max_epochs=2, threads=1)          # esq-train quant=twn trainer.max_epochs=2
+    record = evaluate(results["checkpoint"], eval__attacks=["fgsm"])        # esq-eval ckpt_path=... eval.attacks=[fgsm]
+    report = export(results["checkpoint"])                                  # esq-export ckpt_path=...
+
+Keyword arguments are the CLI's overrides: `key=value` is `key=value`, a double underscore is a dot
+(`trainer__max_epochs=2` is `trainer.max_epochs=2`), a dict value is a config node (`trainer={"max_epochs": 2}`),
+lists and None are written as Hydra reads them ([a,b], null). `overrides=[...]` takes raw override strings
+(`+trainer.limit_val_batches=2`, `experiment=digits/from_scratch`). `run_dir=` sets the run directory (by default the
+one esq-train/esq-eval would use, under paths.runs_root). Config errors raise ESQUserError before torch is imported,
+as on the command line.
+
+Note: `esq_lightning.train`, `.evaluate` and `.export` are these functions; their modules stay importable as
+`from esq_lightning.train import ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from esq_lightning.errors import ESQUserError
+
+CONFIG_MODULE = "esq_lightning.conf"
+_PLAIN = re.compile(r"^[A-Za-z0-9_./:+\-@]*$")
+
+
+# ---- keyword arguments -> Hydra overrides ------------------------------------------------------------------------
+def _value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        text = str(value)
+        if _PLAIN.match(text) and text not in ("", "null", "true", "false"):
+            return text
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{_value(v)}" for k, v in value.items()) + "}"
+    raise ESQUserError(f"{value!r}: a keyword argument must be a str, number, bool, None, list or dict "
+                       f"(got {type(value).__name__})")
+
+
+def to_overrides(kwargs: Mapping[str, Any], overrides: Iterable[str] = ()) -> list[str]:
+    """Hydra override strings of the API's keyword arguments (dicts flattened into dotted keys)."""
+    out = [str(o) for o in overrides]
+
+    def add(key: str, value: Any) -> None:
+        if isinstance(value, Mapping) and value:
+            for k, v in value.items():
+                add(f"{key}.{k}", v)
+        else:
+            out.append(f"{key}={_value(value)}")
+
+    for key, value in kwargs.items():
+        add(key.replace("__", "."), value)
+    return out
+
+
+# ---- composing like the entry points do --------------------------------------------------------------------------
+def compose(config_name: str, overrides: list[str], run_dir: str | Path | None = None) -> DictConfig:
+    """The config the entry point would run (Hydra's `hydra:` resolvers set up), its run directory created."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import esq_lightning.config  # noqa: F401  (resolvers)
+
+    if run_dir is not None:
+        overrides = [*overrides, f"hydra.run.dir={_value(str(Path(run_dir).resolve()))}"]
+    GlobalHydra.instance().clear()
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+    out = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).resolve()
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.job.num = 0
+        cfg.hydra.job.override_dirname = ""
+    HydraConfig.instance().set_config(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    # What Hydra writes next to every run: esq-report reads the overrides of a run from here.
+    hydra_dir = out / ".hydra"
+    hydra_dir.mkdir(exist_ok=True)
+    OmegaConf.save(OmegaConf.create(list(overrides)), hydra_dir / "overrides.yaml")
+    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    OmegaConf.save(job_cfg, hydra_dir / "config.yaml")
+    return cfg
+
+
+def _quiet() -> None:
+    from esq_lightning.notices import quiet_library_notices
+
+    quiet_library_notices()
+
+
+# ---- the API -----------------------------------------------------------------------------------------------------
+def train(*, overrides: Iterable[str] = (), run_dir: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    """esq-train: train and evaluate one run; returns its results record (results.json; `checkpoint` is its path)."""
+    from esq_lightning.schema import validate_config
+
+    _quiet()
+    cfg = compose("train", to_overrides(kwargs, overrides), run_dir)
+    validate_config(cfg, code_checks=False)  # phase 1, before torch is imported
+    from esq_lightning.train import train as run
+
+    results, _ = run(cfg)
+    return results
+
+
+def evaluate(ckpt_path: str | Path | None = None, *, ckpts: Iterable[str | Path] | None = None,
+             mode: str | None = None, overrides: Iterable[str] = (), run_dir: str | Path | None = None,
+             **kwargs: Any) -> dict[str, Any]:
+    """esq-eval: mode=whitebox on `ckpt_path` (a checkpoint or a packed .esq file), or mode=transfer|amplification|
+    blackbox on `ckpts`; returns the record the mode wrote (results.json, transfer.json, ...)."""
+    _quiet()
+    if ckpt_path is not None:
+        kwargs["ckpt_path"] = str(ckpt_path)
+    if ckpts is not None:
+        kwargs["ckpts"] = [str(c) for c in ckpts]
+    if mode is not None:
+        kwargs["mode"] = mode
+    cfg = compose("eval", to_overrides(kwargs, overrides), run_dir)
+    # As esq-eval: the eval config is checked once merged with the checkpoint's (before any data is read).
+    from esq_lightning.evaluate import evaluate as run
+
+    return run(cfg)
+
+
+def export(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True) -> dict[str, Any]:
+    """esq-export: write the packed (1-/2-bit) file of a checkpoint; returns the size report (`path` is the file)."""
+    _quiet()
+    from esq_lightning.export import export_checkpoint
+
+    return export_checkpoint(ckpt_path, out, verify=verify)
+
+
+def load_model(path: str | Path, with_config: bool = False) -> Any:
+    """The classifier of a checkpoint (quantized layers, eval mode) or of a packed .esq file (rebuilt plain model);
+    with `with_config`, (model, training config)."""
+    from esq_lightning.evaluate import load_trained_model
+
+    if not Path(path).is_file():
+        raise ESQUserError(f"{path}: no such checkpoint or packed model file")
+    model, config = load_trained_model(path)
+    return (model, config) if with_config else model
+
+
+def load_results(path: str | Path) -> dict[str, Any] | list[dict[str, Any]]:
+    """A JSON record file (results.json, transfer.json, amplification.json, blackbox.json) as a dict; a directory
+    (a run, a multirun, paths.runs_root) as the list of every results.json record under it, in path order."""
+    path = Path(path)
+    if path.is_file():
+        return json.loads(path.read_text())
+    if not path.is_dir():
+        raise ESQUserError(f"{path}: no such results file or run directory")
+    from esq_lightning.runs import iter_results
+
+    return [res for _, res in iter_results(path)]
