@@ -79,7 +79,7 @@ def test_whitebox_eval_on_wandb_is_an_eval_run_in_the_training_group(ckpts, tmp_
     assert run["run"].run_group == train_config["experiment_name"]  # the training run's group
     assert run["run"].display_name == f"{train_config['experiment_name']}-seed0-eval-whitebox"
     tags = list(run["run"].tags)
-    assert {"dashboard", "eval:whitebox", "setting:NEB", "quant:bwn"} <= set(tags)
+    assert {"dashboard", "eval:whitebox", "setting:VB", "quant:bwn"} <= set(tags)
     assert run["summary"]["eval/clean_acc"] == results["clean_acc"]
     assert run["summary"]["eval/fgsm_acc"] == results["robust_acc"]["fgsm"]
     table = run["tables"]["eval/results"]
@@ -97,12 +97,12 @@ def test_transfer_and_amplification_on_wandb(ckpts, tmp_path):
                                         "eval.transfer.attack=fgsm", "logger=wandb"])
     run = read_offline_run(tmp_path / "tr")
     assert run["run"].job_type == "eval" and "eval:transfer" in run["run"].tags
-    # Two experiments (NF, NEB): a shared group of the dataset and mode.
+    # Two experiments (NF, VB): a shared group of the dataset and mode.
     assert run["run"].run_group == "digits-eval-transfer"
     matrix = run["tables"]["eval/transfer_matrix"]
     assert matrix["columns"] == ["source \\ target", *record["labels"]]
     assert [row[1:] for row in matrix["data"]] == record["matrix"]
-    assert run["summary"]["eval/white_box_acc/NEB (bwn)"] == record["matrix"][1][1]
+    assert run["summary"]["eval/white_box_acc/VB (bwn)"] == record["matrix"][1][1]
     assert len(run["images"]) == 1  # the heatmap
 
     record = run_eval(tmp_path / "amp", ["mode=amplification", pair, "eval.n_samples=12", "eval.batch_size=12",

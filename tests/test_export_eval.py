@@ -31,7 +31,7 @@ def test_export_records_source_and_sizes(ckpts, packed):
     assert source["bytes"] == ckpts["bwn"].stat().st_size and meta["source_checkpoint"] == str(ckpts["bwn"])
     for key in ("float32_model_bytes", "packed_quantized_bytes", "quantized_layers", "ratio"):
         assert meta["sizes"][key] == report[key], key
-    assert meta["config"]["setting"] == "NEB" and meta["config"]["data"]["name"] == "digits"
+    assert meta["config"]["setting"] == "VB" and meta["config"]["data"]["name"] == "digits"
     assert report["identical_logits"] and report["file_bytes"] == path.stat().st_size
 
 
@@ -42,7 +42,7 @@ def test_whitebox_on_the_packed_file_equals_the_checkpoint(ckpts, packed, tmp_pa
     from_file = run_eval(tmp_path / "file", [f"ckpt_path={packed[0]}", *common])
     assert from_file["clean_acc"] == from_ckpt["clean_acc"]
     assert from_file["robust_acc"] == from_ckpt["robust_acc"]
-    assert from_file["setting"] == "NEB" and from_file["quant"] == "bwn" and from_file["checkpoint"] == str(packed[0])
+    assert from_file["setting"] == "VB" and from_file["quant"] == "bwn" and from_file["checkpoint"] == str(packed[0])
 
 
 def test_multi_model_modes_on_the_packed_file_equal_the_checkpoint(ckpts, packed, tmp_path):
