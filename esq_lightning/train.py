@@ -41,7 +41,7 @@ def build_network(cfg_model: DictConfig | dict, cfg_quant: DictConfig | dict) ->
     q = dict(cfg_quant)
     return quantize_model(
         model, q["kind"], per_filter=q.get("per_filter", True), keep_first_last=q.get("keep_first_last", False),
-        variant=q.get("variant", "paper"), f=q.get("f", "linear"),
+        variant=q.get("variant", "paper"), f=q.get("f", "linear"), bits=q.get("bits"),
     )
 
 

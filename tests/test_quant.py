@@ -332,7 +332,7 @@ def test_quantize_model_swaps_the_right_layers() -> None:
 
 
 def test_quantize_model_validates_choices() -> None:
-    with pytest.raises(ValueError, match="bwn, twn, full"):
+    with pytest.raises(ValueError, match="bwn, twn, uniform, full"):
         quantize_model(_net(), "xnor")
     with pytest.raises(ValueError, match="paper, reference"):
         quantize_model(_net(), "bwn", variant="dong")

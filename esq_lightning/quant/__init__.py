@@ -1,9 +1,10 @@
-"""Weight quantization: BWN/TWN quantizers, Stochastic Quantization selection, layers, export."""
+"""Weight quantization: BWN/TWN/k-bit uniform quantizers (a registry by width), Stochastic Quantization selection, layers, export."""
 
 from .export import FORMAT_NAME, FORMAT_VERSION, export_packed, load_packed, pack_codes, unpack_codes
 from .functional import (
     KINDS,
     TWN_DELTA_FACTOR,
+    UNIFORM_BITS,
     bwn,
     bwn_codes,
     dequantize,
@@ -12,6 +13,9 @@ from .functional import (
     relative_error,
     twn,
     twn_codes,
+    uniform,
+    uniform_codes,
+    uniform_levels,
 )
 from .modules import (
     QuantConv2d,
@@ -27,6 +31,7 @@ from .modules import (
     selection_state,
     set_sq_ratio,
 )
+from .registry import FAMILIES, QUANTIZERS, Quantizer, default_kind, resolve_kind
 from .selection import (
     SELECTION_FUNCTIONS,
     VARIANTS,
@@ -37,6 +42,15 @@ from .selection import (
 )
 
 __all__ = [
+    "FAMILIES",
+    "QUANTIZERS",
+    "Quantizer",
+    "UNIFORM_BITS",
+    "default_kind",
+    "resolve_kind",
+    "uniform",
+    "uniform_codes",
+    "uniform_levels",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KINDS",

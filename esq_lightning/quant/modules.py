@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import KINDS, quantize_weight, relative_error
+from .functional import relative_error
+from .registry import Quantizer, get, resolve_kind
 from .selection import SELECTION_FUNCTIONS, VARIANTS, sample_selection
 
 __all__ = [
@@ -36,11 +37,11 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 class StraightThroughQuantize(torch.autograd.Function):
-    """Forward: exactly quantize_weight(w); backward: the gradient at Q, unchanged, to W."""
+    """Forward: exactly quantizer(w, per_filter); backward: the gradient at Q, unchanged, to W."""
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, kind: str, per_filter: bool) -> Tensor:  # noqa: D102
-        return quantize_weight(w, kind, per_filter)
+    def forward(ctx: Any, w: Tensor, quantizer: Quantizer, per_filter: bool) -> Tensor:  # noqa: D102
+        return quantizer(w, per_filter)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
@@ -60,11 +61,12 @@ class QuantMixin:
         per_filter: bool = True,
         sq_variant: str = "paper",
         sq_f: str = "linear",
+        bits: int | None = None,
         **kwargs: Any,
     ) -> None:
         # Cooperative: the next class in the MRO is the torch layer (nn.Conv2d or nn.Linear).
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
-        self._init_quant(kind, per_filter, sq_variant, sq_f)
+        self._init_quant(kind, per_filter, sq_variant, sq_f, bits=bits)
 
     def extra_repr(self) -> str:  # noqa: D102
         return super().extra_repr() + ", " + self._quant_repr()  # type: ignore[misc]
@@ -76,11 +78,15 @@ class QuantMixin:
         sq_variant: str = "paper",
         sq_f: str = "linear",
         sq_name: str = "",
+        bits: int | None = None,
     ) -> None:
-        _check_choice("quantizer kind", kind, KINDS)
+        quantizer = get(kind, bits)
         _check_choice("SQ variant", sq_variant, VARIANTS)
         _check_choice("SQ selection function f", sq_f, SELECTION_FUNCTIONS)
-        self.kind = kind
+        # The registry's quantizer does the math; kind and bits are kept for export and repr.
+        self.quantizer = quantizer
+        self.kind = quantizer.kind
+        self.bits = quantizer.bits
         self.per_filter = bool(per_filter)
         self.sq_variant = sq_variant
         self.sq_f = sq_f
@@ -109,7 +115,7 @@ class QuantMixin:
 
     def quantized_weight(self) -> Tensor:
         """Q (all filters), differentiable with the straight-through estimator."""
-        return StraightThroughQuantize.apply(self.weight, self.kind, self.per_filter)
+        return StraightThroughQuantize.apply(self.weight, self.quantizer, self.per_filter)
 
     def effective_weight(self) -> Tensor:
         """The weight this forward uses: Q, W, or Q on the drawn filters and W elsewhere."""
@@ -135,24 +141,24 @@ class QuantMixin:
     @torch.no_grad()
     def relative_error(self) -> Tensor:
         """Per-filter relative error of the current weights."""
-        return relative_error(self.weight, quantize_weight(self.weight, self.kind, self.per_filter))
+        return relative_error(self.weight, self.quantizer(self.weight, self.per_filter))
 
     def _quant_repr(self) -> str:
         return (
-            f"kind={self.kind}, per_filter={self.per_filter}, sq_ratio={self._sq_ratio:g}, "
+            f"kind={self.kind}, bits={self.bits}, per_filter={self.per_filter}, sq_ratio={self._sq_ratio:g}, "
             f"sq_variant={self.sq_variant}, sq_f={self.sq_f}"
         )
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):
-    """nn.Conv2d whose forward uses BWN/TWN weights (state_dict identical to nn.Conv2d)."""
+    """nn.Conv2d whose forward uses quantized (BWN/TWN/k-bit) weights (state_dict identical to nn.Conv2d)."""
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Conv2d's name
         return self._conv_forward(input, self.effective_weight(), self.bias)
 
 
 class QuantLinear(QuantMixin, nn.Linear):
-    """nn.Linear whose forward uses BWN/TWN weights (state_dict identical to nn.Linear)."""
+    """nn.Linear whose forward uses quantized (BWN/TWN/k-bit) weights (state_dict identical to nn.Linear)."""
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's name
         return F.linear(input, self.effective_weight(), self.bias)
@@ -160,7 +166,7 @@ class QuantLinear(QuantMixin, nn.Linear):
 
 _QUANT_OF: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 _PLAIN_OF: dict[type, type] = {QuantConv2d: nn.Conv2d, QuantLinear: nn.Linear}
-_QUANT_ATTRS = ("kind", "per_filter", "sq_variant", "sq_f", "sq_name", "_sq_ratio", "_frozen_weight")
+_QUANT_ATTRS = ("quantizer", "kind", "bits", "per_filter", "sq_variant", "sq_f", "sq_name", "_sq_ratio", "_frozen_weight")
 
 
 def _to_plain(layer: nn.Module) -> None:
@@ -178,15 +184,19 @@ def quantize_model(
     keep_first_last: bool = False,
     variant: str = "paper",
     f: str = "linear",
+    bits: int | None = None,
 ) -> nn.Module:
     """Turn every nn.Conv2d / nn.Linear of ``model`` into its Quant version, in place.
+
+    ``kind`` and ``bits`` name the quantizer (registry.resolve_kind: kind "auto" takes the
+    default family of ``bits``; bits None the family's only width).
 
     The layer object keeps its identity (its class is swapped), so parameters, hooks, device,
     dtype, other attributes and any optimizer holding the parameters stay valid. kind "full"
     returns the model unchanged. keep_first_last keeps the first Conv2d and the last Linear (in
     registration order) in full precision. Calling it again reconfigures every layer (ratio 1).
     """
-    _check_choice("quantizer kind", kind, KINDS + ("full",))
+    kind, bits = resolve_kind(kind, bits)
     _check_choice("SQ variant", variant, VARIANTS)
     _check_choice("SQ selection function f", f, SELECTION_FUNCTIONS)
     if kind == "full":
@@ -206,7 +216,7 @@ def quantize_model(
             module.__class__ = _QUANT_OF[type(module)]
         if type(module) in _PLAIN_OF:
             # A re-quantized layer starts afresh: ratio 1, no mask.
-            module._init_quant(kind, per_filter, variant, f, name)
+            module._init_quant(kind, per_filter, variant, f, name, bits=bits)
     return model
 
 
