@@ -24,12 +24,16 @@ def iter_results(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
             continue  # a run that is still writing, or a foreign file: not a finished run
 
 
-def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, model: str, seed: int) -> str | None:
+def resolve_init_from(
+    spec: str | None, runs_root: str | Path, dataset: str, model: str, seed: int, width: dict[str, Any] | None = None
+) -> str | None:
     """A checkpoint path for `init_from`.
 
     `setting:NF` picks the newest finished run of setting NF with the same dataset, model and seed
     under runs_root (falling back to any seed when none matches), so a quantization stage finds the
-    full-precision start of an earlier stage without a hand-copied path.
+    full-precision start of an earlier stage without a hand-copied path. ``width`` (the model's capacity
+    knobs, results.model_width) must match too where the run recorded it, so a wider network never
+    starts from a narrower one's weights.
     """
     if spec is None or not str(spec).startswith("setting:"):
         if spec is not None and not Path(spec).is_file():
@@ -40,6 +44,7 @@ def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, mod
         (run_dir, res) for run_dir, res in iter_results(runs_root)
         if res.get("setting") == setting and res.get("dataset") == dataset and res.get("model") == model
         and res.get("checkpoint") and Path(res["checkpoint"]).is_file()
+        and (not width or res.get("model_width") is None or res.get("model_width") == width)
     ]
     same_seed = [c for c in candidates if c[1].get("seed") == seed]
     pool = same_seed or candidates

@@ -28,7 +28,7 @@ from esq_lightning.objectives import Objective
 from esq_lightning.pairing import check_pairing_names
 from esq_lightning.plugins import AtomicCheckpointIO
 from esq_lightning.quant import quantize_model
-from esq_lightning.results import build_results, print_results
+from esq_lightning.results import build_results, model_width, print_results
 from esq_lightning.runs import resolve_init_from
 from esq_lightning.schema import validate_config
 from esq_lightning.utils import atomic_write_json, set_threads
@@ -134,7 +134,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
     model = build_network(cfg.model, cfg.quant)
     check_pairing_names(model, list(cfg.pairing.layers))
-    init_from = resolve_init_from(cfg.get("init_from"), cfg.paths.runs_root, cfg.data.name, cfg.model.name, cfg.seed)
+    init_from = resolve_init_from(cfg.get("init_from"), cfg.paths.runs_root, cfg.data.name, cfg.model.name, cfg.seed,
+                                  model_width(cfg.model))
     if init_from:
         load_model_weights(model, init_from)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
