@@ -5,6 +5,8 @@ from .functional import (
     KINDS,
     TWN_DELTA_FACTOR,
     UNIFORM_BITS,
+    UNIFORM_SCALE_ITERS,
+    act_quantize,
     bwn,
     bwn_codes,
     dequantize,
@@ -18,6 +20,12 @@ from .functional import (
     uniform_levels,
 )
 from .modules import (
+    ACT_ALPHA_INIT,
+    ACT_CALIBRATION_QUANTILE,
+    ActQuant,
+    calibrate_act_quant,
+    act_quant_layers,
+    quantize_activations,
     QuantConv2d,
     QuantLinear,
     QuantMixin,
@@ -42,10 +50,18 @@ from .selection import (
 )
 
 __all__ = [
+    "ACT_ALPHA_INIT",
+    "ACT_CALIBRATION_QUANTILE",
+    "calibrate_act_quant",
+    "ActQuant",
+    "act_quant_layers",
+    "act_quantize",
+    "quantize_activations",
     "FAMILIES",
     "QUANTIZERS",
     "Quantizer",
     "UNIFORM_BITS",
+    "UNIFORM_SCALE_ITERS",
     "default_kind",
     "resolve_kind",
     "uniform",

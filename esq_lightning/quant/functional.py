@@ -19,6 +19,7 @@ __all__ = [
     "UNIFORM_SCALE_ITERS",
     "quantize_weight",
     "quantize_codes",
+    "act_quantize",
     "dequantize",
     "relative_error",
 ]
@@ -158,3 +159,20 @@ def relative_error(w: Tensor, q: Tensor) -> Tensor:
     num = (w2 - q2).abs().sum(dim=1)
     den = w2.abs().sum(dim=1)
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
+
+
+def act_quantize(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
+    """Unsigned k-bit activations on [0, alpha] (PACT): round(clamp(x, 0, alpha) * n / alpha) * alpha / n, n = 2^k - 1.
+
+    Straight-through: the gradient to x is 1 inside (0, alpha) and 0 where the clamp cuts, the
+    rounding passes the gradient unchanged; the gradient to alpha is 1 where x >= alpha (PACT's
+    estimator). Attacks therefore differentiate through the straight-through path (BPDA) and see
+    the gradient of the clipped activation, not the zero gradient of the rounding.
+    """
+    if not 1 <= int(bits) <= 8:
+        raise ValueError(f"activation bits {bits!r}; allowed: 1..8 (32 = no activation quantization)")
+    n = 2 ** int(bits) - 1
+    y = torch.minimum(x.clamp_min(0), alpha)
+    step = alpha.detach() / n
+    q = torch.round(y.detach() / step) * step
+    return y + (q - y.detach())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import relative_error
+from .functional import act_quantize, relative_error
 from .registry import Quantizer, get, resolve_kind
 from .selection import SELECTION_FUNCTIONS, VARIANTS, sample_selection
 
@@ -28,6 +29,12 @@ __all__ = [
     "full_quantization",
     "frozen_quant_weights",
     "selection_state",
+    "ActQuant",
+    "ACT_ALPHA_INIT",
+    "quantize_activations",
+    "act_quant_layers",
+    "calibrate_act_quant",
+    "ACT_CALIBRATION_QUANTILE",
 ]
 
 
@@ -327,3 +334,100 @@ def full_quantization(model: nn.Module) -> Iterator[nn.Module]:
         for layer, ratio, mask in saved:
             layer.sq_ratio = ratio
             layer.sq_mask = mask
+
+
+# PACT's clipping range: 6 (ReLU6's range) until calibrate_act_quant sets it from data; then it is learned.
+ACT_ALPHA_INIT = 6.0
+# Calibration clips the top 0.1% of a layer's inputs: the max would spend the few levels of 2-4 bits on outliers.
+ACT_CALIBRATION_QUANTILE = 0.999
+
+
+class ActQuant(nn.Module):
+    """k-bit unsigned activations with a learned clipping range alpha (PACT, Choi et al. 2018): see act_quantize."""
+
+    def __init__(self, bits: int, alpha: float = ACT_ALPHA_INIT) -> None:
+        super().__init__()
+        if not 1 <= int(bits) <= 8:
+            raise ValueError(f"activation bits {bits!r}; allowed: 1..8 (32 = no activation quantization)")
+        self.bits = int(bits)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return act_quantize(x, self.alpha.to(x.dtype), self.bits)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"bits={self.bits}"
+
+
+def _quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    # Forward pre-hook: the layer's input (a ReLU output) is quantized before the layer sees it.
+    return (module.act_quant(args[0]), *args[1:])
+
+
+def quantize_activations(model: nn.Module, bits: int, keep_first_last: bool = False) -> nn.Module:
+    """Quantize the input of every nn.Conv2d / nn.Linear except the first conv to ``bits`` unsigned bits, in place.
+
+    In every model of esq_lightning.models the input of each conv and linear layer but the stem is
+    a ReLU output (directly, or through pooling / dropout / an identity shortcut), whether the ReLU
+    is an nn.ReLU module (SmallCNN) or F.relu in a forward (the ResNets): quantizing at the layer's
+    input is therefore "after the ReLU" for all of them, with no change to the model code. The stem
+    sees the normalized image (signed) and stays unquantized; keep_first_last also leaves the last
+    linear layer's input in full precision. Each layer gets a child `act_quant` (an ActQuant with its
+    own alpha, so the state_dict gains `<layer>.act_quant.alpha`) and a forward pre-hook. bits >= 32
+    changes nothing.
+    """
+    if int(bits) >= 32:
+        return model
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    convs = [m for m in layers if isinstance(m, nn.Conv2d)]
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    skip = {id(m) for m in convs[:1]}
+    if keep_first_last:
+        skip |= {id(m) for m in linears[-1:]}
+    for layer in layers:
+        if id(layer) in skip or "act_quant" in layer._modules:
+            continue
+        layer.act_quant = ActQuant(bits)
+        layer.register_forward_pre_hook(_quantize_input)
+    return model
+
+
+def act_quant_layers(model: nn.Module) -> list[tuple[str, ActQuant]]:
+    """(qualified name, ActQuant) of every activation quantizer, in registration order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ActQuant)]
+
+
+@torch.no_grad()
+def calibrate_act_quant(model: nn.Module, x: Tensor, quantile: float = ACT_CALIBRATION_QUANTILE) -> dict[str, float]:
+    """Set every ActQuant's alpha to the ``quantile`` of its (unquantized) input on the batch ``x``; returns them.
+
+    Without it a fixed alpha can round a whole layer's small activations to 0 at 2 bits (a dead
+    network at the first step). The forward runs in eval mode (BatchNorm running statistics, no
+    statistic update) at the layers' current SQ state, and the layers are calibrated in order, each
+    seeing the quantized activations of the ones before it. Use the same batch on every rank (e.g. the
+    first samples of the unshuffled training split), so data-parallel replicas start identical.
+    """
+    found = act_quant_layers(model)
+    if not found:
+        return {}
+    was_training = model.training
+    model.eval()
+    alphas: dict[str, float] = {}
+    try:
+        for name, aq in found:
+            seen: list[Tensor] = []
+            handle = aq.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+            try:
+                with full_quantization(model):
+                    model(x)
+            finally:
+                handle.remove()
+            flat = seen[0].reshape(-1).float()
+            k = max(1, min(flat.numel(), math.ceil(quantile * flat.numel())))
+            value = float(flat.kthvalue(k).values)
+            # An all-zero input (a dead layer) keeps a positive range, so the scale stays finite.
+            aq.alpha.fill_(value if value > 0 else float(flat.max().clamp_min(1e-3)))
+            alphas[name] = float(aq.alpha)
+    finally:
+        model.train(was_training)
+    return alphas
