@@ -28,6 +28,7 @@ from esq_lightning.objectives import Objective
 from esq_lightning.pairing import check_pairing_names
 from esq_lightning.plugins import AtomicCheckpointIO
 from esq_lightning.quant import calibrate_act_quant, quantize_activations, quantize_model
+from esq_lightning.quant.export import packed_size
 from esq_lightning.results import build_results, model_width, print_results
 from esq_lightning.runs import resolve_init_from
 from esq_lightning.schema import validate_config
@@ -222,7 +223,7 @@ def evaluate_and_record(
         batch_size=int(cfg.eval.batch_size), device=module.device, seed=int(cfg.seed),
     )
     results = build_results(cfg, ev, gradient_masking=ev.get("gradient_masking"), epochs=trainer.current_epoch, train_seconds=train_seconds,
-                            checkpoint=str(final_ckpt), run_dir=str(out),
+                            checkpoint=str(final_ckpt), run_dir=str(out), **packed_size(model),
                             val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
     atomic_write_json(out / "results.json", results)
     for logger in loggers:

@@ -26,6 +26,7 @@ __all__ = [
     "unpack_codes",
     "export_packed",
     "load_packed",
+    "packed_size",
 ]
 
 FORMAT_NAME = "esq-packed"
@@ -110,6 +111,27 @@ def _raw(t: Tensor) -> memoryview:
 
 def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def packed_size(model: nn.Module) -> dict[str, int]:
+    """The bytes export_packed stores for the tensors (without the few dozen bytes of header per tensor).
+
+    {"model_bytes": every state_dict tensor, quantized weights at bits/8 per weight plus their scales,
+    "float32_model_bytes": the same model in float32}: the x axis "model bytes" of the bit-width curve.
+    """
+    state = model.state_dict()
+    packed: dict[str, int] = {}
+    for name, layer in quant_layers(model):
+        w = layer.weight
+        scales = w.shape[0] if layer.per_filter else 1
+        packed[f"{name}.weight" if name else "weight"] = -(-w.numel() * layer.bits // 8) + scales * w.element_size()
+    model_bytes = float32 = 0
+    for key, t in state.items():
+        if not isinstance(t, Tensor):
+            continue
+        float32 += t.numel() * (4 if t.is_floating_point() else t.element_size())
+        model_bytes += packed.get(key, _nbytes(t))
+    return {"model_bytes": model_bytes, "float32_model_bytes": float32}
 
 
 def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | None = None) -> dict[str, Any]:
