@@ -211,7 +211,7 @@ def resolve_resume_path(spec: str, run_dir: str | Path | None) -> Path:
 # What must match between the run being resumed and this one: resuming continues the same run. A
 # different run from those weights is `init_from=`.
 RESUME_IDENTITY = (("data", "name"), ("model", "name"), ("quant", "kind"), ("quant", "per_filter"),
-                   ("method", "name"), ("seed",))
+                   ("quant", "bits"), ("quant", "act_bits"), ("method", "name"), ("seed",))
 
 
 def check_resume_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any]) -> None:

@@ -17,6 +17,9 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("esq_setting"):
         # ${esq_setting:} -> the setting label derived from method, quant and init_from (esq_lightning/labels.py).
         OmegaConf.register_new_resolver("esq_setting", _setting)
+    if not OmegaConf.has_resolver("quant_kind"):
+        # ${quant_kind:${.bits}} -> bwn (1), twn (2), uniform (3-8), full (32): conf/quant/default.yaml.
+        OmegaConf.register_new_resolver("quant_kind", _quant_kind)
 
 
 def _frac(text: str) -> float:
@@ -28,6 +31,16 @@ def _setting(*, _root_: Any) -> str:
     from esq_lightning.labels import derived_setting
 
     return derived_setting(_root_)
+
+
+def _quant_kind(bits: object) -> str:
+    from esq_lightning.schema import QUANT_DEFAULT_KIND
+
+    # An unknown width resolves to uniform, so the schema's check of quant.bits names the allowed widths.
+    try:
+        return QUANT_DEFAULT_KIND.get(int(bits), "uniform")  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return "uniform"
 
 
 register_resolvers()

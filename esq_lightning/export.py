@@ -16,7 +16,12 @@ from esq_lightning.quant import export_packed, full_quantization, load_packed, q
 
 
 def _build_from_meta(meta: dict[str, Any]) -> nn.Module:
-    return build_model(meta["model"])
+    # The plain architecture, plus the activation quantizers when the run had them (quant.act_bits < 32).
+    from esq_lightning.quant import quantize_activations
+
+    model = build_model(meta["model"])
+    quant = meta.get("quant") or {}
+    return quantize_activations(model, int(quant.get("act_bits", 32)), keep_first_last=quant.get("keep_first_last", False))
 
 
 def load_exported(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

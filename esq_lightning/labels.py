@@ -3,8 +3,9 @@
 A full-precision run is `<method>F`: NF (natural), AF (adversarial). A quantized run is
 `<start><method><quantizer>`: the start is the method letter of the checkpoint it started from (N or A;
 nothing from scratch), the method is V (vanilla SQ: natural), E (error-silenced) or A (adversarial), and the
-quantizer is B (BWN), T (TWN) or the bit width of any other quantizer. Methods without a letter (alp,
-trades) appear by name and the parts are then joined with `-` so the label stays readable: `A-TRADES-B`.
+quantizer is B (BWN), T (TWN) or U<bits> (uniform k-bit). A full-precision run that has a start keeps it
+(AVF, AAF, AEF: the 32-bit points of a bit-width sweep), so it never passes for an NF / AF start. Methods
+without a letter (alp, trades) appear by name, the parts then joined with `-`: `A-TRADES-B`, `ALP-F`.
 
 The label is the `setting` of the composed config (`${esq_setting:}` in conf/train.yaml), so the run
 directory, results.json, the W&B group and tags and esq-report's rows all carry it; it is never copied
@@ -32,26 +33,37 @@ def is_full_precision(quant_kind: str | None, bits: int | None = None) -> bool:
     return quant_kind in (None, "full") or (bits is not None and int(bits) >= 32)
 
 
-def _join(parts: list[str]) -> str:
-    parts = [p for p in parts if p]
-    return "".join(parts) if all(len(p) == 1 or p.isdigit() for p in parts) else "-".join(parts)
-
-
 def quant_code(quant_kind: str, bits: int | None) -> str:
-    return QUANT_LETTER.get(quant_kind) or str(int(bits) if bits is not None else quant_kind)
+    """B (BWN), T (TWN), U<bits> (uniform k-bit), otherwise the kind's name with its bit width."""
+    if quant_kind in QUANT_LETTER:
+        return QUANT_LETTER[quant_kind]
+    return ("U" if quant_kind == "uniform" else quant_kind.upper()) + str(int(bits) if bits is not None else "")
 
 
 def derive_setting(method: str, quant_kind: str | None, bits: int | None = None, start: str | None = None) -> str:
     """The setting label of a run: `derive_setting("esq", "bwn", 1, "N") == "NEB"`."""
+    code = METHOD_LETTER.get(method)
     if is_full_precision(quant_kind, bits):
-        return _join([START_LETTER.get(method, method.upper()), FULL])
-    return _join([start or "", METHOD_LETTER.get(method, method.upper()), quant_code(str(quant_kind), bits)])
+        if start is None:
+            # The starts NF and AF; an error-silenced full-precision run from scratch is EF.
+            letter = START_LETTER.get(method) or code
+            return f"{letter}{FULL}" if letter else f"{method.upper()}-{FULL}"
+        last = FULL
+    else:
+        last = quant_code(str(quant_kind), bits)
+    # A full-precision run from a start (a fine-tune, the 32-bit point of a bit-width sweep) keeps its start,
+    # so it can never pass for the NF / AF start itself: AVF, AAF, AEF.
+    if code is None:
+        return "-".join(p for p in (start, method.upper(), last) if p)
+    return f"{start or ''}{code}{last}"
 
 
 def start_from_setting(label: str) -> str:
     """What a run started from a run of setting `label` writes first: N for NF, A for AF, the label otherwise."""
-    if label.endswith(FULL) and len(label) > 1:
-        return label[: -len(FULL)].rstrip("-")
+    if label in (f"{v}{FULL}" for v in START_LETTER.values()):
+        return label[: -len(FULL)]
+    if label.endswith(f"-{FULL}"):
+        return label[: -len(FULL) - 1]
     return label
 
 

@@ -408,9 +408,13 @@ def tables_csv(tables: Sequence[Table]) -> str:
 # ----------------------------------------------------------------------------------------------- the report
 
 
-def make_report(root: str | Path, out: str | Path | None = None, fmt: str = "both", digits: int = 2) -> dict[str, Any]:
+def make_report(root: str | Path, out: str | Path | None = None, fmt: str = "both", digits: int = 2,
+                curve_x: str = "bits", wandb_project: str | None = None,
+                wandb_mode: str | None = None) -> dict[str, Any]:
     """Collect every results record (and transfer/amplification/blackbox file) under root, write the tables to out.
 
+    Training runs of more than one bit width also give the robustness-compression curve (esq_lightning.curve:
+    bits_curve_<dataset>_<model>.png, x = bits or model bytes), logged to W&B too with wandb_project.
     Returns {"markdown": the whole report as markdown, "tables": {task: [Table]}, "files": [written paths],
     "unreadable": [(path, why)] of the files it could not read and left out}.
     """
@@ -465,6 +469,17 @@ def make_report(root: str | Path, out: str | Path | None = None, fmt: str = "bot
         md_parts.append(md)
         tex_parts.append(tex)
         files += _write(out, kind, md, tex, fmt)
+    # ---- the robustness-compression curve (issue: bit-width sweeps) ----
+    from esq_lightning.curve import log_curves_wandb, write_curves
+
+    curve_md, curve_files, curves = write_curves(records, out, curve_x)
+    if curve_md:
+        md_parts.append(curve_md)
+        files += curve_files
+        files += _write(out, "bits_curve", curve_md, "", "md")
+        if wandb_project:
+            log_curves_wandb(curves, curve_files, wandb_project, wandb_mode)
+    # ---- end of the curve ----
     markdown = "\n".join(md_parts)
     files += _write(out, "report", markdown, "\n".join(tex_parts), fmt)
     csv_path = out / "whitebox.csv"

@@ -21,6 +21,16 @@ def train_threat_model(cfg: DictConfig) -> dict[str, Any] | None:
     return {"norm": str(pgd.get("norm", "linf")), "eps": float(pgd.eps)}
 
 
+# The capacity knobs of the model configs (conf/model/*.yaml): SmallCNN and the ResNets take `width` (channels of
+# the first stage), the Wide ResNet also `widen_factor`.
+WIDTH_KEYS = ("width", "widen_factor")
+
+
+def model_width(cfg_model: Any) -> dict[str, int]:
+    """{knob: value} of the model's capacity knobs that its config sets (results.json `model_width`)."""
+    return {k: int(cfg_model.get(k)) for k in WIDTH_KEYS if cfg_model.get(k) is not None}
+
+
 def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The results record of a run: config identity, accuracies as fractions, threat model, timing."""
     pairing = cfg.get("pairing") or {}
@@ -37,6 +47,8 @@ def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str
         "method": cfg.method.name,
         "quant": cfg.quant.kind,
         "bits": int(cfg.quant.get("bits", 32)),
+        "act_bits": int(cfg.quant.get("act_bits", 32)),
+        "model_width": model_width(cfg.model),
         "pairing": {"layers": list(pairing.get("layers", [])), "lambdas": [float(v) for v in pairing.get("lambdas", [])],
                     "p": int(pairing.get("p", 2))},
         "seed": int(cfg.seed),

@@ -62,8 +62,12 @@ def _same_threat_model(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bo
 
 
 def find_runs(runs_root: str | Path, setting: str, *, seed: int | None = None, dataset: str | None = None,
-              model: str | None = None, threat_model: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The finished training runs of `setting` under runs_root that match every given field, newest first."""
+              model: str | None = None, threat_model: dict[str, Any] | None = None,
+              width: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The finished training runs of `setting` under runs_root that match every given field, newest first.
+
+    `width` (the model's capacity knobs, results.model_width) must match where the run recorded it, so a
+    wider network never starts from a narrower one's weights."""
     found = []
     for _, res in iter_results(runs_root):
         if res.get("task", "train") != "train" or res.get("setting") != setting:
@@ -76,8 +80,14 @@ def find_runs(runs_root: str | Path, setting: str, *, seed: int | None = None, d
             continue
         if threat_model is not None and not _same_threat_model(train_threat_model(res), threat_model):
             continue
+        if width and res.get("model_width") is not None and res.get("model_width") != width:
+            continue
         found.append(res)
     return sorted(found, key=lambda r: Path(r["checkpoint"]).stat().st_mtime, reverse=True)
+
+
+def _width(width: dict[str, Any] | None) -> str:
+    return "".join(f", {k} {v}" for k, v in sorted((width or {}).items()))
 
 
 def _describe(tm: dict[str, Any] | None) -> str:
@@ -85,11 +95,12 @@ def _describe(tm: dict[str, Any] | None) -> str:
 
 
 def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, model: str, seed: int,
-                      threat_model: dict[str, Any] | None = None, init_seed: int | None = None) -> str | None:
+                      threat_model: dict[str, Any] | None = None, init_seed: int | None = None,
+                      width: dict[str, Any] | None = None) -> str | None:
     """A checkpoint path for `init_from`.
 
     `setting:NF` picks the newest finished run of setting NF with the same dataset, model, training threat
-    model and seed (`init_seed` when given) under runs_root, so a quantization stage finds the
+    model, width and seed (`init_seed` when given) under runs_root, so a quantization stage finds the
     full-precision start of an earlier stage without a hand-copied path. Another seed or threat model is
     never taken silently: the error says what exists.
     """
@@ -99,7 +110,8 @@ def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, mod
         return spec
     setting = str(spec).split(":", 1)[1]
     want_seed = seed if init_seed is None else int(init_seed)
-    found = find_runs(runs_root, setting, seed=want_seed, dataset=dataset, model=model, threat_model=threat_model)
+    found = find_runs(runs_root, setting, seed=want_seed, dataset=dataset, model=model, threat_model=threat_model,
+                       width=width)
     if found:
         return found[0]["checkpoint"]
     others = find_runs(runs_root, setting, dataset=dataset, model=model)
@@ -108,11 +120,12 @@ def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, mod
             f"init_from={spec}: no finished run of setting {setting} for data={dataset} model={model} under "
             f"{runs_root} (train it first, e.g. esq-train experiment={dataset}/{setting}, or give a checkpoint path)"
         )
-    seen = sorted({(int(r.get("seed", -1)), _describe(train_threat_model(r))) for r in others})
-    shown = ", ".join(f"seed {s} ({tm})" for s, tm in seen[:6])
+    seen = sorted({(int(r.get("seed", -1)), _describe(train_threat_model(r)), _width(r.get("model_width")))
+                   for r in others})
+    shown = ", ".join(f"seed {s} ({tm}{w})" for s, tm, w in seen[:6])
     raise ESQUserError(
         f"init_from={spec}: no finished run of setting {setting} with seed {want_seed} trained at "
-        f"{_describe(threat_model)} for data={dataset} model={model} under {runs_root}; found {shown}. "
+        f"{_describe(threat_model)}{_width(width)} for data={dataset} model={model} under {runs_root}; found {shown}. "
         f"Train that start first, or choose one with init_seed=<seed> (and the same eps), or give a checkpoint path"
     )
 

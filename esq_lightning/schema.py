@@ -35,7 +35,11 @@ REQUIRED: Any = MISSING
 
 # Copies of the code's own choices, so phase 1 needs no torch import; tests/test_bad_configs.py
 # checks that they match the tuples in the code.
-QUANT_BITS = {"bwn": 1, "twn": 2, "full": 32}
+# quant.kind -> its bit widths, and the family quant.bits picks alone (esq_lightning.quant.registry).
+QUANT_BITS: dict[str, tuple[int, ...]] = {"bwn": (1,), "twn": (2,), "uniform": (2, 3, 4, 5, 6, 7, 8), "full": (32,)}
+QUANT_DEFAULT_KIND: dict[int, str] = {1: "bwn", 2: "twn", **{b: "uniform" for b in range(3, 9)}, 32: "full"}
+# quant.act_bits: unsigned activation codes after the ReLUs (32 = off).
+ACT_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 32)
 SQ_VARIANTS = ("paper", "reference")
 SQ_FUNCTIONS = ("constant", "linear", "softmax", "sigmoid")
 METHODS = ("natural", "adversarial", "esq", "alp", "trades")
@@ -268,19 +272,23 @@ class ModelConfig(Schema):
 
 @dataclass(kw_only=True)
 class QuantConfig(Schema):
+    # conf/quant/default.yaml: kind is ${quant_kind:${.bits}}, so `quant.bits` alone picks the family.
     kind: str = spec(REQUIRED, choices=tuple(QUANT_BITS))
-    bits: int = spec(REQUIRED, choices=tuple(QUANT_BITS.values()))
+    bits: int = spec(REQUIRED, choices=tuple(QUANT_DEFAULT_KIND))
     per_filter: bool = spec(True)
     keep_first_last: bool = spec(False)
     variant: str = spec("paper", choices=SQ_VARIANTS)
     f: str = spec("linear", choices=SQ_FUNCTIONS)
+    act_bits: int = spec(32, choices=ACT_BITS, note="unsigned activation bits after the ReLUs, 32 = off")
 
     @classmethod
     def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
         kind, bits = _get(node, "kind", key), _get(node, "bits", key)
-        if QUANT_BITS[kind] != bits:
-            raise ESQUserError(f"{key}.bits: {bits} does not match {key}.kind={kind}; allowed: {QUANT_BITS[kind]} "
-                               f"({', '.join(f'{k}={b}' for k, b in QUANT_BITS.items())})")
+        if bits not in QUANT_BITS[kind]:
+            widths = ", ".join(map(str, QUANT_BITS[kind]))
+            raise ESQUserError(f"{key}.bits: {bits} does not match {key}.kind={kind}; allowed: {widths} "
+                               f"({'; '.join(f'{k}=' + ','.join(map(str, b)) for k, b in QUANT_BITS.items())}; "
+                               f"quant=default lets quant.bits pick the kind)")
 
 
 @dataclass(kw_only=True)

@@ -28,22 +28,37 @@ from esq_lightning.module import ESQModule
 from esq_lightning.objectives import Objective
 from esq_lightning.pairing import check_pairing_names
 from esq_lightning.plugins import AtomicCheckpointIO
-from esq_lightning.quant import quantize_model
-from esq_lightning.results import build_results, print_results, train_threat_model
+from esq_lightning.quant import calibrate_act_quant, quantize_activations, quantize_model
+from esq_lightning.quant.export import packed_size
+from esq_lightning.results import build_results, model_width, print_results, train_threat_model
 from esq_lightning.runs import resolve_init_from
 from esq_lightning.schema import validate_config
 from esq_lightning.utils import atomic_write_json, set_threads
 from esq_lightning.wandb_utils import log_results_table, restore_wandb_env, snapshot_wandb_env, wandb_logger_config
 
+# Training inputs that calibrate the activation clipping ranges (quant.act_bits < 32).
+ACT_CALIBRATION_SAMPLES = 256
 
-def build_network(cfg_model: DictConfig | dict, cfg_quant: DictConfig | dict) -> nn.Module:
-    """The classifier of a run: the architecture, quantized as `quant` says (nothing for quant=full)."""
+
+def build_network(cfg_model: DictConfig | dict, cfg_quant: DictConfig | dict, activations: bool = True) -> nn.Module:
+    """The classifier of a run: the architecture, quantized as `quant` says (nothing for quant=full).
+
+    activations=False leaves out the activation quantizers (quant.act_bits), for loading a start
+    (init_from) that has none before they are added with add_act_quant.
+    """
     model = build_model(cfg_model)
     q = dict(cfg_quant)
-    return quantize_model(
+    model = quantize_model(
         model, q["kind"], per_filter=q.get("per_filter", True), keep_first_last=q.get("keep_first_last", False),
-        variant=q.get("variant", "paper"), f=q.get("f", "linear"),
+        variant=q.get("variant", "paper"), f=q.get("f", "linear"), bits=q.get("bits"),
     )
+    return add_act_quant(model, cfg_quant) if activations else model
+
+
+def add_act_quant(model: nn.Module, cfg_quant: DictConfig | dict) -> nn.Module:
+    """quant.act_bits < 32: k-bit unsigned activations after the ReLUs (quant.modules.quantize_activations)."""
+    q = dict(cfg_quant)
+    return quantize_activations(model, int(q.get("act_bits", 32)), keep_first_last=q.get("keep_first_last", False))
 
 
 def build_objective(cfg: DictConfig) -> Objective:
@@ -139,12 +154,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
-    model = build_network(cfg.model, cfg.quant)
+    model = build_network(cfg.model, cfg.quant, activations=False)
     check_pairing_names(model, list(cfg.pairing.layers))
     init_from = resolve_init_from(cfg.get("init_from"), cfg.paths.runs_root, cfg.data.name, cfg.model.name, cfg.seed,
-                                  threat_model=train_threat_model(cfg), init_seed=cfg.get("init_seed"))
+                                  threat_model=train_threat_model(cfg), init_seed=cfg.get("init_seed"),
+                                  width=model_width(cfg.model))
     if init_from:
+        # The start's weights (a full-precision or weight-quantized run); the clipping ranges start afresh.
         load_model_weights(model, init_from)
+    model = add_act_quant(model, cfg.quant)
+    if int(cfg.quant.get("act_bits", 32)) < 32 and not cfg.get("ckpt_path"):
+        # Clipping ranges from the first 256 unshuffled training inputs: the same on every rank; then learned.
+        calibrate_act_quant(model, datamodule.train_tensors()[0][:ACT_CALIBRATION_SAMPLES])
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
@@ -210,7 +231,7 @@ def evaluate_and_record(
         batch_size=int(cfg.eval.batch_size), device=module.device, seed=int(cfg.seed),
     )
     results = build_results(cfg, ev, gradient_masking=ev.get("gradient_masking"), epochs=trainer.current_epoch, train_seconds=train_seconds,
-                            checkpoint=str(final_ckpt), run_dir=str(out),
+                            checkpoint=str(final_ckpt), run_dir=str(out), **packed_size(model),
                             val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
     atomic_write_json(out / "results.json", results)
     for logger in loggers:

@@ -27,7 +27,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CLI_CASES: list[tuple[list[str], list[str]]] = [
     (["+quant.bitz=1"], ["quant.bitz", "unknown key", "bits"]),
     (["+method.lambda=1"], ["method.lambda", "unknown key"]),
-    (["quant.bits=2"], ["quant.bits", "2", "bwn=1"]),
+    (["quant=bwn", "quant.bits=3"], ["quant.bits", "3", "bwn=1"]),
     (["quant.variant=papr"], ["quant.variant", "'papr'", "paper"]),
     (["quant.f=cubic"], ["quant.f", "'cubic'", "linear"]),
     (["callbacks.quant_ratio.start=0"], ["callbacks.quant_ratio.start", "0 < start <= 1"]),
@@ -138,6 +138,10 @@ def test_a_real_esq_train_process_exits_2_or_1_without_traceback(tmp_path: Path)
 IN_PROCESS: list[tuple[list[str], str]] = [
     (["quant.kind=full"], "quant.bits: 1 does not match quant.kind=full; allowed: 32"),
     (["quant=twn", "quant.bits=1"], "quant.bits: 1 does not match quant.kind=twn; allowed: 2"),
+    (["quant=bwn", "quant.bits=3"], "quant.bits: 3 does not match quant.kind=bwn; allowed: 1"),
+    (["quant.kind=uniform", "quant.bits=1"], "quant.bits: 1 does not match quant.kind=uniform; allowed: 2, 3, 4"),
+    (["quant.bits=9"], "quant.bits: 9 is not allowed"),
+    (["quant.act_bits=0"], "quant.act_bits: 0 is not allowed"),
     (["quant.per_filter=yes"], "quant.per_filter: 'yes' is not true or false"),
     (["callbacks.quant_ratio.start=1.5"], "callbacks.quant_ratio.start: 1.5 is out of range"),
     (["callbacks.pgd.step_size=0"], "callbacks.pgd.step_size: 0 is out of range"),
@@ -261,7 +265,12 @@ def test_schema_choices_match_the_code() -> None:
     from esq_lightning.quant.functional import KINDS
     from esq_lightning.quant.selection import SELECTION_FUNCTIONS, VARIANTS
 
+    from esq_lightning.quant.registry import FAMILIES, FULL_BITS, default_kind
+
     assert set(schema.QUANT_BITS) == {*KINDS, "full"}
+    assert {k: v for k, v in schema.QUANT_BITS.items() if k != "full"} == FAMILIES
+    assert schema.QUANT_BITS["full"] == (FULL_BITS,)
+    assert schema.QUANT_DEFAULT_KIND == {b: default_kind(b) for b in schema.QUANT_DEFAULT_KIND}
     assert schema.SQ_VARIANTS == VARIANTS and schema.SQ_FUNCTIONS == SELECTION_FUNCTIONS
     assert schema.METHODS == METHODS
     assert schema.CIFAR_FILES == {k: (m.archive, m.folder) for k, m in CIFAR_META.items()}

@@ -47,9 +47,14 @@ def esq_train(args: list[str], timeout: int = 600) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_ddp_cpu_ranks_draw_identical_sq_masks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("quant", [
+    pytest.param([], id="bwn"),
+    # 3-bit uniform weights and 4-bit activations: calibrated clipping ranges must also be rank-identical.
+    pytest.param(["quant.bits=3", "quant.act_bits=4"], id="w3a4", marks=pytest.mark.slow),
+])
+def test_ddp_cpu_ranks_draw_identical_sq_masks(tmp_path: Path, quant: list[str]) -> None:
     probe = tmp_path / "probe"
-    proc = esq_train([*TINY, "trainer=ddp_cpu", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
+    proc = esq_train([*TINY, *quant, "trainer=ddp_cpu", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
                       "+callbacks.sq_probe._target_=tests.test_ddp.SQHashProbe", f"+callbacks.sq_probe.out_dir={probe}",
                       f"hydra.run.dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]

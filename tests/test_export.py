@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from esq_lightning.quant import (
+    QUANTIZERS,
+    Quantizer,
     draw_selection,
     export_packed,
     full_quantization,
@@ -85,7 +87,7 @@ def expected_packed_bytes(model: nn.Module) -> tuple[int, int]:
     f32 = packed = 0
     for _, layer in quant_layers(model):
         n = layer.weight.numel()
-        bits = 1 if layer.kind == "bwn" else 2
+        bits = layer.bits
         alphas = layer.weight.shape[0] if layer.per_filter else 1
         f32 += 4 * n
         packed += math.ceil(n * bits / 8) + 4 * alphas
@@ -164,6 +166,69 @@ def test_export_size_and_identical_logits(
         assert torch.equal(rebuilt.fc.weight, model.fc.weight)
     assert torch.equal(rebuilt.layer2.bn2.running_var, model.layer2.bn2.running_var)
     assert int(rebuilt.bn.num_batches_tracked) == 123
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS, ids=lambda q: q.name)
+def test_export_every_width_size_and_identical_logits(tmp_path: Path, quantizer: Quantizer) -> None:
+    """b bits per weight plus one float32 scale per filter, for every registered quantizer."""
+    model = quantize_model(trained_like(4), quantizer.kind, bits=quantizer.bits).eval()
+    path = tmp_path / f"{quantizer.name}.esq"
+    report = export_packed(model, path, META)
+    f32, packed = expected_packed_bytes(model)
+    assert report["float32_quantized_bytes"] == f32 and report["packed_quantized_bytes"] == packed
+    # 306,112 weights in 586 filters: 32 N / (b N + 32 F) = 32/b less the scales' share (<= 6%).
+    assert 0.94 * 32 / quantizer.bits < report["ratio"] <= 32 / quantizer.bits
+    if quantizer.bits == 3:
+        assert report["ratio"] >= 10
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), full_quantization(model):
+        expected = model(x)
+    rebuilt, _ = load_packed(path, build)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), expected)
+    for name, _ in quant_layers(model):
+        w = rebuilt.get_submodule(name).weight
+        assert all(row.unique().numel() <= len(quantizer.code_values) for row in w.reshape(w.shape[0], -1))
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS, ids=lambda q: q.name)
+def test_pack_roundtrip_every_width(quantizer: Quantizer) -> None:
+    gen = torch.Generator().manual_seed(5)
+    values = torch.tensor(quantizer.code_values, dtype=torch.int8)
+    for n in (1, 3, 7, 8, 9, 1001):
+        codes = values[torch.randint(0, values.numel(), (n,), generator=gen)]
+        packed = pack_codes(codes, quantizer.kind, quantizer.bits)
+        assert packed.numel() == math.ceil(n * quantizer.bits / 8)
+        assert torch.equal(unpack_codes(packed, quantizer.kind, n, quantizer.bits), codes)
+    if quantizer.kind == "uniform":
+        # The one unsigned value no code maps to (2^b - 1) is refused.
+        bad = torch.full((8,), 255, dtype=torch.uint8)
+        with pytest.raises(ValueError, match="invalid"):
+            unpack_codes(bad, quantizer.kind, 8 // quantizer.bits or 1, quantizer.bits)
+
+
+def test_version_1_files_still_load(tmp_path: Path) -> None:
+    """A version-1 file (no `bits` per layer) has the same layout; the loader takes the family's width."""
+    import json
+    import struct
+    import zlib
+
+    model = quantize_model(trained_like(6), "twn").eval()
+    path = tmp_path / "v2.esq"
+    export_packed(model, path, META)
+    raw = path.read_bytes()
+    (hlen,) = struct.unpack("<Q", raw[8:16])
+    header = json.loads(zlib.decompress(raw[16 : 16 + hlen]))
+    data = raw[16 + hlen + (-(16 + hlen)) % 8 :]
+    header["version"] = 1
+    for q in header["quantized"]:
+        del q["bits"]
+    h = zlib.compress(json.dumps(header).encode())
+    old = tmp_path / "v1.esq"
+    old.write_bytes(raw[:8] + struct.pack("<Q", len(h)) + h + b"\x00" * ((-(16 + len(h))) % 8) + data)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(load_packed(old, build)[0](x), load_packed(path, build)[0](x))
 
 
 @pytest.mark.parametrize("kind", ["bwn", "twn"])

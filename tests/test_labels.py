@@ -18,7 +18,9 @@ from hydra_utils import compose_config
 @pytest.mark.parametrize(("method", "quant", "bits", "start", "label"), [
     ("natural", "full", 32, None, "NF"),
     ("adversarial", "full", 32, None, "AF"),
-    ("adversarial", "full", 32, "N", "AF"),  # a full-precision run is named by its method alone
+    ("adversarial", "full", 32, "N", "NAF"),  # a fine-tune keeps its start: it is not the AF start itself
+    ("esq", "full", 32, "A", "AEF"),
+    ("esq", "full", 32, None, "EF"),
     ("natural", "bwn", 1, "N", "NVB"),
     ("esq", "bwn", 1, "N", "NEB"),
     ("adversarial", "bwn", 1, "N", "NAB"),
@@ -27,7 +29,8 @@ from hydra_utils import compose_config
     ("adversarial", "twn", 2, "A", "AAT"),
     ("esq", "bwn", 1, None, "EB"),
     ("natural", "twn", 2, None, "VT"),
-    ("esq", "uniform", 4, "N", "NE4"),
+    ("esq", "uniform", 4, "N", "NEU4"),
+    ("adversarial", "uniform", 2, "A", "AAU2"),
     ("trades", "bwn", 1, "A", "A-TRADES-B"),
     ("alp", "full", 32, None, "ALP-F"),
 ])
@@ -36,7 +39,7 @@ def test_labels_follow_the_papers_scheme(method: str, quant: str, bits: int, sta
 
 
 def test_start_letters() -> None:
-    assert [start_from_setting(s) for s in ("NF", "AF", "ALP-F", "NEB")] == ["N", "A", "ALP", "NEB"]
+    assert [start_from_setting(s) for s in ("NF", "AF", "ALP-F", "NEB", "AEF")] == ["N", "A", "ALP", "NEB", "AEF"]
     assert start_of(None) is None and start_of("setting:AF") == "A"
 
 

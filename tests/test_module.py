@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from esq_lightning.callbacks import TrainAttack
 from esq_lightning.models import SmallCNN
 from esq_lightning.module import ESQModule
 from esq_lightning.objectives import Objective
-from esq_lightning.quant import quant_layers, quantize_model, set_sq_ratio
+from esq_lightning.quant import QUANTIZERS, Quantizer, quant_layers, quantize_model, set_sq_ratio
 
 
-def _module(method: str = "esq", steps: int = 3) -> ESQModule:
+def _module(method: str = "esq", steps: int = 3, quantizer: Quantizer = QUANTIZERS[0]) -> ESQModule:
     torch.manual_seed(0)
-    model = quantize_model(SmallCNN(num_classes=10, in_channels=1, mean=[0.3], std=[0.4]), "bwn")
+    model = quantize_model(SmallCNN(num_classes=10, in_channels=1, mean=[0.3], std=[0.4]), quantizer.kind,
+                           bits=quantizer.bits)
     set_sq_ratio(model, 0.4)
     module = ESQModule(model, Objective(method), num_classes=10, seed=5)
     module.train_attack = TrainAttack(eps=0.2, step_size=0.05, steps=steps)
@@ -27,8 +29,9 @@ def _record_masks(module: ESQModule) -> tuple[list[torch.Tensor], list]:
     return seen, handle
 
 
-def test_one_sq_draw_is_shared_by_the_attack_and_both_loss_passes() -> None:
-    module = _module(steps=3)
+@pytest.mark.parametrize("quantizer", QUANTIZERS, ids=lambda q: q.name)
+def test_one_sq_draw_is_shared_by_the_attack_and_both_loss_passes(quantizer: Quantizer) -> None:
+    module = _module(steps=3, quantizer=quantizer)
     module.train()
     seen, handle = _record_masks(module)
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))

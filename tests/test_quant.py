@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from esq_lightning.quant import (
+    QUANTIZERS,
+    Quantizer,
     QuantConv2d,
     QuantLinear,
     bwn,
@@ -161,13 +163,17 @@ def test_unknown_kind_is_rejected() -> None:
 
 
 # ---------------------------------------------------------------- straight-through estimator
-@pytest.mark.parametrize("kind", ["bwn", "twn"])
-def test_straight_through_gradient(kind: str) -> None:
+# Parametrized over the registry: a newly registered quantizer is tested by being registered.
+ALL_Q = pytest.mark.parametrize("quantizer", QUANTIZERS, ids=lambda q: q.name)
+
+
+@ALL_Q
+def test_straight_through_gradient(quantizer: Quantizer) -> None:
     torch.manual_seed(0)
-    qlin = QuantLinear(12, 5, kind=kind)
+    qlin = QuantLinear(12, 5, kind=quantizer.kind, bits=quantizer.bits)
     lin = nn.Linear(12, 5)
     with torch.no_grad():
-        lin.weight.copy_(quantize_weight(qlin.weight, kind))
+        lin.weight.copy_(quantizer(qlin.weight))
         lin.bias.copy_(qlin.bias)
     x1 = torch.randn(9, 12, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)
@@ -219,9 +225,10 @@ def test_linear_forward_twn_per_layer() -> None:
     assert torch.equal(lin(x), F.linear(x, twn(lin.weight.detach(), per_filter=False), lin.bias))
 
 
-def test_mixed_forward_uses_q_on_masked_filters_only() -> None:
+@ALL_Q
+def test_mixed_forward_uses_q_on_masked_filters_only(quantizer: Quantizer) -> None:
     torch.manual_seed(4)
-    conv = QuantConv2d(3, 10, 3, kind="twn")
+    conv = QuantConv2d(3, 10, 3, kind=quantizer.kind, bits=quantizer.bits)
     conv.sq_ratio = 0.4
     draw_selection(conv, sq_generator(0, 0))
     mask = conv.sq_mask
@@ -229,8 +236,8 @@ def test_mixed_forward_uses_q_on_masked_filters_only() -> None:
     w = conv.weight.detach()
     x = torch.randn(2, 3, 7, 7)
     y = conv(x)
-    assert torch.equal(y, F.conv2d(x, torch.where(mask[:, None, None, None], twn(w), w), conv.bias))
-    y_q = F.conv2d(x, twn(w), conv.bias)
+    assert torch.equal(y, F.conv2d(x, torch.where(mask[:, None, None, None], quantizer(w), w), conv.bias))
+    y_q = F.conv2d(x, quantizer(w), conv.bias)
     y_w = F.conv2d(x, w, conv.bias)
     torch.testing.assert_close(y[:, mask], y_q[:, mask])
     torch.testing.assert_close(y[:, ~mask], y_w[:, ~mask])
@@ -266,10 +273,11 @@ def test_sq_ratio_changes_clear_masks() -> None:
     assert get_sq_ratio(nn.Linear(2, 2)) is None
 
 
-def test_draw_selection_counts_and_determinism() -> None:
+@ALL_Q
+def test_draw_selection_counts_and_determinism(quantizer: Quantizer) -> None:
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(32, 10))
-    quantize_model(model, "bwn")
+    quantize_model(model, quantizer.kind, bits=quantizer.bits)
     set_sq_ratio(model, 0.4)
     draw_selection(model, sq_generator(7, 100))
     first = {k: v.clone() for k, v in selection_state(model).items()}
@@ -332,7 +340,7 @@ def test_quantize_model_swaps_the_right_layers() -> None:
 
 
 def test_quantize_model_validates_choices() -> None:
-    with pytest.raises(ValueError, match="bwn, twn, full"):
+    with pytest.raises(ValueError, match="bwn, twn, uniform, full"):
         quantize_model(_net(), "xnor")
     with pytest.raises(ValueError, match="paper, reference"):
         quantize_model(_net(), "bwn", variant="dong")

@@ -1,4 +1,4 @@
-"""esq-export: write the packed (1-/2-bit) file of a trained checkpoint and check that it reloads to identical logits."""
+"""esq-export: write the packed (b-bit, b <= 8) file of a trained checkpoint and check that it reloads to identical logits."""
 
 from __future__ import annotations
 

@@ -22,6 +22,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", default="both", choices=["md", "latex", "both"], help="table files to write")
     parser.add_argument("--digits", type=int, default=2, help="decimals of the percentages")
     parser.add_argument("--quiet", action="store_true", help="do not print the markdown report")
+    parser.add_argument("--curve-x", default="bits", choices=["bits", "bytes"],
+                        help="x axis of the robustness-compression curve: weight bits or packed model bytes")
+    parser.add_argument("--wandb", default=None, metavar="PROJECT",
+                        help="also log the robustness-compression curve to this W&B project (a job_type=report run)")
+    parser.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"],
+                        help="W&B mode of that run (default: W&B's own, e.g. WANDB_MODE)")
     return parser.parse_args(argv)
 
 
@@ -30,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from esq_lightning.report import make_report
 
     args = parse_args(argv)
-    report = make_report(args.dir, out=args.out, fmt=args.format, digits=args.digits)
+    report = make_report(args.dir, out=args.out, fmt=args.format, digits=args.digits, curve_x=args.curve_x,
+                         wandb_project=args.wandb, wandb_mode=args.wandb_mode)
     for path, why in report["unreadable"]:
         print(f"esq-report: skipped {path}: cannot read it ({why})", file=sys.stderr, flush=True)
     if not args.quiet:

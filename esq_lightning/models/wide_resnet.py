@@ -34,12 +34,14 @@ class WideResNet(ResidualNet):
         in_channels: int = 3,
         mean: float | Sequence[float] = CIFAR10_MEAN,
         std: float | Sequence[float] = CIFAR10_STD,
+        width: int = 16,
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, 40), got {depth}")
         n = (depth - 4) // 6
-        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        # width: channels of the stem (16 in the paper); the groups have width * widen_factor * (1, 2, 4).
+        widths = [width, width * widen_factor, 2 * width * widen_factor, 4 * width * widen_factor]
         self.normalize = make_normalize(mean, std, in_channels)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
         self.in_planes = widths[0]

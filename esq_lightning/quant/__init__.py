@@ -1,9 +1,12 @@
-"""Weight quantization: BWN/TWN quantizers, Stochastic Quantization selection, layers, export."""
+"""Weight quantization: BWN/TWN/k-bit uniform quantizers (a registry by width), Stochastic Quantization selection, layers, export."""
 
 from .export import FORMAT_NAME, FORMAT_VERSION, export_packed, load_packed, pack_codes, unpack_codes
 from .functional import (
     KINDS,
     TWN_DELTA_FACTOR,
+    UNIFORM_BITS,
+    UNIFORM_SCALE_ITERS,
+    act_quantize,
     bwn,
     bwn_codes,
     dequantize,
@@ -12,8 +15,17 @@ from .functional import (
     relative_error,
     twn,
     twn_codes,
+    uniform,
+    uniform_codes,
+    uniform_levels,
 )
 from .modules import (
+    ACT_ALPHA_INIT,
+    ACT_CALIBRATION_QUANTILE,
+    ActQuant,
+    calibrate_act_quant,
+    act_quant_layers,
+    quantize_activations,
     QuantConv2d,
     QuantLinear,
     QuantMixin,
@@ -27,6 +39,7 @@ from .modules import (
     selection_state,
     set_sq_ratio,
 )
+from .registry import FAMILIES, QUANTIZERS, Quantizer, default_kind, resolve_kind
 from .selection import (
     SELECTION_FUNCTIONS,
     VARIANTS,
@@ -37,6 +50,23 @@ from .selection import (
 )
 
 __all__ = [
+    "ACT_ALPHA_INIT",
+    "ACT_CALIBRATION_QUANTILE",
+    "calibrate_act_quant",
+    "ActQuant",
+    "act_quant_layers",
+    "act_quantize",
+    "quantize_activations",
+    "FAMILIES",
+    "QUANTIZERS",
+    "Quantizer",
+    "UNIFORM_BITS",
+    "UNIFORM_SCALE_ITERS",
+    "default_kind",
+    "resolve_kind",
+    "uniform",
+    "uniform_codes",
+    "uniform_levels",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KINDS",

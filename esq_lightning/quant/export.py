@@ -1,4 +1,4 @@
-"""Bit-packed export of a quantized model (1 bit/weight BWN, 2 bits/weight TWN) and its reload."""
+"""Bit-packed export of a quantized model (b bits/weight for every b <= 8: BWN 1, TWN 2, uniform 2-8) and its reload."""
 
 from __future__ import annotations
 
@@ -14,60 +14,82 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional import dequantize, quantize_codes
+from .functional import dequantize, uniform_levels
 from .modules import quant_layers
+from .registry import resolve_kind
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "SUPPORTED_VERSIONS",
     "pack_codes",
     "unpack_codes",
     "export_packed",
     "load_packed",
+    "packed_size",
 ]
 
 FORMAT_NAME = "esq-packed"
-FORMAT_VERSION = 1
+# Version 2 adds `bits` per quantized layer and the uniform family; version 1 files (BWN/TWN, no
+# `bits`) have the same layout and still load.
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 # File layout: MAGIC | u64 little-endian header length | zlib-compressed UTF-8 JSON header |
 # padding | data. Raw bytes plus one compressed header keep the overhead to a few dozen bytes per
 # tensor (no pickle, so loading a file cannot run code) and make the on-disk size easy to account
 # for.
 _MAGIC = b"ESQPACK\x00"
 _ALIGN = 8  # every blob starts on an 8-byte boundary, so frombuffer gives aligned tensors
-_BITS = {"bwn": 1, "twn": 2}
 
 
 def _pad(n: int) -> int:
     return (-n) % _ALIGN
 
 
-def pack_codes(codes: Tensor, kind: str) -> Tensor:
-    """Pack int8 codes (BWN {-1,+1}, TWN {-1,0,+1}) into uint8, 8 or 4 codes per byte, LSB first."""
-    bits = _BITS[kind]
-    per_byte = 8 // bits
-    flat = codes.reshape(-1)
-    # BWN: bit 1 = +1; TWN: code + 1 in {0, 1, 2} (3 never occurs and is rejected on load).
-    vals = (flat > 0).to(torch.uint8) if kind == "bwn" else (flat + 1).to(torch.uint8)
-    pad = (-vals.numel()) % per_byte
-    if pad:
-        vals = torch.cat([vals, vals.new_zeros(pad)])
-    vals = vals.reshape(-1, per_byte)
-    packed = torch.zeros(vals.shape[0], dtype=torch.uint8, device=vals.device)
-    for j in range(per_byte):
-        packed |= vals[:, j] << (bits * j)
-    return packed
-
-
-def unpack_codes(packed: Tensor, kind: str, numel: int) -> Tensor:
-    """Inverse of pack_codes: the first ``numel`` codes as int8."""
-    bits = _BITS[kind]
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    vals = ((packed.reshape(-1, 1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel].to(torch.int8)
+def _offset(kind: str, bits: int) -> tuple[int, int]:
+    # (offset added to a code to make it unsigned, largest valid unsigned value).
     if kind == "bwn":
-        return vals * 2 - 1
-    if bool((vals > 2).any()):
-        raise ValueError("invalid ternary code 3 in packed data")
-    return vals - 1
+        return 0, 1  # bit 1 = +1, bit 0 = -1
+    if kind == "twn":
+        return 1, 2  # code + 1 in {0, 1, 2}; 3 never occurs and is rejected on load
+    levels = uniform_levels(bits)
+    return levels, 2 * levels  # code + L in 0..2L = 0..2^b - 2; 2^b - 1 never occurs
+
+
+def pack_codes(codes: Tensor, kind: str, bits: int | None = None) -> Tensor:
+    """Pack int8 codes into a uint8 bit stream, ``bits`` bits per code, LSB first.
+
+    BWN {-1,+1} (1 bit), TWN {-1,0,+1} (2 bits), uniform -L..L (b bits, stored as code + L). Code i
+    occupies stream bits [i*b, (i+1)*b); for b = 1, 2, 4, 8 that is 8/b whole codes per byte.
+    """
+    kind, bits = resolve_kind(kind, bits)
+    offset, _ = _offset(kind, bits)
+    flat = codes.reshape(-1)
+    vals = (flat > 0).to(torch.uint8) if kind == "bwn" else (flat.to(torch.int16) + offset).to(torch.uint8)
+    shifts = torch.arange(bits, dtype=torch.uint8, device=vals.device)
+    stream = ((vals.reshape(-1, 1) >> shifts) & 1).reshape(-1)
+    pad = (-stream.numel()) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=vals.device)).to(torch.uint8)
+    return (stream.reshape(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_codes(packed: Tensor, kind: str, numel: int, bits: int | None = None) -> Tensor:
+    """Inverse of pack_codes: the first ``numel`` codes as int8 (ValueError for a code no quantizer emits)."""
+    kind, bits = resolve_kind(kind, bits)
+    offset, largest = _offset(kind, bits)
+    if packed.numel() * 8 < numel * bits:
+        raise ValueError(f"{packed.numel()} bytes hold fewer than {numel} {bits}-bit codes")
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    stream = ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[: numel * bits].reshape(numel, bits)
+    weights = 1 << torch.arange(bits, dtype=torch.int32, device=packed.device)
+    vals = (stream.to(torch.int32) * weights).sum(dim=1)
+    if kind == "bwn":
+        return (vals * 2 - 1).to(torch.int8)
+    if bool((vals > largest).any()):
+        raise ValueError(f"invalid {bits}-bit {kind} code {int(vals.max())} in packed data (largest {largest})")
+    return (vals - offset).to(torch.int8)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -89,6 +111,27 @@ def _raw(t: Tensor) -> memoryview:
 
 def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def packed_size(model: nn.Module) -> dict[str, int]:
+    """The bytes export_packed stores for the tensors (without the few dozen bytes of header per tensor).
+
+    {"model_bytes": every state_dict tensor, quantized weights at bits/8 per weight plus their scales,
+    "float32_model_bytes": the same model in float32}: the x axis "model bytes" of the bit-width curve.
+    """
+    state = model.state_dict()
+    packed: dict[str, int] = {}
+    for name, layer in quant_layers(model):
+        w = layer.weight
+        scales = w.shape[0] if layer.per_filter else 1
+        packed[f"{name}.weight" if name else "weight"] = -(-w.numel() * layer.bits // 8) + scales * w.element_size()
+    model_bytes = float32 = 0
+    for key, t in state.items():
+        if not isinstance(t, Tensor):
+            continue
+        float32 += t.numel() * (4 if t.is_floating_point() else t.element_size())
+        model_bytes += packed.get(key, _nbytes(t))
+    return {"model_bytes": model_bytes, "float32_model_bytes": float32}
 
 
 def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | None = None) -> dict[str, Any]:
@@ -126,13 +169,14 @@ def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | N
             if key not in state:
                 raise ValueError(f"quantized layer {name!r} has no state_dict entry {key!r}")
             w = layer.weight.detach()
-            codes, alpha = quantize_codes(w, layer.kind, layer.per_filter)
-            packed = pack_codes(codes, layer.kind)
+            codes, alpha = layer.quantizer.codes(w, layer.per_filter)
+            packed = pack_codes(codes, layer.kind, layer.bits)
             alpha = alpha.contiguous()
             quantized.append(
                 {
                     "key": key,
                     "kind": layer.kind,
+                    "bits": layer.bits,
                     "per_filter": layer.per_filter,
                     "shape": list(w.shape),
                     "dtype": _dtype_name(w.dtype),
@@ -209,8 +253,9 @@ def _read(path: Path) -> tuple[dict[str, Any], bytearray, int]:
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not an esq packed model (header names no {FORMAT_NAME!r} format)")
     version = header.get("version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: esq packed format version {version} unsupported (need {FORMAT_VERSION})")
+    if version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"{path}: esq packed format version {version} unsupported "
+                         f"(need one of {', '.join(map(str, SUPPORTED_VERSIONS))})")
     base = start + hlen
     return header, data, base + _pad(base)
 
@@ -220,7 +265,7 @@ def load_packed(
 ) -> tuple[nn.Module, dict]:
     """Rebuild a model written by export_packed: ``build_model(meta)`` gives the plain architecture.
 
-    Quantized weights are dequantized with the same operation as bwn()/twn(), so the returned
+    Quantized weights are dequantized with the same operation as bwn()/twn()/uniform(), so the returned
     model (in eval mode, no quantization code needed) reproduces the quantized model's logits at
     ratio 1 exactly.
     """
@@ -243,7 +288,7 @@ def load_packed(
             shape = torch.Size(q["shape"])
             dtype = _dtype_of(q["dtype"])
             numel = shape.numel()
-            codes = unpack_codes(view(q["codes"], torch.uint8, q["codes_bytes"]), q["kind"], numel)
+            codes = unpack_codes(view(q["codes"], torch.uint8, q["codes_bytes"]), q["kind"], numel, q.get("bits"))
             rows = shape[0] if q["per_filter"] else 1
             alpha = view(q["alpha"], dtype, q["alpha_numel"])
             state[q["key"]] = dequantize(codes.reshape(rows, -1), alpha, shape)

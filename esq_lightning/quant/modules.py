@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -10,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import KINDS, quantize_weight, relative_error
+from .functional import act_quantize, relative_error
+from .registry import Quantizer, get, resolve_kind
 from .selection import SELECTION_FUNCTIONS, VARIANTS, sample_selection
 
 __all__ = [
@@ -27,6 +29,12 @@ __all__ = [
     "full_quantization",
     "frozen_quant_weights",
     "selection_state",
+    "ActQuant",
+    "ACT_ALPHA_INIT",
+    "quantize_activations",
+    "act_quant_layers",
+    "calibrate_act_quant",
+    "ACT_CALIBRATION_QUANTILE",
 ]
 
 
@@ -36,11 +44,11 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 class StraightThroughQuantize(torch.autograd.Function):
-    """Forward: exactly quantize_weight(w); backward: the gradient at Q, unchanged, to W."""
+    """Forward: exactly quantizer(w, per_filter); backward: the gradient at Q, unchanged, to W."""
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, kind: str, per_filter: bool) -> Tensor:  # noqa: D102
-        return quantize_weight(w, kind, per_filter)
+    def forward(ctx: Any, w: Tensor, quantizer: Quantizer, per_filter: bool) -> Tensor:  # noqa: D102
+        return quantizer(w, per_filter)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
@@ -60,11 +68,12 @@ class QuantMixin:
         per_filter: bool = True,
         sq_variant: str = "paper",
         sq_f: str = "linear",
+        bits: int | None = None,
         **kwargs: Any,
     ) -> None:
         # Cooperative: the next class in the MRO is the torch layer (nn.Conv2d or nn.Linear).
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
-        self._init_quant(kind, per_filter, sq_variant, sq_f)
+        self._init_quant(kind, per_filter, sq_variant, sq_f, bits=bits)
 
     def extra_repr(self) -> str:  # noqa: D102
         return super().extra_repr() + ", " + self._quant_repr()  # type: ignore[misc]
@@ -76,11 +85,15 @@ class QuantMixin:
         sq_variant: str = "paper",
         sq_f: str = "linear",
         sq_name: str = "",
+        bits: int | None = None,
     ) -> None:
-        _check_choice("quantizer kind", kind, KINDS)
+        quantizer = get(kind, bits)
         _check_choice("SQ variant", sq_variant, VARIANTS)
         _check_choice("SQ selection function f", sq_f, SELECTION_FUNCTIONS)
-        self.kind = kind
+        # The registry's quantizer does the math; kind and bits are kept for export and repr.
+        self.quantizer = quantizer
+        self.kind = quantizer.kind
+        self.bits = quantizer.bits
         self.per_filter = bool(per_filter)
         self.sq_variant = sq_variant
         self.sq_f = sq_f
@@ -109,7 +122,7 @@ class QuantMixin:
 
     def quantized_weight(self) -> Tensor:
         """Q (all filters), differentiable with the straight-through estimator."""
-        return StraightThroughQuantize.apply(self.weight, self.kind, self.per_filter)
+        return StraightThroughQuantize.apply(self.weight, self.quantizer, self.per_filter)
 
     def effective_weight(self) -> Tensor:
         """The weight this forward uses: Q, W, or Q on the drawn filters and W elsewhere."""
@@ -135,24 +148,24 @@ class QuantMixin:
     @torch.no_grad()
     def relative_error(self) -> Tensor:
         """Per-filter relative error of the current weights."""
-        return relative_error(self.weight, quantize_weight(self.weight, self.kind, self.per_filter))
+        return relative_error(self.weight, self.quantizer(self.weight, self.per_filter))
 
     def _quant_repr(self) -> str:
         return (
-            f"kind={self.kind}, per_filter={self.per_filter}, sq_ratio={self._sq_ratio:g}, "
+            f"kind={self.kind}, bits={self.bits}, per_filter={self.per_filter}, sq_ratio={self._sq_ratio:g}, "
             f"sq_variant={self.sq_variant}, sq_f={self.sq_f}"
         )
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):
-    """nn.Conv2d whose forward uses BWN/TWN weights (state_dict identical to nn.Conv2d)."""
+    """nn.Conv2d whose forward uses quantized (BWN/TWN/k-bit) weights (state_dict identical to nn.Conv2d)."""
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Conv2d's name
         return self._conv_forward(input, self.effective_weight(), self.bias)
 
 
 class QuantLinear(QuantMixin, nn.Linear):
-    """nn.Linear whose forward uses BWN/TWN weights (state_dict identical to nn.Linear)."""
+    """nn.Linear whose forward uses quantized (BWN/TWN/k-bit) weights (state_dict identical to nn.Linear)."""
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's name
         return F.linear(input, self.effective_weight(), self.bias)
@@ -160,7 +173,7 @@ class QuantLinear(QuantMixin, nn.Linear):
 
 _QUANT_OF: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 _PLAIN_OF: dict[type, type] = {QuantConv2d: nn.Conv2d, QuantLinear: nn.Linear}
-_QUANT_ATTRS = ("kind", "per_filter", "sq_variant", "sq_f", "sq_name", "_sq_ratio", "_frozen_weight")
+_QUANT_ATTRS = ("quantizer", "kind", "bits", "per_filter", "sq_variant", "sq_f", "sq_name", "_sq_ratio", "_frozen_weight")
 
 
 def _to_plain(layer: nn.Module) -> None:
@@ -178,15 +191,19 @@ def quantize_model(
     keep_first_last: bool = False,
     variant: str = "paper",
     f: str = "linear",
+    bits: int | None = None,
 ) -> nn.Module:
     """Turn every nn.Conv2d / nn.Linear of ``model`` into its Quant version, in place.
+
+    ``kind`` and ``bits`` name the quantizer (registry.resolve_kind: kind "auto" takes the
+    default family of ``bits``; bits None the family's only width).
 
     The layer object keeps its identity (its class is swapped), so parameters, hooks, device,
     dtype, other attributes and any optimizer holding the parameters stay valid. kind "full"
     returns the model unchanged. keep_first_last keeps the first Conv2d and the last Linear (in
     registration order) in full precision. Calling it again reconfigures every layer (ratio 1).
     """
-    _check_choice("quantizer kind", kind, KINDS + ("full",))
+    kind, bits = resolve_kind(kind, bits)
     _check_choice("SQ variant", variant, VARIANTS)
     _check_choice("SQ selection function f", f, SELECTION_FUNCTIONS)
     if kind == "full":
@@ -206,7 +223,7 @@ def quantize_model(
             module.__class__ = _QUANT_OF[type(module)]
         if type(module) in _PLAIN_OF:
             # A re-quantized layer starts afresh: ratio 1, no mask.
-            module._init_quant(kind, per_filter, variant, f, name)
+            module._init_quant(kind, per_filter, variant, f, name, bits=bits)
     return model
 
 
@@ -317,3 +334,100 @@ def full_quantization(model: nn.Module) -> Iterator[nn.Module]:
         for layer, ratio, mask in saved:
             layer.sq_ratio = ratio
             layer.sq_mask = mask
+
+
+# PACT's clipping range: 6 (ReLU6's range) until calibrate_act_quant sets it from data; then it is learned.
+ACT_ALPHA_INIT = 6.0
+# Calibration clips the top 0.1% of a layer's inputs: the max would spend the few levels of 2-4 bits on outliers.
+ACT_CALIBRATION_QUANTILE = 0.999
+
+
+class ActQuant(nn.Module):
+    """k-bit unsigned activations with a learned clipping range alpha (PACT, Choi et al. 2018): see act_quantize."""
+
+    def __init__(self, bits: int, alpha: float = ACT_ALPHA_INIT) -> None:
+        super().__init__()
+        if not 1 <= int(bits) <= 8:
+            raise ValueError(f"activation bits {bits!r}; allowed: 1..8 (32 = no activation quantization)")
+        self.bits = int(bits)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return act_quantize(x, self.alpha.to(x.dtype), self.bits)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"bits={self.bits}"
+
+
+def _quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    # Forward pre-hook: the layer's input (a ReLU output) is quantized before the layer sees it.
+    return (module.act_quant(args[0]), *args[1:])
+
+
+def quantize_activations(model: nn.Module, bits: int, keep_first_last: bool = False) -> nn.Module:
+    """Quantize the input of every nn.Conv2d / nn.Linear except the first conv to ``bits`` unsigned bits, in place.
+
+    In every model of esq_lightning.models the input of each conv and linear layer but the stem is
+    a ReLU output (directly, or through pooling / dropout / an identity shortcut), whether the ReLU
+    is an nn.ReLU module (SmallCNN) or F.relu in a forward (the ResNets): quantizing at the layer's
+    input is therefore "after the ReLU" for all of them, with no change to the model code. The stem
+    sees the normalized image (signed) and stays unquantized; keep_first_last also leaves the last
+    linear layer's input in full precision. Each layer gets a child `act_quant` (an ActQuant with its
+    own alpha, so the state_dict gains `<layer>.act_quant.alpha`) and a forward pre-hook. bits >= 32
+    changes nothing.
+    """
+    if int(bits) >= 32:
+        return model
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    convs = [m for m in layers if isinstance(m, nn.Conv2d)]
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    skip = {id(m) for m in convs[:1]}
+    if keep_first_last:
+        skip |= {id(m) for m in linears[-1:]}
+    for layer in layers:
+        if id(layer) in skip or "act_quant" in layer._modules:
+            continue
+        layer.act_quant = ActQuant(bits)
+        layer.register_forward_pre_hook(_quantize_input)
+    return model
+
+
+def act_quant_layers(model: nn.Module) -> list[tuple[str, ActQuant]]:
+    """(qualified name, ActQuant) of every activation quantizer, in registration order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ActQuant)]
+
+
+@torch.no_grad()
+def calibrate_act_quant(model: nn.Module, x: Tensor, quantile: float = ACT_CALIBRATION_QUANTILE) -> dict[str, float]:
+    """Set every ActQuant's alpha to the ``quantile`` of its (unquantized) input on the batch ``x``; returns them.
+
+    Without it a fixed alpha can round a whole layer's small activations to 0 at 2 bits (a dead
+    network at the first step). The forward runs in eval mode (BatchNorm running statistics, no
+    statistic update) at the layers' current SQ state, and the layers are calibrated in order, each
+    seeing the quantized activations of the ones before it. Use the same batch on every rank (e.g. the
+    first samples of the unshuffled training split), so data-parallel replicas start identical.
+    """
+    found = act_quant_layers(model)
+    if not found:
+        return {}
+    was_training = model.training
+    model.eval()
+    alphas: dict[str, float] = {}
+    try:
+        for name, aq in found:
+            seen: list[Tensor] = []
+            handle = aq.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+            try:
+                with full_quantization(model):
+                    model(x)
+            finally:
+                handle.remove()
+            flat = seen[0].reshape(-1).float()
+            k = max(1, min(flat.numel(), math.ceil(quantile * flat.numel())))
+            value = float(flat.kthvalue(k).values)
+            # An all-zero input (a dead layer) keeps a positive range, so the scale stays finite.
+            aq.alpha.fill_(value if value > 0 else float(flat.max().clamp_min(1e-3)))
+            alphas[name] = float(aq.alpha)
+    finally:
+        model.train(was_training)
+    return alphas

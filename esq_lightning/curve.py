@@ -1,0 +1,245 @@
+"""The robustness-compression curve of esq-report: clean and robust accuracy against bit width (or model bytes).
+
+One line per training method (and model width / activation bits where the runs differ), mean and sample std
+over seeds, from the training runs' results.json. Robust accuracy is `robust_acc.worst_case` (the per-sample
+worst case over the evaluation's attacks) where every run has it, else the strongest attack every run has.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Robust-accuracy columns from the most to the least trustworthy: the first one every run of a curve has is used.
+ROBUST_PREFERENCE = ("worst_case", "autoattack", "apgd_dlr", "apgd_ce", "pgd100", "pgd50", "pgd20", "pgd10", "cw",
+                     "ddn", "fgsm")
+METHOD_TITLES = {"natural": "vanilla (natural)", "adversarial": "adversarial", "esq": "error-silenced (ESQ)"}
+FULL_BITS = 32
+
+
+@dataclass
+class Point:
+    x: float
+    bits: int
+    clean: list[float] = field(default_factory=list)
+    robust: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    model_bytes: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Curve:
+    """The curves of one (dataset, model, threat model): lines keyed by their label."""
+
+    dataset: str
+    model: str
+    norm: str
+    eps: float
+    robust_metric: str
+    x_axis: str
+    lines: dict[str, list[Point]]
+
+
+def robust_metric(records: Sequence[dict[str, Any]]) -> str | None:
+    """The robust-accuracy column every record has: worst_case, else the strongest attack (ROBUST_PREFERENCE)."""
+    common = set.intersection(*(set(r.get("robust_acc") or {}) for r in records)) if records else set()
+    for name in ROBUST_PREFERENCE:
+        if name in common:
+            return name
+    return sorted(common)[0] if common else None
+
+
+def _line_label(res: dict[str, Any], varying: Sequence[str]) -> str:
+    label = METHOD_TITLES.get(str(res.get("method")), str(res.get("method")))
+    extra = []
+    if "width" in varying:
+        extra.append(", ".join(f"{k} {v}" for k, v in sorted((res.get("model_width") or {}).items())) or "width ?")
+    if "act_bits" in varying:
+        extra.append(f"A{res.get('act_bits', 32)}")
+    if "init_from" in varying:
+        extra.append(f"from {res.get('start', '?')}")
+    return label + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def build_curves(records: Iterable[tuple[Path, dict[str, Any]]], x_axis: str = "bits") -> list[Curve]:
+    """Curves of the training runs that span more than one bit width; newest run per seed and point."""
+    if x_axis not in ("bits", "bytes"):
+        raise ValueError(f"x axis {x_axis!r}; allowed: bits, bytes")
+    groups: dict[tuple[str, str, str, float], list[tuple[Path, dict[str, Any]]]] = {}
+    for run_dir, res in records:
+        if res.get("task", "train") != "train" or "clean_acc" not in res or "bits" not in res:
+            continue
+        tm = res.get("threat_model") or {}
+        key = (str(res.get("dataset")), str(res.get("model")), str(tm.get("norm", "linf")), float(tm.get("eps", 0.0)))
+        groups.setdefault(key, []).append((run_dir, {**res, "start": _start(res)}))
+    curves = []
+    for (dataset, model, norm, eps), items in sorted(groups.items()):
+        if len({int(r["bits"]) for _, r in items}) < 2:
+            continue
+        # A configuration seen at one width only (e.g. the full-precision start itself) is a point, not a line.
+        def config(r: dict[str, Any]) -> tuple[str, ...]:
+            return (str(r.get("method")), str(r.get("model_width")), str(r.get("act_bits", 32)), r["start"])
+
+        spans: dict[tuple[str, ...], set[int]] = {}
+        for _, r in items:
+            spans.setdefault(config(r), set()).add(int(r["bits"]))
+        items = [(d, r) for d, r in items if len(spans[config(r)]) > 1]
+        if not items:
+            continue
+        metric = robust_metric([r for _, r in items])
+        if metric is None:
+            continue
+        varying = [name for name, get in (("width", lambda r: str(r.get("model_width"))),
+                                          ("act_bits", lambda r: r.get("act_bits", 32)),
+                                          ("init_from", lambda r: r["start"]))
+                   if len({get(r) for _, r in items}) > 1]
+        newest: dict[tuple[str, int, int], tuple[float, dict[str, Any]]] = {}
+        for run_dir, res in items:
+            try:
+                mtime = (run_dir / "results.json").stat().st_mtime
+            except OSError:
+                mtime = 0.0
+            k = (_line_label(res, varying), int(res["bits"]), int(res.get("seed", 0)))
+            if k not in newest or mtime >= newest[k][0]:
+                newest[k] = (mtime, res)
+        lines: dict[str, dict[int, Point]] = {}
+        for (label, bits, seed), (_, res) in sorted(newest.items()):
+            size = res.get("model_bytes")
+            if x_axis == "bytes" and size is None:
+                continue
+            pt = lines.setdefault(label, {}).setdefault(bits, Point(x=float(bits), bits=bits))
+            pt.clean.append(float(res["clean_acc"]))
+            pt.robust.append(float(res["robust_acc"][metric]))
+            pt.seeds.append(seed)
+            if size is not None:
+                pt.model_bytes.append(float(size))
+        for pts in lines.values():
+            for pt in pts.values():
+                if x_axis == "bytes":
+                    pt.x = statistics.fmean(pt.model_bytes)
+        curves.append(Curve(dataset, model, norm, eps, metric, x_axis,
+                            {label: sorted(pts.values(), key=lambda p: p.x) for label, pts in sorted(lines.items())}))
+    return curves
+
+
+def _start(res: dict[str, Any]) -> str:
+    # The setting name of the start, where init_from named one (setting:AF); else whether there was one.
+    spec = res.get("init_from")
+    return "scratch" if not spec else (str(spec).split(":", 1)[1] if str(spec).startswith("setting:") else "file")
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def metric_title(metric: str) -> str:
+    from esq_lightning.report import ATTACK_TITLES
+
+    return "worst case over the attacks" if metric == "worst_case" else ATTACK_TITLES.get(metric, metric)
+
+
+def plot_curve(curve: Curve, path: str | Path) -> Path:
+    """Two panels sharing x (clean, robust accuracy in %), one line per method, error bars = sample std over seeds."""
+    from matplotlib.figure import Figure
+
+    from esq_lightning.evaluation.plots import _save
+    from esq_lightning.report import format_eps
+
+    fig = Figure(figsize=(9.6, 3.8))
+    axes = fig.subplots(1, 2, sharex=True)
+    for label, pts in curve.lines.items():
+        xs = [p.x for p in pts]
+        for ax, attr in zip(axes, ("clean", "robust")):
+            stats = [_mean_std(getattr(p, attr)) for p in pts]
+            ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", markersize=4,
+                        capsize=3, label=label)
+    threat = f"{curve.norm} eps={format_eps(curve.eps)}"
+    axes[0].set_ylabel("clean accuracy (%)")
+    axes[1].set_ylabel(f"robust accuracy (%), {metric_title(curve.robust_metric)}, {threat}")
+    bits = sorted({p.bits for pts in curve.lines.values() for p in pts})
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        if curve.x_axis == "bits":
+            ax.set_xticks(bits)
+            ax.set_xticklabels([f"{b} (FP)" if b == FULL_BITS else str(b) for b in bits])
+            ax.set_xlabel("weight bits")
+        else:
+            ax.set_xlabel("model bytes (packed)")
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    n = sorted({len(p.seeds) for pts in curve.lines.values() for p in pts})
+    fig.suptitle(f"{curve.dataset} / {curve.model}: robustness vs compression (mean ± std over "
+                 f"{'/'.join(map(str, n))} seeds; eval mode, full quantization)", fontsize=9)
+    axes[1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def curve_markdown(curve: Curve, figure: str | None) -> str:
+    from esq_lightning.report import _pct, format_eps
+
+    bits = sorted({p.bits for pts in curve.lines.values() for p in pts})
+    head = ["method", *(f"{b} bits" for b in bits)]
+    lines = [f"### Robustness vs compression: {curve.dataset} / {curve.model}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, pts in curve.lines.items():
+        by_bits = {p.bits: p for p in pts}
+        cells = []
+        for b in bits:
+            p = by_bits.get(b)
+            if p is None:
+                cells.append("–")
+                continue
+            (c, cs), (r, rs) = _mean_std(p.clean), _mean_std(p.robust)
+            cells.append(f"{_pct(c, 1)} / {_pct(r, 1)}" + (f" (±{_pct(cs, 1)} / ±{_pct(rs, 1)})" if len(p.seeds) > 1
+                                                               else "") + f" n={len(p.seeds)}")
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    lines += ["", f"Clean / robust accuracy (%), robust = {metric_title(curve.robust_metric)} under {curve.norm} "
+              f"eps={format_eps(curve.eps)}; mean (± sample std) over n seeds.", ""]
+    if figure:
+        lines += [f"![robustness vs compression]({figure})", ""]
+    return "\n".join(lines)
+
+
+def write_curves(records: Sequence[tuple[Path, dict[str, Any]]], out: Path, x_axis: str = "bits") -> tuple[str, list[Path], list[Curve]]:
+    """(markdown section, files written, curves): bits_curve_<dataset>_<model>.png per group spanning 2+ widths."""
+    curves = build_curves(records, x_axis)
+    files: list[Path] = []
+    parts = []
+    for curve in curves:
+        png = plot_curve(curve, out / f"bits_curve_{curve.dataset}_{curve.model}.png")
+        files.append(png)
+        parts.append(curve_markdown(curve, png.name))
+    md = ("## Robustness vs compression\n\n" + "\n".join(parts)) if parts else ""
+    return md, files, curves
+
+
+def log_curves_wandb(curves: Sequence[Curve], pngs: Sequence[Path], project: str, mode: str | None = None) -> str:
+    """One W&B run (job_type report): per curve a line plot of robust accuracy vs bits, its table and the PNG."""
+    import wandb
+
+    run = wandb.init(project=project, job_type="report", mode=mode, reinit=True)
+    try:
+        for curve, png in zip(curves, pngs):
+            key = f"bits_curve/{curve.dataset}_{curve.model}"
+            rows = [[label, p.bits, p.x, seed, c, r]
+                    for label, pts in curve.lines.items() for p in pts
+                    for seed, c, r in zip(p.seeds, p.clean, p.robust)]
+            table = wandb.Table(columns=["method", "bits", "x", "seed", "clean_acc", f"robust_acc_{curve.robust_metric}"],
+                                data=rows)
+            labels = list(curve.lines)
+            xs = [[p.x for p in curve.lines[k]] for k in labels]
+            ys = [[statistics.fmean(p.robust) for p in curve.lines[k]] for k in labels]
+            run.log({f"{key}/table": table, f"{key}/png": wandb.Image(str(png)),
+                     f"{key}/robust": wandb.plot.line_series(
+                         xs=xs, ys=ys, keys=labels, xname="bits" if curve.x_axis == "bits" else "model bytes",
+                         title=f"{curve.dataset}/{curve.model}: robust accuracy ({metric_title(curve.robust_metric)})")})
+        return str(run.dir)
+    finally:
+        run.finish()
+
+
+__all__ = ["Curve", "Point", "ROBUST_PREFERENCE", "build_curves", "curve_markdown", "log_curves_wandb", "plot_curve",
+           "robust_metric", "write_curves"]

@@ -1,0 +1,107 @@
+"""The robustness-compression curve of esq-report on synthetic results.json files."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from esq_lightning.curve import build_curves, robust_metric
+from esq_lightning.report import make_report
+from esq_lightning.runs import iter_results
+
+
+def write(run_dir: Path, method: str, bits: int, seed: int, clean: float, robust: dict[str, float], *,
+          width: int = 32, init_from: str | None = "setting:AF", model_bytes: int | None = None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rec = {"task": "train", "setting": f"A{method[0].upper()}{bits}", "dataset": "digits", "model": "small_cnn",
+           "method": method, "quant": "uniform", "bits": bits, "act_bits": 32, "model_width": {"width": width},
+           "seed": seed, "clean_acc": clean, "robust_acc": robust, "threat_model": {"norm": "linf", "eps": 0.2},
+           "n_samples": 300, "init_from": init_from, "pairing": {"layers": ["logits"], "lambdas": [1.0], "p": 2}}
+    if model_bytes is not None:
+        rec["model_bytes"] = model_bytes
+    (run_dir / "results.json").write_text(json.dumps(rec))
+
+
+def test_points_are_mean_and_std_over_seeds_one_line_per_method(tmp_path: Path) -> None:
+    values = {}
+    i = 0
+    for method in ("natural", "esq"):
+        for bits in (1, 4, 32):
+            for seed in (0, 1):
+                clean, pgd = 0.9 - 0.01 * seed, 0.1 * bits ** 0.5 + 0.02 * seed + (0.1 if method == "esq" else 0)
+                values.setdefault((method, bits), []).append(pgd)
+                write(tmp_path / str(i), method, bits, seed, clean, {"fgsm": pgd + 0.1, "pgd20": pgd})
+                i += 1
+    # The full-precision start itself: one width only, so a point and not a line.
+    write(tmp_path / "af", "adversarial", 32, 0, 0.95, {"fgsm": 0.7, "pgd20": 0.6}, init_from=None)
+    (curve,) = build_curves(iter_results(tmp_path))
+    assert curve.robust_metric == "pgd20"  # the strongest attack every run has
+    assert set(curve.lines) == {"vanilla (natural)", "error-silenced (ESQ)"}
+    esq = curve.lines["error-silenced (ESQ)"]
+    assert [p.bits for p in esq] == [1, 4, 32]
+    assert [statistics.fmean(p.robust) for p in esq] == pytest.approx([statistics.fmean(values[("esq", b)])
+                                                                      for b in (1, 4, 32)])
+    assert all(sorted(p.seeds) == [0, 1] for p in esq)
+
+    report = make_report(tmp_path, out=tmp_path / "report")
+    png = tmp_path / "report" / "bits_curve_digits_small_cnn.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = report["markdown"]
+    assert "## Robustness vs compression" in md and "robust = PGD-20 under linf eps=0.2" in md
+    m, s = statistics.fmean(values[("esq", 4)]), statistics.stdev(values[("esq", 4)])
+    assert f"{100 * 0.895:.1f} / {100 * m:.1f} (±{100 * 0.00707:.1f} / ±{100 * s:.1f}) n=2" in md
+
+
+def test_worst_case_is_preferred_and_bytes_axis(tmp_path: Path) -> None:
+    for i, bits in enumerate((1, 2, 8)):
+        write(tmp_path / str(i), "adversarial", bits, 0, 0.9, {"pgd20": 0.5, "worst_case": 0.4},
+              model_bytes=1000 * bits)
+    write(tmp_path / "old", "adversarial", 4, 0, 0.9, {"pgd20": 0.5, "worst_case": 0.4})  # no model_bytes
+    records = list(iter_results(tmp_path))
+    assert robust_metric([r for _, r in records]) == "worst_case"
+    (curve,) = build_curves(records, x_axis="bytes")
+    (line,) = curve.lines.values()
+    assert [p.x for p in line] == [1000.0, 2000.0, 8000.0]  # the run without a size is left out of this axis
+    assert [p.robust for p in line] == [[0.4]] * 3
+    # Without worst_case on every run, the strongest attack that all runs have.
+    write(tmp_path / "x", "adversarial", 3, 0, 0.9, {"pgd20": 0.5, "pgd100": 0.45})
+    assert build_curves(iter_results(tmp_path))[0].robust_metric == "pgd20"
+
+
+def test_widths_are_separate_lines(tmp_path: Path) -> None:
+    for i, (width, bits) in enumerate([(32, 1), (32, 32), (64, 1), (64, 32)]):
+        write(tmp_path / str(i), "esq", bits, 0, 0.9, {"pgd20": 0.3}, width=width)
+    (curve,) = build_curves(iter_results(tmp_path))
+    assert set(curve.lines) == {"error-silenced (ESQ) (width 32)", "error-silenced (ESQ) (width 64)"}
+
+
+def test_one_width_only_gives_no_curve(tmp_path: Path) -> None:
+    write(tmp_path / "a", "esq", 1, 0, 0.9, {"pgd20": 0.3})
+    write(tmp_path / "b", "esq", 1, 1, 0.9, {"pgd20": 0.3})
+    report = make_report(tmp_path, out=tmp_path / "report")
+    assert "Robustness vs compression" not in report["markdown"]
+    assert not list((tmp_path / "report").glob("bits_curve*.png"))
+
+
+def test_curve_is_logged_to_wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb").mkdir()
+    for i, bits in enumerate((1, 32)):
+        write(tmp_path / "runs" / str(i), "esq", bits, 0, 0.9, {"pgd20": 0.3 + 0.1 * i})
+    make_report(tmp_path / "runs", out=tmp_path / "report", wandb_project="esq-test", wandb_mode="offline")
+    (run,) = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    keys = (b"bits_curve/digits_small_cnn/robust", b"bits_curve/digits_small_cnn/table")
+    # W&B's service process may still be writing the record after finish(): wait for it (at most 30 s).
+    deadline = time.monotonic() + 30
+    while True:
+        record = b"".join(p.read_bytes() for p in run.glob("*.wandb"))
+        if all(k in record for k in keys) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert all(k in record for k in keys)
