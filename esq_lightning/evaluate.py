@@ -31,7 +31,7 @@ from esq_lightning.evaluation import (
 from esq_lightning.results import SCHEMA_VERSION, build_results, print_results
 from esq_lightning.utils import atomic_write_json, atomic_write_text, set_threads
 
-MODES = ("whitebox", "transfer", "amplification", "blackbox")
+MODES = ("whitebox", "transfer", "amplification", "blackbox", "audit")
 
 
 def run_config_with_eval(train_config: dict[str, Any], cfg: DictConfig) -> DictConfig:
@@ -39,7 +39,12 @@ def run_config_with_eval(train_config: dict[str, Any], cfg: DictConfig) -> DictC
     from esq_lightning.schema import validate_eval_config
 
     overrides = OmegaConf.create({"eval": cfg.eval, "data": cfg.get("data") or {}, "task_name": "eval"})
-    run_cfg = OmegaConf.merge(OmegaConf.create(train_config), overrides)
+    base = OmegaConf.create(train_config)
+    # The evaluation's own attack parameters replace the training run's: a checkpoint's stored (resolved)
+    # eval.params.fgsm.eps or step sizes would otherwise pin budgets that eval.eps no longer decides.
+    if base.get("eval") is not None and "params" in base.eval:
+        base.eval.params = {}
+    run_cfg = OmegaConf.merge(base, overrides)
     # A typo or bad value in eval.* / data.* fails here in one line, before any data is read.
     validate_eval_config(cfg, run_cfg)
     return run_cfg
@@ -188,6 +193,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     set_threads(cfg.get("threads"))
     if mode == "whitebox":
         return evaluate_whitebox(cfg, out)
+    if mode == "audit":
+        from esq_lightning.evaluation.audit import evaluate_audit
+
+        return evaluate_audit(cfg, out)
     if mode == "transfer":
         check_attack_names([str(cfg.eval.transfer.attack)], "eval.transfer.attack")
     loaded = load_checkpoints(checkpoint_paths(cfg, mode), mode)
@@ -210,18 +219,31 @@ def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
     datamodule = build_datamodule(run_cfg.data, seed=int(train_config["seed"]))
     datamodule.setup("test")
     x, y = datamodule.test_tensors()
+    # --- worst case, checks and verdict (evaluation/checks.py); pgd_pairing at the checkpoint's own pairing ---
+    from esq_lightning.attacks import pairing_attack_params
+    from esq_lightning.evaluation.checks import Thresholds, evaluation_checks, format_verdict
+    from esq_lightning.evaluation.threat import fgsm_factor
+
+    params = OmegaConf.to_container(run_cfg.eval.get("params") or {}, resolve=True)
+    params["pgd_pairing"] = {**pairing_attack_params(train_config), **(params.get("pgd_pairing") or {})}
+    norm = str(run_cfg.eval.get("norm", "linf"))
     ev = evaluate_robustness(
         model, x, y, attacks=list(run_cfg.eval.attacks), eps=float(run_cfg.eval.eps),
-        params=OmegaConf.to_container(run_cfg.eval.get("params") or {}, resolve=True),
+        params=params,
         n_samples=run_cfg.eval.n_samples, batch_size=int(run_cfg.eval.batch_size), device=default_device(),
         seed=int(cfg.seed), progress=bool(cfg.get("progress", True)),
         masking_tolerance=float((run_cfg.eval.get("masking") or {}).get("tolerance", 0.01)),
+        norm=norm, on_gradient_error="record", fgsm_factor=fgsm_factor(run_cfg),
     )
+    ev["audit"] = evaluation_checks(model, x, y, ev, norm, float(run_cfg.eval.eps),
+                                    Thresholds.from_config(run_cfg.eval.get("checks")), device=default_device(),
+                                    batch_size=int(run_cfg.eval.batch_size), seed=int(cfg.seed))
     results = build_results(run_cfg, ev, checkpoint=str(cfg.ckpt_path), run_dir=str(out), mode="whitebox",
                             gradient_masking=ev["gradient_masking"])
     atomic_write_json(out / "results.json", results)
     print_results(results)
     print(format_flags(ev["gradient_masking"]), flush=True)
+    print(format_verdict(ev["audit"]["verdict"], ev["audit"]["flags"]), flush=True)
     return results
 
 

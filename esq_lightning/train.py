@@ -196,11 +196,29 @@ def evaluate_and_record(
     datamodule.setup("test")
     x, y = datamodule.test_tensors()
     model = getattr(module.model, "_orig_mod", module.model)
+    # --- worst case, checks and verdict (evaluation/worstcase.py, evaluation/checks.py) ---
+    from esq_lightning.attacks import pairing_attack_params
+    from esq_lightning.errors import EvaluationFailed
+    from esq_lightning.evaluation.checks import Thresholds, evaluation_checks, format_verdict, unattackable_verdict
+    from esq_lightning.evaluation.threat import fgsm_factor
+
+    params = OmegaConf.to_container(cfg.eval.get("params") or {}, resolve=True)
+    params["pgd_pairing"] = {**pairing_attack_params(OmegaConf.to_container(cfg, resolve=True)),
+                             **(params.get("pgd_pairing") or {})}
+    norm = str(cfg.eval.get("norm", "linf"))
     ev = evaluate_robustness(
         model, x, y, attacks=list(cfg.eval.attacks), eps=float(cfg.eval.eps),
-        params=OmegaConf.to_container(cfg.eval.get("params") or {}, resolve=True), n_samples=cfg.eval.n_samples,
+        params=params, n_samples=cfg.eval.n_samples,
         batch_size=int(cfg.eval.batch_size), device=module.device, seed=int(cfg.seed),
+        norm=norm, on_gradient_error="record", fgsm_factor=fgsm_factor(cfg),
     )
+    ev["audit"] = evaluation_checks(model, x, y, ev, norm, float(cfg.eval.eps),
+                                    Thresholds.from_config(cfg.eval.get("checks")), device=module.device,
+                                    batch_size=int(cfg.eval.batch_size), seed=int(cfg.seed))
+    ev["audit"]["flags"] += getattr(module, "training_flags", [])
+    from esq_lightning.evaluation.checks import verdict as _verdict
+
+    ev["audit"]["verdict"] = _verdict(ev["audit"]["flags"])
     results = build_results(cfg, ev, gradient_masking=ev.get("gradient_masking"), epochs=trainer.current_epoch, train_seconds=train_seconds,
                             checkpoint=str(final_ckpt), run_dir=str(out),
                             val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
@@ -210,6 +228,14 @@ def evaluate_and_record(
                             **{f"test/{k}_acc": v for k, v in results["robust_acc"].items()}})
     log_results_table(loggers, results)
     print_results(results)
+    audit = results["audit"]
+    print(format_verdict(audit["verdict"], audit["flags"]), flush=True)
+    failed = unattackable_verdict(audit)
+    if failed:
+        raise EvaluationFailed(f"{failed} ({out / 'results.json'})")
+    if audit["verdict"] != "pass":
+        print(f"verdict {audit['verdict']}: the robust accuracies above may overstate robustness; run "
+              f"esq-eval mode=audit ckpt_path={final_ckpt}", flush=True)
     return results
 
 

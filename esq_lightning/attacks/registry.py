@@ -376,8 +376,14 @@ def _run_autoattack(
         model, eps=eps, norm=_aa_norm(p["norm"]), version="standard", seed=p["seed"],
         device=x.device,
     )
-    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=p["batch_size"])
+    # AutoAttack's own checks (its flags_doc.md) warn with warnings.warn: keep them as its flags.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=p["batch_size"])
+    aa_flags = sorted({str(w.message) for w in caught if w.category is Warning or issubclass(w.category, Warning)
+                       and "autoattack" in str(w.filename).lower()})
     return x_adv, {
+        "flags": aa_flags,
         "version": "standard",
         "attacks_run": list(adversary.attacks_to_run),
         "apgd_steps": adversary.apgd.n_iter,

@@ -1,0 +1,217 @@
+"""Attacks that do not trust the loss scale, the per-sample worst case, the checks and their verdict, the audit.
+
+A tiny CNN trained once on sklearn digits (1x8x8 in [0, 1]), and copies built to trigger each check: logits
+scaled by 1000 (same predictions, saturated softmax), a rounding input layer without a straight-through
+estimator (zero input gradients), and a randomized forward (input noise).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esq_lightning.attacks import ATTACKS, pgd, run_attack
+from esq_lightning.evaluation import evaluate_robustness
+from esq_lightning.evaluation.audit import audit_model
+from esq_lightning.evaluation.checks import FLAGS, Thresholds, curve_flags, evaluation_checks, verdict
+from esq_lightning.evaluation.whitebox import attack_budget
+from esq_lightning.evaluation.worstcase import worst_case
+
+EPS = 0.1
+NEW_ATTACKS = ("pgd_margin", "pgd_dlr", "pgd_mt", "pgdpp", "pgd_pairing", "pgd_schedule")
+FAST = {"steps": 10}
+
+
+class Normalize(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - 0.3) / 0.4
+
+
+class RoundInput(nn.Module):
+    """Rounding with no straight-through estimator: zero input gradient everywhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 4) / 4
+
+
+class Noisy(nn.Module):
+    """A randomized forward: Gaussian input noise on every call, also in eval mode."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.05 * torch.randn_like(x)
+
+
+def _cnn() -> nn.Sequential:
+    return nn.Sequential(Normalize(), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 10))
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(digits.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    torch.manual_seed(0)
+    model = _cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batches = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        idx = torch.randint(0, 1297, (64,), generator=batches)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, x[1297:1497], y[1297:1497]
+
+
+def scaled(model: nn.Module, factor: float = 1000.0) -> nn.Module:
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        out[-1].weight.mul_(factor)
+        out[-1].bias.mul_(factor)
+    return out
+
+
+def acc(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **params) -> float:
+    return run_attack(name, model, x, y, eps=EPS, **params).correct.float().mean().item()
+
+
+@pytest.mark.parametrize("name", NEW_ATTACKS)
+def test_each_new_attack_lowers_accuracy(trained, name):
+    model, x, y = trained
+    clean = (model(x).argmax(1) == y).float().mean().item()
+    params = {"steps": 10, "restarts": 1, "step_fractions": [0.25], "losses": ["margin"]} if name == "pgd_schedule" \
+        else dict(FAST)
+    out = run_attack(name, model, x, y, eps=EPS, **params)
+    assert out.correct.float().mean().item() < clean - 0.1
+    assert out.norms.max() <= EPS * (1 + 1e-5) and out.params["eps"] == EPS
+    assert out.params["step_size"] == pytest.approx(0.25 * EPS) if name != "pgd_schedule" else True
+
+
+def test_margin_and_dlr_ignore_the_logit_scale_while_ce_fails(trained):
+    model, x, y = trained
+    big = scaled(model)
+    assert torch.equal(model(x).argmax(1), big(x).argmax(1))
+    for name in ("pgd_margin", "pgd_dlr"):
+        assert abs(acc(name, model, x, y, **FAST) - acc(name, big, x, y, **FAST)) <= 0.01
+    # Cross-entropy PGD saturates on the scaled copy: the reason for the attacks above.
+    assert acc("pgd20", big, x, y) > acc("pgd20", model, x, y) + 0.3
+
+
+def test_pgd_keep_best_never_returns_a_worse_point_and_default_is_last_iterate(trained):
+    model, x, y = trained
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    last = pgd(model, x, y, eps=EPS, step_size=EPS / 4, steps=10, generator=g())
+    again = pgd(model, x, y, eps=EPS, step_size=EPS / 4, steps=10, generator=g(), loss_fn="ce")
+    assert torch.equal(last, again)
+    best = pgd(model, x, y, eps=EPS, step_size=EPS / 4, steps=10, generator=g(), keep_best=True)
+    fooled_last = model(last).argmax(1) != y
+    fooled_best = model(best).argmax(1) != y
+    assert bool((fooled_best | ~fooled_last).all()) and fooled_best.sum() >= fooled_last.sum()
+
+
+def test_worst_case_is_at_most_every_attack_and_ignores_other_threat_models(trained):
+    model, x, y = trained
+    attacks = ["fgsm", "pgd20", "pgd_margin", "ddn"] if "ddn" in ATTACKS else ["fgsm", "pgd20", "pgd_margin"]
+    ev = evaluate_robustness(model, x, y, attacks=["fgsm", "pgd20", "pgd_margin"], eps=EPS,
+                             params={"pgd_margin": FAST}, progress=False, fgsm_factor=2.0)
+    wc = ev["robust_acc"]["worst_case"]
+    assert list(ev["robust_acc"])[0] == "worst_case"
+    # FGSM ran at 2 x eps: its own threat model, outside the worst case.
+    assert ev["attacks"]["fgsm"]["eps"] == pytest.approx(2 * EPS)
+    assert ev["worst_case"]["attacks"] == ["pgd20", "pgd_margin"] and ev["worst_case"]["excluded"] == ["fgsm"]
+    for name in ("pgd20", "pgd_margin"):
+        assert wc <= ev["robust_acc"][name]
+    both = (ev["correct"]["pgd20"] & ev["correct"]["pgd_margin"]).float().mean().item()
+    assert wc == pytest.approx(both)
+    assert attacks  # the L2 attacks never enter (worst_case() filters on norm and eps)
+    none = worst_case(ev["clean_correct"], ev["correct"], ev["attacks"], "l2", 1.0)
+    assert none["acc"] is None and none["attacks"] == []
+
+
+def test_threat_model_sets_every_linf_budget():
+    eps, params = attack_budget("pgd20", 0.1, {})
+    assert eps == 0.1 and params == {}
+    assert attack_budget("fgsm", 0.1, {}, fgsm_factor=1.0)[0] == 0.1
+    assert attack_budget("fgsm", 8 / 255, {}, fgsm_factor=2.0)[0] == 16 / 255
+    assert attack_budget("fgsm", 0.1, {"eps": 0.3})[0] == 0.3  # its own eps: its own threat model
+    out = run_attack("pgd20", _cnn().eval(), torch.rand(4, 1, 8, 8), torch.arange(4), eps=0.1)
+    assert out.params["step_size"] == pytest.approx(0.025)
+
+
+def _flag_names(audit: dict) -> set[str]:
+    return {f["name"] for f in audit["flags"]}
+
+
+def test_normal_model_passes_every_check(trained):
+    model, x, y = trained
+    rec = audit_model(model, x, y, EPS, budget="quick", attacks=["pgd20", "pgd_margin", "pgd_dlr"],
+                      params={"pgd_margin": FAST, "pgd_dlr": FAST})
+    assert rec["verdict"] == "pass", rec["flags"]
+    assert rec["worst_case"]["acc"] <= min(v for k, v in rec["robust_acc"].items() if k != "worst_case")
+    assert len(rec["eps_curve"]["worst_case"]) == 5 and rec["unbounded"]["acc"] <= 0.2
+
+
+def test_scaled_logits_are_flagged_and_margin_pgd_still_measures(trained):
+    model, x, y = trained
+    big = scaled(model)
+    rec = audit_model(big, x, y, EPS, budget="quick", attacks=["fgsm", "pgd20", "pgd_margin", "pgd_dlr"],
+                      params={"pgd_margin": FAST, "pgd_dlr": FAST})
+    names = _flag_names(rec)
+    assert rec["verdict"] != "pass"
+    assert {"loss_scale_sensitivity", "weak_attack_overstates", "saturated_gradients"} <= names
+    # The cheap checks of the end-of-training evaluation catch it from fgsm + pgd20 alone (margin-PGD probe).
+    ev = evaluate_robustness(big, x, y, attacks=["fgsm", "pgd20"], eps=EPS, progress=False)
+    audit = evaluation_checks(big, x, y, ev, "linf", EPS)
+    assert audit["verdict"] != "pass" and "loss_scale_sensitivity" in _flag_names(audit)
+    assert audit["probes"]["pgd_margin"]["acc"] < ev["robust_acc"]["pgd20"] - 0.3
+
+
+def test_rounding_without_ste_is_a_failed_verdict_not_a_crash(trained):
+    model, x, y = trained
+    rounded = nn.Sequential(RoundInput(), model)
+    ev = evaluate_robustness(rounded, x, y, attacks=["pgd20"], eps=EPS, progress=False, on_gradient_error="record")
+    assert "pgd20" in ev["unattackable"] and "pgd20" not in ev["robust_acc"]
+    audit = evaluation_checks(rounded, x, y, ev, "linf", EPS)
+    assert audit["verdict"] == "fail" and {"zero_gradients", "unattackable"} <= _flag_names(audit)
+    # Square (gradient-free) against a gradient attack that found nothing; the unbounded probe cannot run without
+    # gradients, so the zero-gradient flag is the reason given.
+    ev2 = {"clean_acc": 0.9, "robust_acc": {"pgd20": 0.9, "square": 0.5},
+           "attacks": {"pgd20": {"norm": "linf", "eps": EPS}, "square": {"norm": "linf", "eps": EPS}}}
+    from esq_lightning.evaluation.checks import attack_flags, unbounded_flags
+
+    assert "gradient_free_beats_gradient" in {f["name"] for f in attack_flags(ev2, "linf", EPS, Thresholds())}
+    assert unbounded_flags(0.9, 0.5, 10, Thresholds(), "pgd_margin")[0]["name"] == "unbounded_budget"
+    assert not unbounded_flags(0.1, 0.5, 10, Thresholds(), "pgd_margin")
+
+
+def test_randomized_forward_is_flagged(trained):
+    model, x, y = trained
+    noisy = nn.Sequential(Noisy(), model)
+    ev = evaluate_robustness(noisy, x, y, attacks=["pgd20"], eps=EPS, progress=False)
+    audit = evaluation_checks(noisy, x, y, ev, "linf", EPS, margin_probe_steps=None)
+    assert "randomized_forward" in _flag_names(audit) and audit["verdict"] == "fail"
+
+
+def test_constant_output_and_curve_checks():
+    constant = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        constant[1].weight.zero_()
+        constant[1].bias.copy_(torch.arange(10.0))
+    x, y = torch.rand(20, 1, 8, 8), torch.arange(20) % 10
+    ev = evaluate_robustness(constant, x, y, attacks=["pgd20"], eps=EPS, progress=False, on_gradient_error="record")
+    names = _flag_names(evaluation_checks(constant, x, y, ev, "linf", EPS))
+    assert {"constant_output", "chance_accuracy", "zero_gradients"} <= names
+    rising = curve_flags([0.1, 0.2, 0.4], [0.5, 0.3, 0.45], Thresholds(), "pgd_margin")
+    assert [f["name"] for f in rising] == ["non_monotone_eps"]
+    assert not curve_flags([0.1, 0.2, 0.4], [0.5, 0.3, 0.1], Thresholds(), "pgd_margin")
+    assert set(FLAGS.values()) == {"warn", "fail"} and verdict([]) == "pass"
