@@ -24,6 +24,7 @@ from esq_lightning.evaluation import (
     format_flags,
     markdown_table,
     module_names,
+    measured_at,
     plot_amplification,
     plot_blackbox,
     transfer_matrix,
@@ -184,6 +185,14 @@ def check_attack_names(names: Sequence[str], key: str) -> None:
             raise ESQUserError(f"{key}: unknown attack '{name}'; allowed: {', '.join(ATTACKS)}")
 
 
+def check_transfer_attack(name: str) -> None:
+    """The transfer matrix needs examples within the budget: minimum-norm attacks (DDN, C&W, Boundary) are refused."""
+    if ATTACKS[name].kind != "budgeted":
+        budgeted = [n for n, s in ATTACKS.items() if s.kind == "budgeted"]
+        raise ESQUserError(f"eval.transfer.attack: {name} is a minimum-norm attack (its examples are not limited to "
+                           f"eps, so the matrix would not be accuracy at the budget); allowed: {', '.join(budgeted)}")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation `cfg.mode` asks for; returns the record it wrote into the Hydra run directory."""
     mode = str(cfg.get("mode") or "whitebox")
@@ -199,6 +208,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         return evaluate_audit(cfg, out)
     if mode == "transfer":
         check_attack_names([str(cfg.eval.transfer.attack)], "eval.transfer.attack")
+        check_transfer_attack(str(cfg.eval.transfer.attack))
     loaded = load_checkpoints(checkpoint_paths(cfg, mode), mode)
     # eps, attack parameters and data resolve against the first checkpoint's config (the models share the data).
     run_cfg = run_config_with_eval(loaded[0].train_config, cfg)
@@ -289,7 +299,7 @@ def evaluate_amplification(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequenc
             norm=str(ev.get("norm", "linf")), batch_size=int(ev.batch_size), device=default_device(),
             seed=int(cfg.seed), modules=names, progress=bool(cfg.get("progress", True)),
         )
-        curves.append({"label": item.label, "checkpoint": item.path, **curve})
+        curves.append({"label": item.label, "checkpoint": item.path, "measured_at": measured_at(item.model), **curve})
     attack = curves[0]["attack"]
     title = (f"{run_cfg.data.name}: {steps}-step PGD, {attack['norm']} eps={eps:.4g}, "
              f"{len(y)} test inputs, eval mode, ratio 1")
@@ -297,7 +307,8 @@ def evaluate_amplification(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequenc
     record = {**_header("amplification", cfg, run_cfg, loaded, out, len(y)), "attack": attack,
               "threat_model": {"norm": attack["norm"], "eps": eps},
               "definition": "D_l = mean over inputs of ||F_l(x) - F_l(x_adv)||_2 / ||F_l(x)||_2, F_l the output of "
-                            "residual module l (after the add and ReLU), x_adv from PGD against the measured model",
+                            "residual module l (where, per model family: each curve's measured_at), x_adv from PGD "
+                            "against the measured model",
               "curves": curves, "figure": str(png)}
     atomic_write_json(out / "amplification.json", record)
     for curve in curves:

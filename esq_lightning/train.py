@@ -161,6 +161,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     wandb_env = snapshot_wandb_env()
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg, has_logger=bool(loggers))
+    # Collapse to a constant output, and a run ending far below its start, are named (callbacks/collapse.py).
+    from esq_lightning.callbacks.collapse import CollapseMonitor
+
+    collapse_monitor = CollapseMonitor()
+    callbacks.append(collapse_monitor)
+    module.training_flags = []
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         callbacks=callbacks,
@@ -177,6 +183,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         train_seconds = time.perf_counter() - start
+        val_acc = trainer.callback_metrics.get("val/clean_acc")
+        module.training_flags = collapse_monitor.flags(float(val_acc) if val_acc is not None else None)
         final_ckpt = out / "checkpoints" / "final.ckpt"
         trainer.save_checkpoint(final_ckpt)
         results: dict[str, Any] = {}

@@ -40,6 +40,8 @@ FLAGS: dict[str, str] = {
     "more_iterations_raise_accuracy": WARN,
     "blackbox_beats_whitebox": WARN,
     "clean_only_failure": WARN,
+    "training_collapse": WARN,          # constant output on the validation split during training
+    "accuracy_drop": WARN,              # the run ended far below the accuracy it started from
 }
 
 CE_ATTACKS = ("fgsm", "pgd20", "pgd100")
