@@ -95,7 +95,8 @@ def audit_model(
     start = time.perf_counter()
     chosen = attack_set(budget)
     names = list(attacks) if attacks else list(chosen)
-    user = {k: dict(v) for k, v in (params or {}).items()}
+    # The audit's threat model decides every budget: an eps in eval.params is not used here.
+    user = {k: {p: v for p, v in dict(val or {}).items() if p != "eps"} for k, val in (params or {}).items()}
     run_params = {name: _merge(chosen.get(name, {}), user.get(name)) for name in names}
     if "pgd_pairing" in names and pairing:
         run_params["pgd_pairing"] = {**pairing, **run_params["pgd_pairing"]}
@@ -228,6 +229,12 @@ def plot_audit(records: Sequence[Mapping[str, Any]], path: str | Path, title: st
     return _save(fig, path)
 
 
+def _plain(node: Any) -> dict[str, Any]:
+    if node is None:
+        return {}
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+
 def evaluate_audit(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """esq-eval mode=audit: audit.json, audit.md, audit.png and results.json (one per checkpoint)."""
     import sys
@@ -253,11 +260,11 @@ def evaluate_audit(cfg: DictConfig, out: Path) -> dict[str, Any]:
         from esq_lightning.errors import ESQUserError
 
         raise ESQUserError("eval.norm: mode=audit audits the L_inf threat model; allowed: linf")
-    audit_cfg = OmegaConf.to_container(ev_cfg.get("audit") or {}, resolve=True)
+    audit_cfg = _plain(ev_cfg.get("audit"))
     budget = str(ev_cfg.get("budget", "standard"))
     eps = float(ev_cfg.eps)
-    params = OmegaConf.to_container(ev_cfg.get("params") or {}, resolve=True)
-    th = Thresholds.from_config(OmegaConf.to_container(ev_cfg.get("checks") or {}, resolve=True))
+    params = _plain(ev_cfg.get("params"))
+    th = Thresholds.from_config(_plain(ev_cfg.get("checks")))
     x, y = load_test_split(run_cfg, int(loaded[0].train_config["seed"]), ev_cfg.n_samples)
     records = []
     for i, item in enumerate(loaded):

@@ -66,7 +66,9 @@ class Thresholds:
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> Thresholds:
-        node = dict(node or {})
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(node) - known)
         if unknown:
