@@ -215,3 +215,75 @@ def test_constant_output_and_curve_checks():
     assert [f["name"] for f in rising] == ["non_monotone_eps"]
     assert not curve_flags([0.1, 0.2, 0.4], [0.5, 0.3, 0.1], Thresholds(), "pgd_margin")
     assert set(FLAGS.values()) == {"warn", "fail"} and verdict([]) == "pass"
+
+
+# --- end to end: esq-train's verdict, the threat model, esq-eval mode=audit ---------------------------------------
+
+TRAIN = ["threads=1", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "method=natural",
+         "trainer.max_epochs=2", "trainer.limit_train_batches=10", "callbacks.pgd.val_every_n_epochs=0",
+         "callbacks.quant_ratio.start=1.0", "quant=full", "eval.n_samples=40", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    from esq_lightning.train import train
+    from tests.hydra_utils import compose_config
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    cfg = compose_config("train", [*TRAIN, "eval.eps=0.1", "eval.attacks=[fgsm,pgd20]", "setting=NF"], run_dir)
+    results, _ = train(cfg)
+    return results
+
+
+def test_eval_eps_sets_fgsm_and_pgd_step(tiny_run):
+    import json
+    from pathlib import Path
+
+    on_disk = json.loads((Path(tiny_run["run_dir"]) / "results.json").read_text())
+    assert on_disk["attacks"]["fgsm"]["eps"] == pytest.approx(0.1)  # digits: FGSM at 1x eps, not data's 0.2
+    assert on_disk["attacks"]["pgd20"]["step_size"] == pytest.approx(0.025)
+    assert on_disk["threat_model"] == {"norm": "linf", "eps": 0.1, "fgsm_eps": pytest.approx(0.1)}
+    assert list(on_disk["robust_acc"])[0] == "worst_case"
+    assert on_disk["robust_acc"]["worst_case"] <= min(on_disk["robust_acc"]["fgsm"], on_disk["robust_acc"]["pgd20"])
+    assert on_disk["audit"]["verdict"] in ("pass", "warn", "fail") and "flags" in on_disk["audit"]
+
+
+def test_audit_mode_writes_audit_files_and_verdict(tiny_run, tmp_path):
+    import json
+
+    from esq_lightning.evaluate import evaluate
+    from tests.hydra_utils import compose_config
+
+    cfg = compose_config("eval", ["threads=1", "progress=false", "mode=audit", f"ckpt_path={tiny_run['checkpoint']}",
+                                  "eval.budget=quick", "eval.n_samples=30", "eval.eps=0.1",
+                                  "eval.audit.attacks=[pgd20,pgd_margin]", "eval.audit.eps_factors=[0.5,1,2]",
+                                  "++eval.params.pgd_margin.steps=5"], tmp_path)
+    record = evaluate(cfg)
+    for name in ("audit.json", "audit.md", "audit.png", "results.json"):
+        assert (tmp_path / name).is_file(), name
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["audit"]["verdict"] in ("pass", "warn", "fail") and isinstance(res["audit"]["flags"], list)
+    assert res["robust_acc"]["worst_case"] <= min(res["robust_acc"]["pgd20"], res["robust_acc"]["pgd_margin"])
+    assert res["attacks"]["pgd_margin"]["steps"] == 5
+    model = record["models_audit"][0]
+    assert model["eps_curve"]["eps"] == pytest.approx([0.05, 0.1, 0.2])
+    assert "worst case" in (tmp_path / "audit.md").read_text()
+
+
+def test_unattackable_training_run_writes_results_and_fails_in_one_line(tmp_path, monkeypatch):
+    """A model whose input gradients are zero (input rounding without STE) is a result: verdict fail, exit 3."""
+    import json
+
+    import esq_lightning.train as train_mod
+    from esq_lightning.errors import EvaluationFailed
+    from tests.hydra_utils import compose_config
+
+    build = train_mod.build_network
+    monkeypatch.setattr(train_mod, "build_network", lambda m, q: nn.Sequential(RoundInput(), build(m, q)))
+    cfg = compose_config("train", [*TRAIN, "trainer.max_epochs=1", "eval.attacks=[fgsm,pgd20]"], tmp_path)
+    with pytest.raises(EvaluationFailed, match="cannot be attacked honestly"):
+        train_mod.train(cfg)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["audit"]["verdict"] == "fail" and res["clean_acc"] > 0.3
+    assert {"zero_gradients", "unattackable"} <= {f["name"] for f in res["audit"]["flags"]}
+    assert "pgd20" not in res["robust_acc"]
