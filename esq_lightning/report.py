@@ -22,7 +22,7 @@ PAPER_SETTINGS = ["NF", "AF", "NVB", "NEB", "AVB", "AEB", "AET", "NVT", "NET", "
 # The extra JSON files esq-eval's multi-model modes write (docs/evaluation.md).
 EXTRA_FILES = ("transfer.json", "amplification.json", "blackbox.json")
 ATTACK_TITLES = {"worst_case": "worst case", "pgd_margin": "PGD-margin", "pgd_dlr": "PGD-DLR", "pgd_mt": "PGD-MT",
-                 "pgdpp": "PGD++", "pgd_pairing": "PGD-pairing", "pgd_schedule": "PGD-schedule", "fgsm": "FGSM", "pgd20": "PGD-20", "pgd100": "PGD-100", "ddn": "DDN", "cw": "C&W",
+                 "pgd_pp": "PGD++", "pgd_pairing": "PGD-pairing", "pgd_schedule": "PGD-schedule", "fgsm": "FGSM", "pgd20": "PGD-20", "pgd100": "PGD-100", "ddn": "DDN", "cw": "C&W",
                  "boundary": "Boundary", "nattack": "N Attack", "square": "Square", "autoattack": "AutoAttack"}
 # Hydra overrides that never tell two configurations apart: they change per seed, or only where and how a job runs.
 IGNORED_OVERRIDES = ("seed", "ckpt_path", "ckpts", "init_from", "threads", "progress", "tags", "sweep",

@@ -206,7 +206,6 @@ def evaluate_and_record(
     model = getattr(module.model, "_orig_mod", module.model)
     # --- worst case, checks and verdict (evaluation/worstcase.py, evaluation/checks.py) ---
     from esq_lightning.attacks import pairing_attack_params
-    from esq_lightning.errors import EvaluationFailed
     from esq_lightning.evaluation.checks import Thresholds, evaluation_checks, format_verdict, unattackable_verdict
     from esq_lightning.evaluation.threat import fgsm_factor
 
@@ -240,11 +239,24 @@ def evaluate_and_record(
     print(format_verdict(audit["verdict"], audit["flags"]), flush=True)
     failed = unattackable_verdict(audit)
     if failed:
-        raise EvaluationFailed(f"{failed} ({out / 'results.json'})")
-    if audit["verdict"] != "pass":
+        # The CLI exits non-zero with this line (cli/train.py); train() itself returns the results.
+        print(f"{failed} ({out / 'results.json'})", flush=True)
+    elif audit["verdict"] != "pass":
         print(f"verdict {audit['verdict']}: the robust accuracies above may overstate robustness; run "
               f"esq-eval mode=audit ckpt_path={final_ckpt}", flush=True)
     return results
+
+
+def raise_if_unattackable(results: dict[str, Any]) -> None:
+    """EvaluationFailed (the CLI: one line, exit code 3) when the run's model could not be attacked honestly.
+
+    Not in a multirun: one collapsed job of a sweep is a result of the sweep, not the end of it."""
+    from esq_lightning.errors import EvaluationFailed
+    from esq_lightning.evaluation.checks import unattackable_verdict
+
+    failed = unattackable_verdict(results.get("audit") or {})
+    if failed:
+        raise EvaluationFailed(f"{failed} ({Path(results.get('run_dir', '.')) / 'results.json'})")
 
 
 def _finish_wandb(loggers: list[Any]) -> None:

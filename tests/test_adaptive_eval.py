@@ -22,7 +22,7 @@ from esq_lightning.evaluation.whitebox import attack_budget
 from esq_lightning.evaluation.worstcase import worst_case
 
 EPS = 0.1
-NEW_ATTACKS = ("pgd_margin", "pgd_dlr", "pgd_mt", "pgdpp", "pgd_pairing", "pgd_schedule")
+NEW_ATTACKS = ("pgd_margin", "pgd_dlr", "pgd_mt", "pgd_pp", "pgd_pairing", "pgd_schedule")
 FAST = {"steps": 10}
 
 
@@ -207,7 +207,7 @@ def test_constant_output_and_curve_checks():
     with torch.no_grad():
         constant[1].weight.zero_()
         constant[1].bias.copy_(torch.arange(10.0))
-    x, y = torch.rand(20, 1, 8, 8), torch.arange(20) % 10
+    x, y = torch.rand(60, 1, 8, 8), torch.arange(60) % 10
     ev = evaluate_robustness(constant, x, y, attacks=["pgd20"], eps=EPS, progress=False, on_gradient_error="record")
     names = _flag_names(evaluation_checks(constant, x, y, ev, "linf", EPS))
     assert {"constant_output", "chance_accuracy", "zero_gradients"} <= names
@@ -281,9 +281,11 @@ def test_unattackable_training_run_writes_results_and_fails_in_one_line(tmp_path
     build = train_mod.build_network
     monkeypatch.setattr(train_mod, "build_network", lambda m, q: nn.Sequential(RoundInput(), build(m, q)))
     cfg = compose_config("train", [*TRAIN, "trainer.max_epochs=1", "eval.attacks=[fgsm,pgd20]"], tmp_path)
+    results, _ = train_mod.train(cfg)
     with pytest.raises(EvaluationFailed, match="cannot be attacked honestly"):
-        train_mod.train(cfg)
+        train_mod.raise_if_unattackable(results)  # what esq-train does with it: one line, exit code 3
     res = json.loads((tmp_path / "results.json").read_text())
+    assert res == results
     assert res["audit"]["verdict"] == "fail" and res["clean_acc"] > 0.3
     assert {"zero_gradients", "unattackable"} <= {f["name"] for f in res["audit"]["flags"]}
     assert "pgd20" not in res["robust_acc"]

@@ -283,7 +283,7 @@ FAST = {
     "pgd_margin": (0.1, {"steps": 5}),
     "pgd_dlr": (0.1, {"steps": 5}),
     "pgd_mt": (0.1, {"steps": 3, "targets": 2}),
-    "pgdpp": (0.1, {"steps": 5}),
+    "pgd_pp": (0.1, {"steps": 5}),
     "pgd_pairing": (0.1, {"steps": 5}),
     "pgd_schedule": (0.1, {"steps": 3, "restarts": 1, "step_fractions": [0.25]}),
 }

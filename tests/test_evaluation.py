@@ -45,7 +45,7 @@ FAST_PARAMS = {
     "pgd_margin": {"steps": 5},
     "pgd_dlr": {"steps": 5},
     "pgd_mt": {"steps": 3, "targets": 2},
-    "pgdpp": {"steps": 5},
+    "pgd_pp": {"steps": 5},
     "pgd_pairing": {"steps": 5},
     "pgd_schedule": {"steps": 3, "restarts": 1},
 }

@@ -2,7 +2,7 @@
 
 - pgd_margin, pgd_dlr: PGD on the C&W margin / the DLR loss (no softmax to saturate);
 - pgd_mt: multi-targeted PGD, a targeted margin run against each of the top-k other classes;
-- pgdpp: PGD++ (Gupta & Ajanthan 2022), cross-entropy on temperature-scaled logits;
+- pgd_pp: PGD++ (Gupta & Ajanthan 2022), cross-entropy on temperature-scaled logits;
 - pgd_pairing: maximises the model's own ESQ terms, CE + sum_l lambda_l * D_l at its paired layers;
 - pgd_schedule: several step sizes (fractions of eps) x losses x restarts, hundreds of steps (thorough budget).
 
@@ -73,7 +73,7 @@ def _run_loss_pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: 
     return x_adv, {"step_size": step_size_of(p, eps)}
 
 
-def _run_pgdpp(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params) -> tuple[Tensor, Params]:
+def _run_pgd_pp(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params) -> tuple[Tensor, Params]:
     assert eps is not None
     with torch.no_grad():
         logits = model(x)
@@ -195,7 +195,7 @@ ADAPTIVE_ATTACKS: dict[str, AttackSpec] = {
               "PGD on the DLR loss (Croce & Hein 2020): invariant to shift and scale of the logits."),
         _spec("pgd_mt", _run_multitargeted, _pgd_defaults(targets=3),
               "Multi-targeted PGD: a targeted margin run against each of the top-k other classes."),
-        _spec("pgdpp", _run_pgdpp, _pgd_defaults(loss="ce", temperature="auto"),
+        _spec("pgd_pp", _run_pgd_pp, _pgd_defaults(loss="ce", temperature="auto"),
               "PGD++ (Gupta & Ajanthan 2022): CE on logits / T; T 'auto' gives clean logits std 10."),
         _spec("pgd_pairing", _run_pairing,
               _pgd_defaults(loss="ce", layers=["logits"], lambdas=[1.0], p=2, distance="relative_l2"),

@@ -36,18 +36,18 @@ from esq_lightning.evaluation.checks import (
 BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "fgsm": {}, "pgd20": {}, "pgd_margin": {"steps": 20}, "pgd_dlr": {"steps": 20},
-        "pgdpp": {"steps": 20}, "pgd_pairing": {"steps": 20},
+        "pgd_pp": {"steps": 20}, "pgd_pairing": {"steps": 20},
     },
     "standard": {
         "fgsm": {}, "pgd20": {}, "pgd100": {"restarts": 2},
         "pgd_margin": {"steps": 100, "restarts": 2}, "pgd_dlr": {"steps": 100, "restarts": 2},
-        "pgd_mt": {"steps": 50, "targets": 3}, "pgdpp": {"steps": 100}, "pgd_pairing": {"steps": 100},
+        "pgd_mt": {"steps": 50, "targets": 3}, "pgd_pp": {"steps": 100}, "pgd_pairing": {"steps": 100},
         "square": {"n_queries": 1000}, "autoattack": {},
     },
     "thorough": {
         "fgsm": {}, "pgd20": {}, "pgd100": {"restarts": 5},
         "pgd_margin": {"steps": 200, "restarts": 5}, "pgd_dlr": {"steps": 200, "restarts": 5},
-        "pgd_mt": {"steps": 100, "targets": 9}, "pgdpp": {"steps": 200, "restarts": 5},
+        "pgd_mt": {"steps": 100, "targets": 9}, "pgd_pp": {"steps": 200, "restarts": 5},
         "pgd_pairing": {"steps": 200, "restarts": 5},
         "pgd_schedule": {"steps": 200, "restarts": 5}, "square": {"n_queries": 5000}, "autoattack": {},
     },

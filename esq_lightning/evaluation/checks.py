@@ -46,7 +46,7 @@ FLAGS: dict[str, str] = {
 
 # Multi-step cross-entropy attacks (FGSM is one step: comparing it with a 20-step margin PGD says nothing of the loss)
 CE_ATTACKS = ("pgd20", "pgd100")
-SCALE_FREE_ATTACKS = ("pgd_margin", "pgd_dlr", "pgd_mt", "pgdpp", "autoattack")
+SCALE_FREE_ATTACKS = ("pgd_margin", "pgd_dlr", "pgd_mt", "pgd_pp", "autoattack")
 GRADIENT_FREE = ("square", "boundary", "nattack")
 
 
@@ -144,11 +144,14 @@ def probe_flags(probe: Mapping[str, Any], clean_acc: float, th: Thresholds) -> l
         out.append(flag("randomized_forward", f"two forward passes on the same inputs differ by up to "
                         f"{probe['forward_max_abs_diff']:.3g} in the logits: the model is randomized; evaluate "
                         "with expectation over transformation", max_abs_diff=probe["forward_max_abs_diff"]))
-    if probe["n"] > 1 and probe["distinct_predictions"] == 1:
+    k = probe.get("num_classes") or 0
+    # On a handful of inputs one class for all, or chance accuracy, is no evidence (a smoke run's 4 inputs):
+    # these two need at least 5 inputs per class.
+    enough = probe["n"] >= 5 * max(k, 1)
+    if enough and probe["distinct_predictions"] == 1:
         out.append(flag("constant_output", f"every one of {probe['n']} inputs gets the same class: the model has "
                         "collapsed to a constant output", distinct_predictions=1))
-    k = probe.get("num_classes") or 0
-    if k and clean_acc <= 1.0 / k + th.chance_margin:
+    if enough and k and clean_acc <= 1.0 / k + th.chance_margin:
         out.append(flag("chance_accuracy", f"clean accuracy {_pct(clean_acc)} is at chance ({_pct(1.0 / k)})",
                         clean_acc=clean_acc, chance=1.0 / k))
     return out
@@ -197,9 +200,12 @@ def attack_flags(ev: Mapping[str, Any], norm: str, eps: float, th: Thresholds) -
     for check, entries in ((ev.get("gradient_masking") or {}).get("checks") or {}).items():
         for e in entries:
             if e.get("flagged") and check in FLAGS:
-                what = e.get("weaker") or e.get("attack")
-                out.append(flag(check, f"{check}: {what} (masking report)", **{k: v for k, v in e.items()
-                                                                                  if k != "flagged"}))
+                if "weaker" in e:
+                    what = (f"{e['weaker']} {_pct(e['weaker_acc'])} below {e['stronger']} {_pct(e['stronger_acc'])}"
+                            " (the masking report)")
+                else:
+                    what = f"{e.get('attack')} {_pct(e.get('acc', 0.0))} equals clean accuracy (the masking report)"
+                out.append(flag(check, what, **{k: v for k, v in e.items() if k != "flagged"}))
     return out
 
 
