@@ -289,3 +289,19 @@ def test_unattackable_training_run_writes_results_and_fails_in_one_line(tmp_path
     assert res["audit"]["verdict"] == "fail" and res["clean_acc"] > 0.3
     assert {"zero_gradients", "unattackable"} <= {f["name"] for f in res["audit"]["flags"]}
     assert "pgd20" not in res["robust_acc"]
+
+
+def test_transfer_refuses_minimum_norm_attacks_and_amplification_says_where_it_measures(trained):
+    from esq_lightning.evaluate import check_transfer_attack
+    from esq_lightning.errors import ESQUserError
+    from esq_lightning.evaluation import measured_at, transfer_matrix
+    from esq_lightning.models import MODELS
+
+    model, x, y = trained
+    with pytest.raises(ValueError, match="minimum-norm"):
+        transfer_matrix([model], ["m"], x[:4], y[:4], attack="ddn", eps=0.05, progress=False)
+    with pytest.raises(ESQUserError, match="eval.transfer.attack: cw is a minimum-norm attack"):
+        check_transfer_attack("cw")
+    check_transfer_attack("pgd20")
+    assert "no ReLU follows the add" in measured_at(MODELS["preact_resnet18"](num_classes=10))
+    assert measured_at(MODELS["resnet20"](num_classes=10)) == "after the add and ReLU"
