@@ -24,6 +24,7 @@ from esq_lightning.evaluation import (
     format_flags,
     markdown_table,
     module_names,
+    measured_at,
     plot_amplification,
     plot_blackbox,
     transfer_matrix,
@@ -36,7 +37,7 @@ from esq_lightning.results import SCHEMA_VERSION, build_results, print_results
 from esq_lightning.utils import atomic_write_json, atomic_write_text, set_threads
 from esq_lightning.versions import package_versions
 
-MODES = ("whitebox", "transfer", "amplification", "blackbox")
+MODES = ("whitebox", "transfer", "amplification", "blackbox", "audit")
 
 
 def run_config_with_eval(train_config: dict[str, Any], cfg: DictConfig) -> DictConfig:
@@ -44,7 +45,12 @@ def run_config_with_eval(train_config: dict[str, Any], cfg: DictConfig) -> DictC
     from esq_lightning.schema import validate_eval_config
 
     overrides = OmegaConf.create({"eval": cfg.eval, "data": cfg.get("data") or {}, "task_name": "eval"})
-    run_cfg = OmegaConf.merge(OmegaConf.create(train_config), overrides)
+    base = OmegaConf.create(train_config)
+    # The evaluation's own attack parameters replace the training run's: a checkpoint's stored (resolved)
+    # eval.params.fgsm.eps or step sizes would otherwise pin budgets that eval.eps no longer decides.
+    if base.get("eval") is not None and "params" in base.eval:
+        base.eval.params = {}
+    run_cfg = OmegaConf.merge(base, overrides)
     # A typo or bad value in eval.* / data.* fails here in one line, before any data is read.
     validate_eval_config(cfg, run_cfg)
     return run_cfg
@@ -192,6 +198,14 @@ def check_attack_names(names: Sequence[str], key: str) -> None:
             raise ESQUserError(f"{key}: unknown attack '{name}'; allowed: {', '.join(ATTACKS)}")
 
 
+def check_transfer_attack(name: str) -> None:
+    """The transfer matrix needs examples within the budget: minimum-norm attacks (DDN, C&W, Boundary) are refused."""
+    if ATTACKS[name].kind != "budgeted":
+        budgeted = [n for n, s in ATTACKS.items() if s.kind == "budgeted"]
+        raise ESQUserError(f"eval.transfer.attack: {name} is a minimum-norm attack (its examples are not limited to "
+                           f"eps, so the matrix would not be accuracy at the budget); allowed: {', '.join(budgeted)}")
+
+
 @with_checkpoint_trust
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation `cfg.mode` asks for; returns the record it wrote into the Hydra run directory."""
@@ -203,8 +217,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_eval_loggers(cfg)  # logger=wandb|tensorboard (evaluation/loggers.py): a missing login fails here
     if mode == "whitebox":
         return evaluate_whitebox(cfg, out)
+    if mode == "audit":
+        from esq_lightning.evaluation.audit import evaluate_audit
+
+        return evaluate_audit(cfg, out)
     if mode == "transfer":
         check_attack_names([str(cfg.eval.transfer.attack)], "eval.transfer.attack")
+        check_transfer_attack(str(cfg.eval.transfer.attack))
     loaded = load_checkpoints(checkpoint_paths(cfg, mode), mode)
     # eps, attack parameters and data resolve against the first checkpoint's config (the models share the data).
     run_cfg = run_config_with_eval(loaded[0].train_config, cfg)
@@ -228,25 +247,40 @@ def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
     datamodule = build_datamodule(run_cfg.data, seed=int(train_config["seed"]))
     datamodule.setup("test")
     x, y = datamodule.test_tensors()
+    # --- worst case, checks and verdict (evaluation/checks.py); pgd_pairing at the checkpoint's own pairing ---
+    from esq_lightning.attacks import pairing_attack_params
+    from esq_lightning.evaluation.checks import Thresholds, evaluation_checks, format_verdict
+    from esq_lightning.evaluation.threat import fgsm_factor
+
     params = OmegaConf.to_container(run_cfg.eval.get("params") or {}, resolve=True)
-    # Per-(attack, batch) results in <run dir>/eval_state, read back when the same command runs again there.
+    params["pgd_pairing"] = {**pairing_attack_params(train_config), **(params.get("pgd_pairing") or {})}
+    norm = str(run_cfg.eval.get("norm", "linf"))
+    factor = fgsm_factor(run_cfg)
+    # Per-(attack, batch) results in <run dir>/eval_state, read back when the same command runs again there. The
+    # threat model (norm, FGSM's eps factor) is part of what the batches depend on.
     store = open_store(out, evaluation_identity(
-        cfg.ckpt_path, x, y, list(run_cfg.eval.attacks), float(run_cfg.eval.eps), params, run_cfg.eval.n_samples,
+        cfg.ckpt_path, x, y, list(run_cfg.eval.attacks), float(run_cfg.eval.eps),
+        {**params, "_threat_model": {"norm": norm, "fgsm_factor": factor}}, run_cfg.eval.n_samples,
         int(run_cfg.eval.batch_size), int(cfg.seed)), cfg.get("resume", "auto"), shard)
     ev = evaluate_robustness(
         model, x, y, attacks=list(run_cfg.eval.attacks), eps=float(run_cfg.eval.eps), params=params,
         n_samples=run_cfg.eval.n_samples, batch_size=int(run_cfg.eval.batch_size), device=shard.device,
         seed=int(cfg.seed), progress=bool(cfg.get("progress", True)) and shard.is_main,
         masking_tolerance=float((run_cfg.eval.get("masking") or {}).get("tolerance", 0.01)),
-        store=store, shard=shard,
+        store=store, shard=shard, norm=norm, on_gradient_error="record", fgsm_factor=factor,
     )
+    if shard.is_main:  # the checks run once, on the merged masks; rank 0 writes and prints the results
+        ev["audit"] = evaluation_checks(model, x, y, ev, norm, float(run_cfg.eval.eps),
+                                        Thresholds.from_config(run_cfg.eval.get("checks")), device=shard.device,
+                                        batch_size=int(run_cfg.eval.batch_size), seed=int(cfg.seed))
     results = build_results(run_cfg, ev, checkpoint=str(cfg.ckpt_path), run_dir=str(out), mode="whitebox",
                             gradient_masking=ev["gradient_masking"], processes=shard.world_size)
     if not shard.is_main:
-        return results  # rank 0 writes and prints the merged results
+        return results
     atomic_write_json(out / "results.json", results)
     print_results(results)
     print(format_flags(ev["gradient_masking"]), flush=True)
+    print(format_verdict(ev["audit"]["verdict"], ev["audit"]["flags"]), flush=True)
     write_model_info(cfg, results, train_config, out)
     log_evaluation(cfg, "whitebox", results, [train_config], out=out)
     return results
@@ -295,7 +329,7 @@ def evaluate_amplification(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequenc
             norm=str(ev.get("norm", "linf")), batch_size=int(ev.batch_size), device=default_device(),
             seed=int(cfg.seed), modules=names, progress=bool(cfg.get("progress", True)),
         )
-        curves.append({"label": item.label, "checkpoint": item.path, **curve})
+        curves.append({"label": item.label, "checkpoint": item.path, "measured_at": measured_at(item.model), **curve})
     attack = curves[0]["attack"]
     title = (f"{run_cfg.data.name}: {steps}-step PGD, {attack['norm']} eps={eps:.4g}, "
              f"{len(y)} test inputs, eval mode, ratio 1")
@@ -303,7 +337,8 @@ def evaluate_amplification(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequenc
     record = {**_header("amplification", cfg, run_cfg, loaded, out, len(y)), "attack": attack,
               "threat_model": {"norm": attack["norm"], "eps": eps},
               "definition": "D_l = mean over inputs of ||F_l(x) - F_l(x_adv)||_2 / ||F_l(x)||_2, F_l the output of "
-                            "residual module l (after the add and ReLU), x_adv from PGD against the measured model",
+                            "residual module l (where, per model family: each curve's measured_at), x_adv from PGD "
+                            "against the measured model",
               "curves": curves, "figure": str(png)}
     atomic_write_json(out / "amplification.json", record)
     for curve in curves:

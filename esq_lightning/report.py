@@ -21,7 +21,8 @@ from esq_lightning.runs import iter_results, read_json_record
 PAPER_SETTINGS = ["NF", "AF", "NVB", "NEB", "AVB", "AEB", "AET", "NVT", "NET", "AVT", "NAB", "NAT", "AAB", "AAT"]
 # The extra JSON files esq-eval's multi-model modes write (docs/evaluation.md).
 EXTRA_FILES = ("transfer.json", "amplification.json", "blackbox.json")
-ATTACK_TITLES = {"fgsm": "FGSM", "pgd20": "PGD-20", "pgd100": "PGD-100", "ddn": "DDN", "cw": "C&W",
+ATTACK_TITLES = {"worst_case": "worst case", "pgd_margin": "PGD-margin", "pgd_dlr": "PGD-DLR", "pgd_mt": "PGD-MT",
+                 "pgd_pp": "PGD++", "pgd_pairing": "PGD-pairing", "pgd_schedule": "PGD-schedule", "fgsm": "FGSM", "pgd20": "PGD-20", "pgd100": "PGD-100", "ddn": "DDN", "cw": "C&W",
                  "boundary": "Boundary", "nattack": "N Attack", "square": "Square", "autoattack": "AutoAttack"}
 # Hydra overrides that never tell two configurations apart: they change per seed, or only where and how a job runs.
 IGNORED_OVERRIDES = ("seed", "ckpt_path", "ckpts", "init_from", "threads", "progress", "tags", "sweep",
@@ -156,9 +157,11 @@ def build_tables(records: Iterable[tuple[Path, dict[str, Any]]], task: str) -> l
     for (dataset, model, norm, eps), items in sorted(groups.items()):
         columns: list[str] = []
         for _, res in items:
-            for name in res.get("robust_acc") or {}:
+            for name in _robust_columns(res, eps):
                 if name not in columns:
                     columns.append(name)
+        # The per-sample worst case is the headline: first, whatever order the runs listed their attacks in.
+        columns.sort(key=lambda c: c != "worst_case")
         # Rows: runs with the same label and configuration (all but the seed) are one row.
         by_label: dict[str, list[tuple[Path, dict[str, Any], dict[str, str]]]] = {}
         for run_dir, res in items:
@@ -178,7 +181,7 @@ def build_tables(records: Iterable[tuple[Path, dict[str, Any]]], task: str) -> l
                 name = label + (" (" + ", ".join(f"{k}={val}" for k, val in variant.items()) + ")" if variant else "")
                 cells = {"clean": Cell([float(r["clean_acc"]) for _, r in runs])}
                 for col in columns:
-                    vals = [float(r["robust_acc"][col]) for _, r in runs if col in (r.get("robust_acc") or {})]
+                    vals = [float(v) for _, r in runs for c, v in _robust_columns(r, eps).items() if c == col]
                     if vals:
                         cells[col] = Cell(vals)
                 rows.append(Row(name, cells, [str(d) for d, _ in runs], [int(r.get("seed", 0)) for _, r in runs],
@@ -186,6 +189,28 @@ def build_tables(records: Iterable[tuple[Path, dict[str, Any]]], task: str) -> l
         n_samples = sorted({int(r["n_samples"]) for _, r in items if r.get("n_samples") is not None})
         tables.append(Table(task, dataset, model, norm, eps, columns, rows, n_samples))
     return tables
+
+
+def _robust_columns(res: dict[str, Any], eps: float) -> dict[str, float]:
+    """robust_acc keyed by column: an attack that ran at another eps than the table's threat model (FGSM at 2x eps)
+    is its own column, `name (eps=...)`, so a column's eps is always its header's."""
+    out: dict[str, float] = {}
+    for name, value in (res.get("robust_acc") or {}).items():
+        a_eps = ((res.get("attacks") or {}).get(name) or {}).get("eps")
+        norm = ((res.get("attacks") or {}).get(name) or {}).get("norm")
+        tm_norm = (res.get("threat_model") or {}).get("norm", "linf")
+        if name == "worst_case" or a_eps is None or (norm in (None, tm_norm) and math.isclose(float(a_eps), eps,
+                                                                                              rel_tol=1e-6)):
+            out[name] = value
+        else:
+            out[f"{name} ({norm + ' ' if norm and norm != tm_norm else ''}eps={format_eps(float(a_eps))})"] = value
+    return out
+
+
+def attack_title(column: str) -> str:
+    """The header of a column: `FGSM`, or `FGSM (eps=16/255)` for an attack at its own threat model."""
+    base, sep, rest = column.partition(" (")
+    return ATTACK_TITLES.get(base, base) + (sep + rest if sep else "")
 
 
 def find_extras(root: Path, skip: Path | None = None, unreadable: list[tuple[Path, str]] | None = None
@@ -240,7 +265,7 @@ def caption(table: Table) -> str:
 
 
 def table_markdown(table: Table, digits: int = 2) -> str:
-    head = ["setting", "n", "clean", *(ATTACK_TITLES.get(c, c) for c in table.columns)]
+    head = ["setting", "n", "clean", *(attack_title(c) for c in table.columns)]
     lines = [f"### {table.dataset} / {table.model} ({table.norm} eps={format_eps(table.eps)})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table.rows:
@@ -275,7 +300,7 @@ def _latex_eps(eps: float) -> str:
 
 
 def table_latex(table: Table, digits: int = 2) -> str:
-    head = ["Setting", "$n$", "Clean", *(latex_escape(ATTACK_TITLES.get(c, c)) for c in table.columns)]
+    head = ["Setting", "$n$", "Clean", *(latex_escape(attack_title(c)) for c in table.columns)]
     norm = r"$\ell_\infty$" if table.norm == "linf" else (r"$\ell_2$" if table.norm == "l2" else latex_escape(table.norm))
     ns = ", ".join(str(n) for n in table.n_samples) or "?"
     cap = (f"{latex_escape(table.dataset)} / {latex_escape(table.model)}: accuracy (\\%) under {norm} "

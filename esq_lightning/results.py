@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 import esq_lightning
 from esq_lightning.versions import package_versions
+from esq_lightning.evaluation.threat import threat_model
 
 SCHEMA_VERSION = 1
 
@@ -56,10 +57,14 @@ def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str
         "clean_acc": ev["clean_acc"],
         "robust_acc": ev["robust_acc"],
         "attacks": ev["attacks"],
-        "threat_model": {"norm": cfg.eval.get("norm", "linf"), "eps": float(cfg.eval.eps)},
+        "threat_model": threat_model(cfg, ev["attacks"]),
         "train_threat_model": train_threat_model(cfg),
         "n_samples": ev["n_samples"],
         "eval_sq_ratio": 1.0,
+        # The per-sample worst case at the threat model (evaluation/worstcase.py): robust_acc.worst_case and which
+        # attacks entered it; the checks' verdict and flags (evaluation/checks.py) when they ran.
+        **({"worst_case": ev["worst_case"]} if ev.get("worst_case") else {}),
+        **({"audit": ev["audit"]} if ev.get("audit") else {}),
         **extra,
     }
 
@@ -73,7 +78,13 @@ def format_table(results: dict[str, Any]) -> str:
     for name, acc in results["robust_acc"].items():
         eps = results["attacks"].get(name, {}).get("eps")
         label = f"{name} acc" + (f" (eps={eps:.4g})" if isinstance(eps, (int, float)) else "")
+        if name == "worst_case" and results.get("worst_case"):
+            label = f"worst_case acc (all {len(results['worst_case']['attacks'])} attacks at the threat model)"
         rows.append((label, f"{acc:.4f}"))
+    audit = results.get("audit") or {}
+    if audit.get("verdict"):
+        rows.append(("verdict", f"{audit['verdict']}" + (f" ({', '.join(f['name'] for f in audit.get('flags', []))})"
+                                                         if audit.get("flags") else "")))
     for key in ("epochs", "train_seconds", "checkpoint"):
         if key in results:
             value = results[key]

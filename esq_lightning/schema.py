@@ -490,6 +490,11 @@ class EvalConfig(Schema):
     transfer: Optional[TransferEvalConfig] = spec(None)
     amplification: Optional[AmplificationEvalConfig] = spec(None)
     blackbox: Optional[BlackboxEvalConfig] = spec(None)
+    # The threat model's FGSM budget and the audit (docs/evaluation.md, evaluation/threat.py, evaluation/audit.py)
+    fgsm_factor: Optional[float] = spec(None, gt=0)
+    budget: str = spec("standard", choices=("quick", "standard", "thorough"))
+    checks: Optional[dict[str, Any]] = spec(None)
+    audit: Optional[dict[str, Any]] = spec(None)
 
     @classmethod
     def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
@@ -557,9 +562,9 @@ class TrainConfig(Schema):
                                "random_start=true, or method=natural")
         metric = node.get("optimized_metric")
         attacks = [str(a) for a in (node.eval.get("attacks") or [])]
-        if metric and str(metric).startswith("robust_acc.") and str(metric).split(".", 1)[1] not in attacks:
+        if metric and str(metric).startswith("robust_acc.") and str(metric).split(".", 1)[1] not in [*attacks, "worst_case"]:
             raise ESQUserError(f"optimized_metric: {metric} names an attack that eval.attacks does not run "
-                               f"({', '.join(attacks) or 'none'}); allowed: robust_acc.<one of eval.attacks>, clean_acc")
+                               f"({', '.join(attacks) or 'none'}); allowed: robust_acc.<one of eval.attacks>, robust_acc.worst_case, clean_acc")
         ctx.later.append(lambda: _check_setting(node))
         ctx.later.append(lambda: _check_paths(node))
         ctx.final.append(lambda: _check_model_and_pairing(node))
@@ -585,7 +590,7 @@ class EvalRunConfig(Schema):
     """conf/eval.yaml (esq-eval)."""
 
     task_name: str = spec("eval")
-    mode: str = spec("whitebox", choices=("whitebox", "transfer", "amplification", "blackbox"))
+    mode: str = spec("whitebox", choices=("whitebox", "transfer", "amplification", "blackbox", "audit"))
     ckpt_path: Optional[str] = spec(None)
     ckpts: list[str] = spec(None)
     trust_checkpoint: bool = spec(False)
@@ -969,7 +974,8 @@ def _check_attack_params(params: Any, key: str, budgeted: bool = True) -> None:
             rule = _ATTACK_PARAM_RULES.get(p)
             if p == "eps" and str(norm).lower() in ("linf", "inf"):
                 rule = Rule(gt=0, le=1, note="an L_inf radius within the input range [0, 1]")
-            if rule is not None:
+            # null: the attack's default (eps from the threat model, step_size from step_fraction x eps)
+            if rule is not None and value is not None:
                 _check_value(value, int if rule.ge == 1 else float, rule, f"{pkey}.{p}")
 
 
@@ -979,6 +985,8 @@ _ATTACK_PARAM_RULES = {
     "step_size": Rule(gt=0),
     "stepsize": Rule(gt=0),
     "restarts": Rule(ge=1),
+    "step_fraction": Rule(gt=0),
+    "targets": Rule(ge=1),
     "max_iter": Rule(ge=1),
     "population": Rule(ge=1),
     "n_queries": Rule(ge=1),

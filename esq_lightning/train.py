@@ -190,6 +190,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     wandb_env = snapshot_wandb_env()
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg, has_logger=bool(loggers))
+    # Collapse to a constant output, and a run ending far below its start, are named (callbacks/collapse.py).
+    from esq_lightning.callbacks.collapse import CollapseMonitor
+
+    collapse_monitor = CollapseMonitor()
+    callbacks.append(collapse_monitor)
+    module.training_flags = []
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         callbacks=callbacks,
@@ -206,6 +212,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         train_seconds = time.perf_counter() - start
+        val_acc = trainer.callback_metrics.get("val/clean_acc")
+        module.training_flags = collapse_monitor.flags(float(val_acc) if val_acc is not None else None)
         final_ckpt = out / "checkpoints" / "final.ckpt"
         trainer.save_checkpoint(final_ckpt)
         results: dict[str, Any] = {}
@@ -225,11 +233,28 @@ def evaluate_and_record(
     datamodule.setup("test")
     x, y = datamodule.test_tensors()
     model = getattr(module.model, "_orig_mod", module.model)
+    # --- worst case, checks and verdict (evaluation/worstcase.py, evaluation/checks.py) ---
+    from esq_lightning.attacks import pairing_attack_params
+    from esq_lightning.evaluation.checks import Thresholds, evaluation_checks, format_verdict, unattackable_verdict
+    from esq_lightning.evaluation.threat import fgsm_factor
+
+    params = OmegaConf.to_container(cfg.eval.get("params") or {}, resolve=True)
+    params["pgd_pairing"] = {**pairing_attack_params(OmegaConf.to_container(cfg, resolve=True)),
+                             **(params.get("pgd_pairing") or {})}
+    norm = str(cfg.eval.get("norm", "linf"))
     ev = evaluate_robustness(
         model, x, y, attacks=list(cfg.eval.attacks), eps=float(cfg.eval.eps),
-        params=OmegaConf.to_container(cfg.eval.get("params") or {}, resolve=True), n_samples=cfg.eval.n_samples,
+        params=params, n_samples=cfg.eval.n_samples,
         batch_size=int(cfg.eval.batch_size), device=module.device, seed=int(cfg.seed),
+        norm=norm, on_gradient_error="record", fgsm_factor=fgsm_factor(cfg),
     )
+    ev["audit"] = evaluation_checks(model, x, y, ev, norm, float(cfg.eval.eps),
+                                    Thresholds.from_config(cfg.eval.get("checks")), device=module.device,
+                                    batch_size=int(cfg.eval.batch_size), seed=int(cfg.seed))
+    ev["audit"]["flags"] += getattr(module, "training_flags", [])
+    from esq_lightning.evaluation.checks import verdict as _verdict
+
+    ev["audit"]["verdict"] = _verdict(ev["audit"]["flags"])
     results = build_results(cfg, ev, gradient_masking=ev.get("gradient_masking"), epochs=trainer.current_epoch, train_seconds=train_seconds,
                             checkpoint=str(final_ckpt), run_dir=str(out), **packed_size(model),
                             val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
@@ -239,7 +264,28 @@ def evaluate_and_record(
                             **{f"test/{k}_acc": v for k, v in results["robust_acc"].items()}})
     log_results_table(loggers, results)
     print_results(results)
+    audit = results["audit"]
+    print(format_verdict(audit["verdict"], audit["flags"]), flush=True)
+    failed = unattackable_verdict(audit)
+    if failed:
+        # The CLI exits non-zero with this line (cli/train.py); train() itself returns the results.
+        print(f"{failed} ({out / 'results.json'})", flush=True)
+    elif audit["verdict"] != "pass":
+        print(f"verdict {audit['verdict']}: the robust accuracies above may overstate robustness; run "
+              f"esq-eval mode=audit ckpt_path={final_ckpt}", flush=True)
     return results
+
+
+def raise_if_unattackable(results: dict[str, Any]) -> None:
+    """EvaluationFailed (the CLI: one line, exit code 3) when the run's model could not be attacked honestly.
+
+    Not in a multirun: one collapsed job of a sweep is a result of the sweep, not the end of it."""
+    from esq_lightning.errors import EvaluationFailed
+    from esq_lightning.evaluation.checks import unattackable_verdict
+
+    failed = unattackable_verdict(results.get("audit") or {})
+    if failed:
+        raise EvaluationFailed(f"{failed} ({Path(results.get('run_dir', '.')) / 'results.json'})")
 
 
 def _finish_wandb(loggers: list[Any]) -> None:

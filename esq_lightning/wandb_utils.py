@@ -78,6 +78,11 @@ def results_row(results: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
               results.get("method"), results.get("quant"), results.get("bits"), results.get("seed"), tm.get("norm"),
               tm.get("eps"), results.get("n_samples"), results.get("clean_acc"),
               *(float(v) for v in (results.get("robust_acc") or {}).values())]
+    # robust_acc starts with worst_case (results/worst_case_acc in the summary); the verdict of the checks follows.
+    audit = results.get("audit") or {}
+    if audit.get("verdict"):
+        columns += ["verdict", "flags"]
+        values += [audit["verdict"], ", ".join(sorted({f["name"] for f in audit.get("flags") or []}))]
     return columns, values
 
 

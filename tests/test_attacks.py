@@ -280,6 +280,12 @@ FAST = {
     "nattack": (1.5, {"max_iter": 20, "population": 40}),
     "square": (0.15, {"n_queries": 100}),
     "autoattack": (0.3, {}),
+    "pgd_margin": (0.1, {"steps": 5}),
+    "pgd_dlr": (0.1, {"steps": 5}),
+    "pgd_mt": (0.1, {"steps": 3, "targets": 2}),
+    "pgd_pp": (0.1, {"steps": 5}),
+    "pgd_pairing": (0.1, {"steps": 5}),
+    "pgd_schedule": (0.1, {"steps": 3, "restarts": 1, "step_fractions": [0.25]}),
 }
 
 
@@ -331,14 +337,21 @@ def test_registry_attack_contract(tiny, name):
     assert p["attack"] == name and p["kind"] == spec.kind and p["norm"] == spec.norm
     assert p["eps"] == eps and p["n_inputs"] == 12
     assert p["library"] == spec.library and p["library_version"]
-    assert all(p[k] == v for k, v in {**spec.defaults, **params}.items() if k != "norm")
+    # step_size null means step_fraction x eps: the record holds the step that ran.
+    resolved = {**spec.defaults, **params}
+    if "step_size" in resolved and resolved["step_size"] is None and name != "pgd_schedule":
+        resolved["step_size"] = resolved["step_fraction"] * eps
+        assert p["step_size"] == pytest.approx(resolved["step_size"])
+    assert all(p[k] == v for k, v in resolved.items() if k not in ("norm", "step_size")), p
 
 
 def test_registry_defaults_follow_the_paper():
     assert ATTACKS["fgsm"].default_eps == pytest.approx(16 / 255)
     pgd20 = ATTACKS["pgd20"]
     assert pgd20.default_eps == pytest.approx(8 / 255)
-    assert pgd20.defaults["steps"] == 20 and pgd20.defaults["step_size"] == pytest.approx(2 / 255)
+    # The step is a fraction of eps: 2/255 at 8/255, exactly (a power-of-two fraction).
+    assert pgd20.defaults["steps"] == 20 and pgd20.defaults["step_size"] is None
+    assert pgd20.defaults["step_fraction"] * (8 / 255) == 2 / 255
     assert pgd20.defaults["random_start"]
     assert ATTACKS["pgd100"].defaults["steps"] == 100
     assert ATTACKS["pgd100"].defaults["restarts"] == 5

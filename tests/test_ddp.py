@@ -57,7 +57,10 @@ def test_ddp_cpu_ranks_draw_identical_sq_masks(tmp_path: Path, quant: list[str])
     proc = esq_train([*TINY, *quant, "trainer=ddp_cpu", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
                       "+callbacks.sq_probe._target_=tests.test_ddp.SQHashProbe", f"+callbacks.sq_probe.out_dir={probe}",
                       f"hydra.run.dir={tmp_path / 'run'}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Six steps of ESQ from scratch may leave a constant output: esq-train then exits 3 after writing
+    # results.json, with one line (the verdict of evaluation/checks.py); anything else is a failure.
+    assert proc.returncode == 0 or (proc.returncode == 3 and "cannot be attacked honestly" in proc.stderr), \
+        proc.stderr[-3000:]
     rank0 = (probe / "rank0.txt").read_text().splitlines()
     rank1 = (probe / "rank1.txt").read_text().splitlines()
     assert len(rank0) == 6  # 2 epochs x 3 batches on each rank

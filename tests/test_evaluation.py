@@ -42,6 +42,12 @@ FAST_PARAMS = {
     "nattack": {"max_iter": 20, "population": 40},
     "square": {"n_queries": 100},
     "autoattack": {"eps": 0.3},
+    "pgd_margin": {"steps": 5},
+    "pgd_dlr": {"steps": 5},
+    "pgd_mt": {"steps": 3, "targets": 2},
+    "pgd_pp": {"steps": 5},
+    "pgd_pairing": {"steps": 5},
+    "pgd_schedule": {"steps": 3, "restarts": 1},
 }
 
 
@@ -87,8 +93,13 @@ def test_whitebox_every_attack_records_params_and_never_beats_clean(ckpts, tmp_p
     assert on_disk == json.loads(json.dumps(results))
     assert on_disk["task"] == "eval" and on_disk["mode"] == "whitebox" and on_disk["n_samples"] == 12
     assert on_disk["clean_acc"] > 0.5
-    assert list(on_disk["robust_acc"]) == list(ATTACKS)
-    for name, acc in on_disk["robust_acc"].items():
+    # The per-sample worst case comes first, then every attack in the order asked.
+    assert list(on_disk["robust_acc"]) == ["worst_case", *ATTACKS]
+    attacks_acc = {k: v for k, v in on_disk["robust_acc"].items() if k != "worst_case"}
+    at_eps = [k for k in on_disk["worst_case"]["attacks"]]
+    assert on_disk["robust_acc"]["worst_case"] <= min(attacks_acc[k] for k in at_eps)
+    assert "ddn" not in at_eps and "autoattack" not in at_eps  # L2 1.0 and L_inf 0.3: other threat models
+    for name, acc in attacks_acc.items():
         record = on_disk["attacks"][name]
         assert record["attack"] == name and record["n_inputs"] == 12
         assert 0.0 <= acc <= on_disk["clean_acc"], name
@@ -340,4 +351,4 @@ def test_unknown_mode_is_one_line_on_stderr(tmp_path, capsys):
         user_errors_as_one_line(evaluate)(cfg)  # what esq-eval wraps its main in
     assert info.value.code == 2
     assert capsys.readouterr().err == ("error: mode=attackall: unknown evaluation mode; allowed: whitebox, "
-                                       "transfer, amplification, blackbox\n")
+                                       "transfer, amplification, blackbox, audit\n")

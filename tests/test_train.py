@@ -69,8 +69,11 @@ def test_default_experiment_writes_results_json(tmp_path: Path) -> None:
     assert RESULT_KEYS <= set(results)
     assert (results["dataset"], results["model"], results["method"], results["quant"]) == ("digits", "small_cnn", "esq", "bwn")
     assert 0.0 <= results["clean_acc"] <= 1.0
-    assert set(results["robust_acc"]) == {"fgsm", "pgd20"}
+    # The per-sample worst case over the attack list heads robust_acc; the verdict of the checks is recorded.
+    assert list(results["robust_acc"]) == ["worst_case", "fgsm", "pgd20"]
     assert all(0.0 <= v <= results["clean_acc"] for v in results["robust_acc"].values())
+    assert results["robust_acc"]["worst_case"] <= min(results["robust_acc"]["fgsm"], results["robust_acc"]["pgd20"])
+    assert results["audit"]["verdict"] in ("pass", "warn", "fail")
     assert results["threat_model"]["norm"] == "linf" and results["threat_model"]["eps"] > 0
     assert results["epochs"] == 2 and results["train_seconds"] > 0
     assert Path(results["checkpoint"]).is_file()

@@ -11,12 +11,16 @@ from esq_lightning.attacks.registry import (
     accuracy_curve,
     run_attack,
 )
+from esq_lightning.attacks.adaptive import ADAPTIVE_ATTACKS, pairing_attack_params
 from esq_lightning.attacks.utils import (
     GradientCheckError,
     check_gradients,
     frozen_eval,
     perturbation_norms,
 )
+
+# The attacks of attacks/adaptive.py join the evaluation registry (one dict: run_attack sees them too).
+ATTACKS.update(ADAPTIVE_ATTACKS)
 
 __all__ = [
     "ATTACKS",
@@ -30,6 +34,7 @@ __all__ = [
     "fgsm",
     "frozen_eval",
     "nattack",
+    "pairing_attack_params",
     "perturbation_norms",
     "pgd",
     "run_attack",

@@ -72,15 +72,21 @@ def pgd(
     steps: int,
     norm: str = "linf",
     random_start: bool = True,
-    loss_fn: LossFn | None = None,
+    loss_fn: LossFn | str | None = None,
     generator: torch.Generator | None = None,
+    keep_best: bool = False,
 ) -> Tensor:
     """Untargeted PGD maximising loss_fn(model(x_adv), y) within the eps-ball and the [0, 1] box.
 
     L_inf steps by step_size * sign(grad); L2 steps by step_size * grad / ||grad||_2 per sample and
     projects onto the L2 ball. The random start is uniform in the L_inf ball, or uniform in the
     volume of the L2 ball, drawn with `generator` when given. loss_fn defaults to the summed
-    cross-entropy; pass a closure that ignores y for TRADES (KL to the clean prediction).
+    cross-entropy; pass a closure that ignores y for TRADES (KL to the clean prediction), or a name
+    of esq_lightning.attacks.losses (`ce`, `margin`, `dlr`) for the evaluation attacks.
+
+    keep_best (evaluation): return, per sample, the first iterate the model misclassifies (as y), or
+    the last iterate where none is; the check reuses the logits of each step, so costs nothing. The
+    default (False) returns the last iterate, as training always has.
 
     The model is attacked in eval mode with frozen parameters (BatchNorm uses and keeps its running
     statistics; parameter .grad is untouched) and every module's mode is restored afterwards. Works
@@ -89,6 +95,10 @@ def pgd(
     norm = canonical_norm(norm)
     if eps < 0 or steps < 0:
         raise ValueError(f"eps and steps must be non-negative, got eps={eps}, steps={steps}")
+    if isinstance(loss_fn, str):
+        from esq_lightning.attacks.losses import get_loss
+
+        loss_fn = get_loss(loss_fn)
     loss_fn = _ce_sum if loss_fn is None else loss_fn
     with grad_enabled():
         x0 = as_autograd_input(x)
@@ -99,11 +109,15 @@ def pgd(
             x_adv = x0.clone()
         if steps == 0:
             return x_adv.detach()
+        best = found = None
         # Weights cannot change during the attack: quantized layers quantize once, not on every step.
         with frozen_eval(model), frozen_quant_weights(model):
             for _ in range(steps):
                 x_adv.requires_grad_(True)
-                loss = loss_fn(model(x_adv), y0)
+                logits = model(x_adv)
+                if keep_best:
+                    best, found = _keep_first_fooled(best, found, x_adv, logits, y0)
+                loss = loss_fn(logits, y0)
                 # Gradient w.r.t. the input only: nothing accumulates in parameter .grad.
                 (grad,) = torch.autograd.grad(loss, x_adv)
                 with torch.no_grad():
@@ -114,7 +128,24 @@ def pgd(
                         step = grad / _view_per_sample(g_norm, grad)
                     delta = _project(x_adv + step_size * step - x0, eps, norm)
                     x_adv = (x0 + delta).clamp(0.0, 1.0)
+            if keep_best:
+                with torch.no_grad():
+                    best, found = _keep_first_fooled(best, found, x_adv, model(x_adv), y0)
+                x_adv = torch.where(_view_per_sample(found, x_adv), best, x_adv)
     return x_adv.detach()
+
+
+def _keep_first_fooled(
+    best: Tensor | None, found: Tensor | None, x_adv: Tensor, logits: Tensor, y: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Remember, per sample, the first iterate whose prediction is not y."""
+    with torch.no_grad():
+        fooled = logits.detach().argmax(dim=1) != y
+        if best is None or found is None:
+            return x_adv.detach().clone(), fooled
+        new = fooled & ~found
+        best = torch.where(_view_per_sample(new, best), x_adv.detach(), best)
+        return best, found | fooled
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str = "linf") -> Tensor:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from esq_lightning.errors import ESQUserError
+from esq_lightning.errors import ESQUserError, EvaluationFailed
 
 CONFIG_PATH = "pkg://esq_lightning.conf"
 
@@ -48,6 +48,10 @@ def user_errors_as_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ESQUserError as exc:
             print(f"error: {one_line(str(exc))}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        except EvaluationFailed as exc:
+            # results.json is written; the verdict is the result (docs/evaluation.md).
+            print(one_line(str(exc)), file=sys.stderr, flush=True)
+            raise SystemExit(3) from None
         except (OSError, RuntimeError) as exc:
             # Missing or corrupt dataset files surface inside Trainer.fit; they are the user's to fix.
             message = data_error_message(exc)

@@ -21,6 +21,13 @@ def main(cfg: DictConfig) -> float | None:
     from esq_lightning.train import train
 
     results, _ = train(cfg)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from esq_lightning.train import raise_if_unattackable
+
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        raise_if_unattackable(results)  # verdict fail: results.json is written; one line, exit code 3
     # The value an Optuna sweep optimizes, named by optimized_metric.
     return metric_value(results, str(cfg.optimized_metric)) if cfg.get("optimized_metric") else None
 

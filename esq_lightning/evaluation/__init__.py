@@ -1,6 +1,6 @@
 """Robustness evaluation: white-box table, masking report, transfer matrix, error amplification, black-box curves."""
 
-from esq_lightning.evaluation.amplification import amplification_curve, module_names
+from esq_lightning.evaluation.amplification import amplification_curve, measured_at, module_names
 from esq_lightning.evaluation.blackbox import blackbox_curves, check_blackbox_attacks, query_budget
 from esq_lightning.evaluation.masking import format_flags, gradient_masking_report
 from esq_lightning.evaluation.plots import plot_amplification, plot_blackbox
@@ -17,6 +17,7 @@ __all__ = [
     "format_flags",
     "gradient_masking_report",
     "markdown_table",
+    "measured_at",
     "module_names",
     "plot_amplification",
     "plot_blackbox",

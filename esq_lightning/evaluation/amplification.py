@@ -79,3 +79,21 @@ def amplification_curve(
         "attack": {"attack": "pgd", "norm": norm, "eps": float(eps), "steps": int(steps), "step_size": step_size,
                    "random_start": True, "seed": int(seed), "batch_size": int(batch_size)},
     }
+
+
+def measured_at(model: nn.Module) -> str:
+    """Where F_l is taken for this model family: the output of each residual module as the model defines it.
+
+    Post-activation blocks (ResNet-20/56, ResNet-152 bottlenecks) end with ReLU(add); pre-activation blocks
+    (PreAct ResNet-18, WRN-28-10) end with the raw sum (the next block's BN-ReLU activates it); SmallCNN's
+    blocks end with ReLU (and max-pooling in blocks 2 and 3).
+    """
+    from esq_lightning.models.preact_resnet import PreActBlock
+
+    model = getattr(model, "_orig_mod", model)
+    blocks = tuple(getattr(model, "residual_block_types", ()))
+    if any(issubclass(b, PreActBlock) for b in blocks):
+        return "after the add (pre-activation block: no ReLU follows the add)"
+    if type(model).__name__ == "SmallCNN":
+        return "after each conv-BN-ReLU(-maxpool) block (no residual add)"
+    return "after the add and ReLU"

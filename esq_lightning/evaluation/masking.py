@@ -36,7 +36,8 @@ def _strength(name: str, record: Mapping[str, Any]) -> tuple[int, int] | None:
     """
     if name in SINGLE_STEP:
         return (0, 1)
-    if name.startswith("pgd"):
+    # Cross-entropy PGD only: PGD on another loss (margin, DLR, targeted, pairing) does not nest with it.
+    if name in ("pgd20", "pgd100"):
         return (1, int(record.get("steps", 1)) * int(record.get("restarts", 1)))
     if name == "autoattack":
         return (2, 0)

@@ -35,6 +35,11 @@ def transfer_matrix(
     """
     if len(models) != len(labels):
         raise ValueError(f"{len(models)} models but {len(labels)} labels")
+    from esq_lightning.attacks import ATTACKS
+
+    if attack in ATTACKS and ATTACKS[attack].kind != "budgeted":
+        raise ValueError(f"transfer_matrix: {attack} is a minimum-norm attack whose examples are not limited to eps; "
+                         "use a budgeted attack (pgd20, fgsm, ...)")
     params = dict(params or {})
     states = [m.training for m in models]
     for m in models:

@@ -15,11 +15,13 @@ from esq_lightning.evaluation.masking import gradient_masking_report
 from esq_lightning.quant import full_quantization
 
 
-def attack_budget(name: str, eps: float, params: Mapping[str, Any]) -> tuple[float | None, dict[str, Any]]:
+def attack_budget(name: str, eps: float, params: Mapping[str, Any],
+                  fgsm_factor: float = 1.0) -> tuple[float | None, dict[str, Any]]:
     """The eps an attack runs at, and its other parameters.
 
-    The run's threat-model eps (L_inf) applies to the L_inf attacks; L2 attacks keep their own
-    budget (their default, or eval.params.<name>.eps). An attack's own `eps` always wins.
+    The run's threat-model eps (L_inf) applies to the L_inf attacks (FGSM at fgsm_factor x eps, the
+    threat model's FGSM budget); L2 attacks keep their own budget (their default, or
+    eval.params.<name>.eps). An attack's own `eps` always wins.
     """
     if name not in ATTACKS:
         raise ESQUserError(f"eval.attacks: unknown attack '{name}'; allowed: {', '.join(ATTACKS)}")
@@ -33,6 +35,8 @@ def attack_budget(name: str, eps: float, params: Mapping[str, Any]) -> tuple[flo
         return float(params["eps"]), extra
     norm = str(extra.get("norm", spec.norm)).lower()
     attack_eps = float(eps) if norm in ("linf", "inf") and spec.kind == "budgeted" else spec.default_eps
+    if name == "fgsm" and norm in ("linf", "inf"):
+        attack_eps = float(eps) * float(fgsm_factor)
     if spec.kind == "budgeted" and attack_eps is None:
         raise ESQUserError(f"eval.params.{name}.eps: {name} is a budgeted {norm} attack with no default budget; "
                            f"give one, e.g. eval.params.{name}.eps=1.0")
@@ -133,26 +137,39 @@ def evaluate_robustness(
     masking_tolerance: float = 0.01,
     store: Any | None = None,
     shard: Any | None = None,
+    norm: str = "linf",
+    on_gradient_error: str = "raise",
+    fgsm_factor: float = 1.0,
 ) -> dict[str, Any]:
     """Clean and robust accuracy (fractions) of `model` on (x, y).
 
     The model is put in eval mode at full quantization for the whole evaluation and restored after.
     Returns {"clean_acc", "robust_acc": {attack: acc}, "attacks": {attack: parameters used}, "n_samples",
     "gradient_masking": the report of esq_lightning.evaluation.masking, with `masking_tolerance`,
-    "correct": {attack: per-sample mask, clean-correct and correct under the attack}, "clean_correct"}.
+    "worst_case": the per-sample worst case at the threat model (norm, eps) (evaluation/worstcase.py; also
+    robust_acc["worst_case"], first), "correct": per-attack per-sample masks (clean-correct and correct
+    under the attack, CPU bool tensors), "clean_correct", "unattackable": {attack: why}}.
+
+    on_gradient_error="record" turns an attack's GradientCheckError (zero or non-finite input gradients)
+    into an entry of "unattackable" instead of an exception: such a model is a result (verdict fail).
 
     store (evaluation.store.EvalStore) keeps every (attack, batch) result as it finishes and reads back the
     finished ones (a resumed evaluation); shard (evaluation.distributed.Shard) runs this process's share of
     the batches and merges the masks of all processes. Either way the result equals an uninterrupted
     single-process run.
     """
+    from esq_lightning.attacks import GradientCheckError
+    from esq_lightning.evaluation.worstcase import add_worst_case, worst_case
     params = params or {}
     if n_samples is not None:
         x, y = x[:n_samples], y[:n_samples]
     was_training = model.training
     model.eval()
     model.to(device)
-    result: dict[str, Any] = {"n_samples": len(y), "robust_acc": {}, "attacks": {}, "correct": {}}
+    result: dict[str, Any] = {"n_samples": len(y), "robust_acc": {}, "attacks": {}}
+    masks: dict[str, Tensor] = {}
+    unattackable: dict[str, str] = {}
+    clean_correct = torch.zeros(0, dtype=torch.bool)
     try:
         with full_quantization(model):
             clean_correct = clean_correct_in_batches(model, x, y, batch_size, device, store=store, shard=shard)
@@ -160,14 +177,25 @@ def evaluate_robustness(
             result["clean_acc"] = clean_correct.float().mean().item()
             for name in attacks:
                 torch.manual_seed(seed)  # attacks with their own randomness (random starts, restarts) are repeatable
-                attack_eps, extra = attack_budget(name, eps, params.get(name, {}))
-                correct, _, used = attack_in_batches(name, model, x, y, attack_eps, extra, batch_size, device,
-                                                     progress, store=store, shard=shard, seed=seed)
-                result["correct"][name] = correct & clean_correct
-                result["robust_acc"][name] = result["correct"][name].float().mean().item()
+                attack_eps, extra = attack_budget(name, eps, params.get(name, {}), fgsm_factor)
+                try:
+                    correct, _, used = attack_in_batches(name, model, x, y, attack_eps, extra, batch_size, device,
+                                                         progress, store=store, shard=shard, seed=seed)
+                except GradientCheckError as exc:
+                    if on_gradient_error != "record":
+                        raise
+                    unattackable[name] = str(exc)
+                    continue
+                masks[name] = correct & clean_correct
+                result["robust_acc"][name] = masks[name].float().mean().item()
                 result["attacks"][name] = used
     finally:
         model.train(was_training)
     result["gradient_masking"] = gradient_masking_report(result["clean_acc"], result["robust_acc"], result["attacks"],
                                                           tolerance=masking_tolerance)
+    # Per-sample worst case over the attacks at the run's threat model (evaluation/worstcase.py).
+    wc = worst_case(clean_correct, masks, result["attacks"], str(norm), float(eps))
+    result["worst_case"] = {k: v for k, v in wc.items() if k != "mask"}
+    result["robust_acc"] = add_worst_case(result["robust_acc"], wc)
+    result["correct"], result["clean_correct"], result["unattackable"] = masks, clean_correct, unattackable
     return result
