@@ -274,12 +274,15 @@ def test_unattackable_training_run_writes_results_and_fails_in_one_line(tmp_path
     """A model whose input gradients are zero (input rounding without STE) is a result: verdict fail, exit 3."""
     import json
 
-    import esq_lightning.train as train_mod
+    import importlib
+
     from esq_lightning.errors import EvaluationFailed
     from tests.hydra_utils import compose_config
 
+    # The module (esq_lightning.train as an attribute is the Python API's train function).
+    train_mod = importlib.import_module("esq_lightning.train")
     build = train_mod.build_network
-    monkeypatch.setattr(train_mod, "build_network", lambda m, q: nn.Sequential(RoundInput(), build(m, q)))
+    monkeypatch.setattr(train_mod, "build_network", lambda m, q, **kw: nn.Sequential(RoundInput(), build(m, q, **kw)))
     cfg = compose_config("train", [*TRAIN, "trainer.max_epochs=1", "eval.attacks=[fgsm,pgd20]"], tmp_path)
     results, _ = train_mod.train(cfg)
     with pytest.raises(EvaluationFailed, match="cannot be attacked honestly"):

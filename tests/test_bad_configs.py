@@ -218,7 +218,8 @@ def _group_options() -> list[tuple[str, str]]:
     pairs = []
     for path in sorted(CONF.rglob("*.yaml")):
         rel = path.relative_to(CONF)
-        if len(rel.parts) >= 2 and rel.parts[0] not in ("hydra", "paths"):
+        # scales/ and settings/ are parts of the experiment files, which are checked as such.
+        if len(rel.parts) >= 2 and rel.parts[0] not in ("hydra", "paths", "scales", "settings"):
             pairs.append((rel.parts[0], "/".join(rel.with_suffix("").parts[1:])))
     return pairs
 
