@@ -207,3 +207,19 @@ def test_a_drifting_run_gets_the_named_warning_in_results_json(tmp_path: Path) -
     assert saved["warnings"][0]["name"] == LOGIT_OFFSET_WARNING
     natural = _train(tmp_path / "natural", ["optimizer.lr=1e-9"])
     assert natural["warnings"] == []
+
+
+def test_amplification_reports_the_logit_layer_raw_and_centred() -> None:
+    from esq_lightning.evaluation import amplification_curve
+    from esq_lightning.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(width=4)
+    x, y = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(12) % 10
+    base = amplification_curve(model, x, y, eps=0.2, steps=3, seed=0)["logits"]
+    assert set(base) == {"relative_l2", "centred_l2"} and base["centred_l2"] > 0
+    with torch.no_grad():
+        model.fc.bias += 50.0  # a common offset: same predictions, same attack, same centred logits
+    shifted = amplification_curve(model, x, y, eps=0.2, steps=3, seed=0)["logits"]
+    assert shifted["centred_l2"] == pytest.approx(base["centred_l2"], rel=1e-3)
+    assert shifted["relative_l2"] < 0.5 * base["relative_l2"]
