@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from esq_lightning.pairing import LOGITS, forward_with_activations, logit_offset_stats, pairing_distance, pairing_loss
+from esq_lightning.pairing import (
+    LOGITS,
+    check_distance_for_layers,
+    forward_with_activations,
+    logit_offset_stats,
+    pairing_distance,
+    pairing_loss,
+)
 
 # attack(x, y, loss_fn) -> x_adv, bound to the model and to this step's random generator by the caller.
 Attack = Callable[..., Tensor]
@@ -45,6 +52,8 @@ class Objective:
                 f"pairing.lambdas: {len(self.pairing_lambdas)} lambdas for {len(self.pairing_layers)} layers;"
                 " give one lambda per layer"
             )
+        if self.pairing_distance is not None:
+            check_distance_for_layers(self.pairing_distance, self.pairing_layers)
 
     @property
     def needs_attack(self) -> bool:

@@ -203,7 +203,7 @@ def evaluate_and_record(
         batch_size=int(cfg.eval.batch_size), device=module.device, seed=int(cfg.seed),
     )
     # Issue 13: the logit offset against the centred logits on the test inputs, and its named warning.
-    offset = test_logit_offset(model, x[: cfg.eval.n_samples] if cfg.eval.n_samples else x, module.device)
+    offset = measure_logit_offset(model, x[: cfg.eval.n_samples] if cfg.eval.n_samples else x, module.device)
     results = build_results(cfg, ev, gradient_masking=ev.get("gradient_masking"), epochs=trainer.current_epoch, train_seconds=train_seconds,
                             checkpoint=str(final_ckpt), run_dir=str(out),
                             val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
@@ -220,7 +220,9 @@ def evaluate_and_record(
     return results
 
 
-def test_logit_offset(model: nn.Module, x: torch.Tensor, device: torch.device | str, batch_size: int = 500) -> dict[str, float]:
+def measure_logit_offset(
+    model: nn.Module, x: torch.Tensor, device: torch.device | str, batch_size: int = 500,
+) -> dict[str, float]:
     """esq_lightning.pairing.logit_offset_stats over `x`, in eval mode at full quantization (issue 13)."""
     from esq_lightning.attacks import frozen_eval
     from esq_lightning.quant import full_quantization

@@ -223,3 +223,8 @@ def test_amplification_reports_the_logit_layer_raw_and_centred() -> None:
     shifted = amplification_curve(model, x, y, eps=0.2, steps=3, seed=0)["logits"]
     assert shifted["centred_l2"] == pytest.approx(base["centred_l2"], rel=1e-3)
     assert shifted["relative_l2"] < 0.5 * base["relative_l2"]
+
+
+def test_objective_refuses_a_logits_only_distance_on_an_inner_module() -> None:
+    with pytest.raises(ValueError, match="pairing.distance=log_softmax_l2 is defined on the logits only"):
+        Objective("esq", ["fc", "logits"], [1.0, 1.0], pairing_distance="log_softmax_l2")
