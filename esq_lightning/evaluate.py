@@ -338,12 +338,14 @@ def evaluate_amplification(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequenc
               "threat_model": {"norm": attack["norm"], "eps": eps},
               "definition": "D_l = mean over inputs of ||F_l(x) - F_l(x_adv)||_2 / ||F_l(x)||_2, F_l the output of "
                             "residual module l (where, per model family: each curve's measured_at), x_adv from PGD "
-                            "against the measured model",
+                            "against the measured model; curves[i].logits: D at the logit layer, relative_l2 on raw "
+                            "logits and centred_l2 on z - mean_k z (docs/pairing.md)",
               "curves": curves, "figure": str(png)}
     atomic_write_json(out / "amplification.json", record)
     for curve in curves:
         values = " ".join(f"{d:.4f}" for d in curve["d"])
-        print(f"{curve['label']}: clean {curve['clean_acc']:.4f}, pgd {curve['adv_acc']:.4f}, D_l = {values}")
+        print(f"{curve['label']}: clean {curve['clean_acc']:.4f}, pgd {curve['adv_acc']:.4f}, D_l = {values}; "
+              f"logits D {curve['logits']['relative_l2']:.4f}, centred {curve['logits']['centred_l2']:.4f}")
     print(f"wrote {out / 'amplification.json'} and {png}", flush=True)
     log_evaluation(cfg, "amplification", record, [item.train_config for item in loaded], out=out)
     return record

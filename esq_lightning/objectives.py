@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from esq_lightning.pairing import forward_with_activations, pairing_loss
+from esq_lightning.pairing import (
+    LOGITS,
+    check_distance_for_layers,
+    forward_with_activations,
+    logit_offset_stats,
+    pairing_distance,
+    pairing_loss,
+)
 
 # attack(x, y, loss_fn) -> x_adv, bound to the model and to this step's random generator by the caller.
 Attack = Callable[..., Tensor]
@@ -33,6 +40,7 @@ class Objective:
     pairing_layers: Sequence[str] = ("logits",)
     pairing_lambdas: Sequence[float] = (1.0,)
     pairing_p: int = 2
+    pairing_distance: str | None = None  # DISTANCES name; None: relative_l{pairing_p}
     alp_lambda: float = 0.5
     trades_beta: float = 6.0
 
@@ -44,6 +52,8 @@ class Objective:
                 f"pairing.lambdas: {len(self.pairing_lambdas)} lambdas for {len(self.pairing_layers)} layers;"
                 " give one lambda per layer"
             )
+        if self.pairing_distance is not None:
+            check_distance_for_layers(self.pairing_distance, self.pairing_layers)
 
     @property
     def needs_attack(self) -> bool:
@@ -72,9 +82,10 @@ class Objective:
         logits, acts = forward_with_activations(model, x, names)
         logits_adv, acts_adv = forward_with_activations(model, x_adv, names)
         ce = F.cross_entropy(logits, y)
-        pair, dists = pairing_loss(acts, acts_adv, names, self.pairing_lambdas, self.pairing_p)
+        pair, dists = pairing_loss(acts, acts_adv, names, self.pairing_lambdas, self.pairing_p, self.pairing_distance)
         terms = {"ce": ce.detach(), "pairing": pair.detach()}
         terms.update({f"D/{n}": d.detach() for n, d in dists.items()})
+        terms.update(honest_logit_terms(logits, logits_adv))
         return ObjectiveOutput(ce + pair, logits, logits_adv, terms)
 
     def _alp(self, model: nn.Module, x: Tensor, y: Tensor, attack: Attack) -> ObjectiveOutput:
@@ -105,3 +116,14 @@ class Objective:
         kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
         loss = ce + self.trades_beta * kl
         return ObjectiveOutput(loss, logits, logits_adv, {"ce": ce.detach(), "kl": kl.detach()})
+
+
+def honest_logit_terms(logits: Tensor, logits_adv: Tensor) -> dict[str, Tensor]:
+    """What the logits pairing cannot hide, whatever distance is trained (docs/pairing.md): D on centred logits,
+    the mean logit offset, the centred norm and their ratio. Logged as train/D_centred/logits, train/logit_offset,
+    train/logit_centred_norm and train/logit_offset_ratio."""
+    with torch.no_grad():
+        stats = logit_offset_stats(logits)
+        return {f"D_centred/{LOGITS}": pairing_distance(logits, logits_adv, distance="centred_l2"),
+                "logit_offset": stats["offset"], "logit_centred_norm": stats["centred_norm"],
+                "logit_offset_ratio": stats["offset_ratio"]}

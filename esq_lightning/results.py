@@ -51,7 +51,7 @@ def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str
         "act_bits": int(cfg.quant.get("act_bits", 32)),
         "model_width": model_width(cfg.model),
         "pairing": {"layers": list(pairing.get("layers", [])), "lambdas": [float(v) for v in pairing.get("lambdas", [])],
-                    "p": int(pairing.get("p", 2))},
+                    "p": int(pairing.get("p") or 2), "distance": _distance_name(pairing)},
         "seed": int(cfg.seed),
         "init_from": cfg.get("init_from"),
         "clean_acc": ev["clean_acc"],
@@ -67,6 +67,33 @@ def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str
         **({"audit": ev["audit"]} if ev.get("audit") else {}),
         **extra,
     }
+
+
+# ---- issue 13: the logit offset check (docs/pairing.md) ----
+# A run whose mean logit offset carries more of ||z|| than the centred logits do gets the named warning
+# LOGIT_OFFSET_WARNING: sqrt(K) |mean_k z| > OFFSET_WARN_RATIO * ||z - mean_k z|| (means over the test inputs).
+# Above 1, more than half of ||z||^2 is a common offset that changes no prediction: the paper's relative
+# distance on the logits has been lowered by drift rather than by silencing errors.
+LOGIT_OFFSET_WARNING = "logit_offset_drift"
+OFFSET_WARN_RATIO = 1.0
+
+
+def _distance_name(pairing: Any) -> str:
+    distance, p = pairing.get("distance"), pairing.get("p")
+    return str(distance) if distance is not None else f"relative_l{int(p or 2)}"
+
+
+def logit_offset_warnings(stats: dict[str, float], ratio: float = OFFSET_WARN_RATIO) -> list[dict[str, Any]]:
+    """[] or the one named warning for results.json["warnings"], from esq_lightning.pairing.logit_offset_stats."""
+    if not stats["offset_ratio"] > ratio:
+        return []
+    return [{"name": LOGIT_OFFSET_WARNING,
+             "message": f"the mean logit offset ({stats['offset']:.3g}) carries {stats['offset_ratio']:.2f}x the norm "
+                        f"of the centred logits ({stats['centred_norm']:.3g}), above {ratio:g}x: a relative distance "
+                        "on raw logits can fall by this drift alone; read D_centred/logits (docs/pairing.md)",
+             "offset": stats["offset"], "centred_norm": stats["centred_norm"],
+             "offset_ratio": stats["offset_ratio"], "threshold": ratio}]
+# ---- end issue 13 ----
 
 
 def format_table(results: dict[str, Any]) -> str:

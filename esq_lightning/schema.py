@@ -44,6 +44,9 @@ SQ_VARIANTS = ("paper", "reference")
 SQ_FUNCTIONS = ("constant", "linear", "softmax", "sigmoid")
 METHODS = ("natural", "adversarial", "esq", "alp", "trades")
 DATASETS = ("digits", "cifar10", "cifar100")
+# esq_lightning.pairing.DISTANCES (issue 13): every name, and those defined on the logits only.
+PAIRING_DISTANCES = ("relative_l2", "relative_l1", "centred_l2", "log_softmax_l2", "kl")
+PAIRING_LOGITS_ONLY = ("centred_l2", "log_softmax_l2", "kl")
 # (archive, extracted folder) of the CIFAR variants, as in esq_lightning.data.cifar.CIFAR_META (whose
 # import would pull in Lightning).
 CIFAR_FILES = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
@@ -311,10 +314,23 @@ class PairingConfig(Schema):
     name: str = spec("custom")
     layers: list[str] = spec(REQUIRED)
     lambdas: list[float] = spec(REQUIRED, ge=0, note="non-negative weights, one per layer")
-    p: int = spec(2, choices=(1, 2))
+    # ---- issue 13: the distance registry (docs/pairing.md) ----
+    distance: Optional[str] = spec(None, choices=(*PAIRING_DISTANCES, None),
+                                   note="a pairing distance (null: relative_l{p}, the paper's for p=2)")
+    p: Optional[int] = spec(None, choices=(1, 2, None), note="1, 2 or null (older spelling of the distance)")
 
     @classmethod
     def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
+        distance, p = node.get("distance"), node.get("p")
+        if distance is not None and p is not None and distance != f"relative_l{p}":
+            raise ESQUserError(f"{key}.p: {p} contradicts {key}.distance={distance}; allowed: set {key}.distance "
+                               f"only ({key}.p is the older spelling of relative_l1 / relative_l2)")
+        if distance in PAIRING_LOGITS_ONLY:
+            inner = [str(n) for n in _get(node, "layers", key) if str(n) != "logits"]
+            if inner:
+                raise ESQUserError(f"{key}.distance: {distance} is defined on the logits only but {key}.layers "
+                                   f"pairs {inner}; allowed there: relative_l2, relative_l1 (or layers: [logits])")
+        # ---- end issue 13 ----
         layers, lambdas = list(_get(node, "layers", key)), list(_get(node, "lambdas", key))
         if len(layers) != len(lambdas):
             raise ESQUserError(f"{key}.lambdas: {lambdas} has {len(lambdas)} values for {len(layers)} layers "

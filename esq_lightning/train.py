@@ -26,11 +26,11 @@ from esq_lightning.evaluation import evaluate_robustness
 from esq_lightning.models import build_model
 from esq_lightning.module import ESQModule
 from esq_lightning.objectives import Objective
-from esq_lightning.pairing import check_pairing_names
+from esq_lightning.pairing import check_pairing_names, logit_offset_stats, resolve_distance
 from esq_lightning.plugins import AtomicCheckpointIO
 from esq_lightning.quant import calibrate_act_quant, quantize_activations, quantize_model
 from esq_lightning.quant.export import packed_size
-from esq_lightning.results import build_results, model_width, print_results, train_threat_model
+from esq_lightning.results import build_results, logit_offset_warnings, model_width, print_results, train_threat_model
 from esq_lightning.runs import resolve_init_from
 from esq_lightning.schema import validate_config
 from esq_lightning.utils import atomic_write_json, set_threads
@@ -68,7 +68,8 @@ def build_objective(cfg: DictConfig) -> Objective:
         name=method.name,
         pairing_layers=list(pairing.layers),
         pairing_lambdas=[float(v) for v in pairing.lambdas],
-        pairing_p=int(pairing.get("p", 2)),
+        pairing_p=int(pairing.get("p") or 2),
+        pairing_distance=resolve_distance(pairing.get("distance"), pairing.get("p")),
         alp_lambda=float(method.get("alp_lambda", 0.5)),
         trades_beta=float(method.get("trades_beta", 6.0)),
     )
@@ -255,13 +256,19 @@ def evaluate_and_record(
     from esq_lightning.evaluation.checks import verdict as _verdict
 
     ev["audit"]["verdict"] = _verdict(ev["audit"]["flags"])
+    # The logit offset against the centred logits on the test inputs, and its named warning (docs/pairing.md).
+    offset = measure_logit_offset(model, x[: cfg.eval.n_samples] if cfg.eval.n_samples else x, module.device)
     results = build_results(cfg, ev, gradient_masking=ev.get("gradient_masking"), epochs=trainer.current_epoch, train_seconds=train_seconds,
                             checkpoint=str(final_ckpt), run_dir=str(out), **packed_size(model),
-                            val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
+                            val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+                            logit_offset=offset, warnings=logit_offset_warnings(offset))
+    for warning in results["warnings"]:
+        print(f"warning: {warning['name']}: {warning['message']}", flush=True)
     atomic_write_json(out / "results.json", results)
     for logger in loggers:
         logger.log_metrics({"test/clean_acc": results["clean_acc"],
-                            **{f"test/{k}_acc": v for k, v in results["robust_acc"].items()}})
+                            **{f"test/{k}_acc": v for k, v in results["robust_acc"].items()},
+                            **{f"test/logit_{k}": v for k, v in offset.items()}})
     log_results_table(loggers, results)
     print_results(results)
     audit = results["audit"]
@@ -286,6 +293,19 @@ def raise_if_unattackable(results: dict[str, Any]) -> None:
     failed = unattackable_verdict(results.get("audit") or {})
     if failed:
         raise EvaluationFailed(f"{failed} ({Path(results.get('run_dir', '.')) / 'results.json'})")
+
+
+def measure_logit_offset(
+    model: nn.Module, x: torch.Tensor, device: torch.device | str, batch_size: int = 500,
+) -> dict[str, float]:
+    """esq_lightning.pairing.logit_offset_stats over `x`, in eval mode at full quantization (issue 13)."""
+    from esq_lightning.attacks import frozen_eval
+    from esq_lightning.quant import full_quantization
+
+    model.to(device)
+    with torch.no_grad(), frozen_eval(model), full_quantization(model):
+        z = torch.cat([model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    return {k: float(v) for k, v in logit_offset_stats(z).items()}
 
 
 def _finish_wandb(loggers: list[Any]) -> None:

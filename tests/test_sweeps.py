@@ -57,6 +57,8 @@ def test_sweep_presets_compose_and_name_existing_configs(name: str, tmp_path: Pa
         assert len(sweep_choices(params.seed)) == 3
     if name == "lambda_digits":
         assert sweep_choices(params["pairing.lambdas"]) == ["[1.0]", "[4.0]", "[10.0]", "[30.0]"]
+    if name == "distance_digits":
+        assert sweep_choices(params["pairing.distance"]) == ["relative_l2", "centred_l2", "kl"]
 
 
 def test_table5_cifar100_pairs_resnet152_modules_4_12_48(tmp_path: Path) -> None:

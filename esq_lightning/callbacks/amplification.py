@@ -64,6 +64,10 @@ class AmplificationCallback(pl.Callback):
         # Every rank sees the same (unsharded) validation inputs, so the values agree without syncing.
         for name, value in zip(curve["modules"], curve["d"]):
             pl_module.log(f"amplification/{name}", float(value), on_epoch=True, sync_dist=False)
+        # D at the logit layer, raw (the paper's form) and centred (what a logit offset cannot lower).
+        pl_module.log("amplification/logits", float(curve["logits"]["relative_l2"]), on_epoch=True, sync_dist=False)
+        pl_module.log("amplification/logits_centred", float(curve["logits"]["centred_l2"]), on_epoch=True,
+                      sync_dist=False)
         if trainer.is_global_zero:
             self.log_wandb(trainer.loggers, curve, trainer.global_step)
 

@@ -13,6 +13,9 @@ from esq_lightning.attacks import check_gradients, frozen_eval, pgd
 from esq_lightning.pairing import forward_with_activations, pairing_distance
 from esq_lightning.quant import full_quantization
 
+# D at the logit layer, as the paper writes it and on centred logits (the honest form).
+LOGIT_DISTANCES = ("relative_l2", "centred_l2")
+
 
 def module_names(model: nn.Module) -> list[str]:
     """The residual modules of `model` in forward order (what the x axis of the figure counts)."""
@@ -43,7 +46,9 @@ def amplification_curve(
 
     The model is measured (and attacked) in eval mode at full quantization; its mode and SQ state are
     restored after. PGD starts at a random point drawn from a CPU generator seeded by `seed`, so the curve
-    is the same on any device. Returns {"modules", "d", "n_samples", "clean_acc", "adv_acc", "attack"}.
+    is the same on any device. Returns {"modules", "d", "n_samples", "clean_acc", "adv_acc", "attack",
+    "logits"}; "logits" holds D at the logit layer as {"relative_l2": the paper's form, "centred_l2": the same on
+    centred logits z - mean_k z, which a common logit offset cannot lower (docs/pairing.md)}.
     """
     names = list(modules) if modules is not None else module_names(model)
     step_size = float(eps) / 4 if step_size is None else float(step_size)
@@ -52,6 +57,7 @@ def amplification_curve(
     n = len(y)
     # Sums stay on the device: one host sync at the end, not one per module and batch.
     sums = torch.zeros(len(names), device=device, dtype=torch.float64)
+    logit_sums = torch.zeros(len(LOGIT_DISTANCES), device=device, dtype=torch.float64)
     clean_right = torch.zeros((), device=device, dtype=torch.long)
     adv_right = torch.zeros((), device=device, dtype=torch.long)
     with frozen_eval(model), full_quantization(model):
@@ -67,15 +73,19 @@ def amplification_curve(
                 logits_a, adv = forward_with_activations(model, x_adv, names)
                 # pairing_distance is the batch mean: weight by the batch size for the mean over all inputs.
                 sums += torch.stack([pairing_distance(clean[m], adv[m], p=2) for m in names]).double() * len(yb)
+                logit_sums += torch.stack([pairing_distance(logits_c, logits_a, distance=d)
+                                           for d in LOGIT_DISTANCES]).double() * len(yb)
                 clean_right += (logits_c.argmax(1) == yb).sum()
                 adv_right += (logits_a.argmax(1) == yb).sum()
     d = (sums / max(n, 1)).cpu().tolist()
+    d_logits = (logit_sums / max(n, 1)).cpu().tolist()
     return {
         "modules": names,
         "d": d,
         "n_samples": n,
         "clean_acc": clean_right.item() / max(n, 1),
         "adv_acc": adv_right.item() / max(n, 1),
+        "logits": dict(zip(LOGIT_DISTANCES, d_logits)),
         "attack": {"attack": "pgd", "norm": norm, "eps": float(eps), "steps": int(steps), "step_size": step_size,
                    "random_start": True, "seed": int(seed), "batch_size": int(batch_size)},
     }
