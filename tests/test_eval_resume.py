@@ -49,7 +49,12 @@ def comparable(results: dict) -> dict:
     """results.json without what differs between runs of the same evaluation (time, directory, process count)."""
     attacks = {name: {k: v for k, v in rec.items() if k != "runtime_s"} for name, rec in results["attacks"].items()}
     drop = {"run_dir", "attacks", "processes"}
-    return {**{k: v for k, v in results.items() if k not in drop}, "attacks": attacks}
+    out = {**{k: v for k, v in results.items() if k not in drop}, "attacks": attacks}
+    if "audit" in results:  # the checks' probe attacks record their time too
+        probes = {n: {k: v for k, v in rec.items() if k != "runtime_s"}
+                  for n, rec in (results["audit"].get("probes") or {}).items()}
+        out["audit"] = {**results["audit"], "probes": probes}
+    return out
 
 
 def masks(run_dir: Path) -> dict[str, str]:

@@ -29,7 +29,7 @@ def group_options() -> list[tuple[str, str]]:
     pairs = []
     for path in sorted(CONF.rglob("*.yaml")):
         rel = path.relative_to(CONF)
-        if len(rel.parts) < 2 or rel.parts[0] in ("hydra", "paths"):
+        if len(rel.parts) < 2 or rel.parts[0] in ("hydra", "paths", "scales", "settings"):
             continue
         group = rel.parts[0]
         option = "/".join(rel.with_suffix("").parts[1:])

@@ -121,28 +121,16 @@ class _Probe(nn.Module):
         return logits
 
 
-def distance_function(name: str) -> Callable[..., Tensor]:
-    """The pairing distance a checkpoint was trained with (pairing.distance; default relative_l2)."""
-    from esq_lightning import pairing
-
-    registry = getattr(pairing, "PAIRING_DISTANCES", None) or getattr(pairing, "DISTANCES", None)
-    if isinstance(registry, Mapping) and name in registry:
-        fn = registry[name]
-        return getattr(fn, "fn", fn) if not callable(fn) else fn
-    if name in ("relative_l2", "relative", None):
-        return pairing.pairing_distance
-    raise ValueError(f"pgd_pairing: unknown pairing distance {name!r}; allowed: relative_l2")
-
-
 def _run_pairing(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params) -> tuple[Tensor, Params]:
     assert eps is not None
-    from esq_lightning.pairing import check_pairing_names, forward_with_activations
+    from esq_lightning.pairing import check_pairing_names, forward_with_activations, get_distance, resolve_distance
 
     layers, lambdas = list(p["layers"]), [float(v) for v in p["lambdas"]]
     if len(layers) != len(lambdas):
         raise ValueError(f"pgd_pairing: {len(layers)} layers but {len(lambdas)} lambdas")
     check_pairing_names(model, layers, key="eval.params.pgd_pairing.layers")
-    distance = distance_function(p["distance"])
+    # The distance the checkpoint was trained with (pairing.distance; the older pairing.p spelling too).
+    distance = get_distance(resolve_distance(p.get("distance"), p.get("p"), key="eval.params.pgd_pairing")).fn
     with torch.no_grad():
         _, clean = forward_with_activations(model, x, layers)
         clean = {k: v.detach() for k, v in clean.items()}
@@ -155,7 +143,7 @@ def _run_pairing(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: P
             n = len(yb)
             for name, lam in zip(layers, lambdas):
                 # D_l is a batch mean: times n, a sum, so per-sample gradients do not shrink with the batch.
-                total = total + lam * n * distance(clean[name][idx], probe.last[name], p.get("p", 2))
+                total = total + lam * n * distance(clean[name][idx], probe.last[name])
             return total
 
         return loss
@@ -198,7 +186,7 @@ ADAPTIVE_ATTACKS: dict[str, AttackSpec] = {
         _spec("pgd_pp", _run_pgd_pp, _pgd_defaults(loss="ce", temperature="auto"),
               "PGD++ (Gupta & Ajanthan 2022): CE on logits / T; T 'auto' gives clean logits std 10."),
         _spec("pgd_pairing", _run_pairing,
-              _pgd_defaults(loss="ce", layers=["logits"], lambdas=[1.0], p=2, distance="relative_l2"),
+              _pgd_defaults(loss="ce", layers=["logits"], lambdas=[1.0], p=None, distance="relative_l2"),
               "Pairing-adaptive PGD: CE + sum_l lambda_l * D_l at the model's own paired layers."),
         _spec("pgd_schedule", _run_schedule,
               _pgd_defaults(steps=200, restarts=5, losses=["ce", "margin", "dlr"], step_fractions=[0.5, 0.25, 0.1]),
@@ -212,16 +200,16 @@ def pairing_attack_params(config: Mapping[str, Any] | None) -> dict[str, Any]:
 
     Models not trained with pairing (method != esq) are attacked at the logits with lambda 1.
     """
+    from esq_lightning.pairing import resolve_distance
+
     config = config or {}
     method = (config.get("method") or {}).get("name")
     pairing = config.get("pairing") or {}
     if method != "esq" or not list(pairing.get("layers") or []):
         return {}
     out: dict[str, Any] = {"layers": [str(v) for v in pairing["layers"]],
-                           "lambdas": [float(v) for v in pairing.get("lambdas") or []],
-                           "p": int(pairing.get("p", 2))}
-    if pairing.get("distance"):
-        out["distance"] = str(pairing["distance"])
+                           "lambdas": [float(v) for v in pairing.get("lambdas") or []], "p": None,
+                           "distance": resolve_distance(pairing.get("distance"), pairing.get("p"))}
     return out
 
 
