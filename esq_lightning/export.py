@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from torch import nn
 from esq_lightning.errors import ESQUserError
 from esq_lightning.models import build_model
 from esq_lightning.quant import export_packed, full_quantization, load_packed, quant_layers
+from esq_lightning.utils import file_digest
 
 
 def _build_from_meta(meta: dict[str, Any]) -> nn.Module:
@@ -60,14 +60,6 @@ def load_packed_for_eval(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model, config
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
@@ -86,7 +78,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, veri
     # Additive metadata: the source checkpoint's identity, the sizes, and the whole training config (what
     # esq-eval needs to rebuild the data and the model from this file alone).
     source = Path(ckpt_path)
-    meta.update(source={"path": str(source.resolve()), "bytes": source.stat().st_size, "sha256": _sha256(source)},
+    meta.update(source={"path": str(source.resolve()), "bytes": source.stat().st_size, "sha256": file_digest(source)},
                 config=_json_safe(config))
     first = export_packed(model, out, meta)
     meta["sizes"] = {k: first[k] for k in SIZE_KEYS if k in first}

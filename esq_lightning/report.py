@@ -118,7 +118,7 @@ def _variant(res: dict[str, Any], run_dir: Path) -> dict[str, str]:
     if res.get("method") == "esq" and pairing:
         variant["pairing"] = ",".join(pairing.get("layers", []))
         variant["lambdas"] = ",".join(f"{v:g}" for v in pairing.get("lambdas", []))
-        # Issue 13: runs of different distances are different variants (relative_l2, the paper's, as before).
+        # Runs of different distances are different variants (relative_l2, the paper's, as before).
         if pairing.get("distance") not in (None, "relative_l2"):
             variant["distance"] = str(pairing["distance"])
     variant.update(_overrides(run_dir))

@@ -69,7 +69,6 @@ def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str
     }
 
 
-# ---- issue 13: the logit offset check (docs/pairing.md) ----
 # A run whose mean logit offset carries more of ||z|| than the centred logits do gets the named warning
 # LOGIT_OFFSET_WARNING: sqrt(K) |mean_k z| > OFFSET_WARN_RATIO * ||z - mean_k z|| (means over the test inputs).
 # Above 1, more than half of ||z||^2 is a common offset that changes no prediction: the paper's relative
@@ -93,7 +92,6 @@ def logit_offset_warnings(stats: dict[str, float], ratio: float = OFFSET_WARN_RA
                         "on raw logits can fall by this drift alone; read D_centred/logits (docs/pairing.md)",
              "offset": stats["offset"], "centred_norm": stats["centred_norm"],
              "offset_ratio": stats["offset_ratio"], "threshold": ratio}]
-# ---- end issue 13 ----
 
 
 def format_table(results: dict[str, Any]) -> str:

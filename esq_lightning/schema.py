@@ -44,7 +44,7 @@ SQ_VARIANTS = ("paper", "reference")
 SQ_FUNCTIONS = ("constant", "linear", "softmax", "sigmoid")
 METHODS = ("natural", "adversarial", "esq", "alp", "trades")
 DATASETS = ("digits", "cifar10", "cifar100")
-# esq_lightning.pairing.DISTANCES (issue 13): every name, and those defined on the logits only.
+# esq_lightning.pairing.DISTANCES: every name, and those defined on the logits only.
 PAIRING_DISTANCES = ("relative_l2", "relative_l1", "centred_l2", "log_softmax_l2", "kl")
 PAIRING_LOGITS_ONLY = ("centred_l2", "log_softmax_l2", "kl")
 # (archive, extracted folder) of the CIFAR variants, as in esq_lightning.data.cifar.CIFAR_META (whose
@@ -314,7 +314,6 @@ class PairingConfig(Schema):
     name: str = spec("custom")
     layers: list[str] = spec(REQUIRED)
     lambdas: list[float] = spec(REQUIRED, ge=0, note="non-negative weights, one per layer")
-    # ---- issue 13: the distance registry (docs/pairing.md) ----
     distance: Optional[str] = spec(None, choices=(*PAIRING_DISTANCES, None),
                                    note="a pairing distance (null: relative_l{p}, the paper's for p=2)")
     p: Optional[int] = spec(None, choices=(1, 2, None), note="1, 2 or null (older spelling of the distance)")
@@ -330,7 +329,6 @@ class PairingConfig(Schema):
             if inner:
                 raise ESQUserError(f"{key}.distance: {distance} is defined on the logits only but {key}.layers "
                                    f"pairs {inner}; allowed there: relative_l2, relative_l1 (or layers: [logits])")
-        # ---- end issue 13 ----
         layers, lambdas = list(_get(node, "layers", key)), list(_get(node, "lambdas", key))
         if len(layers) != len(lambdas):
             raise ESQUserError(f"{key}.lambdas: {lambdas} has {len(lambdas)} values for {len(layers)} layers "

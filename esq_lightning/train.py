@@ -298,7 +298,7 @@ def raise_if_unattackable(results: dict[str, Any]) -> None:
 def measure_logit_offset(
     model: nn.Module, x: torch.Tensor, device: torch.device | str, batch_size: int = 500,
 ) -> dict[str, float]:
-    """esq_lightning.pairing.logit_offset_stats over `x`, in eval mode at full quantization (issue 13)."""
+    """esq_lightning.pairing.logit_offset_stats over `x`, in eval mode at full quantization."""
     from esq_lightning.attacks import frozen_eval
     from esq_lightning.quant import full_quantization
 

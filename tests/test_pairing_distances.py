@@ -1,4 +1,4 @@
-"""The pairing distance registry (pairing.distance), the logit offset metrics and the drift warning (issue 13)."""
+"""The pairing distance registry (pairing.distance), the logit offset metrics and the drift warning."""
 
 from __future__ import annotations
 

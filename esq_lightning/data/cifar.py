@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import pickle
@@ -23,6 +22,7 @@ import torch
 from esq_lightning.data.augment import CropFlip
 from esq_lightning.data.base import TensorDataModule
 from esq_lightning.data.loader import AugmentFn
+from esq_lightning.utils import file_digest
 
 
 class CorruptArchiveError(RuntimeError):
@@ -197,20 +197,12 @@ def load_cifar(data_dir: str | os.PathLike, name: str = "cifar10") -> tuple[torc
     )
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_cifar(data_dir: str | os.PathLike, name: str = "cifar10", timeout: float = 60.0) -> Path:
     """Fetch the official archive into `data_dir` (if absent) and check its md5; returns its path."""
     meta = cifar_meta(name)
     root = Path(data_dir)
     archive = root / meta.archive
-    if archive.is_file() and _md5(archive) == meta.md5:
+    if archive.is_file() and file_digest(archive, "md5") == meta.md5:
         return archive
     root.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{meta.archive}.", dir=root)
@@ -218,7 +210,7 @@ def download_cifar(data_dir: str | os.PathLike, name: str = "cifar10", timeout: 
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(meta.url, timeout=timeout) as resp:
             shutil.copyfileobj(resp, out, 1 << 20)
-        got = _md5(tmp)
+        got = file_digest(tmp, "md5")
         if got != meta.md5:
             raise CorruptArchiveError(f"download of {meta.url} has md5 {got}, expected {meta.md5}")
         os.replace(tmp, archive)

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from esq_lightning.errors import ESQUserError
-from esq_lightning.utils import atomic_write_json
+from esq_lightning.utils import atomic_write_json, file_digest
 
 STATE_DIR = "eval_state"
 FORMAT = 1
@@ -60,14 +60,6 @@ def tensor_digest(*tensors: Tensor) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 
