@@ -84,7 +84,7 @@ class ESQModule(pl.LightningModule):
         x, y = batch
         x = self._prepare(x)
         self.draw_sq_selection()
-        out = self.objective(self.model, x, y, self.step_attack())
+        out = self.objective(self.model, x, y, self.step_attack(), epoch=self.current_epoch)
         self.train_acc(out.logits.detach(), y)
         self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)

@@ -43,6 +43,9 @@ class Objective:
     pairing_distance: str | None = None  # DISTANCES name; None: relative_l{pairing_p}
     alp_lambda: float = 0.5
     trades_beta: float = 6.0
+    # Pairing-weight warm-up: lambda_l * min(1, (epoch + 1) / pairing_warmup_epochs); 0 = the full weight from
+    # the first step (the paper's).
+    pairing_warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -59,9 +62,18 @@ class Objective:
     def needs_attack(self) -> bool:
         return self.name != "natural"
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, attack: Attack | None = None) -> ObjectiveOutput:
+    def lambda_scale(self, epoch: int | None) -> float:
+        """The factor on every pairing lambda at `epoch` (1 without a warm-up, or when no epoch is given)."""
+        if not self.pairing_warmup_epochs or epoch is None:
+            return 1.0
+        return min(1.0, (int(epoch) + 1) / self.pairing_warmup_epochs)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, attack: Attack | None = None,
+                 epoch: int | None = None) -> ObjectiveOutput:
         if self.needs_attack and attack is None:
             raise RuntimeError(f"method '{self.name}' needs a training attack: keep callbacks.pgd enabled")
+        if self.name == "esq":
+            return self._esq(model, x, y, attack, self.lambda_scale(epoch))
         return getattr(self, f"_{self.name}")(model, x, y, attack)
 
     def _natural(self, model: nn.Module, x: Tensor, y: Tensor, attack: Attack | None) -> ObjectiveOutput:
@@ -75,15 +87,18 @@ class Objective:
         loss = F.cross_entropy(logits_adv, y)
         return ObjectiveOutput(loss, logits_adv, logits_adv, terms={"ce_adv": loss.detach()})
 
-    def _esq(self, model: nn.Module, x: Tensor, y: Tensor, attack: Attack) -> ObjectiveOutput:
+    def _esq(self, model: nn.Module, x: Tensor, y: Tensor, attack: Attack, scale: float = 1.0) -> ObjectiveOutput:
         # The attack runs first so that no clean activations are alive during its forward/backward passes.
         x_adv = attack(x, y)
         names = list(self.pairing_layers)
         logits, acts = forward_with_activations(model, x, names)
         logits_adv, acts_adv = forward_with_activations(model, x_adv, names)
         ce = F.cross_entropy(logits, y)
-        pair, dists = pairing_loss(acts, acts_adv, names, self.pairing_lambdas, self.pairing_p, self.pairing_distance)
+        lambdas = [lam * scale for lam in self.pairing_lambdas]
+        pair, dists = pairing_loss(acts, acts_adv, names, lambdas, self.pairing_p, self.pairing_distance)
         terms = {"ce": ce.detach(), "pairing": pair.detach()}
+        if self.pairing_warmup_epochs:
+            terms["lambda_scale"] = torch.tensor(scale)
         terms.update({f"D/{n}": d.detach() for n, d in dists.items()})
         terms.update(honest_logit_terms(logits, logits_adv))
         return ObjectiveOutput(ce + pair, logits, logits_adv, terms)

@@ -317,6 +317,7 @@ class PairingConfig(Schema):
     distance: Optional[str] = spec(None, choices=(*PAIRING_DISTANCES, None),
                                    note="a pairing distance (null: relative_l{p}, the paper's for p=2)")
     p: Optional[int] = spec(None, choices=(1, 2, None), note="1, 2 or null (older spelling of the distance)")
+    warmup_epochs: int = spec(0, ge=0, note="0: the full lambda from the first step")
 
     @classmethod
     def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:

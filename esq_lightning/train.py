@@ -72,6 +72,7 @@ def build_objective(cfg: DictConfig) -> Objective:
         pairing_distance=resolve_distance(pairing.get("distance"), pairing.get("p")),
         alp_lambda=float(method.get("alp_lambda", 0.5)),
         trades_beta=float(method.get("trades_beta", 6.0)),
+        pairing_warmup_epochs=int(pairing.get("warmup_epochs") or 0),
     )
 
 

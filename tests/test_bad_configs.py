@@ -183,6 +183,7 @@ IN_PROCESS: list[tuple[list[str], str]] = [
     (["setting=NEB"], "setting: 'NEB' contradicts the run, which is 'EB'"),
     (["quant=twn", "setting=EB"], "setting: 'EB' contradicts the run, which is 'ET'"),
     (["init_seed=-1"], "init_seed: -1 is out of range"),
+    (["pairing.warmup_epochs=-1"], "pairing.warmup_epochs: -1 is out of range"),
     (["optimized_metric=robust_acc.pgd100"],
      "optimized_metric: robust_acc.pgd100 names an attack that eval.attacks does not run (fgsm, pgd20)"),
     (["init_from=missing.ckpt"],

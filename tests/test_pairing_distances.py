@@ -228,3 +228,29 @@ def test_amplification_reports_the_logit_layer_raw_and_centred() -> None:
 def test_objective_refuses_a_logits_only_distance_on_an_inner_module() -> None:
     with pytest.raises(ValueError, match="pairing.distance=log_softmax_l2 is defined on the logits only"):
         Objective("esq", ["fc", "logits"], [1.0, 1.0], pairing_distance="log_softmax_l2")
+
+
+def test_pairing_warmup_ramps_every_lambda_linearly_over_its_epochs() -> None:
+    torch.manual_seed(0)
+    model, x, y = Tiny(), torch.randn(8, 6), torch.randint(0, 4, (8,))
+
+    def attack(x: torch.Tensor, y: torch.Tensor, loss_fn=None) -> torch.Tensor:
+        return x + 0.3
+
+    warm = Objective("esq", ["logits"], [10.0], pairing_warmup_epochs=4)
+    assert [warm.lambda_scale(e) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warm.lambda_scale(None) == 1.0 and Objective("esq").lambda_scale(0) == 1.0
+    full = Objective("esq", ["logits"], [10.0])(model, x, y, attack).terms["pairing"]
+    at = {e: warm(model, x, y, attack, epoch=e).terms for e in (0, 1, 3)}
+    for epoch, scale in ((0, 0.25), (1, 0.5), (3, 1.0)):
+        assert at[epoch]["pairing"].item() == pytest.approx(scale * full.item(), rel=1e-6)
+        assert at[epoch]["lambda_scale"].item() == scale
+    # D itself is not scaled: the curve of the distance stays comparable across a warm-up.
+    assert at[0]["D/logits"].item() == pytest.approx(at[3]["D/logits"].item(), rel=1e-6)
+
+
+def test_training_with_a_warmup_logs_the_ramp(tmp_path: Path) -> None:
+    _train(tmp_path, ["pairing.warmup_epochs=2"])
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/lambda_scale")]
+    assert [float(r["train/lambda_scale"]) for r in rows] == [0.5, 1.0]
