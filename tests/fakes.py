@@ -110,3 +110,29 @@ def write_corrupt_cifar(root: str | Path, name: str = "cifar10", as_tarball: boo
     bad = root / folder / test_files[0]
     bad.write_bytes(b"not a pickle at all")
     return bad
+
+
+def train_tiny_digits_model(model, steps: int = 300, n_train: int = 1297):
+    """(eval-mode model, held-out inputs, labels): `model` trained with Adam on a fixed shuffle of scikit-learn's
+    digits (seed 0 order, seed 1 batches), the rest of the images held out. Takes about 2 s."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    y = torch.tensor(digits.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batches = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(0, n_train, (64,), generator=batches)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    return model, x[n_train:], y[n_train:]

@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from esq_lightning.attacks import ATTACKS, pgd, run_attack
@@ -52,25 +51,11 @@ def _cnn() -> nn.Sequential:
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
+    from tests.fakes import train_tiny_digits_model
 
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(digits.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
     torch.manual_seed(0)
-    model = _cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    batches = torch.Generator().manual_seed(1)
-    for _ in range(300):
-        idx = torch.randint(0, 1297, (64,), generator=batches)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model, x[1297:1497], y[1297:1497]
+    model, x, y = train_tiny_digits_model(_cnn())
+    return model, x[:200], y[:200]
 
 
 def scaled(model: nn.Module, factor: float = 1000.0) -> nn.Module:

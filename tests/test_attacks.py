@@ -69,28 +69,10 @@ def make_cnn() -> nn.Sequential:
 @pytest.fixture(scope="session")
 def tiny() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """(eval-mode model, 500 held-out inputs, labels); trained once per session (~2 s)."""
-    from sklearn.datasets import load_digits
+    from tests.fakes import train_tiny_digits_model
 
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    y = torch.tensor(digits.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    x_train, y_train, x_test, y_test = x[:1297], y[:1297], x[1297:], y[1297:]
     torch.manual_seed(0)
-    model = make_cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    batches = torch.Generator().manual_seed(1)
-    for _ in range(300):
-        idx = torch.randint(0, len(x_train), (64,), generator=batches)
-        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
-    return model, x_test, y_test
+    return train_tiny_digits_model(make_cnn())
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
