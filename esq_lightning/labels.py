@@ -15,7 +15,6 @@ from a preset, so a sweep over `method` or `quant` cannot put a run in another s
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +78,12 @@ def _start_of_checkpoint(path: str, mtime: float) -> str:
     (no torch import, so config validation stays fast), else from the esq_config inside the checkpoint."""
     ckpt = Path(path)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    results = run_dir / "results.json"
-    if results.is_file():
-        try:
-            label = json.loads(results.read_text()).get("setting")
-        except (OSError, json.JSONDecodeError):
-            label = None
-        if label:
-            return start_from_setting(str(label))
+    from esq_lightning.runs import RESULTS, read_json_record
+
+    results = run_dir / RESULTS
+    label = (read_json_record(results) or {}).get("setting") if results.is_file() else None
+    if label:
+        return start_from_setting(str(label))
     hydra_config = run_dir / ".hydra" / "config.yaml"
     if hydra_config.is_file():
         from omegaconf import OmegaConf
