@@ -22,13 +22,14 @@ from benchmarks.common import (
     quiet_lightning,
 )
 from esq_lightning.attacks import pgd
-from esq_lightning.callbacks import PGDCallback, QuantRatioCallback, TrainAttack
+from esq_lightning.training.callbacks import PGDCallback, QuantRatioCallback, TrainAttack
 from esq_lightning.data import CropFlip, TensorDataModule
-from esq_lightning.module import ATTACK_STREAM, ESQModule
-from esq_lightning.objectives import Objective
+from esq_lightning.training.module import ESQModule
+from esq_lightning.training.rng import Stream
+from esq_lightning.training.objectives import Objective
 from esq_lightning.pairing import forward_with_activations
 from esq_lightning.quant import draw_selection, quant_layers, sq_generator
-from esq_lightning.utils import step_generator
+from esq_lightning.training.rng import step_generator
 
 Batches = list[tuple[Tensor, Tensor]]
 
@@ -75,7 +76,7 @@ class HandLoop:
         if self.quantized:
             draw_selection(self.model, sq_generator(self.s.seed, i))
         fn = self._timed_attack if self.time_attack else self.attack
-        attack = functools.partial(fn, self.model, generator=step_generator(self.s.seed, i, ATTACK_STREAM))
+        attack = functools.partial(fn, self.model, generator=step_generator(self.s.seed, i, Stream.ATTACK))
         t0 = self.clock.now() if self.time_attack else 0.0
         with autocast(self.s):
             out = self.objective(self.model, x, y, attack)
@@ -214,7 +215,7 @@ class PGDRun:
             if self.library == "torchattacks":
                 return self.atk(x, y)
             return pgd(self.model, x, y, eps=self.s.eps, step_size=self.s.step_size, steps=self.s.pgd_steps,
-                       generator=step_generator(self.s.seed, i, ATTACK_STREAM))
+                       generator=step_generator(self.s.seed, i, Stream.ATTACK))
 
     def run(self, batches: Batches, total: int) -> list[float]:
         stamps = []
@@ -252,7 +253,7 @@ def esq_memory(model: nn.Module, batch: tuple[Tensor, Tensor], s: Settings, pair
     if quant_layers(model):
         draw_selection(model, sq_generator(s.seed, 0))
     with autocast(s):
-        x_adv = train_attack(s)(model, x, y, generator=step_generator(s.seed, 0, ATTACK_STREAM))
+        x_adv = train_attack(s)(model, x, y, generator=step_generator(s.seed, 0, Stream.ATTACK))
     objective = Objective("esq", pairing_layers=pairing, pairing_lambdas=[1.0] * len(pairing))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     with autocast(s):

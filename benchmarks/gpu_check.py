@@ -92,7 +92,7 @@ def time_variant(base: nn.Module, s: Settings, compile_backend: str | None) -> d
     device = torch.device(s.device)
     model = quantized_copy(base, s)
     if compile_backend:
-        from esq_lightning.train import compile_model
+        from esq_lightning.training.train import compile_model
 
         model = compile_model(model, ["logits"], backend=compile_backend)
     batches = preloaded_batches(s, s.warmup + s.steps + 1)
@@ -138,7 +138,7 @@ class _Step(nn.Module):
     def __init__(self, model: nn.Module, s: Settings) -> None:
         super().__init__()
         from benchmarks.cases import train_attack
-        from esq_lightning.objectives import Objective
+        from esq_lightning.training.objectives import Objective
 
         self.model, self.objective, self.attack = model, Objective("esq"), train_attack(s)
 
@@ -152,9 +152,9 @@ def _ddp_worker(rank: int, world: int, backend: str, init: str, s: Settings, tin
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from benchmarks.cases import sgd_factory
-    from esq_lightning.module import ATTACK_STREAM
+    from esq_lightning.training.rng import Stream
     from esq_lightning.quant import draw_selection, sq_generator
-    from esq_lightning.utils import step_generator
+    from esq_lightning.training.rng import step_generator
 
     from datetime import timedelta
 
@@ -174,7 +174,7 @@ def _ddp_worker(rank: int, world: int, backend: str, init: str, s: Settings, tin
         x, y = preloaded_batches(s, world)[rank]  # each rank its own shard
         draw_selection(model, sq_generator(s.seed, 0))  # the same SQ draw on every rank
         t0 = time.perf_counter()
-        loss = ddp(x, y, step_generator(s.seed, 0, ATTACK_STREAM))
+        loss = ddp(x, y, step_generator(s.seed, 0, Stream.ATTACK))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

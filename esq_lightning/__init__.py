@@ -4,11 +4,9 @@ The Python API (esq_lightning/api.py), imported lazily so that `import esq_light
     from esq_lightning import train, evaluate, export, load_model, load_results
 """
 
-import sys
-import types
 from typing import Any
 
-from esq_lightning.config import register_resolvers
+from esq_lightning.config.resolvers import register_resolvers
 
 __version__ = "0.1.0"
 
@@ -27,17 +25,3 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'esq_lightning' has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """Importing the modules esq_lightning.train/.evaluate/.export would set them as attributes of the package,
-    hiding the API functions of the same names; the package keeps the functions (the modules stay in sys.modules,
-    so `from esq_lightning.train import ...` is unchanged)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

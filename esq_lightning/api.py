@@ -13,8 +13,8 @@ lists and None are written as Hydra reads them ([a,b], null). `overrides=[...]` 
 one esq-train/esq-eval would use, under paths.runs_root). Config errors raise ESQUserError before torch is imported,
 as on the command line.
 
-Note: `esq_lightning.train`, `.evaluate` and `.export` are these functions; their modules stay importable as
-`from esq_lightning.train import ...`.
+Note: `esq_lightning.training.train`, `.evaluate` and `.export` are these functions; their modules stay importable as
+`from esq_lightning.training.train import ...`.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def compose(config_name: str, overrides: list[str], run_dir: str | Path | None =
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    import esq_lightning.config  # noqa: F401  (resolvers)
+    import esq_lightning.config.resolvers  # noqa: F401  (resolvers)
 
     if run_dir is not None:
         overrides = [*overrides, f"hydra.run.dir={_value(str(Path(run_dir).resolve()))}"]
@@ -111,12 +111,12 @@ def _quiet() -> None:
 # ---- the API -----------------------------------------------------------------------------------------------------
 def train(*, overrides: Iterable[str] = (), run_dir: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
     """esq-train: train and evaluate one run; returns its results record (results.json; `checkpoint` is its path)."""
-    from esq_lightning.schema import validate_config
+    from esq_lightning.config.schema import validate_config
 
     _quiet()
     cfg = compose("train", to_overrides(kwargs, overrides), run_dir)
     validate_config(cfg, code_checks=False)  # phase 1, before torch is imported
-    from esq_lightning.train import train as run
+    from esq_lightning.training.train import train as run
 
     results, _ = run(cfg)
     return results
@@ -136,7 +136,7 @@ def evaluate(ckpt_path: str | Path | None = None, *, ckpts: Iterable[str | Path]
         kwargs["mode"] = mode
     cfg = compose("eval", to_overrides(kwargs, overrides), run_dir)
     # As esq-eval: the eval config is checked once merged with the checkpoint's (before any data is read).
-    from esq_lightning.evaluate import evaluate as run
+    from esq_lightning.evaluation.modes import evaluate as run
 
     return run(cfg)
 
@@ -144,7 +144,7 @@ def evaluate(ckpt_path: str | Path | None = None, *, ckpts: Iterable[str | Path]
 def export(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True) -> dict[str, Any]:
     """esq-export: write the packed (1-/2-bit) file of a checkpoint; returns the size report (`path` is the file)."""
     _quiet()
-    from esq_lightning.export import export_checkpoint
+    from esq_lightning.artifacts.export import export_checkpoint
 
     return export_checkpoint(ckpt_path, out, verify=verify)
 
@@ -152,7 +152,7 @@ def export(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = 
 def load_model(path: str | Path, with_config: bool = False) -> Any:
     """The classifier of a checkpoint (quantized layers, eval mode) or of a packed .esq file (rebuilt plain model);
     with `with_config`, (model, training config)."""
-    from esq_lightning.evaluate import load_trained_model
+    from esq_lightning.evaluation.modes import load_trained_model
 
     if not Path(path).is_file():
         raise ESQUserError(f"{path}: no such checkpoint or packed model file")
@@ -168,6 +168,6 @@ def load_results(path: str | Path) -> dict[str, Any] | list[dict[str, Any]]:
         return json.loads(path.read_text())
     if not path.is_dir():
         raise ESQUserError(f"{path}: no such results file or run directory")
-    from esq_lightning.runs import iter_results
+    from esq_lightning.artifacts.runs import iter_results
 
     return [res for _, res in iter_results(path)]

@@ -9,7 +9,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import esq_lightning.config  # noqa: F401  (resolvers)
+import esq_lightning.config.resolvers  # noqa: F401  (resolvers)
 
 # Tiny, fast settings for digits: a few batches, one thread, no progress bar.
 FAST = [

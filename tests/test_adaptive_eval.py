@@ -211,7 +211,7 @@ TRAIN = ["threads=1", "trainer.enable_progress_bar=false", "trainer.accelerator=
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory):
-    from esq_lightning.train import train
+    from esq_lightning.training.train import train
     from tests.hydra_utils import compose_config
 
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
@@ -236,7 +236,7 @@ def test_eval_eps_sets_fgsm_and_pgd_step(tiny_run):
 def test_audit_mode_writes_audit_files_and_verdict(tiny_run, tmp_path):
     import json
 
-    from esq_lightning.evaluate import evaluate
+    from esq_lightning.evaluation.modes import evaluate
     from tests.hydra_utils import compose_config
 
     cfg = compose_config("eval", ["threads=1", "progress=false", "mode=audit", f"ckpt_path={tiny_run['checkpoint']}",
@@ -264,8 +264,8 @@ def test_unattackable_training_run_writes_results_and_fails_in_one_line(tmp_path
     from esq_lightning.errors import EvaluationFailed
     from tests.hydra_utils import compose_config
 
-    # The module (esq_lightning.train as an attribute is the Python API's train function).
-    train_mod = importlib.import_module("esq_lightning.train")
+    # The module (esq_lightning.training.train as an attribute is the Python API's train function).
+    train_mod = importlib.import_module("esq_lightning.training.train")
     build = train_mod.build_network
     monkeypatch.setattr(train_mod, "build_network", lambda m, q, **kw: nn.Sequential(RoundInput(), build(m, q, **kw)))
     cfg = compose_config("train", [*TRAIN, "trainer.max_epochs=1", "eval.attacks=[fgsm,pgd20]"], tmp_path)
@@ -280,7 +280,7 @@ def test_unattackable_training_run_writes_results_and_fails_in_one_line(tmp_path
 
 
 def test_transfer_refuses_minimum_norm_attacks_and_amplification_says_where_it_measures(trained):
-    from esq_lightning.evaluate import check_transfer_attack
+    from esq_lightning.evaluation.modes import check_transfer_attack
     from esq_lightning.errors import ESQUserError
     from esq_lightning.evaluation import measured_at, transfer_matrix
     from esq_lightning.models import MODELS

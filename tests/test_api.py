@@ -79,16 +79,17 @@ def test_import_is_cheap_and_a_config_error_fails_before_torch(tmp_path: Path) -
     assert "torch imported: False" in proc.stdout
 
 
-def test_package_names_stay_the_api_functions_after_the_modules_load() -> None:
+def test_the_api_functions_share_no_name_with_a_module() -> None:
+    """The package's API names are functions; the modules behind them live in subpackages with other names."""
     import esq_lightning
     from esq_lightning import api
-    from esq_lightning.evaluate import load_trained_model  # noqa: F401  (loads the module esq_lightning.evaluate)
-    from esq_lightning.export import export_checkpoint  # noqa: F401
-    from esq_lightning.train import build_network  # noqa: F401
+    from esq_lightning.artifacts.export import export_checkpoint  # noqa: F401  (loads every module behind the API)
+    from esq_lightning.evaluation.modes import load_trained_model  # noqa: F401
+    from esq_lightning.training.train import build_network  # noqa: F401
 
-    assert esq_lightning.train is api.train and esq_lightning.evaluate is api.evaluate
-    assert esq_lightning.export is api.export
-    assert "esq_lightning.train" in sys.modules and sys.modules["esq_lightning.train"].__name__ == "esq_lightning.train"
+    for name in esq_lightning.API:
+        assert getattr(esq_lightning, name) is getattr(api, name), name
+        assert f"esq_lightning.{name}" not in sys.modules, name
 
 
 def test_load_results_and_load_model_errors(tmp_path: Path) -> None:

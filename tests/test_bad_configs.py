@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from esq_lightning import schema
+from esq_lightning.config import schema
 from esq_lightning.errors import ESQUserError
-from esq_lightning.schema import validate_config
+from esq_lightning.config.schema import validate_config
 from tests.hydra_utils import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,7 +241,7 @@ def test_every_shipped_config_validates(group: str, option: str, tmp_path: Path)
 
 
 def test_eval_config_is_validated_against_the_checkpoint_config(tmp_path: Path) -> None:
-    from esq_lightning.evaluate import run_config_with_eval
+    from esq_lightning.evaluation.modes import run_config_with_eval
 
     train_cfg = compose_config("train", [], tmp_path / "t")
     train_config = OmegaConf.to_container(train_cfg, resolve=True)
@@ -263,7 +263,7 @@ def test_schema_choices_match_the_code() -> None:
     from pytorch_lightning.strategies import StrategyRegistry
 
     from esq_lightning.data.cifar import CIFAR_META
-    from esq_lightning.objectives import METHODS
+    from esq_lightning.training.objectives import METHODS
     from esq_lightning.quant.functional import KINDS
     from esq_lightning.quant.selection import SELECTION_FUNCTIONS, VARIANTS
 

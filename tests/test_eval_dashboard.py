@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from esq_lightning.evaluate import load_trained_model
+from esq_lightning.evaluation.modes import load_trained_model
 from tests.test_evaluation import EPS, PNG_MAGIC, ckpts, run_eval  # noqa: F401  (ckpts: the session fixture)
 
 _BLOCK = 32768

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from esq_lightning.errors import ESQUserError
-from esq_lightning.evaluate import evaluate
+from esq_lightning.evaluation.modes import evaluate
 from esq_lightning.evaluation import evaluate_robustness
 from esq_lightning.evaluation.distributed import Shard
 from esq_lightning.evaluation.store import STATE_DIR, EvalStore, batch_bounds, batch_seed, run_in_batches
-from esq_lightning.train import train
+from esq_lightning.training.train import train
 from tests.hydra_utils import FAST, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_run_in_batches_seeds_each_batch_and_reads_finished_batches_back(tmp_pat
 
 
 def test_evaluate_robustness_with_store_equals_without_and_keeps_per_sample_masks(ckpt: Path, tmp_path: Path) -> None:
-    from esq_lightning.evaluate import load_trained_model
+    from esq_lightning.evaluation.modes import load_trained_model
 
     model, _ = load_trained_model(ckpt)
     g = torch.Generator().manual_seed(0)

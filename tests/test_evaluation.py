@@ -12,7 +12,7 @@ import torch
 
 from esq_lightning.attacks import ATTACKS, perturbation_norms
 from esq_lightning.errors import ESQUserError
-from esq_lightning.evaluate import evaluate, load_test_split, load_trained_model, run_config_with_eval
+from esq_lightning.evaluation.modes import evaluate, load_test_split, load_trained_model, run_config_with_eval
 from esq_lightning.evaluation import (
     amplification_curve,
     attack_in_batches,
@@ -22,7 +22,7 @@ from esq_lightning.evaluation import (
     predict,
 )
 from esq_lightning.quant import full_quantization
-from esq_lightning.train import train
+from esq_lightning.training.train import train
 from tests.hydra_utils import FAST, compose_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -200,7 +200,7 @@ def test_amplification_callback_logs_every_module(ckpts):
 def test_amplification_callback_sends_a_wandb_line_plot():
     from pytorch_lightning.loggers import WandbLogger
 
-    from esq_lightning.callbacks import AmplificationCallback
+    from esq_lightning.training.callbacks import AmplificationCallback
 
     class Run:
         def __init__(self) -> None:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from esq_lightning.errors import ESQUserError
-from esq_lightning.export import export_checkpoint, is_packed_file, load_exported
+from esq_lightning.artifacts.export import export_checkpoint, is_packed_file, load_exported
 from esq_lightning.quant import quant_layers
 from tests.test_evaluation import EPS, ckpts, run_eval  # noqa: F401  (ckpts: the session fixture)
 
@@ -63,7 +63,7 @@ def test_multi_model_modes_on_the_packed_file_equal_the_checkpoint(ckpts, packed
 
 
 def test_a_packed_file_without_config_is_one_line(ckpts, tmp_path):
-    from esq_lightning.evaluate import load_trained_model
+    from esq_lightning.evaluation.modes import load_trained_model
     from esq_lightning.quant import export_packed
 
     model, config = load_trained_model(ckpts["bwn"])

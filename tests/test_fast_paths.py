@@ -12,16 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from esq_lightning.attacks import pgd
-from esq_lightning.callbacks import PGDCallback, QuantRatioCallback
+from esq_lightning.training.callbacks import PGDCallback, QuantRatioCallback
 from esq_lightning.data import TensorBatchLoader
 from esq_lightning.models import SmallCNN, resnet20
-from esq_lightning.module import ESQModule
-from esq_lightning.objectives import Objective
+from esq_lightning.training.module import ESQModule
+from esq_lightning.training.objectives import Objective
 from esq_lightning.pairing import forward_with_activations
 from esq_lightning.quant import draw_selection, quant_layers, quantize_model, sample_selection, set_sq_ratio
 from esq_lightning.quant.modules import frozen_quant_weights
-from esq_lightning.train import compile_model
-from esq_lightning.utils import auto_threads, set_threads, step_generator
+from esq_lightning.training.train import compile_model
+from esq_lightning.utils import auto_threads, set_threads
+from esq_lightning.training.rng import step_generator
 
 CL = torch.channels_last
 

@@ -1,4 +1,4 @@
-"""Setting labels are derived from what a run does (esq_lightning/labels.py), never copied from a preset."""
+"""Setting labels are derived from what a run does (esq_lightning/config/labels.py), never copied from a preset."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from esq_lightning.errors import ESQUserError
-from esq_lightning.labels import derive_setting, start_from_setting, start_of
-from esq_lightning.runs import resolve_init_from
+from esq_lightning.config.labels import derive_setting, start_from_setting, start_of
+from esq_lightning.artifacts.runs import resolve_init_from
 from hydra_utils import compose_config
 
 

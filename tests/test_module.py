@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esq_lightning.callbacks import TrainAttack
+from esq_lightning.training.callbacks import TrainAttack
 from esq_lightning.models import SmallCNN
-from esq_lightning.module import ESQModule
-from esq_lightning.objectives import Objective
+from esq_lightning.training.module import ESQModule
+from esq_lightning.training.objectives import Objective
 from esq_lightning.quant import QUANTIZERS, Quantizer, quant_layers, quantize_model, set_sq_ratio
 
 

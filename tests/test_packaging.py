@@ -101,7 +101,7 @@ def test_wandb_logger_passes_no_anonymous_setting() -> None:
 def test_results_record_the_package_versions() -> None:
     from omegaconf import OmegaConf
 
-    from esq_lightning.results import build_results
+    from esq_lightning.artifacts.results import build_results
 
     cfg = OmegaConf.create({"data": {"name": "digits"}, "model": {"name": "small_cnn"}, "method": {"name": "esq"},
                             "quant": {"kind": "bwn", "bits": 1}, "seed": 0, "eval": {"eps": 0.1}})

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esq_lightning.objectives import Objective
+from esq_lightning.training.objectives import Objective
 from esq_lightning.pairing import capture_activations, check_pairing_names, forward_with_activations, pairing_distance
 
 

@@ -16,12 +16,12 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from esq_lightning.callbacks.finite_loss import FiniteLossCallback, NonFiniteLossError
-from esq_lightning.checkpoint import check_resume_checkpoint, resolve_resume_path
+from esq_lightning.training.callbacks.finite_loss import FiniteLossCallback, NonFiniteLossError
+from esq_lightning.artifacts.checkpoint import check_resume_checkpoint, resolve_resume_path
 from esq_lightning.cli._common import user_errors_as_one_line
 from esq_lightning.errors import ESQUserError
-from esq_lightning.plugins import AtomicCheckpointIO, atomic_torch_save
-from esq_lightning.train import train
+from esq_lightning.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from esq_lightning.training.train import train
 from tests.fakes import write_corrupt_cifar
 from tests.hydra_utils import FAST, compose_config
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from esq_lightning.reproduce import estimate_digits_seconds, parse_options, plan
-from esq_lightning.wandb_utils import restore_wandb_env, snapshot_wandb_env, wandb_tags
+from esq_lightning.cli.reproduce import estimate_digits_seconds, parse_options, plan
+from esq_lightning.training.loggers import restore_wandb_env, snapshot_wandb_env, wandb_tags
 from tests.hydra_utils import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_restore_wandb_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_offline_wandb_run_leaves_no_wandb_env_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import wandb
 
-    from esq_lightning.train import train
+    from esq_lightning.training.train import train
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     before = snapshot_wandb_env()
@@ -204,7 +204,7 @@ def test_two_stage_sweep_finds_the_same_seeds_start(tmp_path: Path) -> None:
 
 
 def test_reproduce_digits_plan_and_estimate(capsys: pytest.CaptureFixture[str]) -> None:
-    from esq_lightning.reproduce import main
+    from esq_lightning.cli.reproduce import main
 
     assert main(["scale=digits", "dry_run=true"]) == 0
     out = capsys.readouterr().out

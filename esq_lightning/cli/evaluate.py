@@ -5,14 +5,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-import esq_lightning.config  # noqa: F401  (registers resolvers)
+import esq_lightning.config.resolvers  # noqa: F401  (registers resolvers)
 from esq_lightning.cli._common import CONFIG_PATH, user_errors_as_one_line
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> float | None:
-    from esq_lightning.evaluate import evaluate
+    from esq_lightning.evaluation.modes import evaluate
 
     results = evaluate(cfg)
     if results.get("mode", "whitebox") != "whitebox":

@@ -9,15 +9,15 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-import esq_lightning.config  # noqa: F401  (registers resolvers)
+import esq_lightning.config.resolvers  # noqa: F401  (registers resolvers)
 from esq_lightning.cli._common import CONFIG_PATH, user_errors_as_one_line
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="export", version_base="1.3")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
-    from esq_lightning.checkpoint import with_checkpoint_trust
-    from esq_lightning.export import export_checkpoint
+    from esq_lightning.artifacts.checkpoint import with_checkpoint_trust
+    from esq_lightning.artifacts.export import export_checkpoint
 
     # trust_checkpoint=true: the checkpoint is unpickled in full (checkpoint.py); by default weights_only.
     report = with_checkpoint_trust(lambda c: export_checkpoint(c.ckpt_path, c.out, verify=bool(c.verify)))(cfg)

@@ -33,7 +33,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 @user_errors_as_one_line
 def main(argv: Sequence[str] | None = None) -> int:
-    from esq_lightning.report import make_report
+    from esq_lightning.reporting.report import make_report
 
     args = parse_args(argv)
     report = make_report(args.dir, out=args.out, fmt=args.format, digits=args.digits, curve_x=args.curve_x,

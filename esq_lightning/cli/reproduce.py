@@ -1,15 +1,274 @@
-"""esq-reproduce: the whole paper pipeline at scale=digits|cifar (see esq_lightning/reproduce.py)."""
+"""esq-reproduce: the paper's pipeline in stages (pre-train, quantize, evaluate, report) as esq-train/esq-eval/esq-report calls."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
 import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from esq_lightning.errors import ESQUserError
+from esq_lightning.artifacts.runs import find_runs
+
+# Which datasets a scale covers, and the model of each (for finding checkpoints).
+SCALES: dict[str, list[tuple[str, str]]] = {
+    "digits": [("digits", "small_cnn")],
+    "cifar": [("cifar10", "wrn28_10"), ("cifar100", "resnet152")],
+}
+PRETRAIN = ["NF", "AF"]
+QUANTIZE = ["NVB", "NEB", "AVB", "AEB", "NVT", "NET", "AVT", "AET"]
+# The models of the transfer matrix (Tables 2b/3b) and of the amplification figure (Figures 1/2).
+TRANSFER = ["NF", "NVB", "NEB", "AF", "AVB", "AEB", "AET"]
+AMPLIFICATION = ["NF", "NVB", "NEB", "AF", "AVB", "AEB"]
+# Table 4's settings that the quantize stage does not train (adversarial training in vanilla quantization).
+TABLE4_ADVERSARIAL = ["NAB", "NAT", "AAB", "AAT"]
+STAGES = ["pretrain", "quantize", "ablations", "eval", "report"]
+# Seconds of one digits run with 1 thread on a quiet core (measured: docs/sweeps.md); V = natural, E/A = with PGD.
+DIGITS_SECONDS = {"NF": 20, "AF": 90, "V": 25, "E": 120, "A": 100}
+DIGITS_EVAL_SECONDS = 90
+
+MODULES = {"esq-train": "esq_lightning.cli.train", "esq-eval": "esq_lightning.cli.evaluate",
+           "esq-report": "esq_lightning.cli.report"}
+
+DEFAULTS: dict[str, Any] = {
+    "scale": "digits",
+    "seeds": None,          # digits: 0,1,2; cifar: 0
+    "n_jobs": None,         # digits: 2 (joblib, 1 thread each); cifar: 1 (one GPU)
+    "launcher": None,       # local (joblib) or slurm; null: local when n_jobs > 1, else Hydra's basic launcher
+    "runs_root": None,      # outputs/reproduce-<scale>
+    "datasets": None,       # a subset of the scale's datasets, e.g. datasets=cifar10
+    "stages": ",".join(s for s in STAGES if s != "ablations"),
+    "ablations": False,     # also Table 4 (bit width x adversarial training) and Table 5 (pairing) sweeps
+    "blackbox": False,      # also the black-box curves (Figure 3): slow on a CPU
+    "threads": None,        # torch threads per job; digits: 1 (the jobs use the cores); cifar: torch's default
+    "dry_run": False,
+}
 
 
-def main() -> int:
-    from esq_lightning.reproduce import main as run
+@dataclass
+class Step:
+    """One command of the pipeline; `build` makes its argv when it runs (eval needs the trained checkpoints)."""
 
-    return run(sys.argv[1:])
+    stage: str
+    tool: str
+    build: Callable[[bool], list[str]]
+    note: str = ""
+    env: dict[str, str] = field(default_factory=dict)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def parse_options(argv: Sequence[str]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """key=value options of the driver; other key=value pairs go to every esq-train call (eval.* to esq-eval too)."""
+    opts = dict(DEFAULTS)
+    train_extra: list[str] = []
+    eval_extra: list[str] = []
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ESQUserError(f"{arg}: give options as key=value (esq-reproduce --help)")
+        if key.lstrip("+~") in DEFAULTS:
+            opts[key] = value
+        else:
+            train_extra.append(arg)
+            if key.lstrip("+~").startswith("eval.") or key.lstrip("+~") in ("data.data_dir",):
+                eval_extra.append(arg)
+    scale = str(opts["scale"])
+    if scale not in SCALES:
+        raise ESQUserError(f"scale={scale}: allowed: {', '.join(SCALES)}")
+    opts["dry_run"] = _bool(opts["dry_run"], "dry_run")
+    opts["ablations"] = _bool(opts["ablations"], "ablations")
+    opts["blackbox"] = _bool(opts["blackbox"], "blackbox")
+    seeds = opts["seeds"] if opts["seeds"] is not None else ("0,1,2" if scale == "digits" else "0")
+    try:
+        opts["seeds"] = [int(s) for s in str(seeds).strip("[]").split(",") if s.strip()]
+    except ValueError:
+        raise ESQUserError(f"seeds={seeds}: give integers, e.g. seeds=0,1,2") from None
+    if not opts["seeds"]:
+        raise ESQUserError("seeds: give at least one seed")
+    opts["n_jobs"] = int(opts["n_jobs"]) if opts["n_jobs"] is not None else (2 if scale == "digits" else 1)
+    known = [d for d, _ in SCALES[scale]]
+    datasets = [d for d in str(opts["datasets"]).split(",") if d] if opts["datasets"] else known
+    bad = [d for d in datasets if d not in known]
+    if bad:
+        raise ESQUserError(f"datasets={','.join(bad)}: scale={scale} has {', '.join(known)}")
+    opts["datasets"] = datasets
+    stages = [s for s in str(opts["stages"]).split(",") if s]
+    if opts["ablations"] and "ablations" not in stages:
+        stages.insert(stages.index("eval") if "eval" in stages else len(stages), "ablations")
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise ESQUserError(f"stages={','.join(bad)}: allowed: {', '.join(STAGES)}")
+    opts["stages"] = stages
+    opts["runs_root"] = str(opts["runs_root"] or f"outputs/reproduce-{scale}")
+    if opts["threads"] is None and scale == "digits":
+        opts["threads"] = 1
+    launcher = opts["launcher"] or ("local" if opts["n_jobs"] > 1 else None)
+    if launcher not in (None, "local", "slurm", "basic"):
+        raise ESQUserError(f"launcher={launcher}: allowed: local, slurm, basic")
+    opts["launcher"] = None if launcher == "basic" else launcher
+    return opts, train_extra, eval_extra
+
+
+def _bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", "null", "none"):
+        return False
+    raise ESQUserError(f"{key}={value}: give true or false")
+
+
+def _launcher_args(opts: dict[str, Any]) -> list[str]:
+    if opts["launcher"] == "local":
+        return ["hydra/launcher=local", f"hydra.launcher.n_jobs={opts['n_jobs']}"]
+    if opts["launcher"] == "slurm":
+        return ["hydra/launcher=slurm"]
+    return []
+
+
+def find_checkpoint(runs_root: str | Path, setting: str, dataset: str, model: str, seed: int) -> str | None:
+    """The final checkpoint of the newest finished training run of a setting (the rule of init_from=setting:X)."""
+    found = find_runs(runs_root, setting, seed=seed, dataset=dataset, model=model)
+    return found[0]["checkpoint"] if found else None
+
+
+def plan(opts: dict[str, Any], train_extra: Sequence[str], eval_extra: Sequence[str]) -> list[Step]:
+    """The pipeline's commands in order."""
+    root = opts["runs_root"]
+    seeds = ",".join(str(s) for s in opts["seeds"])
+    threads = [f"threads={opts['threads']}"] if opts["threads"] is not None else []
+    common = [f"seed={seeds}", f"paths.runs_root={root}", *threads, "trainer.enable_progress_bar=false",
+              *_launcher_args(opts)]
+    steps: list[Step] = []
+    models = dict(SCALES[opts["scale"]])
+
+    def train_step(stage: str, sweep: str, dataset: str, note: str, narrow: Sequence[str] = ()) -> Step:
+        argv = ["-m", f"sweep={sweep}", *narrow, *common, f"hydra.sweep.dir={root}/multirun/{sweep}", *train_extra]
+        return Step(stage, "esq-train", lambda dry, a=argv: list(a), note)
+
+    for dataset in opts["datasets"]:
+        if "pretrain" in opts["stages"]:
+            steps.append(train_step("pretrain", f"pretrain_{dataset}", dataset, f"{dataset}: NF and AF"))
+        if "quantize" in opts["stages"]:
+            steps.append(train_step("quantize", f"quantize_{dataset}", dataset,
+                                    f"{dataset}: V/E x B/T from N/A (init_from=setting:NF|AF, same seed)"))
+        if "ablations" in opts["stages"]:
+            table4 = "table4_digits" if dataset == "digits" else ("table4_cifar10" if dataset == "cifar10" else None)
+            table5 = "table5_digits" if dataset == "digits" else ("table5_cifar100" if dataset == "cifar100" else None)
+            # Only what the quantize stage did not train: a second copy of a run would count as another seed.
+            if table4:
+                steps.append(train_step("ablations", table4, dataset,
+                                        f"{dataset}: Table 4 (NVB, NVT, AVB, AVT come from the quantize stage)",
+                                        ["experiment=" + ",".join(f"{dataset}/{s}" for s in TABLE4_ADVERSARIAL)]))
+            if table5:
+                modules = "digits_blocks" if dataset == "digits" else "resnet152_modules_4_12_48"
+                steps.append(train_step("ablations", table5, dataset,
+                                        f"{dataset}: Table 5 (AEB pairing the logits comes from the quantize stage)",
+                                        [f"pairing={modules}"]))
+        if "eval" in opts["stages"]:
+            seed = opts["seeds"][0]
+            model = models[dataset]
+            evals = [("transfer", TRANSFER), ("amplification", AMPLIFICATION)]
+            if opts["blackbox"]:
+                evals.append(("blackbox", ["NF", "NVB", "NEB", "AF", "AEB"]))
+            for mode, settings in evals:
+                def build(dry: bool, mode: str = mode, settings: list[str] = settings, dataset: str = dataset,
+                          model: str = model, seed: int = seed) -> list[str]:
+                    ckpts = []
+                    for s in settings:
+                        ckpt = None if dry else find_checkpoint(root, s, dataset, model, seed)
+                        if ckpt is None and not dry:
+                            raise ESQUserError(f"esq-reproduce: no finished {s} run of {dataset} seed {seed} under {root}"
+                                               " (did the training stages fail? see their output above)")
+                        ckpts.append(ckpt or f"<{root}: {s} seed {seed} final.ckpt>")
+                    return [f"mode={mode}", "ckpts=[" + ",".join(ckpts) + "]", *threads, "progress=false",
+                            f"hydra.run.dir={root}/eval/{dataset}_{mode}", *eval_extra]
+                steps.append(Step("eval", "esq-eval", build, f"{dataset}: {mode} ({', '.join(settings)}, seed {seed})"))
+    if "report" in opts["stages"]:
+        steps.append(Step("report", "esq-report", lambda dry: [root, "--out", f"{root}/report"],
+                          "the tables (markdown + LaTeX) and figures"))
+    return steps
+
+
+def estimate_digits_seconds(opts: dict[str, Any]) -> float:
+    """Wall time of the digits pipeline from single-run times, with n_jobs runs at once (1 thread each)."""
+    n = len(opts["seeds"])
+    total = 0.0
+    if "pretrain" in opts["stages"]:
+        total += n * (DIGITS_SECONDS["NF"] + DIGITS_SECONDS["AF"])
+    if "quantize" in opts["stages"]:
+        total += n * sum(DIGITS_SECONDS["V" if s[1] == "V" else "E"] for s in QUANTIZE)
+    if "ablations" in opts["stages"]:
+        total += n * len(TABLE4_ADVERSARIAL) * DIGITS_SECONDS["A"]
+        total += n * DIGITS_SECONDS["E"]
+    total /= max(1, min(int(opts["n_jobs"]), 2 * n))
+    if "eval" in opts["stages"]:
+        total += DIGITS_EVAL_SECONDS
+    return total
+
+
+def command_text(step: Step, argv: Sequence[str]) -> str:
+    return shlex.join([step.tool, *argv])
+
+
+def run_pipeline(opts: dict[str, Any], train_extra: Sequence[str], eval_extra: Sequence[str],
+                 echo: Callable[[str], None] = print) -> int:
+    steps = plan(opts, train_extra, eval_extra)
+    dry = bool(opts["dry_run"])
+    if opts["scale"] == "digits":
+        minutes = estimate_digits_seconds(opts) / 60
+        echo(f"# esq-reproduce scale=digits: {len(opts['seeds'])} seeds, {opts['n_jobs']} jobs at a time; estimated "
+             f"~{minutes:.0f} min on {opts['n_jobs']} quiet CPU cores (single-run times in docs/sweeps.md)")
+    else:
+        echo(f"# esq-reproduce scale=cifar: the paper's settings ({', '.join(opts['datasets'])}); days of GPU time, "
+             "see docs/sweeps.md. Datasets are read from data.data_dir (default ./data).")
+    env = {**os.environ}
+    if str(opts["threads"]) == "1":
+        # One torch/OpenMP thread per job: the jobs, not the threads, use the cores.
+        env["OMP_NUM_THREADS"] = "1"
+    for i, step in enumerate(steps, start=1):
+        argv = step.build(dry)
+        echo(f"# [{i}/{len(steps)}] {step.stage}: {step.note}")
+        echo(command_text(step, argv))
+        if dry:
+            continue
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", MODULES[step.tool], *argv], env=env)
+        echo(f"# [{i}/{len(steps)}] done in {time.perf_counter() - start:.0f} s (exit code {proc.returncode})")
+        if proc.returncode != 0:
+            echo(f"esq-reproduce: stage {step.stage} failed (exit code {proc.returncode}); rerun the failed stage alone "
+                 f"with stages={step.stage} (and the later ones)")
+            return proc.returncode
+    if not dry and "report" in opts["stages"]:
+        echo(f"# report: {opts['runs_root']}/report/report.md")
+    return 0
+
+
+USAGE = """usage: esq-reproduce [scale=digits|cifar] [seeds=0,1,2] [n_jobs=2] [launcher=local|slurm|basic]
+                     [runs_root=outputs/reproduce-<scale>] [datasets=cifar10,cifar100]
+                     [stages=pretrain,quantize,eval,report] [ablations=false] [blackbox=false]
+                     [threads=1 (digits) | null (cifar)] [dry_run=false] [any esq-train override, e.g. trainer.max_epochs=2]
+
+Runs the paper's pipeline: pre-train NF and AF; quantize V and E to BWN and TWN from both starts
+(init_from=setting:NF|AF finds the same seed's start under runs_root); evaluate (transfer matrix and
+error-amplification figure of the first seed's models); esq-report (white-box table over seeds).
+dry_run=true prints the commands. See docs/sweeps.md."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from esq_lightning.cli._common import user_errors_as_one_line
+
+    def go() -> int:
+        opts, train_extra, eval_extra = parse_options(list(sys.argv[1:] if argv is None else argv))
+        return run_pipeline(opts, train_extra, eval_extra)
+
+    return user_errors_as_one_line(go)()

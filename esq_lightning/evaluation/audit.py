@@ -9,7 +9,6 @@ audit.md, audit.png and a results.json per checkpoint (audit.verdict, audit.flag
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import time
 from collections.abc import Mapping, Sequence
@@ -240,7 +239,7 @@ def evaluate_audit(cfg: DictConfig, out: Path) -> dict[str, Any]:
     import sys
 
     from esq_lightning.attacks import pairing_attack_params
-    from esq_lightning.evaluate import (
+    from esq_lightning.evaluation.modes import (
         _header,
         checkpoint_paths,
         default_device,
@@ -249,8 +248,8 @@ def evaluate_audit(cfg: DictConfig, out: Path) -> dict[str, Any]:
         run_config_with_eval,
     )
     from esq_lightning.evaluation.threat import fgsm_factor
-    from esq_lightning.results import build_results, print_results
-    from esq_lightning.utils import atomic_write_json, atomic_write_text
+    from esq_lightning.artifacts.results import build_results, print_results
+    from esq_lightning.artifacts.atomic import atomic_write_json, atomic_write_text
 
     paths = checkpoint_paths(cfg, "audit")
     loaded = load_checkpoints(paths, "audit")

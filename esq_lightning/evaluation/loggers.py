@@ -1,6 +1,6 @@
 """esq-eval on the dashboard: every evaluation mode sends its results to the loggers of `logger=` (W&B, TensorBoard).
 
-One call per mode from esq_lightning/evaluate.py, `log_evaluation(cfg, mode, record, train_configs)`:
+One call per mode from esq_lightning/evaluation/modes.py, `log_evaluation(cfg, mode, record, train_configs)`:
 - W&B: one run with job_type=eval in the training run's group (the checkpoint's config knows it), named
   `<training run name>-eval-<mode>`, tagged as esq-train tags plus `eval:<mode>`; the results as wandb.Table(s),
   the figures as images and as native W&B plots, the headline numbers in the run summary. Offline by default
@@ -68,7 +68,7 @@ def _num(v: Any) -> bool:
 
 
 def whitebox_items(record: Mapping[str, Any], out: Path | None = None) -> EvalLog:
-    from esq_lightning.wandb_utils import results_row
+    from esq_lightning.training.loggers import results_row
 
     columns, values = results_row(record)
     log = EvalLog(tables={"eval/results": (columns, [values])})
@@ -226,7 +226,7 @@ def resolve_logger_configs(cfg: DictConfig, mode: str, train_configs: Sequence[M
     in its group); ${task_name} is `eval`. Several checkpoints of different experiments share a group
     `<data>-eval-<mode>`.
     """
-    from esq_lightning.wandb_utils import wandb_tags
+    from esq_lightning.training.loggers import wandb_tags
 
     entries = _logger_entries(cfg)
     if not entries:
@@ -250,7 +250,7 @@ def resolve_logger_configs(cfg: DictConfig, mode: str, train_configs: Sequence[M
 def _log_wandb(conf: Mapping[str, Any], log: EvalLog, run_config: dict[str, Any]) -> Path | None:
     import wandb
 
-    from esq_lightning.wandb_utils import isolated_wandb_env
+    from esq_lightning.training.loggers import isolated_wandb_env
 
     save_dir = Path(str(conf.get("save_dir") or "."))
     save_dir.mkdir(parents=True, exist_ok=True)

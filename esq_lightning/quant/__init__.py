@@ -1,6 +1,6 @@
 """Weight quantization: BWN/TWN/k-bit uniform quantizers (a registry by width), Stochastic Quantization selection, layers, export."""
 
-from .export import FORMAT_NAME, FORMAT_VERSION, export_packed, load_packed, pack_codes, unpack_codes
+from .packing import FORMAT_NAME, FORMAT_VERSION, export_packed, load_packed, pack_codes, unpack_codes
 from .functional import (
     KINDS,
     TWN_DELTA_FACTOR,

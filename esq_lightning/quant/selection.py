@@ -19,8 +19,6 @@ __all__ = [
 VARIANTS: tuple[str, ...] = ("paper", "reference")
 SELECTION_FUNCTIONS: tuple[str, ...] = ("constant", "linear", "softmax", "sigmoid")
 _EPS = 1e-7
-# The stream of esq_lightning.utils.step_generator that SQ draws use (the PGD random start uses another).
-SQ_STREAM = 0
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -123,11 +121,11 @@ def sample_selection(
 
 
 def sq_generator(seed: int, step: int) -> torch.Generator:
-    """CPU generator seeded from (seed, step) alone: the SQ stream of `esq_lightning.utils.step_generator`.
+    """CPU generator seeded from (seed, step) alone: the SQ stream of `esq_lightning.training.rng.step_generator`.
 
     The training step draws with the same generator for its global step, so every data-parallel rank and
     a resumed run draw the same selection without communicating.
     """
-    from esq_lightning.utils import step_generator
+    from esq_lightning.training.rng import Stream, step_generator
 
-    return step_generator(seed, step, SQ_STREAM)
+    return step_generator(seed, step, Stream.SQ)

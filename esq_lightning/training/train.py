@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from esq_lightning.checkpoint import (
+from esq_lightning.artifacts.checkpoint import (
     check_resume_checkpoint,
     with_checkpoint_trust,
     keep_metrics_of_interrupted_run,
@@ -24,17 +24,18 @@ from esq_lightning.data import build_datamodule
 from esq_lightning.errors import ESQUserError
 from esq_lightning.evaluation import evaluate_robustness
 from esq_lightning.models import build_model
-from esq_lightning.module import ESQModule
-from esq_lightning.objectives import Objective
+from esq_lightning.training.module import ESQModule
+from esq_lightning.training.objectives import Objective
 from esq_lightning.pairing import check_pairing_names, logit_offset_stats, resolve_distance
-from esq_lightning.plugins import AtomicCheckpointIO
+from esq_lightning.training.checkpoint_io import AtomicCheckpointIO
 from esq_lightning.quant import calibrate_act_quant, quantize_activations, quantize_model
-from esq_lightning.quant.export import packed_size
-from esq_lightning.results import build_results, logit_offset_warnings, model_width, print_results, train_threat_model
-from esq_lightning.runs import resolve_init_from
-from esq_lightning.schema import validate_config
-from esq_lightning.utils import atomic_write_json, set_threads
-from esq_lightning.wandb_utils import log_results_table, restore_wandb_env, snapshot_wandb_env, wandb_logger_config
+from esq_lightning.quant.packing import packed_size
+from esq_lightning.artifacts.results import build_results, logit_offset_warnings, model_width, print_results, train_threat_model
+from esq_lightning.artifacts.runs import resolve_init_from
+from esq_lightning.config.schema import validate_config
+from esq_lightning.utils import set_threads
+from esq_lightning.artifacts.atomic import atomic_write_json
+from esq_lightning.training.loggers import log_results_table, restore_wandb_env, snapshot_wandb_env, wandb_logger_config
 
 # Training inputs that calibrate the activation clipping ranges (quant.act_bits < 32).
 ACT_CALIBRATION_SAMPLES = 256
@@ -193,7 +194,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg, has_logger=bool(loggers))
     # Collapse to a constant output, and a run ending far below its start, are named (callbacks/collapse.py).
-    from esq_lightning.callbacks.collapse import CollapseMonitor
+    from esq_lightning.training.callbacks.collapse import CollapseMonitor
 
     collapse_monitor = CollapseMonitor()
     callbacks.append(collapse_monitor)

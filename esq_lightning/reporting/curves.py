@@ -136,7 +136,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def metric_title(metric: str) -> str:
-    from esq_lightning.report import ATTACK_TITLES
+    from esq_lightning.reporting.report import ATTACK_TITLES
 
     return "worst case over the attacks" if metric == "worst_case" else ATTACK_TITLES.get(metric, metric)
 
@@ -146,7 +146,7 @@ def plot_curve(curve: Curve, path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     from esq_lightning.evaluation.plots import _save
-    from esq_lightning.report import format_eps
+    from esq_lightning.reporting.report import format_eps
 
     fig = Figure(figsize=(9.6, 3.8))
     axes = fig.subplots(1, 2, sharex=True)
@@ -178,7 +178,7 @@ def plot_curve(curve: Curve, path: str | Path) -> Path:
 
 
 def curve_markdown(curve: Curve, figure: str | None) -> str:
-    from esq_lightning.report import _pct, format_eps
+    from esq_lightning.reporting.report import _pct, format_eps
 
     bits = sorted({p.bits for pts in curve.lines.values() for p in pts})
     head = ["method", *(f"{b} bits" for b in bits)]

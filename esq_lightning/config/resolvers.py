@@ -15,7 +15,7 @@ def register_resolvers() -> None:
         # ${eval_frac:8/255} -> 0.031372..., so configs can state eps as the fraction papers use.
         OmegaConf.register_new_resolver("eval_frac", _frac)
     if not OmegaConf.has_resolver("esq_setting"):
-        # ${esq_setting:} -> the setting label derived from method, quant and init_from (esq_lightning/labels.py).
+        # ${esq_setting:} -> the setting label derived from method, quant and init_from (esq_lightning/config/labels.py).
         OmegaConf.register_new_resolver("esq_setting", _setting)
     if not OmegaConf.has_resolver("quant_kind"):
         # ${quant_kind:${.bits}} -> bwn (1), twn (2), uniform (3-8), full (32): conf/quant/default.yaml.
@@ -28,13 +28,13 @@ def _frac(text: str) -> float:
 
 
 def _setting(*, _root_: Any) -> str:
-    from esq_lightning.labels import derived_setting
+    from esq_lightning.config.labels import derived_setting
 
     return derived_setting(_root_)
 
 
 def _quant_kind(bits: object) -> str:
-    from esq_lightning.schema import QUANT_DEFAULT_KIND
+    from esq_lightning.config.schema import QUANT_DEFAULT_KIND
 
     # An unknown width resolves to uniform, so the schema's check of quant.bits names the allowed widths.
     try:

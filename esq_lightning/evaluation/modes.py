@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import esq_lightning
 from esq_lightning.attacks import ATTACKS
-from esq_lightning.checkpoint import checkpoint_config, load_model_weights, read_checkpoint, with_checkpoint_trust
+from esq_lightning.artifacts.checkpoint import checkpoint_config, load_model_weights, read_checkpoint, with_checkpoint_trust
 from esq_lightning.data import build_datamodule
 from esq_lightning.errors import ESQUserError
 from esq_lightning.evaluation import (
@@ -33,8 +33,9 @@ from esq_lightning.evaluation.distributed import launch as launch_processes
 from esq_lightning.evaluation.store import evaluation_identity, open_store
 from esq_lightning.evaluation.loggers import check_eval_loggers, log_evaluation
 from esq_lightning.evaluation.robustbench import check_robustbench, write_model_info
-from esq_lightning.results import SCHEMA_VERSION, build_results, print_results
-from esq_lightning.utils import atomic_write_json, atomic_write_text, set_threads
+from esq_lightning.artifacts.results import SCHEMA_VERSION, build_results, print_results
+from esq_lightning.utils import set_threads
+from esq_lightning.artifacts.atomic import atomic_write_json, atomic_write_text
 from esq_lightning.versions import package_versions
 
 MODES = ("whitebox", "transfer", "amplification", "blackbox", "audit")
@@ -42,7 +43,7 @@ MODES = ("whitebox", "transfer", "amplification", "blackbox", "audit")
 
 def run_config_with_eval(train_config: dict[str, Any], cfg: DictConfig) -> DictConfig:
     """The training run's config with this evaluation's `eval` and `data` overrides on top."""
-    from esq_lightning.schema import validate_eval_config
+    from esq_lightning.config.schema import validate_eval_config
 
     overrides = OmegaConf.create({"eval": cfg.eval, "data": cfg.get("data") or {}, "task_name": "eval"})
     base = OmegaConf.create(train_config)
@@ -62,8 +63,8 @@ def load_trained_model(ckpt_path: str | Path) -> tuple[torch.nn.Module, dict[str
     A packed file of esq-export (model.esq) gives its rebuilt model (the dequantized weights, no quantization
     code) and the training config it carries, so every mode evaluates the file as shipped.
     """
-    from esq_lightning.export import is_packed_file, load_packed_for_eval
-    from esq_lightning.train import build_network
+    from esq_lightning.artifacts.export import is_packed_file, load_packed_for_eval
+    from esq_lightning.training.train import build_network
 
     if is_packed_file(ckpt_path):
         return load_packed_for_eval(ckpt_path)
@@ -114,7 +115,7 @@ def dataset_identity(train_config: dict[str, Any]) -> dict[str, Any]:
 
 def _resolve(cfg: DictConfig, spec: Any) -> str:
     """A checkpoint path, or `setting:NAME` looked up among the finished runs under paths.runs_root (seed=)."""
-    from esq_lightning.runs import resolve_checkpoint
+    from esq_lightning.artifacts.runs import resolve_checkpoint
 
     return resolve_checkpoint(str(spec), cfg.paths.runs_root, int(cfg.get("seed", 0)))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import shutil
 import statistics
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from esq_lightning.errors import ESQUserError
-from esq_lightning.runs import iter_results, read_json_record
+from esq_lightning.artifacts.runs import iter_results, read_json_record
 
 # The paper's settings in the order of its tables; everything else follows, sorted by name.
 PAPER_SETTINGS = ["NF", "AF", "NVB", "NEB", "AVB", "AEB", "AET", "NVT", "NET", "AVT", "NAB", "NAT", "AAB", "AAT"]
@@ -441,7 +440,7 @@ def make_report(root: str | Path, out: str | Path | None = None, fmt: str = "bot
                 wandb_mode: str | None = None) -> dict[str, Any]:
     """Collect every results record (and transfer/amplification/blackbox file) under root, write the tables to out.
 
-    Training runs of more than one bit width also give the robustness-compression curve (esq_lightning.curve:
+    Training runs of more than one bit width also give the robustness-compression curve (esq_lightning.reporting.curves:
     bits_curve_<dataset>_<model>.png, x = bits or model bytes), logged to W&B too with wandb_project.
     Returns {"markdown": the whole report as markdown, "tables": {task: [Table]}, "files": [written paths],
     "unreadable": [(path, why)] of the files it could not read and left out}.
@@ -498,7 +497,7 @@ def make_report(root: str | Path, out: str | Path | None = None, fmt: str = "bot
         tex_parts.append(tex)
         files += _write(out, kind, md, tex, fmt)
     # ---- the robustness-compression curve (issue: bit-width sweeps) ----
-    from esq_lightning.curve import log_curves_wandb, write_curves
+    from esq_lightning.reporting.curves import log_curves_wandb, write_curves
 
     curve_md, curve_files, curves = write_curves(records, out, curve_x)
     if curve_md:

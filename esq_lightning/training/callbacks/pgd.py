@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from esq_lightning.attacks import pgd
 from esq_lightning.quant import full_quantization
-from esq_lightning.utils import step_generator
+from esq_lightning.training.rng import Stream, step_generator
 
 
 @dataclass
@@ -91,7 +91,7 @@ class PGDCallback(pl.Callback):
                     x, y = x[: self.val_n_samples - seen], y[: self.val_n_samples - seen]
                 x, y = x.to(pl_module.device), y.to(pl_module.device)
                 # Fixed per-batch seeds: the validation attack is the same every epoch.
-                gen = step_generator(pl_module.seed, i, stream=2)
+                gen = step_generator(pl_module.seed, i, Stream.VALIDATION_ATTACK)
                 x_adv = self.val_attack(model, x, y, generator=gen)
                 with torch.no_grad():
                     clean_acc(model(x), y)

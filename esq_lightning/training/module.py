@@ -13,12 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from esq_lightning.objectives import Objective
+from esq_lightning.training.objectives import Objective
 from esq_lightning.quant import draw_selection, full_quantization, quant_layers, sq_generator
-from esq_lightning.utils import step_generator
+from esq_lightning.training.rng import Stream, step_generator
 
 # Each kind of randomness in a training step has its own step_generator stream.
-ATTACK_STREAM = 1  # step_generator stream of the PGD random start; SQ draws use quant.SQ_STREAM
 
 
 class ESQModule(pl.LightningModule):
@@ -73,7 +72,7 @@ class ESQModule(pl.LightningModule):
             return None
         if self.train_attack is None:
             raise RuntimeError(f"method '{self.objective.name}' needs the PGD callback (callbacks.pgd)")
-        gen = step_generator(self.seed, self.global_step, ATTACK_STREAM)
+        gen = step_generator(self.seed, self.global_step, Stream.ATTACK)
         return partial(self.train_attack, self.model, generator=gen)
 
     def draw_sq_selection(self) -> None:

@@ -3,13 +3,11 @@ read back (resume) without unpickling code."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from esq_lightning.artifacts.atomic import atomic_torch_save
 
 # Why not Lightning's own writer: TorchCheckpointIO saves through an fsspec transaction, which on a
 # local disk writes the bytes to a temporary file in the *system* temp folder and then
@@ -19,51 +17,6 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 # power loss the rename may reach the disk before the data. Here the temporary file lives next to
 # the target (same filesystem, so os.replace is an atomic rename), its data is fsynced before the
 # rename and the folder after it: a reader sees the old checkpoint or the new one, never a mix.
-
-
-def _umask() -> int:
-    # Reading it from /proc avoids os.umask's set-and-restore, which races with other threads.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save(obj, path) such that a crash at any point leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the checkpoint the permissions an ordinary open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # e.g. a platform without directory file descriptors
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -90,7 +43,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """
         from lightning_fabric.utilities.cloud_io import get_filesystem
 
-        from esq_lightning.checkpoint import safe_torch_load
+        from esq_lightning.artifacts.checkpoint import safe_torch_load
 
         fs = get_filesystem(path)
         if not fs.exists(path):

@@ -66,7 +66,7 @@ def _json_safe(value: Any) -> Any:
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True) -> dict[str, Any]:
     """Pack the checkpoint's model; returns the size report (and the logits check when verify)."""
-    from esq_lightning.evaluate import load_trained_model
+    from esq_lightning.evaluation.modes import load_trained_model
 
     model, config = load_trained_model(ckpt_path)
     if not quant_layers(model):

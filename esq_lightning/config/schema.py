@@ -846,9 +846,9 @@ def _check_entries(node: DictConfig, schema: type[Entries], key: str, ctx: _Cont
 
 
 _DEFAULT_TARGETS = {
-    "quant_ratio": "esq_lightning.callbacks.QuantRatioCallback",
-    "pgd": "esq_lightning.callbacks.PGDCallback",
-    "finite_loss": "esq_lightning.callbacks.finite_loss.FiniteLossCallback",
+    "quant_ratio": "esq_lightning.training.callbacks.QuantRatioCallback",
+    "pgd": "esq_lightning.training.callbacks.PGDCallback",
+    "finite_loss": "esq_lightning.training.callbacks.finite_loss.FiniteLossCallback",
 }
 
 
@@ -895,8 +895,8 @@ def _check_cifar_dir(node: DictConfig, key: str) -> None:
 
 
 def _check_setting(cfg: DictConfig) -> None:
-    """`setting` is derived from the run (esq_lightning/labels.py); a hand-set value must agree with it."""
-    from esq_lightning.labels import derived_setting
+    """`setting` is derived from the run (esq_lightning/config/labels.py); a hand-set value must agree with it."""
+    from esq_lightning.config.labels import derived_setting
 
     derived = derived_setting(cfg)
     given = _get(cfg, "setting", "")
@@ -912,7 +912,7 @@ def _check_paths(cfg: DictConfig) -> None:
                            "(the newest finished run of that setting)")
     ckpt = _get(cfg, "ckpt_path", "", None)
     if ckpt is not None:
-        from esq_lightning.checkpoint import resolve_resume_path
+        from esq_lightning.artifacts.checkpoint import resolve_resume_path
 
         resolve_resume_path(str(ckpt), _run_dir())
 

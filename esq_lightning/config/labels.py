@@ -78,7 +78,7 @@ def _start_of_checkpoint(path: str, mtime: float) -> str:
     (no torch import, so config validation stays fast), else from the esq_config inside the checkpoint."""
     ckpt = Path(path)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    from esq_lightning.runs import RESULTS, read_json_record
+    from esq_lightning.artifacts.runs import RESULTS, read_json_record
 
     results = run_dir / RESULTS
     label = (read_json_record(results) or {}).get("setting") if results.is_file() else None
@@ -93,7 +93,7 @@ def _start_of_checkpoint(path: str, mtime: float) -> str:
             return start_from_setting(setting_of_config(cfg, None))
         except Exception:  # noqa: BLE001 - an unreadable side file: look inside the checkpoint instead
             pass
-    from esq_lightning.checkpoint import read_checkpoint
+    from esq_lightning.artifacts.checkpoint import read_checkpoint
 
     config = read_checkpoint(ckpt).get("esq_config")
     if not isinstance(config, dict) or "method" not in config or "quant" not in config:

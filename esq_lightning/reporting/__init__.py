@@ -1,0 +1,1 @@
+"""esq-report: tables and figures from finished runs (report.py), the robustness-compression curve (curves.py)."""
