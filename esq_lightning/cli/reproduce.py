@@ -272,3 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_pipeline(opts, train_extra, eval_extra)
 
     return user_errors_as_one_line(go)()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
