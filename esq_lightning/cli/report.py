@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from esq_lightning.cli._common import CONFIG_PATH, run_hydra_command, user_errors_as_one_line
 
+if TYPE_CHECKING:
+    from esq_lightning.config.commands import ReportOptions
+
 COMMAND = "esq-report"
 
 
-def report_options(cfg: DictConfig):  # -> ReportOptions
+def report_options(cfg: DictConfig) -> ReportOptions:
     """The checked options of a composed conf/report.yaml (one ESQUserError line for a bad or missing one)."""
     from esq_lightning.config.commands import validate_options
     from esq_lightning.errors import ESQUserError

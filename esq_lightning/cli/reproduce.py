@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from esq_lightning.artifacts.runs import find_runs
 from esq_lightning.cli._common import CONFIG_PATH, run_hydra_command, user_errors_as_one_line
-from esq_lightning.config.commands import SCALES, STAGES, hydra_value
+from esq_lightning.config.commands import SCALES, hydra_value
 from esq_lightning.errors import ESQUserError
 
 PRETRAIN = ["NF", "AF"]
