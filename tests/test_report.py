@@ -135,16 +135,73 @@ def test_nothing_to_report_is_a_user_error(tmp_path: Path) -> None:
         make_report(tmp_path)
 
 
+def esq_report(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "esq_lightning.cli.report", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
 def test_cli_prints_markdown_and_fails_in_one_line(tmp_path: Path) -> None:
     write_result(tmp_path / "runs" / "0", "NVB", 0, 0.9, 0.1)
-    proc = subprocess.run([sys.executable, "-m", "esq_lightning.cli.report", str(tmp_path / "runs"), "--format", "both"],
-                          capture_output=True, text=True, timeout=60)
+    proc = esq_report(f"runs={tmp_path / 'runs'}", "format=both")
     assert proc.returncode == 0, proc.stderr
     assert "| NVB | 1 | 90.00 |" in proc.stdout
     assert (tmp_path / "runs" / "report" / "report.tex").is_file()
-    proc = subprocess.run([sys.executable, "-m", "esq_lightning.cli.report", str(tmp_path / "missing")],
-                          capture_output=True, text=True, timeout=60)
+    proc = esq_report(f"runs={tmp_path / 'missing'}")
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_cli_is_hydra_and_makes_no_run_directory(tmp_path: Path) -> None:
+    """A report writes its tables and nothing else: no outputs/, no .hydra/, no log file in the working directory."""
+    write_result(tmp_path / "runs" / "0", "NVB", 0, 0.9, 0.1)
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = esq_report("runs=../runs", "out=tables", "format=md", "digits=1", "quiet=true", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and "esq-report: 1 runs" in proc.stderr  # quiet: no markdown on stdout
+    assert sorted(p.name for p in work.iterdir()) == ["tables"]
+    assert not list((work / "tables").glob("*.tex")) and "| NVB | 1 | 90.0 |" in (work / "tables" / "report.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["0"]
+    # --cfg job shows the options with their defaults and runs nothing.
+    proc = esq_report("--cfg", "job", "runs=../runs", cwd=work)
+    assert proc.returncode == 0 and "runs: ../runs" in proc.stdout and "format: both" in proc.stdout
+    assert sorted(p.name for p in work.iterdir()) == ["tables"]
+
+
+def test_cli_reads_a_list_of_folders(tmp_path: Path) -> None:
+    write_result(tmp_path / "a" / "0", "NVB", 0, 0.9, 0.1)
+    write_result(tmp_path / "b" / "0", "NEB", 0, 0.8, 0.3)
+    proc = esq_report(f"runs=[{tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'a' / '0'}]", f"out={tmp_path / 'r'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "| NVB | 1 | 90.00 |" in proc.stdout and "| NEB | 1 | 80.00 |" in proc.stdout  # a/0 twice counts once
+    proc = esq_report(f"runs=[{tmp_path / 'a'},{tmp_path / 'b'}]")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: out: ")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["ruins=x"], "error: ruins: unknown key of esq-report (did you mean 'runs'?); allowed: runs, out, format, "),
+    (["runs=x", "+quite=true"], "error: quite: unknown key of esq-report (did you mean 'quiet'?)"),
+    (["runs=x", "format=pdf"], "error: format=pdf: allowed: md, latex, both"),
+    (["runs=x", "digits=two"], "error: digits=two: give an integer"),
+    (["runs=x", "curve_x=byte"], "error: curve_x=byte: allowed: bits, bytes (did you mean 'bytes'?)"),
+    ([], "error: runs: required"),
+    (["outputs/x"], "error: outputs/x: give options as key=value, e.g. runs=outputs/x"),
+    (["runs=x", "--quiet"], "error: --quiet: esq-report takes options as key=value, e.g. quiet=true"),
+    (["-m", "runs=x"], "error: -m: esq-report runs once"),
+])
+def test_cli_bad_options_fail_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = esq_report(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_help_names_every_option(tmp_path: Path) -> None:
+    proc = esq_report("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for key in ("runs", "out", "format", "digits", "quiet", "curve_x", "wandb", "wandb_mode"):
+        assert f"\n{key}:" in proc.stdout  # the defaults (conf/report.yaml)
+        assert f"\n{key} " in proc.stdout  # and what it means
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_repeated_seed_counts_once_newest_wins(tmp_path: Path) -> None:
@@ -178,8 +235,7 @@ def test_unreadable_files_are_named_and_the_rest_is_reported(tmp_path: Path) -> 
     assert set(named) == {str(corrupt), str(foreign), str(bad_transfer)}
     assert "JSONDecodeError" in named[str(corrupt)] and "not a JSON object" in named[str(foreign)]
 
-    proc = subprocess.run([sys.executable, "-m", "esq_lightning.cli.report", str(runs), "--quiet"],
-                          capture_output=True, text=True, timeout=60)
+    proc = esq_report(f"runs={runs}", "quiet=true")
     assert proc.returncode == 0, proc.stderr
     for path in (corrupt, foreign, bad_transfer):
         assert f"esq-report: skipped {path}: cannot read it" in proc.stderr

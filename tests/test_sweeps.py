@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esq_lightning.cli.reproduce import estimate_digits_seconds, parse_options, plan
+from esq_lightning.cli.reproduce import compose_options, estimate_digits_seconds, plan
 from esq_lightning.training.loggers import restore_wandb_env, snapshot_wandb_env, wandb_tags
 from tests.hydra_utils import compose_config
 
@@ -173,7 +173,7 @@ def test_multirun_with_offline_wandb_then_report(launcher: list[str], tmp_path: 
             assert token in record, (quant, token)
         other = b"quant:twn" if quant == "bwn" else b"quant:bwn"
         assert other not in record and f"setting:{settings['twn' if quant == 'bwn' else 'bwn']}".encode() not in record
-    proc = esq("report", [str(sweep_dir)], cwd=tmp_path, timeout=60)
+    proc = esq("report", [f"runs={sweep_dir}"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"\| EB \| 1 \|", proc.stdout) and re.search(r"\| ET \| 1 \|", proc.stdout)
     assert (sweep_dir / "report" / "report.md").is_file() and (sweep_dir / "report" / "whitebox_train.tex").is_file()
@@ -203,24 +203,55 @@ def test_two_stage_sweep_finds_the_same_seeds_start(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ esq-reproduce
 
 
-def test_reproduce_digits_plan_and_estimate(capsys: pytest.CaptureFixture[str]) -> None:
+def test_reproduce_digits_plan_and_estimate(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from esq_lightning.cli.reproduce import main
 
-    assert main(["scale=digits", "dry_run=true"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["scale=digits", "dry_run=true", "train=[trainer.max_epochs=1,quant=bwn,twn]",
+                 "evaluate=[eval.n_samples=32]"]) == 0
     out = capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # esq-reproduce itself makes no run directory
     commands = [line for line in out.splitlines() if line.startswith("esq-")]
     assert [c.split()[0] for c in commands] == ["esq-train", "esq-train", "esq-eval", "esq-eval", "esq-report"]
     assert "sweep=pretrain_digits" in commands[0] and "sweep=quantize_digits" in commands[1]
     assert "seed=0,1,2" in commands[0] and "hydra/launcher=local" in commands[0] and "threads=1" in commands[0]
+    # The pass-through overrides reach their command only, as written (a sweep value stays one override).
+    for train in commands[:2]:
+        assert train.endswith(" trainer.max_epochs=1 quant=bwn,twn") and "eval.n_samples" not in train
+    for evaluate in commands[2:4]:
+        assert evaluate.endswith(" eval.n_samples=32") and "max_epochs" not in evaluate
     assert "mode=transfer" in commands[2] and "mode=amplification" in commands[3]
+    assert commands[4] == "esq-report runs=outputs/reproduce-digits out=outputs/reproduce-digits/report"
     for sweep in re.findall(r"sweep=(\w+)", out):
         assert (CONF / "sweep" / f"{sweep}.yaml").is_file()
-    opts, _, _ = parse_options(["scale=digits"])
+    opts, _, _ = compose_options(["scale=digits"])
     assert estimate_digits_seconds(opts) < 30 * 60  # the default digits pipeline fits 30 minutes on 2 cores
 
 
+def test_reproduce_prints_the_pass_through_override(tmp_path: Path) -> None:
+    """The entry point as a user types it: the override inside train=[...] is in every esq-train command."""
+    proc = esq("reproduce", ["scale=digits", "dry_run=true", "train=[trainer.max_epochs=1]"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    trains = [line for line in proc.stdout.splitlines() if line.startswith("esq-train ")]
+    assert len(trains) == 2 and all(line.endswith(" trainer.max_epochs=1") for line in trains)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reproduce_options_defaults_and_lists() -> None:
+    opts, train, evaluate = compose_options([])
+    assert (opts["scale"], opts["seeds"], opts["n_jobs"], opts["threads"], opts["launcher"]) == (
+        "digits", [0, 1, 2], 2, 1, "local")
+    assert opts["stages"] == ["pretrain", "quantize", "eval", "report"] and train == evaluate == []
+    opts, _, _ = compose_options(["scale=cifar", "seeds=[3]", "datasets=cifar100", "stages=[eval,report]",
+                                  "ablations=true", "n_jobs=1"])
+    assert (opts["seeds"], opts["datasets"], opts["threads"], opts["launcher"]) == ([3], ["cifar100"], None, None)
+    assert opts["stages"] == ["ablations", "eval", "report"]
+
+
 def test_reproduce_cifar_plan_uses_the_paper_presets() -> None:
-    opts, train_extra, _ = parse_options(["scale=cifar", "ablations=true", "launcher=slurm", "data.data_dir=/data"])
+    opts, train_extra, _ = compose_options(["scale=cifar", "ablations=true", "launcher=slurm",
+                                            "train=[data.data_dir=/data]"])
     steps = plan(opts, train_extra, [])
     commands = [" ".join([s.tool, *s.build(True)]) for s in steps]
     sweeps = [m for c in commands for m in re.findall(r"sweep=(\w+)", c)]
@@ -236,17 +267,42 @@ def test_reproduce_cifar_plan_uses_the_paper_presets() -> None:
         assert (CONF / "sweep" / f"{sweep}.yaml").is_file()
 
 
-def test_reproduce_bad_option_is_one_line() -> None:
-    proc = esq("reproduce", ["scale=imagenet"], cwd=ROOT, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: scale=imagenet")
+@pytest.mark.parametrize(("args", "message"), [
+    (["scale=imagenet"], "error: scale=imagenet: allowed: digits, cifar"),
+    (["scael=cifar"], "error: scael: unknown key of esq-reproduce (did you mean 'scale'?); allowed: scale, seeds, "),
+    (["eval=[eval.n_samples=32]"], "error: eval: unknown key of esq-reproduce (did you mean 'evaluate'?)"),
+    (["trainer.max_epochs=2"], "error: trainer.max_epochs: unknown key of esq-reproduce"),
+    (["seeds=0,1"], "error: seeds=0,1: esq-reproduce runs once (a comma would make a sweep); give a list as "
+                    "seeds=[0,1]"),
+    (["stages=[pretrain,evl]"], "error: stages[1]=evl: allowed: pretrain, quantize, ablations, eval, report "
+                                "(did you mean 'eval'?)"),
+    (["datasets=cifar10"], "error: datasets: cifar10 is not a dataset of scale=digits; allowed: digits"),
+    (["n_jobs=0"], "error: n_jobs=0: give at least 1"),
+    (["dry_run=maybe"], "error: dry_run=maybe: give true or false"),
+])
+def test_reproduce_bad_option_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = esq("reproduce", args, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reproduce_help_names_every_option(tmp_path: Path) -> None:
+    from esq_lightning.config.commands import ReproduceOptions
+
+    proc = esq("reproduce", ["--help"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for key in ReproduceOptions.model_fields:
+        assert f"\n{key}:" in proc.stdout and f"\n{key} " in proc.stdout  # its default and what it means
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
 def test_reproduce_digits_tiny_end_to_end(tmp_path: Path) -> None:
     root = tmp_path / "out"
-    proc = esq("reproduce", ["seeds=0,1", "n_jobs=1", f"runs_root={root}", "trainer.max_epochs=1",
-                             "trainer.limit_train_batches=2", "eval.n_samples=32", "callbacks.pgd.steps=1",
-                             "callbacks.pgd.val_n_samples=32"], cwd=tmp_path, timeout=900)
+    proc = esq("reproduce", ["seeds=[0,1]", "n_jobs=1", f"runs_root={root}",
+                             "train=[trainer.max_epochs=1,trainer.limit_train_batches=2,eval.n_samples=32,"
+                             "callbacks.pgd.steps=1,callbacks.pgd.val_n_samples=32]", "evaluate=[eval.n_samples=32]"],
+               cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (root / "report" / "report.md").read_text()
     for setting in ["NF", "AF", "NVB", "NEB", "AVB", "AEB", "NVT", "NET", "AVT", "AET"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from esq_lightning.errors import ESQUserError, EvaluationFailed
@@ -61,3 +61,24 @@ def user_errors_as_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def run_hydra_command(command: str, hydra_main: Callable[[], Any], argv: Sequence[str] | None = None,
+                      pass_through: Sequence[str] = ()) -> None:
+    """Run the Hydra main of a command that is no training job (esq-report, esq-reproduce) on argv.
+
+    Hydra refuses an unknown key, a positional word or a --flag with a long message; those are checked first
+    and fail in one line (with "did you mean" for a misspelt key). The list keys in `pass_through` carry
+    overrides of other commands (train=[trainer.max_epochs=2]): their items are quoted so that Hydra's grammar,
+    which refuses '=' in an unquoted value, takes them as they are written.
+    """
+    from esq_lightning.config.commands import check_command_line, quote_pass_through
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    user_errors_as_one_line(check_command_line)(command, args)
+    saved = sys.argv
+    sys.argv = [command, *quote_pass_through(args, pass_through)]  # hydra.main reads sys.argv
+    try:
+        hydra_main()
+    finally:
+        sys.argv = saved

@@ -1,49 +1,58 @@
-"""esq-report DIR: the paper's tables (markdown and LaTeX) from every results.json under a run or multirun directory."""
+"""esq-report runs=DIR: the paper's tables (markdown and LaTeX) from every results.json under run or multirun folders.
+
+A Hydra main over conf/report.yaml like the other commands (key=value options, --help, --cfg job), but a report
+is no training job: the config runs it in the current directory with no .hydra/ folder and no log file.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from esq_lightning.cli._common import user_errors_as_one_line
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
+from esq_lightning.cli._common import CONFIG_PATH, run_hydra_command, user_errors_as_one_line
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    # argparse, not Hydra: a report is no training job and should not make a run directory of its own.
-    parser = argparse.ArgumentParser(
-        prog="esq-report",
-        description="Collect every results.json (and transfer/amplification/blackbox.json) under DIR into the "
-                    "paper's tables: white-box mean ± std over seeds, transfer matrices, error amplification, "
-                    "black-box curves. Markdown goes to stdout too.",
-    )
-    parser.add_argument("dir", help="a run or multirun directory (searched recursively)")
-    parser.add_argument("--out", default=None, help="where the table files go (default: DIR/report)")
-    parser.add_argument("--format", default="both", choices=["md", "latex", "both"], help="table files to write")
-    parser.add_argument("--digits", type=int, default=2, help="decimals of the percentages")
-    parser.add_argument("--quiet", action="store_true", help="do not print the markdown report")
-    parser.add_argument("--curve-x", default="bits", choices=["bits", "bytes"],
-                        help="x axis of the robustness-compression curve: weight bits or packed model bytes")
-    parser.add_argument("--wandb", default=None, metavar="PROJECT",
-                        help="also log the robustness-compression curve to this W&B project (a job_type=report run)")
-    parser.add_argument("--wandb-mode", default=None, choices=["online", "offline", "disabled"],
-                        help="W&B mode of that run (default: W&B's own, e.g. WANDB_MODE)")
-    return parser.parse_args(argv)
+if TYPE_CHECKING:
+    from esq_lightning.config.commands import ReportOptions
+
+COMMAND = "esq-report"
 
 
+def report_options(cfg: DictConfig) -> ReportOptions:
+    """The checked options of a composed conf/report.yaml (one ESQUserError line for a bad or missing one)."""
+    from esq_lightning.config.commands import validate_options
+    from esq_lightning.errors import ESQUserError
+
+    if OmegaConf.is_missing(cfg, "runs"):
+        raise ESQUserError("runs: required: the run or multirun folder(s) to report, e.g. "
+                           "runs=outputs/digits-table or runs=[a,b]")
+    values = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(values, dict)
+    return validate_options(COMMAND, values)
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="report", version_base="1.3")
 @user_errors_as_one_line
-def main(argv: Sequence[str] | None = None) -> int:
+def _report(cfg: DictConfig) -> None:
     from esq_lightning.reporting.report import make_report
 
-    args = parse_args(argv)
-    report = make_report(args.dir, out=args.out, fmt=args.format, digits=args.digits, curve_x=args.curve_x,
-                         wandb_project=args.wandb, wandb_mode=args.wandb_mode)
+    opts = report_options(cfg)
+    report = make_report(opts.runs if len(opts.runs) > 1 else opts.runs[0], out=opts.out, fmt=opts.format,
+                         digits=opts.digits, curve_x=opts.curve_x, wandb_project=opts.wandb,
+                         wandb_mode=opts.wandb_mode)
     for path, why in report["unreadable"]:
         print(f"esq-report: skipped {path}: cannot read it ({why})", file=sys.stderr, flush=True)
-    if not args.quiet:
+    if not opts.quiet:
         print(report["markdown"], flush=True)
     print(f"esq-report: {report['n_runs']} runs; wrote {len(report['files'])} files to {report['out']}",
           file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run_hydra_command(COMMAND, _report, argv)
     return 0
 
 

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esq_lightning.errors import ESQUserError
-from esq_lightning.artifacts.runs import find_runs
+import hydra
+from omegaconf import DictConfig
 
-# Which datasets a scale covers, and the model of each (for finding checkpoints).
-SCALES: dict[str, list[tuple[str, str]]] = {
-    "digits": [("digits", "small_cnn")],
-    "cifar": [("cifar10", "wrn28_10"), ("cifar100", "resnet152")],
-}
+from esq_lightning.artifacts.runs import find_runs
+from esq_lightning.cli._common import CONFIG_PATH, run_hydra_command, user_errors_as_one_line
+from esq_lightning.config.commands import SCALES, hydra_value
+from esq_lightning.errors import ESQUserError
+
 PRETRAIN = ["NF", "AF"]
 QUANTIZE = ["NVB", "NEB", "AVB", "AEB", "NVT", "NET", "AVT", "AET"]
 # The models of the transfer matrix (Tables 2b/3b) and of the amplification figure (Figures 1/2).
@@ -27,27 +27,12 @@ TRANSFER = ["NF", "NVB", "NEB", "AF", "AVB", "AEB", "AET"]
 AMPLIFICATION = ["NF", "NVB", "NEB", "AF", "AVB", "AEB"]
 # Table 4's settings that the quantize stage does not train (adversarial training in vanilla quantization).
 TABLE4_ADVERSARIAL = ["NAB", "NAT", "AAB", "AAT"]
-STAGES = ["pretrain", "quantize", "ablations", "eval", "report"]
 # Seconds of one digits run with 1 thread on a quiet core (measured: docs/sweeps.md); V = natural, E/A = with PGD.
 DIGITS_SECONDS = {"NF": 20, "AF": 90, "V": 25, "E": 120, "A": 100}
 DIGITS_EVAL_SECONDS = 90
 
 MODULES = {"esq-train": "esq_lightning.cli.train", "esq-eval": "esq_lightning.cli.evaluate",
            "esq-report": "esq_lightning.cli.report"}
-
-DEFAULTS: dict[str, Any] = {
-    "scale": "digits",
-    "seeds": None,          # digits: 0,1,2; cifar: 0
-    "n_jobs": None,         # digits: 2 (joblib, 1 thread each); cifar: 1 (one GPU)
-    "launcher": None,       # local (joblib) or slurm; null: local when n_jobs > 1, else Hydra's basic launcher
-    "runs_root": None,      # outputs/reproduce-<scale>
-    "datasets": None,       # a subset of the scale's datasets, e.g. datasets=cifar10
-    "stages": ",".join(s for s in STAGES if s != "ablations"),
-    "ablations": False,     # also Table 4 (bit width x adversarial training) and Table 5 (pairing) sweeps
-    "blackbox": False,      # also the black-box curves (Figure 3): slow on a CPU
-    "threads": None,        # torch threads per job; digits: 1 (the jobs use the cores); cifar: torch's default
-    "dry_run": False,
-}
 
 
 @dataclass
@@ -61,70 +46,44 @@ class Step:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def parse_options(argv: Sequence[str]) -> tuple[dict[str, Any], list[str], list[str]]:
-    """key=value options of the driver; other key=value pairs go to every esq-train call (eval.* to esq-eval too)."""
-    opts = dict(DEFAULTS)
-    train_extra: list[str] = []
-    eval_extra: list[str] = []
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(USAGE)
-            raise SystemExit(0)
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ESQUserError(f"{arg}: give options as key=value (esq-reproduce --help)")
-        if key.lstrip("+~") in DEFAULTS:
-            opts[key] = value
-        else:
-            train_extra.append(arg)
-            if key.lstrip("+~").startswith("eval.") or key.lstrip("+~") in ("data.data_dir",):
-                eval_extra.append(arg)
-    scale = str(opts["scale"])
-    if scale not in SCALES:
-        raise ESQUserError(f"scale={scale}: allowed: {', '.join(SCALES)}")
-    opts["dry_run"] = _bool(opts["dry_run"], "dry_run")
-    opts["ablations"] = _bool(opts["ablations"], "ablations")
-    opts["blackbox"] = _bool(opts["blackbox"], "blackbox")
-    seeds = opts["seeds"] if opts["seeds"] is not None else ("0,1,2" if scale == "digits" else "0")
-    try:
-        opts["seeds"] = [int(s) for s in str(seeds).strip("[]").split(",") if s.strip()]
-    except ValueError:
-        raise ESQUserError(f"seeds={seeds}: give integers, e.g. seeds=0,1,2") from None
-    if not opts["seeds"]:
-        raise ESQUserError("seeds: give at least one seed")
-    opts["n_jobs"] = int(opts["n_jobs"]) if opts["n_jobs"] is not None else (2 if scale == "digits" else 1)
-    known = [d for d, _ in SCALES[scale]]
-    datasets = [d for d in str(opts["datasets"]).split(",") if d] if opts["datasets"] else known
-    bad = [d for d in datasets if d not in known]
-    if bad:
-        raise ESQUserError(f"datasets={','.join(bad)}: scale={scale} has {', '.join(known)}")
-    opts["datasets"] = datasets
-    stages = [s for s in str(opts["stages"]).split(",") if s]
+def resolve_options(cfg: Any) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The pipeline's options from a composed conf/reproduce.yaml (checked by ReproduceOptions), with the scale's
+    defaults in place of null; and the overrides passed on to every esq-train and every esq-eval call."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from esq_lightning.config.commands import validate_options
+
+    values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    checked = validate_options("esq-reproduce", values)
+    opts = checked.model_dump()
+    scale = checked.scale
+    if opts["seeds"] is None:
+        opts["seeds"] = [0, 1, 2] if scale == "digits" else [0]
+    if opts["n_jobs"] is None:
+        opts["n_jobs"] = 2 if scale == "digits" else 1
+    opts["datasets"] = opts["datasets"] or [d for d, _ in SCALES[scale]]
+    stages = list(opts["stages"])
     if opts["ablations"] and "ablations" not in stages:
         stages.insert(stages.index("eval") if "eval" in stages else len(stages), "ablations")
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        raise ESQUserError(f"stages={','.join(bad)}: allowed: {', '.join(STAGES)}")
     opts["stages"] = stages
     opts["runs_root"] = str(opts["runs_root"] or f"outputs/reproduce-{scale}")
     if opts["threads"] is None and scale == "digits":
         opts["threads"] = 1
     launcher = opts["launcher"] or ("local" if opts["n_jobs"] > 1 else None)
-    if launcher not in (None, "local", "slurm", "basic"):
-        raise ESQUserError(f"launcher={launcher}: allowed: local, slurm, basic")
     opts["launcher"] = None if launcher == "basic" else launcher
-    return opts, train_extra, eval_extra
+    return opts, list(opts.pop("train")), list(opts.pop("evaluate"))
 
 
-def _bool(value: Any, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", "null", "none"):
-        return False
-    raise ESQUserError(f"{key}={value}: give true or false")
+def compose_options(overrides: Sequence[str] = ()) -> tuple[dict[str, Any], list[str], list[str]]:
+    """resolve_options of conf/reproduce.yaml with these command-line overrides (as esq-reproduce takes them)."""
+    from hydra import compose, initialize_config_module
+
+    from esq_lightning.config.commands import check_command_line, quote_pass_through
+
+    check_command_line("esq-reproduce", overrides)
+    with initialize_config_module("esq_lightning.conf", version_base="1.3"):
+        cfg = compose("reproduce", overrides=quote_pass_through(overrides, PASS_THROUGH))
+    return resolve_options(cfg)
 
 
 def _launcher_args(opts: dict[str, Any]) -> list[str]:
@@ -194,7 +153,8 @@ def plan(opts: dict[str, Any], train_extra: Sequence[str], eval_extra: Sequence[
                             f"hydra.run.dir={root}/eval/{dataset}_{mode}", *eval_extra]
                 steps.append(Step("eval", "esq-eval", build, f"{dataset}: {mode} ({', '.join(settings)}, seed {seed})"))
     if "report" in opts["stages"]:
-        steps.append(Step("report", "esq-report", lambda dry: [root, "--out", f"{root}/report"],
+        steps.append(Step("report", "esq-report", lambda dry: [f"runs={hydra_value(root)}",
+                                                               f"out={hydra_value(root + '/report')}"],
                           "the tables (markdown + LaTeX) and figures"))
     return steps
 
@@ -245,33 +205,30 @@ def run_pipeline(opts: dict[str, Any], train_extra: Sequence[str], eval_extra: S
         proc = subprocess.run([sys.executable, "-m", MODULES[step.tool], *argv], env=env)
         echo(f"# [{i}/{len(steps)}] done in {time.perf_counter() - start:.0f} s (exit code {proc.returncode})")
         if proc.returncode != 0:
-            echo(f"esq-reproduce: stage {step.stage} failed (exit code {proc.returncode}); rerun the failed stage alone "
-                 f"with stages={step.stage} (and the later ones)")
+            rest = opts["stages"][opts["stages"].index(step.stage):]
+            echo(f"esq-reproduce: stage {step.stage} failed (exit code {proc.returncode}); rerun from it with "
+                 f"stages=[{','.join(rest)}]")
             return proc.returncode
     if not dry and "report" in opts["stages"]:
         echo(f"# report: {opts['runs_root']}/report/report.md")
     return 0
 
 
-USAGE = """usage: esq-reproduce [scale=digits|cifar] [seeds=0,1,2] [n_jobs=2] [launcher=local|slurm|basic]
-                     [runs_root=outputs/reproduce-<scale>] [datasets=cifar10,cifar100]
-                     [stages=pretrain,quantize,eval,report] [ablations=false] [blackbox=false]
-                     [threads=1 (digits) | null (cifar)] [dry_run=false] [any esq-train override, e.g. trainer.max_epochs=2]
+# The list keys whose items are overrides of another command (quoted for Hydra's grammar: esq_lightning/cli/_common.py).
+PASS_THROUGH = ("train", "evaluate")
 
-Runs the paper's pipeline: pre-train NF and AF; quantize V and E to BWN and TWN from both starts
-(init_from=setting:NF|AF finds the same seed's start under runs_root); evaluate (transfer matrix and
-error-amplification figure of the first seed's models); esq-report (white-box table over seeds).
-dry_run=true prints the commands. See docs/sweeps.md."""
+
+@hydra.main(config_path=CONFIG_PATH, config_name="reproduce", version_base="1.3")
+@user_errors_as_one_line
+def _reproduce(cfg: DictConfig) -> None:
+    code = run_pipeline(*resolve_options(cfg))
+    if code:
+        raise SystemExit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from esq_lightning.cli._common import user_errors_as_one_line
-
-    def go() -> int:
-        opts, train_extra, eval_extra = parse_options(list(sys.argv[1:] if argv is None else argv))
-        return run_pipeline(opts, train_extra, eval_extra)
-
-    return user_errors_as_one_line(go)()
+    run_hydra_command("esq-reproduce", _reproduce, argv, pass_through=PASS_THROUGH)
+    return 0
 
 
 if __name__ == "__main__":

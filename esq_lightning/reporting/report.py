@@ -435,10 +435,12 @@ def tables_csv(tables: Sequence[Table]) -> str:
 # ----------------------------------------------------------------------------------------------- the report
 
 
-def make_report(root: str | Path, out: str | Path | None = None, fmt: str = "both", digits: int = 2,
-                curve_x: str = "bits", wandb_project: str | None = None,
+def make_report(root: str | Path | Sequence[str | Path], out: str | Path | None = None, fmt: str = "both",
+                digits: int = 2, curve_x: str = "bits", wandb_project: str | None = None,
                 wandb_mode: str | None = None) -> dict[str, Any]:
     """Collect every results record (and transfer/amplification/blackbox file) under root, write the tables to out.
+
+    root is one folder or several (then out is required); a run found under two of them counts once.
 
     Training runs of more than one bit width also give the robustness-compression curve (esq_lightning.reporting.curves:
     bits_curve_<dataset>_<model>.png, x = bits or model bytes), logged to W&B too with wandb_project.
@@ -446,23 +448,36 @@ def make_report(root: str | Path, out: str | Path | None = None, fmt: str = "bot
     "unreadable": [(path, why)] of the files it could not read and left out}.
     """
     if fmt not in ("md", "latex", "both"):
-        raise ESQUserError(f"--format {fmt}: allowed: md, latex, both")
-    root = Path(root)
-    if not root.exists():
-        raise ESQUserError(f"{root}: no such run or multirun directory")
-    out = Path(out) if out is not None else root / "report"
+        raise ESQUserError(f"format={fmt}: allowed: md, latex, both")
+    roots = [Path(r) for r in ([root] if isinstance(root, (str, Path)) else root)]
+    if not roots:
+        raise ESQUserError("runs: give at least one run or multirun directory")
+    for r in roots:
+        if not r.exists():
+            raise ESQUserError(f"{r}: no such run or multirun directory")
+    if out is None and len(roots) > 1:
+        raise ESQUserError("out: give the folder of the report when it reads more than one directory")
+    out = Path(out) if out is not None else roots[0] / "report"
     unreadable: list[tuple[Path, str]] = []
-    records = [(d, r) for d, r in iter_results(root, unreadable) if out.resolve() not in d.resolve().parents]
-    extras = find_extras(root, skip=out.resolve(), unreadable=unreadable)
+    records, extras, seen = [], {}, set()
+    for r in roots:
+        for d, rec in iter_results(r, unreadable):
+            if out.resolve() not in d.resolve().parents and d.resolve() not in seen:
+                seen.add(d.resolve())
+                records.append((d, rec))
+        for kind, items in find_extras(r, skip=out.resolve(), unreadable=unreadable).items():
+            have = extras.setdefault(kind, [])
+            have += [(p, rec) for p, rec in items if p.resolve() not in {q.resolve() for q, _ in have}]
+    where = ", ".join(str(r) for r in roots)
     if not records and not any(extras.values()):
         if unreadable:
-            raise ESQUserError(f"{root}: no readable results; cannot read "
+            raise ESQUserError(f"{where}: no readable results; cannot read "
                                + "; ".join(f"{path} ({why})" for path, why in unreadable))
-        raise ESQUserError(f"{root}: no results.json (nor transfer/amplification/blackbox.json) found; "
+        raise ESQUserError(f"{where}: no results.json (nor transfer/amplification/blackbox.json) found; "
                            "give a run or multirun directory of esq-train / esq-eval")
     out.mkdir(parents=True, exist_ok=True)
     tables = {task: build_tables(records, task) for task in ("train", "eval")}
-    md_parts = [f"# Results: {root}", ""]
+    md_parts = [f"# Results: {where}", ""]
     tex_parts = ["% esq-report: needs \\usepackage{booktabs} and \\usepackage{graphicx}", ""]
     files: list[Path] = []
     for task, ts in tables.items():

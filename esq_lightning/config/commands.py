@@ -1,0 +1,281 @@
+"""The options of esq-report and esq-reproduce (conf/report.yaml, conf/reproduce.yaml), checked by pydantic models.
+
+The YAML files hold every option and its default; the models below hold none (every field is required), so a
+default lives in one place. The models declare types, allowed values and the cross-key rules, and every failure
+becomes one ESQUserError line naming the key and what is allowed, with "did you mean" for a misspelt key.
+
+The command lines go through Hydra (esq_lightning/cli/), which refuses a key that is not in the YAML before the
+models see it; `check_command_line` gives that case the same one-line error and hint first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from esq_lightning.errors import ESQUserError
+
+# esq-reproduce: which datasets a scale covers, and the model of each (for finding checkpoints).
+SCALES: dict[str, list[tuple[str, str]]] = {
+    "digits": [("digits", "small_cnn")],
+    "cifar": [("cifar10", "wrn28_10"), ("cifar100", "resnet152")],
+}
+STAGES = ["pretrain", "quantize", "ablations", "eval", "report"]
+Stage = Literal["pretrain", "quantize", "ablations", "eval", "report"]
+
+
+def _as_list(value: Any) -> Any:
+    """`key=a` and `key=[a,b]` both give a list (Hydra passes a scalar for the first)."""
+    return [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReportOptions(_Options):
+    """conf/report.yaml: the options of esq-report."""
+
+    runs: list[str] = Field(min_length=1)
+    out: str | None
+    format: Literal["md", "latex", "both"]
+    digits: int = Field(ge=0, le=10)
+    quiet: bool
+    curve_x: Literal["bits", "bytes"]
+    wandb: str | None
+    wandb_mode: Literal["online", "offline", "disabled"] | None
+
+    @field_validator("runs", mode="before")
+    @classmethod
+    def _one_folder_is_a_list(cls, value: Any) -> Any:
+        return _as_list(value)
+
+    @model_validator(mode="after")
+    def _one_out_for_many_runs(self) -> ReportOptions:
+        if len(self.runs) > 1 and self.out is None:
+            raise ValueError("out: give out=DIR when runs has more than one folder (the default, <runs>/report, "
+                             "needs a single folder)")
+        return self
+
+
+class ReproduceOptions(_Options):
+    """conf/reproduce.yaml: the options of esq-reproduce (null: the scale's default, see the YAML)."""
+
+    scale: Literal["digits", "cifar"]
+    seeds: list[int] | None = Field(min_length=1)
+    n_jobs: int | None = Field(ge=1)
+    launcher: Literal["local", "slurm", "basic"] | None
+    runs_root: str | None
+    datasets: list[str] | None = Field(min_length=1)
+    stages: list[Stage] = Field(min_length=1)
+    ablations: bool
+    blackbox: bool
+    threads: int | None = Field(ge=1)
+    dry_run: bool
+    # Overrides passed to every esq-train / esq-eval call, e.g. train=[trainer.max_epochs=2]; `evaluate`, not
+    # `eval`: that name is a config group of conf/ (Hydra would take eval=... as a choice of it).
+    train: list[str]
+    evaluate: list[str]
+
+    @field_validator("seeds", "datasets", "stages", "train", "evaluate", mode="before")
+    @classmethod
+    def _one_value_is_a_list(cls, value: Any) -> Any:
+        return _as_list(value)
+
+    @model_validator(mode="after")
+    def _datasets_of_the_scale(self) -> ReproduceOptions:
+        known = [d for d, _ in SCALES[self.scale]]
+        bad = [d for d in self.datasets or [] if d not in known]
+        if bad:
+            raise ValueError(f"datasets: {', '.join(bad)} is not a dataset of scale={self.scale}; "
+                             f"allowed: {', '.join(known)}")
+        return self
+
+
+COMMANDS: dict[str, type[_Options]] = {"esq-report": ReportOptions, "esq-reproduce": ReproduceOptions}
+
+
+def did_you_mean(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _error_line(command: str, model: type[_Options], error: Mapping[str, Any]) -> str:
+    loc = [str(p) for p in error.get("loc", ())]
+    key = loc[0] if loc else ""
+    where = key + "".join(f"[{p}]" for p in loc[1:])
+    kind = error.get("type", "")
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        return (f"{key}: unknown key of {command}{did_you_mean(key, list(model.model_fields))}; "
+                f"allowed: {', '.join(model.model_fields)}")
+    if kind == "value_error":  # a cross-key rule: its message names the key already
+        return str(error.get("ctx", {}).get("error", error.get("msg", "")))
+    if kind == "missing":
+        return f"{key}: required ({command} --help)"
+    if kind == "literal_error":
+        allowed = re.findall(r"'([^']*)'", str(error.get("ctx", {}).get("expected", "")))
+        null = ", null" if not loc[1:] and _accepts_none(model, key) else ""
+        hint = did_you_mean(str(value), allowed)
+        return f"{where}={_show(value)}: allowed: {', '.join(allowed)}{null}{hint}"
+    if kind.startswith("bool"):
+        return f"{where}={_show(value)}: give true or false"
+    if kind.startswith("int"):
+        return f"{where}={_show(value)}: give an integer" + (" or null" if not loc[1:] and _accepts_none(model, key)
+                                                             else "")
+    if kind in ("greater_than_equal", "less_than_equal"):
+        ctx = error.get("ctx", {})
+        bound = f"at least {ctx.get('ge')}" if kind == "greater_than_equal" else f"at most {ctx.get('le')}"
+        return f"{where}={_show(value)}: give {bound}" + (" (or null for the default)" if _accepts_none(model, key)
+                                                          else "")
+    if kind in ("too_short",):
+        return f"{where}: give at least one value" + (" (or null for the default)" if _accepts_none(model, key) else "")
+    if kind in ("list_type",):
+        return f"{where}={_show(value)}: give a list, e.g. {key}=[a,b]"
+    return f"{where}={_show(value)}: {error.get('msg', 'invalid')}"
+
+
+def _accepts_none(model: type[_Options], key: str) -> bool:
+    field = model.model_fields.get(key)
+    return field is not None and type(None) in typing.get_args(field.annotation)
+
+
+def validate_options(command: str, values: Mapping[str, Any]) -> Any:
+    """The options of `command` ("esq-report" / "esq-reproduce") as its model, or one ESQUserError line."""
+    model = COMMANDS[command]
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as exc:
+        raise ESQUserError(_error_line(command, model, exc.errors()[0])) from None
+
+
+# ------------------------------------------------------------------------------------------------ command lines
+
+# Hydra's own flags; those in TAKES_VALUE read the next word.
+HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-p", "--package", "--resolve",
+               "-i", "--info", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
+               "--experimental-rerun", "-sc", "--shell-completion", "-r", "--run"}
+TAKES_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd",
+               "--config-dir", "--experimental-rerun", "-sc", "--shell-completion"}
+INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+_OVERRIDE_KEY = re.compile(r"^(\+{0,2}[\w@/.\-]+=|~[\w@/.\-]+(=|$))")
+
+
+def check_command_line(command: str, argv: Sequence[str]) -> None:
+    """One ESQUserError line for what Hydra would refuse with a long message: an unknown key (with a hint),
+    a word that is no key=value (the old positional and --flag forms), or -m (a report or pipeline runs once)."""
+    fields = list(COMMANDS[command].model_fields)
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("-m", "--multirun"):
+            raise ESQUserError(f"{arg}: {command} runs once (no multirun); give its options as key=value")
+        if arg.startswith("-"):
+            flag = arg.split("=", 1)[0]
+            if flag in HYDRA_FLAGS:
+                skip = "=" not in arg and (flag in TAKES_VALUE or (flag in ("-i", "--info") and i + 1 < len(argv)
+                                                                  and argv[i + 1] in INFO_VALUES))
+                continue
+            key = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
+            model = COMMANDS[command]
+            hint = (f"{key}=true" if key in fields and model.model_fields[key].annotation in (bool, "bool")
+                    else f"{key}=..." if key in fields else f"key=value ({', '.join(fields)})")
+            raise ESQUserError(f"{arg}: {command} takes options as key=value, e.g. {hint}; see {command} --help")
+        key, sep, _ = arg.partition("=")
+        if not sep and not key.startswith("~"):
+            example = f"runs={arg}" if command == "esq-report" else f"key=value ({', '.join(fields)})"
+            raise ESQUserError(f"{arg}: give options as key=value, e.g. {example}; see {command} --help")
+        name = key.lstrip("+~")
+        if name.split(".")[0].split("/")[0] == "hydra":
+            continue
+        if name not in fields:
+            raise ESQUserError(f"{name}: unknown key of {command}{did_you_mean(name, fields)}; "
+                               f"allowed: {', '.join(fields)}")
+        value = arg.partition("=")[2]
+        if len(_top_level_split(value)) > 1:
+            raise ESQUserError(f"{arg}: {command} runs once (a comma would make a sweep); give a list as "
+                               f"{name}=[{value}]")
+
+
+def quote_pass_through(argv: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """`train=[trainer.max_epochs=2,quant=bwn,twn]` as Hydra can parse it: each override a quoted string.
+
+    Hydra's grammar refuses `=` in an unquoted value, so the overrides that esq-reproduce passes on to esq-train /
+    esq-eval are quoted here. A top-level comma starts a new override only where a `key=` follows, so a sweep
+    value (`quant=bwn,twn`) stays one override; brackets (`eval.attacks=[fgsm,pgd20]`) and quoted items are kept.
+    """
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") in keys and value.startswith("[") and value.endswith("]"):
+            items = split_overrides(value[1:-1])
+            arg = f"{key}=[" + ",".join(_hydra_quote(item) for item in items) + "]"
+        out.append(arg)
+    return out
+
+
+def split_overrides(text: str) -> list[str]:
+    """The overrides of a pass-through list's inside: `a=1,b=x,y` -> ['a=1', 'b=x,y']."""
+    parts: list[str] = []
+    for piece in _top_level_split(text):
+        stripped = piece.strip()
+        if not stripped:
+            continue
+        if parts and not _is_quoted(stripped) and not _OVERRIDE_KEY.match(stripped):
+            parts[-1] += "," + stripped  # a further value of a sweep: quant=bwn,twn
+        else:
+            parts.append(stripped)
+    return parts
+
+
+def _top_level_split(text: str) -> list[str]:
+    """text split at the commas outside brackets and quotes."""
+    depth, quote, start = 0, "", 0
+    pieces: list[str] = []
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote and text[i - 1] != "\\":
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            pieces.append(text[start:i])
+            start = i + 1
+    pieces.append(text[start:])
+    return pieces
+
+
+def _is_quoted(text: str) -> bool:
+    return len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+
+
+def _hydra_quote(item: str) -> str:
+    if _is_quoted(item):
+        return item
+    if "'" not in item:
+        return f"'{item}'"
+    if '"' not in item:
+        return f'"{item}"'
+    return "'" + item.replace("'", "\\'") + "'"
+
+
+def hydra_value(text: str) -> str:
+    """A path or word as a Hydra override value: as it is when Hydra's grammar takes it unquoted, else quoted."""
+    return text if re.fullmatch(r"[\w./\-:@~+]+", text) else _hydra_quote(text)
