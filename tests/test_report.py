@@ -16,12 +16,14 @@ from esq_lightning.reporting.report import PAPER_SETTINGS, format_eps, latex_esc
 
 def write_result(run_dir: Path, setting: str, seed: int, clean: float, pgd: float, *, task: str = "train",
                  quant: str = "bwn", method: str = "esq", eps: float = 8 / 255, overrides: list[str] | None = None,
-                 dataset: str = "cifar10", model: str = "wrn28_10") -> None:
+                 dataset: str = "cifar10", model: str = "wrn28_10", lambdas: tuple[float, ...] = (10.0,),
+                 distance: str = "relative_l2") -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"task": task, "setting": setting, "experiment": f"{dataset}-{model}-{setting}", "dataset": dataset,
               "model": model, "method": method, "quant": quant, "seed": seed, "clean_acc": clean,
               "robust_acc": {"fgsm": pgd + 0.1, "pgd20": pgd}, "threat_model": {"norm": "linf", "eps": eps},
-              "n_samples": 1000, "pairing": {"layers": ["logits"], "lambdas": [10.0], "p": 2}}
+              "n_samples": 1000, "pairing": {"layers": ["logits"], "lambdas": list(lambdas), "p": 2,
+                                                       "distance": distance}}
     (run_dir / "results.json").write_text(json.dumps(record))
     if overrides is not None:
         (run_dir / ".hydra").mkdir(exist_ok=True)
@@ -72,12 +74,24 @@ def test_paper_settings_first_in_paper_order_then_others(tmp_path: Path) -> None
 
 def test_runs_differing_in_more_than_the_seed_are_separate_rows(tmp_path: Path) -> None:
     for i, (quant, lam) in enumerate([("bwn", 1), ("twn", 1), ("bwn", 10), ("bwn", 10)]):
-        write_result(tmp_path / str(i), "EB", i, 0.5 + i / 100, 0.1, quant=quant,
+        write_result(tmp_path / str(i), "EB", i, 0.5 + i / 100, 0.1, quant=quant, lambdas=(lam,),
                      overrides=[f"quant={quant}", f"pairing.lambdas=[{lam}]", f"seed={i}", "threads=1"])
     md = make_report(tmp_path)["markdown"]
-    assert row(md, "EB (pairing.lambdas=[10], quant=bwn)")[1] == "2"
-    assert row(md, "EB (pairing.lambdas=[1], quant=bwn)")[1] == "1"
-    assert row(md, "EB (pairing.lambdas=[1], quant=twn)")[1] == "1"
+    # The row names what the record says the run trained with, each key once, numbers in order.
+    assert row(md, "EB (lambdas=10, quant=bwn)")[1] == "2"
+    assert row(md, "EB (lambdas=1, quant=bwn)")[1] == "1"
+    assert row(md, "EB (lambdas=1, quant=twn)")[1] == "1"
+    assert md.index("EB (lambdas=1, quant=bwn)") < md.index("EB (lambdas=10, quant=bwn)")
+
+
+def test_rows_of_a_sweep_name_each_distance_and_order_lambdas_by_size(tmp_path: Path) -> None:
+    for i, (distance, lam) in enumerate([("kl", 30), ("kl", 3), ("relative_l2", 10), ("kl", 10)]):
+        write_result(tmp_path / str(i), "AEB", 0, 0.5, 0.1, lambdas=(lam,), distance=distance,
+                     overrides=[f"pairing.distance={distance}", f"pairing.lambdas=[{lam}.0]", "seed=0"])
+    md = make_report(tmp_path)["markdown"]
+    names = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines() if line.startswith("| AEB")]
+    assert names == ["AEB (distance=kl, lambdas=3)", "AEB (distance=kl, lambdas=10)", "AEB (distance=kl, lambdas=30)",
+                     "AEB (distance=relative_l2, lambdas=10)"]
 
 
 def test_eval_results_go_to_a_second_table_and_datasets_to_separate_tables(tmp_path: Path) -> None:

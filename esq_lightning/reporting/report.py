@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import shutil
 import statistics
 from collections.abc import Iterable, Sequence
@@ -81,6 +82,10 @@ class Table:
 # ----------------------------------------------------------------------------------------------- collecting
 
 
+# Overrides whose effect the results.json record states (method, quant, and the pairing's layers, lambdas, distance).
+RECORDED_OVERRIDES = ("method", "quant", "pairing", "pairing.layers", "pairing.lambdas", "pairing.distance", "pairing.p")
+
+
 def _overrides(run_dir: Path) -> dict[str, str]:
     """The Hydra command-line overrides of a run (from .hydra/overrides.yaml), without those that never matter."""
     path = run_dir / ".hydra" / "overrides.yaml"
@@ -102,6 +107,12 @@ def _overrides(run_dir: Path) -> dict[str, str]:
     return out
 
 
+def _natural(value: Any) -> tuple[tuple[int, float, str], ...]:
+    """Sort key that orders numbers in a value by size: lambdas 1, 3, 10, 30 rather than 1, 10, 3, 30."""
+    parts = re.split(r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)", str(value))
+    return tuple((1, float(p), "") if i % 2 else (0, 0.0, p) for i, p in enumerate(parts) if p)
+
+
 def row_label(res: dict[str, Any]) -> str:
     """A row's name: the paper's setting, or the experiment name when the setting is `custom`."""
     setting = res.get("setting")
@@ -117,10 +128,11 @@ def _variant(res: dict[str, Any], run_dir: Path) -> dict[str, str]:
     if res.get("method") == "esq" and pairing:
         variant["pairing"] = ",".join(pairing.get("layers", []))
         variant["lambdas"] = ",".join(f"{v:g}" for v in pairing.get("lambdas", []))
-        # Runs of different distances are different variants (relative_l2, the paper's, as before).
-        if pairing.get("distance") not in (None, "relative_l2"):
-            variant["distance"] = str(pairing["distance"])
-    variant.update(_overrides(run_dir))
+        # What the run trained with, from its record (relative_l2 is the paper's distance).
+        variant["distance"] = str(pairing.get("distance") or "relative_l2")
+    # Overrides of what the record states already would name a row twice (and by the spelling, not the value).
+    recorded = RECORDED_OVERRIDES if res.get("method") == "esq" and pairing else ("method", "quant")
+    variant.update({k: v for k, v in _overrides(run_dir).items() if k not in recorded})
     return variant
 
 
@@ -177,7 +189,7 @@ def build_tables(records: Iterable[tuple[Path, dict[str, Any]]], task: str) -> l
             sub: dict[tuple[str | None, ...], list[tuple[Path, dict[str, Any]]]] = {}
             for run_dir, res, v in members:
                 sub.setdefault(tuple(v.get(k) for k in varying), []).append((run_dir, res))
-            for values, runs in sorted(sub.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+            for values, runs in sorted(sub.items(), key=lambda kv: tuple(_natural(x) for x in kv[0])):
                 runs, dropped = _newest_per_seed(runs)
                 variant = {k: str(val) for k, val in zip(varying, values)}
                 name = label + (" (" + ", ".join(f"{k}={val}" for k, val in variant.items()) + ")" if variant else "")
