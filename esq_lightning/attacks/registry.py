@@ -603,7 +603,7 @@ def _value(node: Mapping[str, Any], sub: str, key: str) -> Any:
 
     where = f"{key}.{sub}" if key else sub
     if isinstance(node, DictConfig) and OmegaConf.is_missing(node, sub):
-        raise ESQUserError(f"{where}: ??? (no value given); set it, e.g. {where}=...")
+        raise ESQUserError(f"{where}: missing; it must be set")
     try:
         return node[sub]
     except OmegaConfBaseException as exc:
