@@ -141,14 +141,16 @@ def test_registration_is_checked_and_undone() -> None:
 def test_a_spec_contradicting_itself_is_refused() -> None:
     base = dict(name="bad", kind=BUDGETED, norm="linf", library="esq_lightning", defaults={"steps": 1},
                 runner=_run_toy, description="")
+    with pytest.raises(TypeError, match="family"):
+        AttackSpec(**base, gradient_based=True)  # no default family: every attack says what it is
     with pytest.raises(ValueError, match="family 'gradient-free' contradicts gradient_based=True"):
         AttackSpec(**base, gradient_based=True, family=GRADIENT_FREE)
     with pytest.raises(ValueError, match="family 'sideways' is not one of"):
         AttackSpec(**base, gradient_based=True, family="sideways")
     with pytest.raises(ValueError, match=r"ranges for parameters it does not take: \['scale'\]"):
-        AttackSpec(**base, gradient_based=True, ranges={"scale": ParamRange()})
+        AttackSpec(**base, gradient_based=True, family=ITERATIVE, ranges={"scale": ParamRange()})
     with pytest.raises(ValueError, match="kind 'sometimes' is not one of"):
-        AttackSpec(**{**base, "kind": "sometimes"}, gradient_based=True)
+        AttackSpec(**{**base, "kind": "sometimes"}, gradient_based=True, family=ITERATIVE)
 
 
 def test_the_builtin_families_titles_and_budgets_are_the_registry_s() -> None:

@@ -103,11 +103,12 @@ def positive(note: str = "") -> ParamRange:
     return ParamRange(float, gt=0, note=note)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AttackSpec:
     """One named evaluation attack and everything the rest of the code needs to know about it.
 
-    Call it with eps and parameters to get a ready Attack. Fields:
+    Call it with eps and parameters to get a ready Attack. Fields (keywords; family is required, the rest of
+    the fields after description have defaults):
     - name, kind (budgeted / minimum-norm), norm (its default), library (esq_lightning, foolbox, pyautoattack),
       gradient_based, defaults (every parameter it takes, with its default), runner, description,
       default_eps (None: the threat model's eps for budgeted L_inf attacks);
@@ -129,8 +130,8 @@ class AttackSpec:
     defaults: dict[str, Any]
     runner: Runner
     description: str
+    family: str
     default_eps: float | None = None
-    family: str = ITERATIVE
     loss: str | None = None
     nesting: int | None = None
     title: str = ""

@@ -47,7 +47,6 @@ FLAGS: dict[str, str] = {
 }
 
 
-
 def is_ce_attack(name: str) -> bool:
     """A multi-step cross-entropy attack (AttackSpec family iterative, loss ce). FGSM is one step: comparing it with
     a 20-step margin PGD says nothing of the loss."""
