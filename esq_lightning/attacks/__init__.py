@@ -2,14 +2,21 @@
 
 from esq_lightning.attacks.nattack import nattack
 from esq_lightning.attacks.pgd import fgsm, pgd
+from esq_lightning.attacks.spec import AttackSpec, ParamRange
 from esq_lightning.attacks.registry import (
     ATTACKS,
     Attack,
     AttackOutput,
-    AttackSpec,
     accuracy_at_budgets,
     accuracy_curve,
+    attack_spec,
+    attack_title,
+    check_attack_names,
+    check_attack_params,
+    library_available,
+    register_attack,
     run_attack,
+    unregister_attack,
 )
 from esq_lightning.attacks.adaptive import ADAPTIVE_ATTACKS, pairing_attack_params
 from esq_lightning.attacks.utils import (
@@ -20,7 +27,10 @@ from esq_lightning.attacks.utils import (
 )
 
 # The attacks of attacks/adaptive.py join the evaluation registry (one dict: run_attack sees them too).
-ATTACKS.update(ADAPTIVE_ATTACKS)
+for _spec in ADAPTIVE_ATTACKS.values():
+    if _spec.name not in ATTACKS:
+        register_attack(_spec)
+del _spec
 
 __all__ = [
     "ATTACKS",
@@ -28,14 +38,22 @@ __all__ = [
     "AttackOutput",
     "AttackSpec",
     "GradientCheckError",
+    "ParamRange",
     "accuracy_at_budgets",
     "accuracy_curve",
+    "attack_spec",
+    "attack_title",
+    "check_attack_names",
+    "check_attack_params",
     "check_gradients",
     "fgsm",
     "frozen_eval",
+    "library_available",
     "nattack",
     "pairing_attack_params",
     "perturbation_norms",
     "pgd",
+    "register_attack",
     "run_attack",
+    "unregister_attack",
 ]

@@ -27,7 +27,8 @@ from esq_lightning.attacks.losses import (
     temperature_scaled,
 )
 from esq_lightning.attacks.pgd import pgd
-from esq_lightning.attacks.registry import BUDGETED, AttackSpec, Params, _generator, _predict
+from esq_lightning.attacks.registry import PGD_RANGES, _generator, _predict
+from esq_lightning.attacks.spec import ADAPTIVE, BUDGETED, SCALE_FREE, AttackSpec, Params, count
 
 # (indices of the samples still robust) -> the loss for that subset
 LossFactory = Callable[[Tensor], LossFn]
@@ -169,28 +170,32 @@ def _pgd_defaults(**kw: Any) -> dict[str, Any]:
             "restarts": 1, "seed": 0, **kw}
 
 
-def _spec(name: str, runner: Any, defaults: dict[str, Any], description: str) -> AttackSpec:
+def _spec(name: str, runner: Any, defaults: dict[str, Any], description: str, title: str, **kw: Any) -> AttackSpec:
     return AttackSpec(name=name, kind=BUDGETED, norm="linf", library="esq_lightning", gradient_based=True,
-                      default_eps=8 / 255, defaults=defaults, runner=runner, description=description)
+                      default_eps=8 / 255, defaults=defaults, runner=runner, description=description,
+                      family=ADAPTIVE, title=title, **{"ranges": PGD_RANGES, **kw})
 
 
 ADAPTIVE_ATTACKS: dict[str, AttackSpec] = {
     s.name: s
     for s in [
         _spec("pgd_margin", _run_loss_pgd, _pgd_defaults(loss="margin"),
-              "PGD on the C&W margin loss (no softmax: does not saturate with the logit scale)."),
+              "PGD on the C&W margin loss (no softmax: does not saturate with the logit scale).", "PGD-margin",
+              loss=SCALE_FREE),
         _spec("pgd_dlr", _run_loss_pgd, _pgd_defaults(loss="dlr"),
-              "PGD on the DLR loss (Croce & Hein 2020): invariant to shift and scale of the logits."),
+              "PGD on the DLR loss (Croce & Hein 2020): invariant to shift and scale of the logits.", "PGD-DLR",
+              loss=SCALE_FREE),
         _spec("pgd_mt", _run_multitargeted, _pgd_defaults(targets=3),
-              "Multi-targeted PGD: a targeted margin run against each of the top-k other classes."),
+              "Multi-targeted PGD: a targeted margin run against each of the top-k other classes.", "PGD-MT",
+              ranges={**PGD_RANGES, "targets": count()}),
         _spec("pgd_pp", _run_pgd_pp, _pgd_defaults(loss="ce", temperature="auto"),
-              "PGD++ (Gupta & Ajanthan 2022): CE on logits / T; T 'auto' gives clean logits std 10."),
+              "PGD++ (Gupta & Ajanthan 2022): CE on logits / T; T 'auto' gives clean logits std 10.", "PGD++"),
         _spec("pgd_pairing", _run_pairing,
               _pgd_defaults(loss="ce", layers=["logits"], lambdas=[1.0], p=None, distance="relative_l2"),
-              "Pairing-adaptive PGD: CE + sum_l lambda_l * D_l at the model's own paired layers."),
+              "Pairing-adaptive PGD: CE + sum_l lambda_l * D_l at the model's own paired layers.", "PGD-pairing"),
         _spec("pgd_schedule", _run_schedule,
               _pgd_defaults(steps=200, restarts=5, losses=["ce", "margin", "dlr"], step_fractions=[0.5, 0.25, 0.1]),
-              "Step-size x loss x restarts schedule of PGD (thorough budget)."),
+              "Step-size x loss x restarts schedule of PGD (thorough budget).", "PGD-schedule"),
     ]
 }
 

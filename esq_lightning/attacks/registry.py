@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,21 @@ from torch import Tensor, nn
 import esq_lightning
 from esq_lightning.attacks.nattack import nattack
 from esq_lightning.attacks.pgd import pgd
+from esq_lightning.attacks.spec import (
+    BUDGETED,
+    CE,
+    GRADIENT_FREE,
+    ITERATIVE,
+    MINIMUM_NORM,
+    SINGLE_STEP,
+    AttackSpec,
+    ParamRange,
+    Params,
+    count,
+    did_you_mean,
+    positive,
+    show,
+)
 from esq_lightning.attacks.utils import (
     as_autograd_input,
     canonical_norm,
@@ -34,10 +50,13 @@ __all__ = [
     "run_attack",
     "accuracy_at_budgets",
     "accuracy_curve",
+    "attack_title",
+    "check_attack_names",
+    "check_attack_params",
+    "library_available",
+    "register_attack",
+    "unregister_attack",
 ]
-
-BUDGETED = "budgeted"
-MINIMUM_NORM = "minimum-norm"
 
 # Distribution name on the package index -> import name.
 _PACKAGES = {"foolbox": "foolbox", "pyautoattack": "pyautoattack"}
@@ -62,29 +81,6 @@ class AttackOutput:
     norms: Tensor
     params: dict[str, Any]
     clean_correct: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
-
-
-Params = dict[str, Any]
-# (model, x, y, eps, resolved parameters) -> (x_adv, extra entries for the record)
-Runner = Callable[[nn.Module, Tensor, Tensor, "float | None", Params], "tuple[Tensor, Params]"]
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    """Builder of one named attack: call it with eps and parameters to get a ready Attack."""
-
-    name: str
-    kind: str
-    norm: str
-    library: str
-    gradient_based: bool
-    defaults: dict[str, Any]
-    runner: Runner
-    description: str
-    default_eps: float | None = None
-
-    def __call__(self, eps: float | None = None, **params: Any) -> Attack:
-        return Attack(self, eps, params)
 
 
 class Attack:
@@ -212,7 +208,7 @@ def _require(library: str, attack: str) -> str:
         with warnings.catch_warnings():
             # foolbox 3.3.4 imports scipy.ndimage.filters, deprecated in scipy 1.x.
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = importlib.import_module(_PACKAGES[library])
+            module = importlib.import_module(_PACKAGES.get(library, library))
     except ImportError:
         raise ImportError(
             f"attack {attack!r} needs the package {library}: pip install 'esq-lightning[attacks]'"
@@ -393,49 +389,79 @@ def _run_autoattack(
     }
 
 
-def _spec(**kw: Any) -> AttackSpec:
-    return AttackSpec(**kw)
+# --- query budgets of the black-box attacks (model queries per input, stated with every curve) ----------------
 
+
+def _boundary_queries(record: Mapping[str, Any]) -> dict[str, Any]:
+    steps, k = int(record["steps"]), max(int(record.get("update_stats_every_k", 10)), 1)
+    # One query per step, one more every k steps for the spherical statistics, plus the initialisation
+    # (up to init_directions noise draws and init_steps of line search).
+    bound = steps + math.ceil(steps / k) + int(record["init_directions"]) + int(record["init_steps"])
+    return {"steps": steps, "max_queries": bound, "text": f"{steps} steps, <= {bound} queries"}
+
+
+def _nattack_queries(record: Mapping[str, Any]) -> dict[str, Any]:
+    q = int(record.get("max_queries", 1 + int(record["max_iter"]) * (int(record["population"]) + 1)))
+    return {"max_iter": int(record["max_iter"]), "population": int(record["population"]), "max_queries": q,
+            "text": f"<= {q} queries per budget"}
+
+
+def _square_queries(record: Mapping[str, Any]) -> dict[str, Any]:
+    q = int(record["n_queries"])
+    return {"max_queries": q, "text": f"<= {q} queries per budget"}
+
+
+# The parameters of the in-house PGD (here and in attacks/adaptive.py).
+PGD_RANGES: dict[str, ParamRange] = {"steps": count(), "step_size": positive(), "step_fraction": positive(),
+                                     "restarts": count()}
+
+# --- the registry: one AttackSpec per attack (attacks/adaptive.py registers its own) ----------------------------
 
 ATTACKS: dict[str, AttackSpec] = {
     s.name: s
     for s in [
-        _spec(
+        AttackSpec(
             name="fgsm", kind=BUDGETED, norm="linf", library="esq_lightning", gradient_based=True,
             default_eps=16 / 255, defaults={"norm": "linf"}, runner=_run_fgsm,
             description="FGSM (Goodfellow et al. 2015): one signed-gradient step of size eps.",
+            family=SINGLE_STEP, loss=CE, nesting=0, title="FGSM",
         ),
-        _spec(
+        AttackSpec(
             name="pgd20", kind=BUDGETED, norm="linf", library="esq_lightning", gradient_based=True,
             default_eps=8 / 255,
             defaults={"norm": "linf", "steps": 20, "step_size": None, "step_fraction": 0.25,
                       "random_start": True, "restarts": 1, "seed": 0},
             runner=_run_pgd,
             description="PGD (Madry et al. 2018), 20 steps of eps/4 (2/255 at 8/255), uniform random start.",
+            family=ITERATIVE, loss=CE, nesting=1, title="PGD-20", ranges=PGD_RANGES,
         ),
-        _spec(
+        AttackSpec(
             name="pgd100", kind=BUDGETED, norm="linf", library="esq_lightning", gradient_based=True,
             default_eps=8 / 255,
             defaults={"norm": "linf", "steps": 100, "step_size": None, "step_fraction": 0.25,
                       "random_start": True, "restarts": 5, "seed": 0},
             runner=_run_pgd,
             description="PGD, 100 steps, robust only if every random restart fails.",
+            family=ITERATIVE, loss=CE, nesting=1, title="PGD-100", ranges=PGD_RANGES,
         ),
-        _spec(
+        AttackSpec(
             name="ddn", kind=MINIMUM_NORM, norm="l2", library="foolbox", gradient_based=True,
             default_eps=1.0, defaults={"steps": 100, "init_epsilon": 1.0, "gamma": 0.05, "seed": 0},
             runner=_run_ddn,
             description="DDN (Rony et al. 2019), minimum L2 norm, foolbox.",
+            family=ITERATIVE, title="DDN", ranges={"steps": count()},
         ),
-        _spec(
+        AttackSpec(
             name="cw", kind=MINIMUM_NORM, norm="l2", library="foolbox", gradient_based=True,
             default_eps=1.0,
             defaults={"steps": 20, "binary_search_steps": 9, "stepsize": 0.1, "confidence": 0.0,
                       "initial_const": 1e-3, "abort_early": False, "seed": 0},
             runner=_run_cw,
             description="Carlini-Wagner L2 with binary search over c, minimum L2 norm, foolbox.",
+            family=ITERATIVE, title="C&W",
+            ranges={"steps": count(), "binary_search_steps": count(), "stepsize": positive()},
         ),
-        _spec(
+        AttackSpec(
             name="boundary", kind=MINIMUM_NORM, norm="l2", library="foolbox", gradient_based=False,
             default_eps=None,
             defaults={"steps": 25000, "spherical_step": 1e-2, "source_step": 1e-2,
@@ -444,32 +470,146 @@ ATTACKS: dict[str, AttackSpec] = {
                       "seed": 0},
             runner=_run_boundary,
             description="Boundary attack (Brendel et al. 2018), decision-based, min L2, foolbox.",
+            family=GRADIENT_FREE, title="Boundary", query_budget=_boundary_queries, plot_style="-",
+            ranges={"steps": count()},
         ),
-        _spec(
+        AttackSpec(
             name="nattack", kind=BUDGETED, norm="l2", library="esq_lightning", gradient_based=False,
             default_eps=None,
             defaults={"norm": "l2", "max_iter": 500, "population": 300, "sigma": 0.1, "lr": 0.02,
                       "seed": 0},
             runner=_run_nattack,
             description="N Attack (Li et al. 2019), score-based NES, budgeted, in-house.",
+            family=GRADIENT_FREE, title="N Attack", query_budget=_nattack_queries, plot_style="--",
+            ranges={"max_iter": count(), "population": count()},
         ),
-        _spec(
+        AttackSpec(
             name="square", kind=BUDGETED, norm="linf", library="pyautoattack", gradient_based=False,
             default_eps=8 / 255,
             defaults={"norm": "linf", "n_queries": 5000, "p_init": 0.8, "restarts": 1,
                       "loss": "margin", "rescale_schedule": True, "seed": 0},
             runner=_run_square,
             description="Square attack (Andriushchenko et al. 2020), score-based, pyautoattack.",
+            family=GRADIENT_FREE, title="Square", query_budget=_square_queries,
+            ranges={"n_queries": count(), "restarts": count()},
         ),
-        _spec(
+        AttackSpec(
             name="autoattack", kind=BUDGETED, norm="linf", library="pyautoattack",
             gradient_based=True, default_eps=8 / 255,
             defaults={"norm": "linf", "batch_size": 500, "seed": 0},
             runner=_run_autoattack,
             description="AutoAttack standard (Croce & Hein 2020): APGD-CE, APGD-T, FAB-T, Square.",
+            family=ITERATIVE, nesting=2, title="AutoAttack",
         ),
     ]
 }
+
+
+def register_attack(spec: AttackSpec) -> AttackSpec:
+    """Add an attack to the registry: esq-eval, the masking report, the checks, esq-report and the config check
+    see it at once. A name already taken is refused (unregister_attack it first)."""
+    if not isinstance(spec, AttackSpec):
+        raise TypeError(f"register_attack takes an AttackSpec, got {type(spec).__name__}")
+    if spec.name in ATTACKS:
+        raise ValueError(f"attack {spec.name!r} is already registered ({ATTACKS[spec.name].description}); "
+                         f"unregister_attack({spec.name!r}) first, or give the new attack another name")
+    ATTACKS[spec.name] = spec
+    return spec
+
+
+def unregister_attack(name: str) -> AttackSpec:
+    """Remove an attack from the registry and return its spec (a test's teardown, a plugin replacing one)."""
+    if name not in ATTACKS:
+        raise KeyError(f"attack {name!r} is not registered; registered: {', '.join(ATTACKS)}")
+    return ATTACKS.pop(name)
+
+
+def attack_spec(name: str) -> AttackSpec | None:
+    """The spec of a registered attack, None for any other name (an attack of an older run, a probe)."""
+    return ATTACKS.get(str(name))
+
+
+def attack_title(name: str) -> str:
+    """An attack's title (its column header in esq-report); the name itself when it is not registered."""
+    spec = ATTACKS.get(str(name))
+    return spec.title if spec is not None else str(name)
+
+
+def library_available(spec: AttackSpec) -> bool:
+    """The attack's library can be imported (the in-house ones always)."""
+    return spec.library == "esq_lightning" or importlib.util.find_spec(_PACKAGES.get(spec.library, spec.library)) is not None
+
+
+# --- the config check of attack names and parameters (config/schema.py delegates here) --------------------------
+
+
+def check_attack_names(names: list[Any], key: str) -> None:
+    """Every name is a registered attack; else ESQUserError naming the key (and its index in a list)."""
+    from esq_lightning.errors import ESQUserError
+
+    allowed = list(ATTACKS)
+    for i, name in enumerate(names):
+        if name not in ATTACKS:
+            where = f"{key}[{i}]" if len(names) > 1 or key.endswith("attacks") else key
+            raise ESQUserError(f"{where}: {show(name)} is not an attack{did_you_mean(str(name), allowed)}; "
+                               f"allowed: {', '.join(allowed)}")
+
+
+def check_attack_params(params: Any, key: str, budgeted: bool = True) -> None:
+    """Per-attack parameters (a mapping attack -> parameters, a DictConfig or a dict): known attacks, parameters
+    their spec takes, values within the spec's ranges. `budgeted=False` (black-box curves) refuses eps, which
+    the budgets give. The first problem raises ESQUserError (one line, naming the key)."""
+    from esq_lightning.errors import ESQUserError
+
+    if params is None:
+        return
+    if not isinstance(params, Mapping):
+        raise ESQUserError(f"{key}: {show(params)} is not a mapping; allowed: attack name -> parameters")
+    names = list(ATTACKS)
+    for name in params.keys():
+        pkey = f"{key}.{name}"
+        if name not in ATTACKS:
+            raise ESQUserError(f"{pkey}: {str(name)!r} is not an attack{did_you_mean(str(name), names)}; "
+                               f"allowed: {', '.join(names)}")
+        spec = ATTACKS[str(name)]
+        entry = _value(params, str(name), key)
+        if entry is None:
+            continue
+        if not isinstance(entry, Mapping):
+            raise ESQUserError(f"{pkey}: {show(entry)} is not a mapping; allowed: parameters of {name}")
+        allowed = ["eps", *spec.defaults] if budgeted else list(spec.defaults)
+        for p in entry.keys():
+            p = str(p)
+            if p not in allowed:
+                raise ESQUserError(f"{pkey}.{p}: unknown parameter of {name}{did_you_mean(p, allowed)}; "
+                                   f"allowed: {', '.join(allowed)}")
+            value = _value(entry, p, pkey)
+            rule = spec.ranges.get(p)
+            if p == "eps":
+                norm = _value(entry, "norm", pkey) if "norm" in entry else spec.norm
+                rule = (ParamRange(float, gt=0, le=1, note="an L_inf radius within the input range [0, 1]")
+                        if str(norm).lower() in ("linf", "inf") else positive())
+            # null: the attack's default (eps from the threat model, step_size from step_fraction x eps)
+            if rule is not None:
+                rule.check(value, f"{pkey}.{p}")
+
+
+def _value(node: Mapping[str, Any], sub: str, key: str) -> Any:
+    """node[sub], resolved; a missing value or an interpolation that cannot resolve is a user error naming the key."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from esq_lightning.errors import ESQUserError
+
+    where = f"{key}.{sub}" if key else sub
+    if isinstance(node, DictConfig) and OmegaConf.is_missing(node, sub):
+        raise ESQUserError(f"{where}: missing; it must be set")
+    try:
+        return node[sub]
+    except OmegaConfBaseException as exc:
+        text = str(exc).strip()
+        raise ESQUserError(f"{where}: cannot resolve its value: "
+                           f"{text.splitlines()[0] if text else type(exc).__name__}") from None
 
 
 def run_attack(

@@ -947,66 +947,16 @@ def _check_model_and_pairing(cfg: DictConfig) -> None:
 
 
 def _check_attack_names(names: list[Any], key: str) -> None:
-    from esq_lightning.attacks import ATTACKS
+    from esq_lightning.attacks import check_attack_names
 
-    allowed = list(ATTACKS)
-    for i, name in enumerate(names):
-        if name not in ATTACKS:
-            where = f"{key}[{i}]" if len(names) > 1 or key.endswith("attacks") else key
-            raise ESQUserError(f"{where}: {_show(name)} is not an attack{_did_you_mean(str(name), allowed)}; "
-                               f"allowed: {', '.join(allowed)}")
+    check_attack_names(names, key)
 
 
 def _check_attack_params(params: Any, key: str, budgeted: bool = True) -> None:
-    """Per-attack parameters: known attacks, parameters their registry entry takes, sane values."""
-    from esq_lightning.attacks import ATTACKS
+    """Per-attack parameters: known attacks, parameters their registry entry takes, values within its ranges."""
+    from esq_lightning.attacks import check_attack_params
 
-    if params is None:
-        return
-    if not isinstance(params, DictConfig):
-        raise ESQUserError(f"{key}: {_show(params)} is not a mapping; allowed: attack name -> parameters")
-    names = list(ATTACKS)
-    for name in params.keys():
-        pkey = f"{key}.{name}"
-        if name not in ATTACKS:
-            raise ESQUserError(f"{pkey}: {str(name)!r} is not an attack{_did_you_mean(str(name), names)}; "
-                               f"allowed: {', '.join(names)}")
-        spec_ = ATTACKS[str(name)]
-        entry = _get(params, str(name), key)
-        if entry is None:
-            continue
-        if not isinstance(entry, DictConfig):
-            raise ESQUserError(f"{pkey}: {_show(entry)} is not a mapping; allowed: parameters of {name}")
-        # Black-box curves take their eps from the budgets.
-        allowed = ["eps", *spec_.defaults] if budgeted else list(spec_.defaults)
-        for p in entry.keys():
-            p = str(p)
-            if p not in allowed:
-                raise ESQUserError(f"{pkey}.{p}: unknown parameter of {name}{_did_you_mean(p, allowed)}; "
-                                   f"allowed: {', '.join(allowed)}")
-            value = _get(entry, p, pkey)
-            norm = _get(entry, "norm", pkey, spec_.norm)
-            rule = _ATTACK_PARAM_RULES.get(p)
-            if p == "eps" and str(norm).lower() in ("linf", "inf"):
-                rule = Rule(gt=0, le=1, note="an L_inf radius within the input range [0, 1]")
-            # null: the attack's default (eps from the threat model, step_size from step_fraction x eps)
-            if rule is not None and value is not None:
-                _check_value(value, int if rule.ge == 1 else float, rule, f"{pkey}.{p}")
-
-
-_ATTACK_PARAM_RULES = {
-    "eps": Rule(gt=0),
-    "steps": Rule(ge=1),
-    "step_size": Rule(gt=0),
-    "stepsize": Rule(gt=0),
-    "restarts": Rule(ge=1),
-    "step_fraction": Rule(gt=0),
-    "targets": Rule(ge=1),
-    "max_iter": Rule(ge=1),
-    "population": Rule(ge=1),
-    "n_queries": Rule(ge=1),
-    "binary_search_steps": Rule(ge=1),
-}
+    check_attack_params(params, key, budgeted)
 
 
 def _run_phase2(ctx: _Context) -> None:

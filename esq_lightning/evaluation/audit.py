@@ -9,7 +9,6 @@ audit.md, audit.png and a results.json per checkpoint (audit.verdict, audit.flag
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,13 +59,13 @@ CURVE_ATTACKS: dict[str, dict[str, dict[str, Any]]] = {
 }
 EPS_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 UNBOUNDED_EPS = 0.5
-LIBRARY_ATTACKS = {"square": "pyautoattack", "autoattack": "pyautoattack"}
 
 
 def attack_set(budget: str) -> dict[str, dict[str, Any]]:
-    """The budget's attacks, without those whose optional library is not installed (named in the record)."""
-    return {k: v for k, v in BUDGETS[budget].items()
-            if k not in LIBRARY_ATTACKS or importlib.util.find_spec(LIBRARY_ATTACKS[k]) is not None}
+    """The budget's attacks, without those whose optional library (AttackSpec.library) is not installed."""
+    from esq_lightning.attacks import ATTACKS, library_available
+
+    return {k: v for k, v in BUDGETS[budget].items() if library_available(ATTACKS[k])}
 
 
 def _merge(base: Mapping[str, Any], user: Mapping[str, Any] | None) -> dict[str, Any]:

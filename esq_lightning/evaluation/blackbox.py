@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,29 +9,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from esq_lightning.attacks import ATTACKS, accuracy_curve
+from esq_lightning.attacks import ATTACKS, accuracy_curve, attack_spec, attack_title
 from esq_lightning.errors import ESQUserError
 from esq_lightning.quant import full_quantization
 
-ATTACK_NAMES = {"boundary": "Boundary", "nattack": "N Attack", "square": "Square"}
-
 
 def query_budget(record: Mapping[str, Any]) -> dict[str, Any]:
-    """Model queries per input an attack may spend, from its parameter record (stated with every result)."""
-    name = record.get("attack")
-    if name == "boundary":
-        steps, k = int(record["steps"]), max(int(record.get("update_stats_every_k", 10)), 1)
-        # One query per step, one more every k steps for the spherical statistics, plus the initialisation
-        # (up to init_directions noise draws and init_steps of line search).
-        bound = steps + math.ceil(steps / k) + int(record["init_directions"]) + int(record["init_steps"])
-        return {"steps": steps, "max_queries": bound, "text": f"{steps} steps, <= {bound} queries"}
-    if name == "nattack":
-        q = int(record.get("max_queries", 1 + int(record["max_iter"]) * (int(record["population"]) + 1)))
-        return {"max_iter": int(record["max_iter"]), "population": int(record["population"]), "max_queries": q,
-                "text": f"<= {q} queries per budget"}
-    if name == "square":
-        q = int(record["n_queries"])
-        return {"max_queries": q, "text": f"<= {q} queries per budget"}
+    """Model queries per input an attack may spend, from its parameter record (stated with every result): the
+    attack's AttackSpec.query_budget, else its steps."""
+    spec = attack_spec(str(record.get("attack")))
+    if spec is not None and spec.query_budget is not None:
+        return spec.query_budget(record)
     return {"text": ", ".join(f"{k}={record[k]}" for k in ("steps",) if k in record)}
 
 
@@ -86,7 +73,7 @@ def blackbox_curves(
             "accuracy": accuracy,
             "params": record,
             "query_budget": budget,
-            "legend": f"{labels[i]}, {ATTACK_NAMES.get(name, name)} ({budget['text']})",
+            "legend": f"{labels[i]}, {attack_title(name)} ({budget['text']})",
         })
     return curves
 

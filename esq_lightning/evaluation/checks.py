@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from esq_lightning.attacks.registry import attack_spec
+from esq_lightning.attacks.spec import CE, GRADIENT_FREE, ITERATIVE, SCALE_FREE, SINGLE_STEP
 from esq_lightning.attacks.utils import as_autograd_input, frozen_eval, grad_enabled, margin
 from esq_lightning.evaluation.worstcase import WORST_CASE, same_threat
 
@@ -44,12 +46,24 @@ FLAGS: dict[str, str] = {
     "accuracy_drop": WARN,              # the run ended far below the accuracy it started from
 }
 
-# Multi-step cross-entropy attacks (FGSM is one step: comparing it with a 20-step margin PGD says nothing of the loss)
-CE_ATTACKS = ("pgd20", "pgd100")
-# PGD of the same kind on a loss that does not saturate: what loss_scale_sensitivity compares CE-PGD with (an
-# ensemble like AutoAttack is stronger for other reasons: weak_attack_overstates covers that gap).
-SCALE_FREE_ATTACKS = ("pgd_margin", "pgd_dlr")
-GRADIENT_FREE = ("square", "boundary", "nattack")
+
+def is_ce_attack(name: str) -> bool:
+    """A multi-step cross-entropy attack (AttackSpec family iterative, loss ce). FGSM is one step: comparing it with
+    a 20-step margin PGD says nothing of the loss."""
+    spec = attack_spec(name)
+    return spec is not None and spec.family == ITERATIVE and spec.loss == CE
+
+
+def is_scale_free_attack(name: str) -> bool:
+    """PGD of the same kind on a loss that does not saturate (loss scale-free): what loss_scale_sensitivity compares
+    CE-PGD with (an ensemble like AutoAttack is stronger for other reasons: weak_attack_overstates covers that gap)."""
+    spec = attack_spec(name)
+    return spec is not None and spec.loss == SCALE_FREE
+
+
+def _family(name: str) -> str | None:
+    spec = attack_spec(name)
+    return spec.family if spec is not None else None
 
 
 @dataclass(frozen=True)
@@ -170,8 +184,8 @@ def attack_flags(ev: Mapping[str, Any], norm: str, eps: float, th: Thresholds) -
     out = []
     for name, why in (ev.get("unattackable") or {}).items():
         out.append(flag("unattackable", f"{name} could not run: {why}", attack=name))
-    ce = {k: v for k, v in at.items() if k in CE_ATTACKS}
-    free = {k: v for k, v in at.items() if k in SCALE_FREE_ATTACKS}
+    ce = {k: v for k, v in at.items() if is_ce_attack(k)}
+    free = {k: v for k, v in at.items() if is_scale_free_attack(k)}
     if ce and free:
         # The strongest of each side: CE-PGD at its best far above margin/DLR PGD at its best.
         c_name, c_acc = min(ce.items(), key=lambda kv: kv[1])
@@ -188,10 +202,10 @@ def attack_flags(ev: Mapping[str, Any], norm: str, eps: float, th: Thresholds) -
                                 f"{_pct(wc)} by {_pct(at[name] - wc)} (margin {_pct(th.weak_gap)})",
                                 attack=name, acc=at[name], worst_case=wc))
     for g_name, g_acc in at.items():
-        if g_name not in GRADIENT_FREE:
+        if _family(g_name) != GRADIENT_FREE:
             continue
         for w_name, w_acc in at.items():
-            if w_name in GRADIENT_FREE or w_name == "fgsm":
+            if _family(w_name) in (GRADIENT_FREE, SINGLE_STEP):
                 continue
             if g_acc < w_acc - th.gradient_free_gap - 1e-9:
                 out.append(flag("gradient_free_beats_gradient", f"{g_name} {_pct(g_acc)} < {w_name} {_pct(w_acc)}: "
@@ -274,8 +288,8 @@ def evaluation_checks(
             probe = probe_model(model, x.to(device), y.to(device))
             records = ev.get("attacks") or {}
             at = [k for k in ev.get("robust_acc", {}) if same_threat(records.get(k, {}), norm, eps)]
-            needs_probe = (margin_probe_steps and norm == "linf" and any(k in CE_ATTACKS for k in at)
-                           and not any(k in SCALE_FREE_ATTACKS for k in at) and probe["zero_margin_gradient_share"]
+            needs_probe = (margin_probe_steps and norm == "linf" and any(is_ce_attack(k) for k in at)
+                           and not any(is_scale_free_attack(k) for k in at) and probe["zero_margin_gradient_share"]
                            <= th.zero_gradient_share)
             if needs_probe:
                 torch.manual_seed(seed)

@@ -6,12 +6,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-# Attacks by what they use of the model. FGSM is a single-step gradient attack; PGD and AutoAttack iterate;
-# DDN and C&W iterate on the gradient too (minimum-norm); the rest never look at a gradient.
-SINGLE_STEP = ("fgsm",)
-ITERATIVE = ("pgd20", "pgd100", "autoattack", "ddn", "cw")
-GRADIENT_FREE = ("square", "boundary", "nattack")
-GRADIENT = SINGLE_STEP + ITERATIVE
+from esq_lightning.attacks.registry import attack_spec
+from esq_lightning.attacks.spec import GRADIENT_FREE, ITERATIVE, SINGLE_STEP
+
+# Attacks by what they use of the model, from each attack's spec (AttackSpec.family): FGSM is a single-step
+# gradient attack; PGD and AutoAttack iterate; DDN and C&W iterate on the gradient too (minimum-norm); the
+# gradient-free ones never look at a gradient; PGD on a loss of its own (adaptive) is compared with none.
 
 CHECKS = ("single_step_beats_iterative", "more_iterations_raise_accuracy", "blackbox_beats_whitebox",
           "clean_only_failure")
@@ -29,19 +29,25 @@ def _same_threat(a: tuple[str, float] | None, b: tuple[str, float] | None) -> bo
     return a is not None and b is not None and a[0] == b[0] and math.isclose(a[1], b[1], rel_tol=1e-6, abs_tol=1e-12)
 
 
-def _strength(name: str, record: Mapping[str, Any]) -> tuple[int, int] | None:
-    """An order among the L_p gradient attacks that are known to nest: FGSM < PGD (steps x restarts) < AutoAttack.
+def _family(name: str) -> str | None:
+    spec = attack_spec(name)
+    return spec.family if spec is not None else None
 
-    DDN and C&W have no such order with the others (different algorithms), so they get None.
+
+def _strength(name: str, record: Mapping[str, Any]) -> tuple[int, int] | None:
+    """An order among the L_p gradient attacks that are known to nest (AttackSpec.nesting): FGSM (0) < PGD (1, by
+    steps x restarts) < AutoAttack (2).
+
+    DDN and C&W have no such order with the others (different algorithms), so they get None; so does PGD on
+    another loss (margin, DLR, targeted, pairing), which does not nest with cross-entropy PGD.
     """
-    if name in SINGLE_STEP:
-        return (0, 1)
-    # Cross-entropy PGD only: PGD on another loss (margin, DLR, targeted, pairing) does not nest with it.
-    if name in ("pgd20", "pgd100"):
+    spec = attack_spec(name)
+    rank = spec.nesting if spec is not None else None
+    if rank is None:
+        return None
+    if rank == 1:
         return (1, int(record.get("steps", 1)) * int(record.get("restarts", 1)))
-    if name == "autoattack":
-        return (2, 0)
-    return None
+    return (rank, 1 if rank == 0 else 0)
 
 
 def _fmt(acc: float) -> str:
@@ -87,7 +93,7 @@ def gradient_masking_report(
             if weak == strong or not _same_threat(threats[weak], threats[strong]):
                 continue
             s_weak, s_strong = _strength(weak, attacks[weak]), _strength(strong, attacks[strong])
-            if weak in SINGLE_STEP and strong in ITERATIVE and s_strong is not None:
+            if _family(weak) == SINGLE_STEP and _family(strong) == ITERATIVE and s_strong is not None:
                 compare("single_step_beats_iterative", weak, strong,
                         "a single gradient step should not beat an iterative attack")
             elif s_weak is not None and s_strong is not None and s_weak[0] >= 1 and s_weak < s_strong:
@@ -97,9 +103,9 @@ def gradient_masking_report(
     # Black-box against the strongest white-box result of the same threat model: a weak configuration of one
     # gradient attack (C&W with 20 steps) is no sign of masking when another gradient attack does better.
     for weak in names:
-        if weak not in GRADIENT_FREE:
+        if _family(weak) != GRADIENT_FREE:
             continue
-        rivals = [s for s in names if s in ITERATIVE and _same_threat(threats[weak], threats[s])]
+        rivals = [s for s in names if _family(s) == ITERATIVE and _same_threat(threats[weak], threats[s])]
         if rivals:
             strong = min(rivals, key=lambda s: robust_acc[s])
             compare("blackbox_beats_whitebox", weak, strong,
@@ -107,7 +113,7 @@ def gradient_masking_report(
 
     for name in names:
         t = threats[name]
-        if name not in GRADIENT or t is None or t[1] <= 0:
+        if _family(name) not in (SINGLE_STEP, ITERATIVE) or t is None or t[1] <= 0:
             continue
         flagged = clean_acc > 0 and robust_acc[name] >= clean_acc
         checks["clean_only_failure"].append({"attack": name, "norm": t[0], "eps": t[1], "acc": robust_acc[name],

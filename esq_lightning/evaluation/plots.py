@@ -42,12 +42,15 @@ def plot_blackbox(curves: Sequence[Mapping[str, Any]], path: str | Path, title: 
     """Accuracy vs L2 budget, one curve per (model, attack) with its query budget in the legend (Figure 3)."""
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
-    # One colour per model, one line style per attack: quantized vs full precision reads across colours.
-    styles = {"boundary": "-", "nattack": "--"}
+    from esq_lightning.attacks.registry import attack_spec
+
+    # One colour per model, one line style per attack (AttackSpec.plot_style): quantized vs full precision reads
+    # across colours.
     colours: dict[str, str] = {}
     for curve in curves:
         colour = colours.setdefault(curve["label"], f"C{len(colours) % 10}")
-        ax.plot(curve["budgets"], [100 * a for a in curve["accuracy"]], linestyle=styles.get(curve["attack"], ":"),
+        spec = attack_spec(curve["attack"])
+        ax.plot(curve["budgets"], [100 * a for a in curve["accuracy"]], linestyle=spec.plot_style if spec else ":",
                 color=colour, marker="o", markersize=3, label=curve["legend"])
     ax.set_xlabel(r"$L_2$ budget $\epsilon$")
     ax.set_ylabel("accuracy (%)")

@@ -136,9 +136,9 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def metric_title(metric: str) -> str:
-    from esq_lightning.reporting.report import ATTACK_TITLES
+    from esq_lightning.reporting.report import attack_title
 
-    return "worst case over the attacks" if metric == "worst_case" else ATTACK_TITLES.get(metric, metric)
+    return "worst case over the attacks" if metric == "worst_case" else attack_title(metric)
 
 
 def plot_curve(curve: Curve, path: str | Path) -> Path:

@@ -21,9 +21,6 @@ from esq_lightning.artifacts.runs import iter_results, read_json_record
 PAPER_SETTINGS = ["NF", "AF", "NVB", "NEB", "AVB", "AEB", "AET", "NVT", "NET", "AVT", "NAB", "NAT", "AAB", "AAT"]
 # The extra JSON files esq-eval's multi-model modes write (docs/evaluation.md).
 EXTRA_FILES = ("transfer.json", "amplification.json", "blackbox.json")
-ATTACK_TITLES = {"worst_case": "worst case", "pgd_margin": "PGD-margin", "pgd_dlr": "PGD-DLR", "pgd_mt": "PGD-MT",
-                 "pgd_pp": "PGD++", "pgd_pairing": "PGD-pairing", "pgd_schedule": "PGD-schedule", "fgsm": "FGSM", "pgd20": "PGD-20", "pgd100": "PGD-100", "ddn": "DDN", "cw": "C&W",
-                 "boundary": "Boundary", "nattack": "N Attack", "square": "Square", "autoattack": "AutoAttack"}
 # Hydra overrides that never tell two configurations apart: they change per seed, or only where and how a job runs.
 IGNORED_OVERRIDES = ("seed", "ckpt_path", "ckpts", "init_from", "threads", "progress", "tags", "sweep",
                      "hparams_search", "experiment", "experiment_name", "logger", "hydra", "paths", "eval.n_samples",
@@ -222,9 +219,14 @@ def _robust_columns(res: dict[str, Any], eps: float) -> dict[str, float]:
 
 
 def attack_title(column: str) -> str:
-    """The header of a column: `FGSM`, or `FGSM (eps=16/255)` for an attack at its own threat model."""
+    """The header of a column: `FGSM` (the attack's AttackSpec.title), or `FGSM (eps=16/255)` for an attack at its
+    own threat model; `worst case` for the per-sample worst case."""
     base, sep, rest = column.partition(" (")
-    return ATTACK_TITLES.get(base, base) + (sep + rest if sep else "")
+    if base == "worst_case":
+        return "worst case" + (sep + rest if sep else "")
+    from esq_lightning.attacks import attack_title as title
+
+    return title(base) + (sep + rest if sep else "")
 
 
 def find_extras(root: Path, skip: Path | None = None, unreadable: list[tuple[Path, str]] | None = None
