@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -22,6 +23,7 @@ import torch
 from esq_lightning.data.augment import CropFlip
 from esq_lightning.data.base import TensorDataModule
 from esq_lightning.data.loader import AugmentFn
+from esq_lightning.artifacts.atomic import atomic_write
 from esq_lightning.utils import file_digest
 
 
@@ -204,18 +206,18 @@ def download_cifar(data_dir: str | os.PathLike, name: str = "cifar10", timeout: 
     archive = root / meta.archive
     if archive.is_file() and file_digest(archive, "md5") == meta.md5:
         return archive
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{meta.archive}.", dir=root)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(meta.url, timeout=timeout) as resp:
-            shutil.copyfileobj(resp, out, 1 << 20)
-        got = file_digest(tmp, "md5")
-        if got != meta.md5:
-            raise CorruptArchiveError(f"download of {meta.url} has md5 {got}, expected {meta.md5}")
-        os.replace(tmp, archive)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def fetch(out: Any) -> None:
+        md5 = hashlib.md5()
+        with urllib.request.urlopen(meta.url, timeout=timeout) as resp:
+            for block in iter(lambda: resp.read(1 << 20), b""):
+                md5.update(block)
+                out.write(block)
+        if md5.hexdigest() != meta.md5:
+            raise CorruptArchiveError(f"download of {meta.url} has md5 {md5.hexdigest()}, expected {meta.md5}")
+
+    # Written beside the target and renamed only once its md5 matches (artifacts/atomic.py).
+    atomic_write(archive, fetch)
     return archive
 
 

@@ -18,6 +18,8 @@ from .functional import dequantize, uniform_levels
 from .modules import quant_layers
 from .registry import resolve_kind
 
+from esq_lightning.artifacts.atomic import atomic_write
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -212,10 +214,8 @@ def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | N
     prefix = len(_MAGIC) + 8 + len(header)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    # Written to a side file and renamed, so an interrupted export never leaves a half file.
-    with open(tmp, "wb") as fh:
+
+    def write(fh: Any) -> None:
         fh.write(_MAGIC)
         fh.write(struct.pack("<Q", len(header)))
         fh.write(header)
@@ -223,7 +223,9 @@ def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | N
         for t in blobs:
             fh.write(_raw(t))
             fh.write(b"\x00" * _pad(_nbytes(t)))
-    os.replace(tmp, path)
+
+    # The one atomic writer: an interrupted export never leaves a half file.
+    atomic_write(path, write)
 
     file_bytes = path.stat().st_size
     return {
