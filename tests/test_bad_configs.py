@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import os
@@ -257,26 +256,48 @@ def test_eval_config_is_validated_against_the_checkpoint_config(tmp_path: Path) 
             run_config_with_eval(train_config, cfg)
 
 
-# ---- the schema's copies of the code's choices stay in step with the code --------------------------
-def test_schema_choices_match_the_code() -> None:
+# ---- trainer.* is checked against the installed Lightning, not against a copy of its lists ---------------
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["+trainer.strategy=ddpp"], "trainer.strategy: 'ddpp' is not allowed; allowed: 'auto', 'ddp'"),
+    (["trainer.precision=15"], "trainer.precision: 15 is not allowed; allowed: null, 64, 32, 16"),
+    (["trainer.precision=bf16-mixd"], "trainer.precision: 'bf16-mixd' is not allowed"),
+    (["trainer.accelerator=gpux"], "trainer.accelerator: 'gpux' is not allowed; allowed: 'auto', 'gpu'"),
+    (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key (did you mean 'max_epochs'?); allowed keys of "
+                               "trainer: the arguments of pytorch_lightning.Trainer"),
+])
+def test_bad_trainer_arguments_fail_in_one_line_naming_the_key(overrides: list[str], expected: str,
+                                                              tmp_path: Path) -> None:
+    cfg = compose_config("train", overrides, tmp_path)
+    with pytest.raises(ESQUserError) as info:
+        validate_config(cfg)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_trainer_values_come_from_lightnings_own_registries(tmp_path: Path) -> None:
     import pytorch_lightning as pl
-    from pytorch_lightning.strategies import StrategyRegistry
+    from pytorch_lightning.strategies import SingleDeviceStrategy, StrategyRegistry
 
-    from esq_lightning.data.cifar import CIFAR_META
+    # A strategy registered with Lightning is accepted at once; the schema holds no list of its own.
+    cfg = compose_config("train", ["+trainer.strategy=esq_test_strategy"], tmp_path)
+    with pytest.raises(ESQUserError, match="trainer.strategy: 'esq_test_strategy' is not allowed"):
+        validate_config(cfg)
+    StrategyRegistry.register("esq_test_strategy", SingleDeviceStrategy, device="cpu")
+    try:
+        validate_config(cfg)
+    finally:
+        StrategyRegistry.remove("esq_test_strategy")
+    # Every argument of the installed Trainer is a valid key, declared in the schema or not.
+    assert "max_time" not in schema.TrainerConfig.model_fields
+    assert "max_time" in inspect.signature(pl.Trainer.__init__).parameters
+    validate_config(compose_config("train", ["+trainer.max_time=00:00:10:00"], tmp_path / "t"))
+
+
+def test_phase_one_reads_the_codes_own_tables() -> None:
+    """The schema's choices are the code's tables (one definition, esq_lightning/config/choices.py)."""
+    from esq_lightning.config import choices
+    from esq_lightning.pairing import DISTANCES
+    from esq_lightning.quant.registry import FAMILIES
     from esq_lightning.training.objectives import METHODS
-    from esq_lightning.quant.functional import KINDS
-    from esq_lightning.quant.selection import SELECTION_FUNCTIONS, VARIANTS
 
-    from esq_lightning.quant.registry import FAMILIES, FULL_BITS, default_kind
-
-    assert set(schema.QUANT_BITS) == {*KINDS, "full"}
-    assert {k: v for k, v in schema.QUANT_BITS.items() if k != "full"} == FAMILIES
-    assert schema.QUANT_BITS["full"] == (FULL_BITS,)
-    assert schema.QUANT_DEFAULT_KIND == {b: default_kind(b) for b in schema.QUANT_DEFAULT_KIND}
-    assert schema.SQ_VARIANTS == VARIANTS and schema.SQ_FUNCTIONS == SELECTION_FUNCTIONS
-    assert schema.METHODS == METHODS
-    assert schema.CIFAR_FILES == {k: (m.archive, m.folder) for k, m in CIFAR_META.items()}
-    assert set(StrategyRegistry.available_strategies()) <= set(schema.STRATEGIES)
-    trainer_args = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
-    declared = {f.name for f in dataclasses.fields(schema.TrainerConfig)}
-    assert declared | set(schema.TRAINER_RESERVED) == trainer_args
+    assert FAMILIES is choices.QUANT_FAMILIES and METHODS is choices.METHODS
+    assert list(DISTANCES) == list(choices.PAIRING_DISTANCES)

@@ -34,7 +34,7 @@ def _setting(*, _root_: Any) -> str:
 
 
 def _quant_kind(bits: object) -> str:
-    from esq_lightning.config.schema import QUANT_DEFAULT_KIND
+    from esq_lightning.config.choices import QUANT_DEFAULT_KIND
 
     # An unknown width resolves to uniform, so the schema's check of quant.bits names the allowed widths.
     try:

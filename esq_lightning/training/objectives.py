@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# METHODS is defined in esq_lightning/config/choices.py (torch-free: the schema reads it before torch is imported).
+from esq_lightning.config.choices import METHODS
 from esq_lightning.pairing import (
     LOGITS,
     check_distance_for_layers,
@@ -21,7 +23,6 @@ from esq_lightning.pairing import (
 # attack(x, y, loss_fn) -> x_adv, bound to the model and to this step's random generator by the caller.
 Attack = Callable[..., Tensor]
 
-METHODS = ("natural", "adversarial", "esq", "alp", "trades")
 
 
 @dataclass
