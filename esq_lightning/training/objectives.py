@@ -42,15 +42,19 @@ class Objective:
     pairing_lambdas: Sequence[float] = (1.0,)
     pairing_p: int = 2
     pairing_distance: str | None = None  # DISTANCES name; None: relative_l{pairing_p}
-    alp_lambda: float = 0.5
-    trades_beta: float = 6.0
+    # The weight of method=alp / trades, required by that method (runs: conf/method/alp.yaml, trades.yaml).
+    alp_lambda: float | None = None
+    trades_beta: float | None = None
     # Pairing-weight warm-up: lambda_l * min(1, (epoch + 1) / pairing_warmup_epochs); 0 = the full weight from
-    # the first step (the paper's).
+    # the first step (the paper's). The default is for the Python API; runs take pairing.warmup_epochs (conf/pairing/).
     pairing_warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ValueError(f"method.name: unknown method '{self.name}'; allowed: {', '.join(METHODS)}")
+        for key, owner in (("alp_lambda", "alp"), ("trades_beta", "trades")):
+            if self.name == owner and getattr(self, key) is None:
+                raise ValueError(f"method.{key}: method={owner} needs it (conf/method/{owner}.yaml)")
         if len(self.pairing_layers) != len(self.pairing_lambdas):
             raise ValueError(
                 f"pairing.lambdas: {len(self.pairing_lambdas)} lambdas for {len(self.pairing_layers)} layers;"
