@@ -98,7 +98,8 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     for name, conf in (cfg.get("logger") or {}).items():
         if conf is None:
             continue
-        if name == "wandb" and not conf.get("offline", True):
+        # conf/logger/wandb.yaml sets offline: true; an entry without the key is online (WandbLogger's default).
+        if name == "wandb" and not conf.get("offline"):
             _require_wandb_login()
         if name == "tensorboard":
             _require_tensorboard()
@@ -246,7 +247,7 @@ def evaluate_and_record(
     params = OmegaConf.to_container(cfg.eval.get("params") or {}, resolve=True)
     params["pgd_pairing"] = {**pairing_attack_params(OmegaConf.to_container(cfg, resolve=True)),
                              **(params.get("pgd_pairing") or {})}
-    norm = str(cfg.eval.get("norm", "linf"))
+    norm = str(cfg.eval.norm)
     ev = evaluate_robustness(
         model, x, y, attacks=list(cfg.eval.attacks), eps=float(cfg.eval.eps),
         params=params, n_samples=cfg.eval.n_samples,
