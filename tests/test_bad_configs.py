@@ -301,3 +301,31 @@ def test_phase_one_reads_the_codes_own_tables() -> None:
 
     assert FAMILIES is choices.QUANT_FAMILIES and METHODS is choices.METHODS
     assert list(DISTANCES) == list(choices.PAIRING_DISTANCES)
+
+
+# ---- pydantic's errors as one line: values Hydra's overrides cannot produce ---------------------------------------
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("data.batch_size", "???", "data.batch_size: ??? (no value given); set it, e.g. data.batch_size=..."),
+    ("pairing.layers", ["logits", "${nope}"], "pairing.layers[1]: cannot resolve its value"),
+    ("callbacks.pgd", 3, "callbacks.pgd: 3 is not a mapping; allowed: a callback config with _target_"),
+    ("data.attack", None, "data.attack: null is not a mapping"),
+    ("quant.bits", True, "quant.bits: true is not allowed; allowed: 1, 2, 3, 4, 5, 6, 7, 8, 32"),
+    ("seed", 1.5, "seed: 1.5 is not an integer"),
+    ("eval.blackbox.budgets", [0, -1], "eval.blackbox.budgets: [0, -1] (item -1) is out of range; allowed: 0 <= budgets"),
+    ("data.mean", [0.1, 0.2], "data.mean: 2 values for in_channels=1; allowed: one value per input channel"),
+    ("quant.variant", None, "quant.variant: null is not allowed; allowed: 'paper', 'reference'"),
+])
+def test_phase_one_errors_name_the_key_in_one_line(key: str, value: object, expected: str, tmp_path: Path) -> None:
+    cfg = compose_config("train", [], tmp_path)
+    OmegaConf.update(cfg, key, value, merge=False)
+    with pytest.raises(ESQUserError) as info:
+        validate_config(cfg, code_checks=False)
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+def test_a_key_the_yaml_leaves_out_is_missing_not_defaulted(tmp_path: Path) -> None:
+    cfg = compose_config("train", [], tmp_path)
+    OmegaConf.set_struct(cfg, False)
+    del cfg.quant["variant"]
+    with pytest.raises(ESQUserError, match=r"^quant\.variant: missing; it must be set$"):
+        validate_config(cfg, code_checks=False)

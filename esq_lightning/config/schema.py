@@ -241,8 +241,8 @@ class DigitsDataConfig(DataConfig):
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> DigitsDataConfig:
-        val, test = self.val_size or 0, self.test_size or 0
-        if val + test >= 1797:
+        val, test = self.val_size, self.test_size
+        if val is not None and test is not None and val + test >= 1797:
             raise _rule("val_size", f"{val} with test_size={test} leaves no training data; "
                                     "allowed: val_size + test_size < 1797 (the digits set)")
         return self
@@ -945,7 +945,7 @@ def _check_target(key: str, node: BaseModel, raw: dict) -> None:
     declared = [k for k in _keys_of(type(node)) if k not in type(node).signature_keys]
     given = [k for k in raw if not (k.startswith("_") and k.endswith("_"))]
     for k in given:
-        if k in accepted or k in declared and k not in (node.model_extra or {}):
+        if k in accepted or k in declared:
             continue
         shown = [a for a in dict.fromkeys([*declared, *accepted]) if a != "params" and not a.startswith("_")]
         raise ESQUserError(f"{_join(key, k)}: unknown key{_did_you_mean(k, accepted)}; allowed: "
@@ -1128,6 +1128,8 @@ class _DataRoot(Model):
 
 
 # ---- attack names and parameters (esq_lightning.attacks) ----------------------------------------------
+# _check_attack_names and _check_attack_params are called from phase 2 (_check_eval_attacks); the attack
+# parameter ranges below are theirs alone and move into the attack specs with them.
 def _check_attack_names(names: list[Any], key: str) -> None:
     from esq_lightning.attacks import ATTACKS
 
