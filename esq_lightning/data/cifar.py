@@ -293,6 +293,7 @@ class CIFARDataModule(TensorDataModule):
     in_channels = 3
     image_size = 32
 
+    # The defaults serve the Python API; for runs, conf/data/cifar10.yaml / cifar100.yaml are their source.
     def __init__(
         self,
         name: str = "cifar10",
