@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import os
@@ -257,26 +256,76 @@ def test_eval_config_is_validated_against_the_checkpoint_config(tmp_path: Path) 
             run_config_with_eval(train_config, cfg)
 
 
-# ---- the schema's copies of the code's choices stay in step with the code --------------------------
-def test_schema_choices_match_the_code() -> None:
+# ---- trainer.* is checked against the installed Lightning, not against a copy of its lists ---------------
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["+trainer.strategy=ddpp"], "trainer.strategy: 'ddpp' is not allowed; allowed: 'auto', 'ddp'"),
+    (["trainer.precision=15"], "trainer.precision: 15 is not allowed; allowed: null, 64, 32, 16"),
+    (["trainer.precision=bf16-mixd"], "trainer.precision: 'bf16-mixd' is not allowed"),
+    (["trainer.accelerator=gpux"], "trainer.accelerator: 'gpux' is not allowed; allowed: 'auto', 'gpu'"),
+    (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key (did you mean 'max_epochs'?); allowed keys of "
+                               "trainer: the arguments of pytorch_lightning.Trainer"),
+])
+def test_bad_trainer_arguments_fail_in_one_line_naming_the_key(overrides: list[str], expected: str,
+                                                              tmp_path: Path) -> None:
+    cfg = compose_config("train", overrides, tmp_path)
+    with pytest.raises(ESQUserError) as info:
+        validate_config(cfg)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_trainer_values_come_from_lightnings_own_registries(tmp_path: Path) -> None:
     import pytorch_lightning as pl
-    from pytorch_lightning.strategies import StrategyRegistry
+    from pytorch_lightning.strategies import SingleDeviceStrategy, StrategyRegistry
 
-    from esq_lightning.data.cifar import CIFAR_META
+    # A strategy registered with Lightning is accepted at once; the schema holds no list of its own.
+    cfg = compose_config("train", ["+trainer.strategy=esq_test_strategy"], tmp_path)
+    with pytest.raises(ESQUserError, match="trainer.strategy: 'esq_test_strategy' is not allowed"):
+        validate_config(cfg)
+    StrategyRegistry.register("esq_test_strategy", SingleDeviceStrategy, device="cpu")
+    try:
+        validate_config(cfg)
+    finally:
+        StrategyRegistry.remove("esq_test_strategy")
+    # Every argument of the installed Trainer is a valid key, declared in the schema or not.
+    assert "max_time" not in schema.TrainerConfig.model_fields
+    assert "max_time" in inspect.signature(pl.Trainer.__init__).parameters
+    validate_config(compose_config("train", ["+trainer.max_time=00:00:10:00"], tmp_path / "t"))
+
+
+def test_phase_one_reads_the_codes_own_tables() -> None:
+    """The schema's choices are the code's tables (one definition, esq_lightning/config/choices.py)."""
+    from esq_lightning.config import choices
+    from esq_lightning.pairing import DISTANCES
+    from esq_lightning.quant.registry import FAMILIES
     from esq_lightning.training.objectives import METHODS
-    from esq_lightning.quant.functional import KINDS
-    from esq_lightning.quant.selection import SELECTION_FUNCTIONS, VARIANTS
 
-    from esq_lightning.quant.registry import FAMILIES, FULL_BITS, default_kind
+    assert FAMILIES is choices.QUANT_FAMILIES and METHODS is choices.METHODS
+    assert list(DISTANCES) == list(choices.PAIRING_DISTANCES)
 
-    assert set(schema.QUANT_BITS) == {*KINDS, "full"}
-    assert {k: v for k, v in schema.QUANT_BITS.items() if k != "full"} == FAMILIES
-    assert schema.QUANT_BITS["full"] == (FULL_BITS,)
-    assert schema.QUANT_DEFAULT_KIND == {b: default_kind(b) for b in schema.QUANT_DEFAULT_KIND}
-    assert schema.SQ_VARIANTS == VARIANTS and schema.SQ_FUNCTIONS == SELECTION_FUNCTIONS
-    assert schema.METHODS == METHODS
-    assert schema.CIFAR_FILES == {k: (m.archive, m.folder) for k, m in CIFAR_META.items()}
-    assert set(StrategyRegistry.available_strategies()) <= set(schema.STRATEGIES)
-    trainer_args = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
-    declared = {f.name for f in dataclasses.fields(schema.TrainerConfig)}
-    assert declared | set(schema.TRAINER_RESERVED) == trainer_args
+
+# ---- pydantic's errors as one line: values Hydra's overrides cannot produce ---------------------------------------
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("data.batch_size", "???", "data.batch_size: ??? (no value given); set it, e.g. data.batch_size=..."),
+    ("pairing.layers", ["logits", "${nope}"], "pairing.layers[1]: cannot resolve its value"),
+    ("callbacks.pgd", 3, "callbacks.pgd: 3 is not a mapping; allowed: a callback config with _target_"),
+    ("data.attack", None, "data.attack: null is not a mapping"),
+    ("quant.bits", True, "quant.bits: true is not allowed; allowed: 1, 2, 3, 4, 5, 6, 7, 8, 32"),
+    ("seed", 1.5, "seed: 1.5 is not an integer"),
+    ("eval.blackbox.budgets", [0, -1], "eval.blackbox.budgets: [0, -1] (item -1) is out of range; allowed: 0 <= budgets"),
+    ("data.mean", [0.1, 0.2], "data.mean: 2 values for in_channels=1; allowed: one value per input channel"),
+    ("quant.variant", None, "quant.variant: null is not allowed; allowed: 'paper', 'reference'"),
+])
+def test_phase_one_errors_name_the_key_in_one_line(key: str, value: object, expected: str, tmp_path: Path) -> None:
+    cfg = compose_config("train", [], tmp_path)
+    OmegaConf.update(cfg, key, value, merge=False)
+    with pytest.raises(ESQUserError) as info:
+        validate_config(cfg, code_checks=False)
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+def test_a_key_the_yaml_leaves_out_is_missing_not_defaulted(tmp_path: Path) -> None:
+    cfg = compose_config("train", [], tmp_path)
+    OmegaConf.set_struct(cfg, False)
+    del cfg.quant["variant"]
+    with pytest.raises(ESQUserError, match=r"^quant\.variant: missing; it must be set$"):
+        validate_config(cfg, code_checks=False)

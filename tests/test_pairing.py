@@ -98,7 +98,8 @@ def test_esq_objective_adds_weighted_distances() -> None:
 def test_baseline_objectives(name: str) -> None:
     torch.manual_seed(0)
     model, x, y = TwoBlock(), torch.randn(8, 6), torch.randint(0, 3, (8,))
-    out = Objective(name)(model, x, y, _shift_attack)
+    weight = {"alp": {"alp_lambda": 0.5}, "trades": {"trades_beta": 6.0}}.get(name, {})
+    out = Objective(name, **weight)(model, x, y, _shift_attack)
     xa = x + 0.5
     z, za = model(x), model(xa)
     expected = {
@@ -119,7 +120,7 @@ def test_trades_attack_receives_kl_loss() -> None:
         seen["loss_fn"] = loss_fn
         return x_ + 0.1
 
-    Objective("trades")(model, x, y, attack)
+    Objective("trades", trades_beta=6.0)(model, x, y, attack)
     kl_same = seen["loss_fn"](model(x), y)
     kl_moved = seen["loss_fn"](model(x + 1.0), y)
     assert abs(kl_same.item()) < 1e-5 < kl_moved.item()
@@ -130,5 +131,7 @@ def test_objective_validation() -> None:
         Objective("madry")
     with pytest.raises(ValueError, match="pairing.lambdas"):
         Objective("esq", ["logits", "block1"], [1.0])
+    with pytest.raises(ValueError, match="method.alp_lambda: method=alp needs it"):
+        Objective("alp")
     with pytest.raises(RuntimeError, match="needs a training attack"):
         Objective("esq")(TwoBlock(), torch.randn(2, 6), torch.tensor([0, 1]), None)

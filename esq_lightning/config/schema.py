@@ -1,70 +1,54 @@
-"""Config schemas: dataclasses with type and range metadata, checked right after Hydra composition."""
+"""Config validation: pydantic models of the config groups, checked right after Hydra composition.
+
+How it works (docs/reliability.md): every config group has a pydantic model below. Its fields are the
+allowed keys, their annotations the allowed types, `Field(ge=..., le=...)` / `Literal` the allowed values,
+and its `model_validator`s the rules between keys. The defaults live in the YAML under conf/ only: a
+field is either required (the shipped YAML sets it) or `absent()` (a key that may be left out, then the
+code that takes it, e.g. its `_target_`'s signature, decides). `validate_config` checks a composed config
+in two phases:
+  1. structure, types, ranges and cross-key rules, with nothing but omegaconf and pydantic imported, so a
+     typo fails in about a second, before torch is imported and before any data is read;
+  2. checks that need the code: keys of a `_target_` node that the model does not declare against the
+     target's signature, `trainer.*` against pytorch_lightning.Trainer (its signature, strategy and
+     accelerator registries and precision type), pairing names against the model (built on the meta
+     device), attack names and parameters against esq_lightning.attacks, paths on disk.
+The first problem raises ESQUserError with one line: `<key>: <value> <problem>; allowed: ...`.
+"""
 
 from __future__ import annotations
 
 import difflib
 import inspect
-import math
-import types
 import typing
 from collections.abc import Callable, Iterable
-from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
+import annotated_types
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, \
+    ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
+from esq_lightning.config.choices import (
+    ACT_BITS,
+    CIFAR_FILES,
+    DATASETS,
+    METHODS,
+    PAIRING_DISTANCES,
+    PAIRING_LOGITS_ONLY,
+    QUANT_BITS,
+    QUANT_DEFAULT_KIND,
+    SQ_FUNCTIONS,
+    SQ_VARIANTS,
+)
 from esq_lightning.errors import ESQUserError
 
-# How it works (docs/reliability.md): every config group has a dataclass below whose fields are the
-# allowed keys, whose annotations are the allowed types and whose `spec(...)` metadata holds the
-# allowed values. `validate_config` walks the composed config against them in two phases:
-#   1. structure, types and ranges, with nothing but omegaconf imported, so a typo fails in about a
-#      second, before torch is even imported and before any data is read;
-#   2. checks that need the code: keys of a `_target_` that are not in the schema are checked against
-#      the target's signature, pairing names against the model (built on the meta device), attack
-#      names and parameters against esq_lightning.attacks.ATTACKS, paths on disk.
-# The first problem found raises ESQUserError with one line: `<key>: <value> <problem>; allowed: ...`.
-# Dataclasses are used as plain schema declarations rather than registered in Hydra's ConfigStore:
-# the configs interpolate across groups (${data.num_classes}, ${eval_frac:8/255}), and the range and
-# cross-key rules (quant.bits vs quant.kind, one lambda per pairing layer) are beyond OmegaConf's
-# structured-config typing anyway. A new config key must be declared here as well.
-
-REQUIRED: Any = MISSING
-
-# Copies of the code's own choices, so phase 1 needs no torch import; tests/test_bad_configs.py
-# checks that they match the tuples in the code.
-# quant.kind -> its bit widths, and the family quant.bits picks alone (esq_lightning.quant.registry).
-QUANT_BITS: dict[str, tuple[int, ...]] = {"bwn": (1,), "twn": (2,), "uniform": (2, 3, 4, 5, 6, 7, 8), "full": (32,)}
-QUANT_DEFAULT_KIND: dict[int, str] = {1: "bwn", 2: "twn", **{b: "uniform" for b in range(3, 9)}, 32: "full"}
-# quant.act_bits: unsigned activation codes after the ReLUs (32 = off).
-ACT_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 32)
-SQ_VARIANTS = ("paper", "reference")
-SQ_FUNCTIONS = ("constant", "linear", "softmax", "sigmoid")
-METHODS = ("natural", "adversarial", "esq", "alp", "trades")
-DATASETS = ("digits", "cifar10", "cifar100")
-# esq_lightning.pairing.DISTANCES: every name, and those defined on the logits only.
-PAIRING_DISTANCES = ("relative_l2", "relative_l1", "centred_l2", "log_softmax_l2", "kl")
-PAIRING_LOGITS_ONLY = ("centred_l2", "log_softmax_l2", "kl")
-# (archive, extracted folder) of the CIFAR variants, as in esq_lightning.data.cifar.CIFAR_META (whose
-# import would pull in Lightning).
-CIFAR_FILES = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
-               "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python")}
 NORMS = ("linf", "l2")
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "xla", "hpu")
-STRATEGIES = (
-    "auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_false",
-    "ddp_find_unused_parameters_true", "ddp_spawn_find_unused_parameters_false",
-    "ddp_spawn_find_unused_parameters_true", "ddp_fork_find_unused_parameters_false",
-    "ddp_fork_find_unused_parameters_true", "ddp_notebook_find_unused_parameters_false",
-    "ddp_notebook_find_unused_parameters_true", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2",
-    "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload",
-    "deepspeed_stage_3_offload_nvme", "fsdp", "fsdp_cpu_offload", "single_device", "single_xla", "xla_debug",
-    "xla", "single_tpu",
-)
-PRECISIONS = (64, 32, 16, "64", "32", "16", "bf16", "16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true",
-              "64-true", "transformer-engine", "transformer-engine-float16")
+EVAL_MODES = ("whitebox", "transfer", "amplification", "blackbox", "audit")  # esq_lightning/evaluation/modes.py
+LINF_RADIUS = "an L_inf radius within the input range [0, 1]"
 # pl.Trainer arguments that esq-train sets itself; a config value would be ignored or break the run.
 TRAINER_RESERVED = {
     "logger": "use the logger group (logger=csv|tensorboard|wandb|none)",
@@ -76,48 +60,71 @@ TRAINER_RESERVED = {
 }
 
 
-# ---- schema declarations ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Rule:
-    """Allowed values of one key (ranges apply to every item of a list)."""
-
-    gt: float | None = None
-    ge: float | None = None
-    lt: float | None = None
-    le: float | None = None
-    choices: tuple | None = None
-    check: Callable[[Any], str | None] | None = None  # returns what is allowed when the value is not
-    note: str = ""
+# ---- building blocks --------------------------------------------------------------------------------
+def absent(**constraints: Any) -> Any:
+    """A key that may be left out (it then reads as None: the code that takes it decides, e.g. the
+    `_target_`'s signature). Not a default value: the YAML under conf/ holds those."""
+    return Field(None, **constraints)
 
 
-def spec(default: Any = None, **rule: Any) -> Any:
-    """A schema field: its default (REQUIRED: the key must be present) and its Rule."""
-    return field(default=default, metadata={"rule": Rule(**rule)})
+def _rule(sub: str, text: str) -> PydanticCustomError:
+    """A cross-key rule's error: `text` is the message after `<node>.<sub>: `; `{key}` in it is the node's key."""
+    return PydanticCustomError("esq_rule", "{text}", {"sub": sub, "text": text})
 
 
-class Schema:
-    """Base of the group schemas.
+def _check(fn: Callable[[Any], str | None]) -> Any:
+    """A value check by code (fn returns what is allowed when the value is not)."""
 
-    `extra`: "forbid" (unknown keys fail) or "target" (keys not declared here must be arguments of
-    the node's `_target_`, checked in phase 2). `cross` holds rules between keys of the node.
+    def run(value: Any) -> Any:
+        problem = fn(value)
+        if problem:
+            raise PydanticCustomError("esq_check", "{allowed}", {"allowed": problem})
+        return value
+
+    return AfterValidator(run)
+
+
+def Choice(*values: Any) -> Any:  # noqa: N802 - a type
+    """One of `values` (true/false are not 1/0 here)."""
+
+    def no_bool(value: Any) -> Any:
+        if isinstance(value, bool) and not any(isinstance(c, bool) for c in values):
+            raise PydanticCustomError("literal_error", "not one of the choices")
+        return value
+
+    return Annotated[Literal[values], BeforeValidator(no_bool)]  # type: ignore[valid-type]
+
+
+class Model(BaseModel):
+    """Base of the group models: strict types (no 'yes' -> true, no '3' -> 3), unknown keys refused.
+
+    Models with `extra="allow"` take keys they do not declare when the node has a `_target_`: those keys
+    must be arguments of the target, checked in phase 2. `signature_keys` are declared keys that the
+    target must take as well (architecture arguments that not every model has).
     """
 
-    extra: typing.ClassVar[str] = "forbid"
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, protected_namespaces=())
+    signature_keys: ClassVar[tuple[str, ...]] = ()
+    extra_needs_target: ClassVar[bool] = True
 
+    @model_validator(mode="before")
     @classmethod
-    def select(cls, node: DictConfig, key: str) -> type[Schema]:
-        return cls
+    def _extra_keys_need_a_target(cls, data: Any) -> Any:
+        if cls.model_config.get("extra") == "allow" and cls.extra_needs_target and isinstance(data, dict) \
+                and "_target_" not in data:
+            declared = _keys_of(cls)
+            for k in data:
+                if k not in declared:
+                    raise PydanticCustomError("extra_forbidden", "unknown key", {"sub": k})
+        return data
 
-    @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
-        return None
+
+def _keys_of(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
 
 
-class Entries:
-    """A mapping of named entries (callbacks, loggers): known names have a schema, others need a `_target_`."""
-
-    known: typing.ClassVar[dict[str, type[Schema]]] = {}
-    what: typing.ClassVar[str] = "entry"
+class TargetModel(Model):
+    model_config = ConfigDict(extra="allow")
 
 
 def _limit_batches(v: Any) -> str | None:
@@ -133,15 +140,14 @@ def _train_batches(v: Any) -> str | None:
 
 
 def _devices(v: Any) -> str | None:
+    allowed = "a number of devices >= 1, -1 (all), 'auto', or a list of device ids"
     if isinstance(v, bool):
-        return "a number of devices >= 1, -1 (all), 'auto', or a list of device ids"
-    if isinstance(v, int) and (v >= 1 or v == -1):
-        return None
-    if isinstance(v, str) and v.strip():
+        return allowed
+    if isinstance(v, int) and (v >= 1 or v == -1) or isinstance(v, str) and v.strip():
         return None
     if isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
         return None
-    return "a number of devices >= 1, -1 (all), 'auto', or a list of device ids"
+    return allowed
 
 
 def _threads(v: Any) -> str | None:
@@ -159,504 +165,721 @@ def _metric_name(v: Any) -> str | None:
 
 
 def _setting_or_path(v: Any) -> str | None:
+    if v is not None and not isinstance(v, str):
+        return "null, a checkpoint file or setting:NAME"
     if isinstance(v, str) and v.startswith("setting:") and not v.split(":", 1)[1].strip():
         return "a checkpoint file or setting:NAME with a setting name (e.g. setting:NF)"
     return None
 
 
-@dataclass(kw_only=True)
-class AttackStrengthConfig(Schema):
+def _int_or_fraction(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        return "a number >= 0"
+    return None
+
+
+def _fast_dev_run(v: Any) -> str | None:
+    if isinstance(v, bool) or isinstance(v, int) and v >= 0:
+        return None
+    return "true, false or a number of batches >= 0"
+
+
+def _int_or_text(v: Any) -> str | None:
+    return None if v is None or isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool) \
+        else "a precision of pytorch_lightning.Trainer, e.g. 32-true, bf16-mixed"
+
+
+def _number_or_text(v: Any) -> str | None:
+    return None if v is None or isinstance(v, str) or isinstance(v, (int, float)) and not isinstance(v, bool) \
+        else "null, a number or a text"
+
+
+Threads = Annotated[Any, _check(_threads)]
+Mapping = Optional[dict[str, Any]]
+
+
+# ---- the groups -------------------------------------------------------------------------------------
+class AttackStrengthConfig(Model):
     """data.attack: the dataset's default L_inf attack strength (training PGD, FGSM)."""
 
-    eps: float = spec(REQUIRED, gt=0, le=1, note="an L_inf radius within the input range [0, 1]")
-    step_size: float = spec(REQUIRED, gt=0, le=1)
-    steps: int = spec(REQUIRED, ge=0)
-    fgsm_eps: float = spec(REQUIRED, gt=0, le=1, note="an L_inf radius within the input range [0, 1]")
+    eps: float = Field(gt=0, le=1, description=LINF_RADIUS)
+    step_size: float = Field(gt=0, le=1)
+    steps: int = Field(ge=0)
+    fgsm_eps: float = Field(gt=0, le=1, description=LINF_RADIUS)
 
 
-@dataclass(kw_only=True)
-class DataConfig(Schema):
-    # Keys not declared here must be arguments of the datamodule (a parameter added there is allowed
-    # at once); the declared ones get their ranges.
-    extra: typing.ClassVar[str] = "target"
-    _target_: str = spec(None)
-    name: str = spec(REQUIRED)
-    batch_size: int = spec(REQUIRED, ge=1)
-    eval_batch_size: Optional[int] = spec(None, ge=1)
-    val_size: int = spec(0, ge=0)
-    split_seed: int = spec(0, ge=0)
-    augment: bool = spec(False)
-    device_resident: bool = spec(False)
-    num_workers: int = spec(0, ge=0)
-    num_classes: int = spec(REQUIRED, ge=2)
-    in_channels: int = spec(REQUIRED, ge=1)
-    image_size: int = spec(REQUIRED, ge=1)
-    mean: list[float] = spec(REQUIRED, ge=0, le=1)
-    std: list[float] = spec(REQUIRED, gt=0)
-    attack: AttackStrengthConfig = spec(REQUIRED)
+class DataConfig(TargetModel):
+    # Keys not declared here must be arguments of the datamodule (a parameter added there is allowed at
+    # once); the declared ones get their types and ranges.
+    target: Optional[str] = Field(None, alias="_target_")  # absent: the datamodule of `name`
+    name: str
+    batch_size: int = Field(ge=1)
+    eval_batch_size: Optional[int] = absent(ge=1)
+    val_size: int = absent(ge=0)
+    split_seed: int = absent(ge=0)
+    augment: bool = absent()
+    device_resident: bool = absent()
+    num_workers: int = absent(ge=0)
+    num_classes: int = Field(ge=2)
+    in_channels: int = Field(ge=1)
+    image_size: int = Field(ge=1)
+    mean: list[Annotated[float, Field(ge=0, le=1)]]
+    std: list[Annotated[float, Field(gt=0)]]
+    attack: AttackStrengthConfig
 
-    @classmethod
-    def select(cls, node: DictConfig, key: str) -> type[Schema]:
-        name = _get(node, "name", key)
-        if name == "digits":
-            return DigitsDataConfig
-        if name in ("cifar10", "cifar100"):
-            return CIFARDataConfig
-        if "_target_" in node:
-            return CustomDataConfig  # a datamodule of the user's own: its arguments come from its _target_
-        raise ESQUserError(f"{key}.name: {name!r} is not a known dataset; allowed: {', '.join(DATASETS)} "
-                           "(or a data config with its own _target_)")
-
-    @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
+    @model_validator(mode="after")
+    def _one_value_per_channel(self) -> DataConfig:
         for sub in ("mean", "std"):
-            n = len(_get(node, sub, key))
-            if n != _get(node, "in_channels", key):
-                raise ESQUserError(f"{key}.{sub}: {n} values for in_channels={_get(node, 'in_channels', key)}; "
-                                   "allowed: one value per input channel")
+            n = len(getattr(self, sub))
+            if n != self.in_channels:
+                raise _rule(sub, f"{n} values for in_channels={self.in_channels}; allowed: one value per input channel")
+        return self
 
 
-@dataclass(kw_only=True)
 class DigitsDataConfig(DataConfig):
-    test_size: int = spec(300, ge=1)
+    test_size: int = absent(ge=1)
 
-    @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
-        super().cross(node, key, ctx)
-        val, test = _get(node, "val_size", key), _get(node, "test_size", key)
-        if val + test >= 1797:
-            raise ESQUserError(f"{key}.val_size: {val} with test_size={test} leaves no training data; "
-                               "allowed: val_size + test_size < 1797 (the digits set)")
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> DigitsDataConfig:
+        val, test = self.val_size, self.test_size
+        if val is not None and test is not None and val + test >= 1797:
+            raise _rule("val_size", f"{val} with test_size={test} leaves no training data; "
+                                    "allowed: val_size + test_size < 1797 (the digits set)")
+        return self
 
 
-@dataclass(kw_only=True)
 class CIFARDataConfig(DataConfig):
-    data_dir: str = spec("data")
-    download: bool = spec(False)
-
-    @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
-        super().cross(node, key, ctx)
-        ctx.later.append(lambda: _check_cifar_dir(node, key))
+    data_dir: str
+    download: bool
 
 
-@dataclass(kw_only=True)
 class CustomDataConfig(DataConfig):
-    _target_: str = spec(REQUIRED)
+    target: str = Field(alias="_target_")  # a datamodule of the user's own: its arguments come from it
 
 
-@dataclass(kw_only=True)
-class ModelConfig(Schema):
-    extra: typing.ClassVar[str] = "target"
-    name: str = spec(REQUIRED)
-    _target_: str = spec(REQUIRED)
-    num_classes: int = spec(REQUIRED, ge=2)
-    in_channels: int = spec(REQUIRED, ge=1)
-    mean: list[float] = spec(None, ge=0, le=1)
-    std: list[float] = spec(None, gt=0)
-
-    # Architecture arguments (not every model takes each; the signature check says which it takes).
-    ARCH_RULES: typing.ClassVar[dict[str, tuple[Any, Rule]]] = {
-        "width": (int, Rule(ge=1)),
-        "depth": (int, Rule(ge=1)),
-        "widen_factor": (int, Rule(ge=1)),
-        "dropout": (float, Rule(ge=0, lt=1)),
-        "num_blocks": (list[int], Rule(ge=1)),
-    }
-
-    @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
-        for sub, (tp, rule) in cls.ARCH_RULES.items():
-            if sub in node:
-                value = _get(node, sub, key)
-                _check_value(_items(value, f"{key}.{sub}") if isinstance(value, ListConfig) else value, tp, rule,
-                             f"{key}.{sub}")
+def _data_kind(node: Any) -> str | None:
+    if not isinstance(node, dict):
+        return "custom"  # fails as "not a mapping"
+    name = node.get("name")
+    if name == "digits":
+        return "digits"
+    if name in ("cifar10", "cifar100"):
+        return "cifar"
+    if "_target_" in node or "name" not in node:
+        return "custom"
+    return None
 
 
-@dataclass(kw_only=True)
-class QuantConfig(Schema):
+_DATA_UNKNOWN = {"text": "{value} is not a known dataset; allowed: " + ", ".join(DATASETS)
+                 + " (or a data config with its own _target_)", "sub": "name"}
+Data = Annotated[
+    Union[Annotated[DigitsDataConfig, Tag("digits")], Annotated[CIFARDataConfig, Tag("cifar")],
+          Annotated[CustomDataConfig, Tag("custom")]],
+    Discriminator(_data_kind, custom_error_type="esq_rule", custom_error_message="unknown dataset",
+                  custom_error_context=_DATA_UNKNOWN),
+]
+
+
+class ModelConfig(TargetModel):
+    name: str
+    target: str = Field(alias="_target_")
+    num_classes: int = Field(ge=2)
+    in_channels: int = Field(ge=1)
+    mean: list[Annotated[float, Field(ge=0, le=1)]] = absent()
+    std: list[Annotated[float, Field(gt=0)]] = absent()
+    # Architecture arguments: not every model takes each; the signature check says which it takes.
+    width: int = absent(ge=1)
+    depth: int = absent(ge=1)
+    widen_factor: int = absent(ge=1)
+    dropout: float = absent(ge=0, lt=1)
+    num_blocks: list[Annotated[int, Field(ge=1)]] = absent()
+    signature_keys: ClassVar[tuple[str, ...]] = ("width", "depth", "widen_factor", "dropout", "num_blocks")
+
+
+class QuantConfig(Model):
     # conf/quant/default.yaml: kind is ${quant_kind:${.bits}}, so `quant.bits` alone picks the family.
-    kind: str = spec(REQUIRED, choices=tuple(QUANT_BITS))
-    bits: int = spec(REQUIRED, choices=tuple(QUANT_DEFAULT_KIND))
-    per_filter: bool = spec(True)
-    keep_first_last: bool = spec(False)
-    variant: str = spec("paper", choices=SQ_VARIANTS)
-    f: str = spec("linear", choices=SQ_FUNCTIONS)
-    act_bits: int = spec(32, choices=ACT_BITS, note="unsigned activation bits after the ReLUs, 32 = off")
+    kind: Choice(*QUANT_BITS)
+    bits: Choice(*QUANT_DEFAULT_KIND, *QUANT_BITS["full"])
+    per_filter: bool
+    keep_first_last: bool
+    variant: Choice(*SQ_VARIANTS)
+    f: Choice(*SQ_FUNCTIONS)
+    act_bits: Choice(*ACT_BITS) = Field(description="unsigned activation bits after the ReLUs, 32 = off")
 
-    @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
-        kind, bits = _get(node, "kind", key), _get(node, "bits", key)
-        if bits not in QUANT_BITS[kind]:
-            widths = ", ".join(map(str, QUANT_BITS[kind]))
-            raise ESQUserError(f"{key}.bits: {bits} does not match {key}.kind={kind}; allowed: {widths} "
-                               f"({'; '.join(f'{k}=' + ','.join(map(str, b)) for k, b in QUANT_BITS.items())}; "
-                               f"quant=default lets quant.bits pick the kind)")
+    @model_validator(mode="after")
+    def _bits_match_kind(self) -> QuantConfig:
+        if self.bits not in QUANT_BITS[self.kind]:
+            widths = ", ".join(map(str, QUANT_BITS[self.kind]))
+            every = "; ".join(f"{k}=" + ",".join(map(str, b)) for k, b in QUANT_BITS.items())
+            raise _rule("bits", f"{self.bits} does not match {{key}}.kind={self.kind}; allowed: {widths} ({every}; "
+                                "quant=default lets quant.bits pick the kind)")
+        return self
 
 
-@dataclass(kw_only=True)
-class MethodConfig(Schema):
-    name: str = spec(REQUIRED, choices=METHODS)
-    alp_lambda: float = spec(0.5, ge=0)
-    trades_beta: float = spec(6.0, ge=0)
+class MethodConfig(Model):
+    name: Choice(*METHODS)
+    # Only the method that uses it has it (conf/method/alp.yaml, trades.yaml).
+    alp_lambda: float = absent(ge=0)
+    trades_beta: float = absent(ge=0)
 
-    @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
-        name = _get(node, "name", key)
+    @model_validator(mode="after")
+    def _parameters_of_the_method(self) -> MethodConfig:
         for sub, owner in (("alp_lambda", "alp"), ("trades_beta", "trades")):
-            if sub in node and name != owner:
-                raise ESQUserError(f"{key}.{sub}: only used by method={owner}, this run has method={name}; "
-                                   f"allowed keys for method={name}: name")
+            if sub in self.model_fields_set and self.name != owner:
+                raise _rule(sub, f"only used by method={owner}, this run has method={self.name}; "
+                                 f"allowed keys for method={self.name}: name")
+            if self.name == owner and getattr(self, sub) is None:
+                raise _rule(sub, f"missing; method={owner} needs it (conf/method/{owner}.yaml)")
+        return self
 
 
-@dataclass(kw_only=True)
-class PairingConfig(Schema):
-    name: str = spec("custom")
-    layers: list[str] = spec(REQUIRED)
-    lambdas: list[float] = spec(REQUIRED, ge=0, note="non-negative weights, one per layer")
-    distance: Optional[str] = spec(None, choices=(*PAIRING_DISTANCES, None),
-                                   note="a pairing distance (null: relative_l{p}, the paper's for p=2)")
-    p: Optional[int] = spec(None, choices=(1, 2, None), note="1, 2 or null (older spelling of the distance)")
-    warmup_epochs: int = spec(0, ge=0, note="0: the full lambda from the first step")
+class PairingConfig(Model):
+    name: str
+    layers: list[str]
+    lambdas: list[Annotated[float, Field(ge=0)]] = Field(description="non-negative weights, one per layer")
+    distance: Choice(*PAIRING_DISTANCES, None) = Field(
+        description="a pairing distance (null: relative_l{p}, the paper's for p=2)")
+    p: Choice(1, 2, None) = Field(description="1, 2 or null (older spelling of the distance)")
+    warmup_epochs: int = Field(ge=0, description="0: the full lambda from the first step")
 
-    @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
-        distance, p = node.get("distance"), node.get("p")
+    @model_validator(mode="after")
+    def _layers_and_distance(self) -> PairingConfig:
+        distance, p = self.distance, self.p
         if distance is not None and p is not None and distance != f"relative_l{p}":
-            raise ESQUserError(f"{key}.p: {p} contradicts {key}.distance={distance}; allowed: set {key}.distance "
-                               f"only ({key}.p is the older spelling of relative_l1 / relative_l2)")
+            raise _rule("p", f"{p} contradicts {{key}}.distance={distance}; allowed: set {{key}}.distance only "
+                             "({key}.p is the older spelling of relative_l1 / relative_l2)")
         if distance in PAIRING_LOGITS_ONLY:
-            inner = [str(n) for n in _get(node, "layers", key) if str(n) != "logits"]
+            inner = [n for n in self.layers if n != "logits"]
             if inner:
-                raise ESQUserError(f"{key}.distance: {distance} is defined on the logits only but {key}.layers "
-                                   f"pairs {inner}; allowed there: relative_l2, relative_l1 (or layers: [logits])")
-        layers, lambdas = list(_get(node, "layers", key)), list(_get(node, "lambdas", key))
-        if len(layers) != len(lambdas):
-            raise ESQUserError(f"{key}.lambdas: {lambdas} has {len(lambdas)} values for {len(layers)} layers "
-                               f"{layers}; allowed: one lambda per layer")
-        if len(set(layers)) != len(layers):
-            raise ESQUserError(f"{key}.layers: {layers} names a module twice; allowed: distinct module names")
+                raise _rule("distance", f"{distance} is defined on the logits only but {{key}}.layers pairs {inner}; "
+                                        "allowed there: relative_l2, relative_l1 (or layers: [logits])")
+        if len(self.layers) != len(self.lambdas):
+            raise _rule("lambdas", f"{{value}} has {len(self.lambdas)} values for {len(self.layers)} "
+                                   f"layers {self.layers}; allowed: one lambda per layer")
+        if len(set(self.layers)) != len(self.layers):
+            raise _rule("layers", f"{self.layers} names a module twice; allowed: distinct module names")
+        return self
 
 
-@dataclass(kw_only=True)
-class OptimizerConfig(Schema):
-    extra: typing.ClassVar[str] = "target"
-    _target_: str = spec(REQUIRED)
-    _partial_: bool = spec(REQUIRED, choices=(True,), note="true (the module passes the parameters)")
-    lr: float = spec(REQUIRED, gt=0)
-    momentum: float = spec(None, ge=0, lt=1)
-    weight_decay: float = spec(None, ge=0)
+class OptimizerConfig(TargetModel):
+    target: str = Field(alias="_target_")
+    partial: Choice(True) = Field(alias="_partial_", description="true (the module passes the parameters)")
+    lr: float = Field(gt=0)
+    momentum: float = absent(ge=0, lt=1)
+    weight_decay: float = absent(ge=0)
 
 
-@dataclass(kw_only=True)
-class SchedulerConfig(Schema):
-    extra: typing.ClassVar[str] = "target"
-    _target_: str = spec(REQUIRED)
-    _partial_: bool = spec(REQUIRED, choices=(True,), note="true (the module passes the optimizer)")
-    T_max: int = spec(None, ge=1)
-    milestones: list[int] = spec(None, ge=0)
-    gamma: float = spec(None, gt=0)
-    eta_min: float = spec(None, ge=0)
+class SchedulerConfig(TargetModel):
+    target: str = Field(alias="_target_")
+    partial: Choice(True) = Field(alias="_partial_", description="true (the module passes the optimizer)")
+    T_max: int = absent(ge=1)
+    milestones: list[Annotated[int, Field(ge=0)]] = absent()
+    gamma: float = absent(gt=0)
+    eta_min: float = absent(ge=0)
 
 
-@dataclass(kw_only=True)
-class QuantRatioCallbackConfig(Schema):
-    extra: typing.ClassVar[str] = "target"
-    _target_: str = spec(REQUIRED)
-    start: float = spec(0.2, gt=0, le=1)
-    step: float = spec(0.2, gt=0)
-    every_n_epochs: int = spec(25, ge=1)
+class TargetEntry(TargetModel):
+    """A callback or logger entry of anyone's class: its keys are the arguments of its `_target_`."""
+
+    target: str = Field(alias="_target_")
 
 
-@dataclass(kw_only=True)
-class PGDCallbackConfig(Schema):
-    extra: typing.ClassVar[str] = "target"
-    _target_: str = spec(REQUIRED)
-    eps: float = spec(REQUIRED, gt=0)
-    step_size: float = spec(REQUIRED, gt=0)
-    steps: int = spec(REQUIRED, ge=0, note="0 makes x_adv = x")
-    norm: str = spec("linf", choices=NORMS)
-    random_start: bool = spec(True)
-    val_every_n_epochs: int = spec(1, ge=0, note="0 switches robust validation off")
-    val_n_samples: Optional[int] = spec(512, ge=1)
-    val_steps: Optional[int] = spec(None, ge=1)
+class QuantRatioCallbackConfig(TargetModel):
+    target: str = Field(alias="_target_")
+    start: float = Field(gt=0, le=1)
+    step: float = Field(gt=0)
+    every_n_epochs: int = Field(ge=1)
 
-    @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
-        if _get(node, "norm", key, "linf") == "linf":
+
+class PGDCallbackConfig(TargetModel):
+    target: str = Field(alias="_target_")
+    eps: float = Field(gt=0)
+    step_size: float = Field(gt=0)
+    steps: int = Field(ge=0, description="0 makes x_adv = x")
+    norm: Choice(*NORMS)
+    random_start: bool
+    val_every_n_epochs: int = Field(ge=0, description="0 switches robust validation off")
+    val_n_samples: Optional[int] = Field(ge=1)
+    val_steps: Optional[int] = absent(ge=1)
+
+    @model_validator(mode="after")
+    def _linf_radius(self) -> PGDCallbackConfig:
+        if self.norm == "linf":
             for sub in ("eps", "step_size"):
-                v = _get(node, sub, key)
+                v = getattr(self, sub)
                 if v > 1:
-                    raise ESQUserError(f"{key}.{sub}: {v} is out of range; allowed: 0 < {sub} <= 1 "
-                                       "(an L_inf radius within the input range [0, 1])")
+                    raise _rule(sub, f"{{value}} is out of range; allowed: 0 < {sub} <= 1 ({LINF_RADIUS})")
+        return self
 
 
-@dataclass(kw_only=True)
-class FiniteLossCallbackConfig(Schema):
-    extra: typing.ClassVar[str] = "target"
-    _target_: str = spec(REQUIRED)
-    check_grads: bool = spec(True)
+class FiniteLossCallbackConfig(TargetModel):
+    target: str = Field(alias="_target_")
+    check_grads: bool
+
+
+def _known_entry(target: str) -> Callable[[Any], str]:
+    """Discriminator: our own class at its own target gets its model; anything else its target's signature."""
+    return lambda node: "ours" if isinstance(node, dict) and node.get("_target_") == target else "other"
+
+
+def _entry(model: type[BaseModel], target: str) -> Any:
+    return Optional[Annotated[Union[Annotated[model, Tag("ours")], Annotated[TargetEntry, Tag("other")]],
+                              Discriminator(_known_entry(target))]]
+
+
+class Entries(Model):
+    """A mapping of named entries (callbacks, loggers): each is null (off) or a config with a `_target_`."""
+
+    model_config = ConfigDict(extra="allow")
+    extra_needs_target = False
+    what: ClassVar[str] = "entry"
+    names: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _entries_have_targets(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, entry in data.items():
+            if entry is None:
+                continue  # `callbacks.pgd=null` switches an entry off
+            if not isinstance(entry, dict):
+                raise _rule(name, f"{_show(entry)} is not a mapping; allowed: a {cls.what} config with _target_, "
+                                  "or null to switch it off")
+            if "_target_" not in entry:
+                hint = f"; known {cls.what}s: {', '.join(cls.names)}{_did_you_mean(name, cls.names)}" \
+                    if name not in cls.names else ""
+                raise _rule(name, f"no _target_; allowed: a {cls.what} config with _target_{hint}")
+        return data
+
+    def entries(self) -> dict[str, Any]:
+        """name -> validated entry (a model), the switched-off ones left out."""
+        out = {name: getattr(self, name) for name in type(self).model_fields}
+        out.update({k: TargetEntry.model_validate(v) for k, v in (self.model_extra or {}).items()})
+        return {k: v for k, v in out.items() if v is not None}
 
 
 class CallbacksConfig(Entries):
-    names = ("quant_ratio", "pgd", "checkpoint", "lr_monitor", "finite_loss")
-    known = {"quant_ratio": QuantRatioCallbackConfig, "pgd": PGDCallbackConfig,
-             "finite_loss": FiniteLossCallbackConfig}
     what = "callback"
+    names = ("quant_ratio", "pgd", "checkpoint", "lr_monitor", "finite_loss")
+    quant_ratio: _entry(QuantRatioCallbackConfig, "esq_lightning.training.callbacks.QuantRatioCallback") = absent()
+    pgd: _entry(PGDCallbackConfig, "esq_lightning.training.callbacks.PGDCallback") = absent()
+    finite_loss: _entry(FiniteLossCallbackConfig,
+                        "esq_lightning.training.callbacks.finite_loss.FiniteLossCallback") = absent()
 
 
 class LoggersConfig(Entries):
-    known: typing.ClassVar[dict[str, type[Schema]]] = {}  # every logger is checked against its _target_
-    what = "logger"
+    what = "logger"  # every logger is checked against its _target_
     names = ("csv", "tensorboard", "wandb")
 
 
-@dataclass(kw_only=True)
-class TrainerConfig(Schema):
-    accelerator: str = spec("auto", choices=ACCELERATORS)
-    strategy: str = spec("auto", choices=STRATEGIES)
-    devices: Union[int, str, list[int]] = spec("auto", check=_devices)
-    num_nodes: int = spec(1, ge=1)
-    precision: Union[int, str, None] = spec(None, choices=(*PRECISIONS, None))
-    fast_dev_run: Union[bool, int] = spec(False, ge=0)
-    max_epochs: int = spec(REQUIRED, ge=1)
-    min_epochs: Optional[int] = spec(None, ge=0)
-    max_steps: int = spec(-1, ge=-1)
-    min_steps: Optional[int] = spec(None, ge=0)
-    max_time: Union[str, dict[str, int], None] = spec(None)
-    limit_train_batches: Union[int, float, None] = spec(None, check=_train_batches)
-    limit_val_batches: Union[int, float, None] = spec(None, check=_limit_batches)
-    limit_test_batches: Union[int, float, None] = spec(None, check=_limit_batches)
-    limit_predict_batches: Union[int, float, None] = spec(None, check=_limit_batches)
-    overfit_batches: Union[int, float] = spec(0, ge=0)
-    val_check_interval: Union[int, float, str, None] = spec(None)
-    check_val_every_n_epoch: Optional[int] = spec(1, ge=1)
-    num_sanity_val_steps: Optional[int] = spec(None, ge=-1)
-    log_every_n_steps: Optional[int] = spec(None, ge=1)
-    enable_checkpointing: Optional[bool] = spec(None)
-    enable_progress_bar: Optional[bool] = spec(None)
-    enable_model_summary: Optional[bool] = spec(None)
-    accumulate_grad_batches: int = spec(1, ge=1)
-    gradient_clip_val: Union[int, float, None] = spec(None, ge=0)
-    gradient_clip_algorithm: Optional[str] = spec(None, choices=("norm", "value", None))
-    deterministic: Union[bool, str, None] = spec(None, choices=(True, False, "warn", None))
-    benchmark: Optional[bool] = spec(None)
-    profiler: Optional[str] = spec(None, choices=("simple", "advanced", "pytorch", "xla", None))
-    detect_anomaly: bool = spec(False)
-    barebones: bool = spec(False)
-    sync_batchnorm: bool = spec(False)
-    reload_dataloaders_every_n_epochs: int = spec(0, ge=0)
-    enable_autolog_hparams: bool = spec(True)
-    model_registry: Optional[str] = spec(None)
+class TrainerConfig(Model):
+    """trainer: pytorch_lightning.Trainer arguments. Any argument of the installed Lightning is allowed
+    (phase 2 checks the keys against its signature and strategy / accelerator / precision against what it
+    accepts); the ones below also get their types and ranges here."""
 
+    model_config = ConfigDict(extra="allow")
+    extra_needs_target = False
+    max_epochs: int = Field(ge=1)
+    accelerator: str = absent()
+    strategy: str = absent()
+    precision: Annotated[Any, _check(_int_or_text)] = absent()
+    devices: Annotated[Any, _check(_devices)] = absent()
+    num_nodes: int = absent(ge=1)
+    fast_dev_run: Annotated[Any, _check(_fast_dev_run)] = absent()
+    min_epochs: Optional[int] = absent(ge=0)
+    max_steps: int = absent(ge=-1)
+    min_steps: Optional[int] = absent(ge=0)
+    limit_train_batches: Annotated[Any, _check(_train_batches)] = absent()
+    limit_val_batches: Annotated[Any, _check(_limit_batches)] = absent()
+    limit_test_batches: Annotated[Any, _check(_limit_batches)] = absent()
+    limit_predict_batches: Annotated[Any, _check(_limit_batches)] = absent()
+    overfit_batches: Annotated[Any, _check(_int_or_fraction)] = absent()
+    check_val_every_n_epoch: Optional[int] = absent(ge=1)
+    num_sanity_val_steps: Optional[int] = absent(ge=-1)
+    log_every_n_steps: Optional[int] = absent(ge=1)
+    accumulate_grad_batches: int = absent(ge=1)
+    gradient_clip_val: Optional[float] = absent(ge=0)
+    gradient_clip_algorithm: Choice("norm", "value", None) = absent()
+    deterministic: Choice(True, False, "warn", None) = absent()
+    enable_checkpointing: Optional[bool] = absent()
+    enable_progress_bar: Optional[bool] = absent()
+    enable_model_summary: Optional[bool] = absent()
+
+    @model_validator(mode="before")
     @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
-        strategy = _get(node, "strategy", key, "auto")
-        if _get(node, "num_nodes", key, 1) > 1 and not str(strategy).startswith(("ddp", "fsdp", "deepspeed")):
-            raise ESQUserError(f"{key}.strategy: {strategy!r} cannot span {_get(node, 'num_nodes', key)} nodes; "
-                               "allowed: ddp (or another distributed strategy) with num_nodes > 1")
+    def _not_set_by_esq_train(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for k in data:
+                if k in TRAINER_RESERVED:
+                    raise _rule(k, f"set by esq-train itself; {TRAINER_RESERVED[k]}")
+        return data
 
 
-@dataclass(kw_only=True)
-class MaskingEvalConfig(Schema):
-    tolerance: float = spec(0.01, ge=0, le=1, note="a fraction of accuracy")
+class MaskingEvalConfig(Model):
+    tolerance: float = Field(ge=0, le=1, description="a fraction of accuracy")
 
 
-@dataclass(kw_only=True)
-class TransferEvalConfig(Schema):
-    attack: str = spec("pgd20")
-
-    @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
-        ctx.later.append(lambda: _check_attack_names([_get(node, "attack", key)], f"{key}.attack"))
+class TransferEvalConfig(Model):
+    attack: str
 
 
-@dataclass(kw_only=True)
-class AmplificationEvalConfig(Schema):
-    steps: int = spec(10, ge=1)
-    step_size: Optional[float] = spec(None, gt=0)
+class AmplificationEvalConfig(Model):
+    steps: int = Field(ge=1)
+    step_size: Optional[float] = Field(gt=0)
 
 
-@dataclass(kw_only=True)
-class BlackboxEvalConfig(Schema):
-    attacks: list[str] = spec(REQUIRED)
-    budgets: list[float] = spec(REQUIRED, ge=0)
-    n_samples: Optional[int] = spec(None, ge=1)
-    params: dict[str, Any] = spec(None)
-
-    @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
-        ctx.later.append(lambda: _check_attack_names(_items(_get(node, "attacks", key), f"{key}.attacks"),
-                                                     f"{key}.attacks"))
-        ctx.later.append(lambda: _check_attack_params(_get(node, "params", key, None), f"{key}.params",
-                                                      budgeted=False))
+class BlackboxEvalConfig(Model):
+    attacks: list[str]
+    budgets: list[Annotated[float, Field(ge=0)]]
+    n_samples: Optional[int] = Field(ge=1)
+    params: Mapping
 
 
-@dataclass(kw_only=True)
-class EvalConfig(Schema):
-    attacks: list[str] = spec(REQUIRED)
-    eps: float = spec(REQUIRED, gt=0)
-    norm: str = spec("linf", choices=NORMS)
-    n_samples: Optional[int] = spec(None, ge=1)
-    batch_size: int = spec(500, ge=1)
-    params: dict[str, Any] = spec(None)
+class EvalConfig(Model):
+    attacks: list[str]
+    eps: float = Field(gt=0)
+    norm: Choice(*NORMS)
+    n_samples: Optional[int] = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    params: Mapping
     # The gradient-masking report and esq-eval's other modes (docs/evaluation.md)
-    masking: Optional[MaskingEvalConfig] = spec(None)
-    transfer: Optional[TransferEvalConfig] = spec(None)
-    amplification: Optional[AmplificationEvalConfig] = spec(None)
-    blackbox: Optional[BlackboxEvalConfig] = spec(None)
+    masking: MaskingEvalConfig
+    transfer: TransferEvalConfig
+    amplification: AmplificationEvalConfig
+    blackbox: BlackboxEvalConfig
     # The threat model's FGSM budget and the audit (docs/evaluation.md, evaluation/threat.py, evaluation/audit.py)
-    fgsm_factor: Optional[float] = spec(None, gt=0)
-    budget: str = spec("standard", choices=("quick", "standard", "thorough"))
-    checks: Optional[dict[str, Any]] = spec(None)
-    audit: Optional[dict[str, Any]] = spec(None)
+    fgsm_factor: Optional[float] = Field(gt=0)
+    budget: Choice("quick", "standard", "thorough")
+    checks: Mapping
+    audit: Mapping
 
-    @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
-        eps = _get(node, "eps", key)
-        if _get(node, "norm", key, "linf") == "linf" and eps > 1:
-            raise ESQUserError(f"{key}.eps: {eps} is out of range; allowed: 0 < eps <= 1 "
-                               "(an L_inf radius within the input range [0, 1])")
-        ctx.later.append(lambda: _check_attack_names(_items(_get(node, "attacks", key), f"{key}.attacks"),
-                                                     f"{key}.attacks"))
-        ctx.later.append(lambda: _check_attack_params(_get(node, "params", key, None), f"{key}.params"))
+    @model_validator(mode="after")
+    def _linf_radius(self) -> EvalConfig:
+        if self.norm == "linf" and self.eps > 1:
+            raise _rule("eps", f"{{value}} is out of range; allowed: 0 < eps <= 1 ({LINF_RADIUS})")
+        return self
 
 
-@dataclass(kw_only=True)
-class PathsConfig(Schema):
-    runs_root: str = spec(REQUIRED)
+class PathsConfig(Model):
+    runs_root: str
 
 
-@dataclass(kw_only=True)
-class TrainConfig(Schema):
+class TrainConfig(Model):
     """conf/train.yaml."""
 
-    task_name: str = spec("train")
-    setting: str = spec(REQUIRED)
-    experiment_name: str = spec(REQUIRED)
-    seed: int = spec(REQUIRED, ge=0)
-    init_from: Optional[str] = spec(None, check=_setting_or_path)
-    init_seed: Optional[int] = spec(None, ge=0)
-    optimized_metric: Optional[str] = spec(None, check=_metric_name)
-    ckpt_path: Optional[str] = spec(None)
-    trust_checkpoint: bool = spec(False)
-    threads: Union[int, str, None] = spec(None, check=_threads)
-    channels_last: bool = spec(False)
-    compile: bool = spec(False)
-    tags: list[str] = spec(None)
+    task_name: str
+    setting: str
+    experiment_name: str
+    seed: int = Field(ge=0)
+    init_from: Annotated[Any, _check(_setting_or_path)]
+    init_seed: Optional[int] = Field(ge=0)
+    optimized_metric: Annotated[Any, _check(_metric_name)]
+    ckpt_path: Optional[str]
+    trust_checkpoint: bool
+    threads: Threads
+    channels_last: bool
+    compile: bool
+    tags: list[str]
     # Groups whose values others interpolate come first, so an error names the key the user set.
-    trainer: TrainerConfig = spec(REQUIRED)
-    data: DataConfig = spec(REQUIRED)
-    model: ModelConfig = spec(REQUIRED)
-    quant: QuantConfig = spec(REQUIRED)
-    method: MethodConfig = spec(REQUIRED)
-    pairing: PairingConfig = spec(REQUIRED)
-    optimizer: OptimizerConfig = spec(REQUIRED)
-    scheduler: Optional[SchedulerConfig] = spec(None)
-    callbacks: Optional[CallbacksConfig] = spec(None)
-    logger: Optional[LoggersConfig] = spec(None)
-    eval: EvalConfig = spec(REQUIRED)
-    paths: PathsConfig = spec(REQUIRED)
+    trainer: TrainerConfig
+    data: Data
+    model: ModelConfig
+    quant: QuantConfig
+    method: MethodConfig
+    pairing: PairingConfig
+    optimizer: OptimizerConfig
+    scheduler: Optional[SchedulerConfig]
+    callbacks: Optional[CallbacksConfig]
+    logger: Optional[LoggersConfig]
+    eval: EvalConfig
+    paths: PathsConfig
 
-    @classmethod
-    def cross(cls, node: DictConfig, key: str, ctx: _Context) -> None:
-        method = _get(node.method, "name", "method")
-        callbacks = node.get("callbacks") or {}
-        if method != "natural" and callbacks.get("pgd") is None:
-            raise ESQUserError(f"callbacks.pgd: null, but method={method} trains on x_adv; allowed: keep "
-                               "callbacks.pgd (the training attack), or method=natural")
-        if method == "esq" and not list(node.pairing.layers):
-            raise ESQUserError("pairing.layers: [] pairs nothing, but method=esq needs at least one layer; "
-                               "allowed: module names of the model, e.g. [logits]")
-        pgd = callbacks.get("pgd")
-        if method != "natural" and pgd is not None and int(pgd.get("steps", 1)) == 0 \
-                and not bool(pgd.get("random_start", True)):
+    @model_validator(mode="after")
+    def _runs_what_it_names(self) -> TrainConfig:
+        method = self.method.name
+        pgd = self.callbacks.pgd if self.callbacks is not None else None
+        if method != "natural" and pgd is None:
+            raise _rule("callbacks.pgd", f"null, but method={method} trains on x_adv; allowed: keep callbacks.pgd "
+                                         "(the training attack), or method=natural")
+        if method == "esq" and not self.pairing.layers:
+            raise _rule("pairing.layers", "[] pairs nothing, but method=esq needs at least one layer; "
+                                          "allowed: module names of the model, e.g. [logits]")
+        steps, random_start = getattr(pgd, "steps", None), getattr(pgd, "random_start", None)
+        if method != "natural" and steps == 0 and random_start is False:
             what = "the pairing term is always zero" if method == "esq" else "it trains on the clean inputs"
-            raise ESQUserError(f"callbacks.pgd.steps: 0 with random_start=false makes x_adv = x, so method={method} "
-                               f"would train something other than it names ({what}); allowed: steps >= 1, or "
-                               "random_start=true, or method=natural")
-        metric = node.get("optimized_metric")
-        attacks = [str(a) for a in (node.eval.get("attacks") or [])]
-        if metric and str(metric).startswith("robust_acc.") and str(metric).split(".", 1)[1] not in [*attacks, "worst_case"]:
-            raise ESQUserError(f"optimized_metric: {metric} names an attack that eval.attacks does not run "
-                               f"({', '.join(attacks) or 'none'}); allowed: robust_acc.<one of eval.attacks>, robust_acc.worst_case, clean_acc")
-        ctx.later.append(lambda: _check_setting(node))
-        ctx.later.append(lambda: _check_paths(node))
-        ctx.final.append(lambda: _check_model_and_pairing(node))
+            raise _rule("callbacks.pgd.steps", f"0 with random_start=false makes x_adv = x, so method={method} would "
+                                               f"train something other than it names ({what}); allowed: steps >= 1, "
+                                               "or random_start=true, or method=natural")
+        metric, attacks = self.optimized_metric, self.eval.attacks
+        if metric and metric.startswith("robust_acc.") and metric.split(".", 1)[1] not in [*attacks, "worst_case"]:
+            raise _rule("optimized_metric", f"{metric} names an attack that eval.attacks does not run "
+                                            f"({', '.join(attacks) or 'none'}); allowed: robust_acc.<one of "
+                                            "eval.attacks>, robust_acc.worst_case, clean_acc")
+        return self
 
 
-@dataclass(kw_only=True)
-class RobustbenchConfig(Schema):
+class RobustbenchConfig(Model):
     """conf/eval.yaml `robustbench` (esq_lightning/evaluation/robustbench.py)."""
 
-    write: bool = spec(False)
-    model_name: Optional[str] = spec(None)
-    name: Optional[str] = spec(None)
-    authors: Optional[str] = spec(None)
-    link: Optional[str] = spec(None)
-    venue: Optional[str] = spec(None)
-    reported: Union[float, str, None] = spec(None)
-    additional_data: bool = spec(False)
-    architecture: Optional[str] = spec(None)
+    write: bool
+    model_name: Optional[str]
+    name: Optional[str]
+    authors: Optional[str]
+    link: Optional[str]
+    venue: Optional[str]
+    reported: Annotated[Any, _check(_number_or_text)]
+    additional_data: bool
+    architecture: Optional[str]
 
 
-@dataclass(kw_only=True)
-class EvalRunConfig(Schema):
+class EvalRunConfig(Model):
     """conf/eval.yaml (esq-eval)."""
 
-    task_name: str = spec("eval")
-    mode: str = spec("whitebox", choices=("whitebox", "transfer", "amplification", "blackbox", "audit"))
-    ckpt_path: Optional[str] = spec(None)
-    ckpts: list[str] = spec(None)
-    trust_checkpoint: bool = spec(False)
-    data: dict[str, Any] = spec(None)
-    seed: int = spec(0, ge=0)
-    threads: Union[int, str, None] = spec(None, check=_threads)
-    progress: bool = spec(True)
-    resume: Union[bool, str] = spec("auto", choices=(True, False, "auto"))
-    trainer: Optional[TrainerConfig] = spec(None)
-    tags: list[str] = spec(None)
-    robustbench: Optional[RobustbenchConfig] = spec(None)
-    logger: Optional[LoggersConfig] = spec(None)  # logger=wandb|tensorboard (esq_lightning/evaluation/loggers.py)
-    eval: dict[str, Any] = spec(REQUIRED)  # checked as EvalConfig once merged with the checkpoint's config
-    paths: PathsConfig = spec(REQUIRED)
+    task_name: str
+    mode: Choice(*EVAL_MODES)
+    ckpt_path: Optional[str]
+    ckpts: list[str]
+    trust_checkpoint: bool
+    data: Mapping
+    seed: int = Field(ge=0)
+    threads: Threads
+    progress: bool
+    resume: Choice(True, False, "auto")
+    trainer: Optional[TrainerConfig] = absent()  # conf/eval.yaml `trainer: null`: no trainer group
+    tags: list[str]
+    robustbench: RobustbenchConfig
+    logger: Optional[LoggersConfig]  # logger=wandb|tensorboard (esq_lightning/evaluation/loggers.py)
+    eval: Mapping  # checked as EvalConfig once merged with the checkpoint's config
+    paths: PathsConfig
 
 
-# ---- the walker -------------------------------------------------------------------------------------
-@dataclass
-class _Context:
-    later: list[Callable[[], None]] = field(default_factory=list)  # phase-2 checks, in order
-    final: list[Callable[[], None]] = field(default_factory=list)  # after the signature checks
-    targets: list[tuple[str, DictConfig, list[str]]] = field(default_factory=list)  # (key, node, declared keys)
+# ---- from the composed config to a model, and pydantic's first error to one line ----------------------
+class _Unresolved:
+    """A value that could not be resolved; reported only where a model reads it."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _plain(node: Any, key: str) -> Any:
+    """The config as plain containers, resolved key by key (a failing interpolation becomes _Unresolved)."""
+    if isinstance(node, DictConfig):
+        out = {}
+        for k in node.keys():
+            k = str(k)
+            if key == "" and k == "hydra":
+                continue  # Hydra's own node (there when composed with return_hydra_config=True)
+            if OmegaConf.is_missing(node, k):
+                out[k] = _Unresolved(f"??? (no value given); set it, e.g. {_join(key, k)}=...")
+                continue
+            try:
+                value = node[k]
+            except OmegaConfBaseException as exc:
+                out[k] = _Unresolved(f"cannot resolve its value: {_first_line(exc)}")
+                continue
+            out[k] = _plain(value, _join(key, k))
+        return out
+    if isinstance(node, ListConfig):
+        out_list = []
+        for i in range(len(node)):
+            try:
+                out_list.append(_plain(node[i], f"{key}[{i}]"))
+            except OmegaConfBaseException as exc:
+                out_list.append(_Unresolved(f"cannot resolve its value: {_first_line(exc)}"))
+        return out_list
+    return node
+
+
+def _validate(model: type[BaseModel], cfg: Any, key: str = "") -> tuple[BaseModel, dict]:
+    data = _plain(cfg, key)
+    try:
+        return model.model_validate(data), data
+    except ValidationError as exc:
+        raise ESQUserError(_one_line(exc.errors()[0], model, data, key)) from None
+
+
+def _one_line(err: dict, model: type[BaseModel], data: Any, prefix: str) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    # pydantic's location, without the tags of our tagged unions (data, known callbacks).
+    loc, owner, info = _locate(model, err["loc"])
+    index = loc and isinstance(loc[-1], int)
+    path = loc[:-1] if index else loc
+    node_key = _dotted(prefix, loc)
+    value = _at(data, path)
+    if isinstance(err.get("input"), _Unresolved) or isinstance(value, _Unresolved):
+        problem = err["input"].problem if isinstance(err.get("input"), _Unresolved) else value.problem
+        return f"{_dotted(prefix, loc)}: {problem}"
+    if kind == "esq_rule":
+        sub = ctx.get("sub", "")
+        key = _dotted(node_key, tuple(sub.split("."))) if sub else node_key
+        text = str(ctx.get("text", err["msg"])).replace("{key}", node_key)
+        if "{value}" in text:
+            text = text.replace("{value}", _show(_at(data, (*loc, *sub.split(".")))))
+        return f"{key}: {text}"
+    if kind == "extra_forbidden":
+        sub = ctx.get("sub")
+        parent = node_key if sub is not None else _dotted(prefix, loc[:-1])
+        name = str(sub if sub is not None else loc[-1])
+        declared = _keys_of(owner) if owner is not None else []
+        return (f"{_dotted(parent, (name,))}: unknown key{_did_you_mean(name, declared)}; allowed keys of "
+                f"{parent or 'the config'}: {', '.join(declared)}")
+    key = _dotted(prefix, path)
+    if kind == "missing":
+        return f"{key}: missing; it must be set"
+    shown = _show(value)
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{key}: {shown} is not a mapping; allowed: a mapping of {key} keys"
+    name = str(path[-1]) if path else ""
+    allowed = _allowed(name, info)
+    if kind == "esq_check":
+        return f"{key}: {shown} is not allowed; allowed: {ctx['allowed']}"
+    if kind == "literal_error":
+        choices = _choices(info)
+        hint = _did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
+        return f"{key}: {shown} is not allowed; allowed: {allowed}{hint}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"):
+        if index and isinstance(value, list) and len(value) > 1:
+            shown = f"{shown} (item {_show(err['input'])})"
+        return f"{key}: {shown} is out of range; allowed: {allowed}"
+    what = _TYPE_NAMES.get(kind.split("_")[0], "of the right type")
+    if index:
+        what = f"a list of {what.removeprefix('a ').removeprefix('an ')}s"
+    return f"{key}: {shown} is not {what}; allowed: {allowed or what}"
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+               "list": "a list", "dict": "a mapping", "literal": "one of the choices"}
+
+
+def _locate(model: type[BaseModel], loc: tuple) -> tuple[tuple, type[BaseModel] | None, FieldInfo | None]:
+    """(loc without union tags, the model at loc (or owning its last key), the FieldInfo of the last key)."""
+    out: list[Any] = []
+    owner: Any = model
+    info: FieldInfo | None = None
+    tp: Any = model
+    for part in loc:
+        members = _union_members(tp)
+        if members and part in members:
+            tp = members[part]
+            continue
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            owner = tp
+            fields = {f.alias or n: f for n, f in tp.model_fields.items()}
+            out.append(part)
+            if part in fields:
+                info = fields[part]
+                tp = info.annotation
+            else:
+                info, tp = None, Any
+            continue
+        out.append(part)
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is list and args:
+            item = args[0]
+            if typing.get_origin(item) is Annotated:
+                outer = info
+                info = FieldInfo.from_annotation(item)
+                info.description = info.description or (outer.description if outer is not None else None)
+            tp = item
+    final = _unwrap(tp)
+    if isinstance(final, type) and issubclass(final, BaseModel):
+        owner = final
+    return tuple(out), owner, info
+
+
+def _unwrap(tp: Any) -> Any:
+    """The model class inside Optional[...] / Annotated[...], else tp."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin is Union:
+            models = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(models) != 1:
+                return tp
+            tp = models[0]
+        else:
+            return tp
+
+
+def _union_members(tp: Any) -> dict[str, Any]:
+    """Tag -> member of a tagged union inside tp (Optional / Annotated around it included)."""
+    for _ in range(4):
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is Annotated:
+            tp = args[0]
+            continue
+        if origin is Union:
+            tags = {}
+            for a in args:
+                for m in typing.get_args(a)[1:] if typing.get_origin(a) is Annotated else ():
+                    if isinstance(m, Tag):
+                        tags[m.tag] = typing.get_args(a)[0]
+            if tags:
+                return tags
+            inner = [a for a in args if a is not type(None)]
+            if len(inner) != 1:
+                return {}
+            tp = inner[0]
+            continue
+        return {}
+    return {}
+
+
+def _choices(info: FieldInfo | None) -> tuple:
+    tp = info.annotation if info is not None else None
+    for _ in range(3):
+        if typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+        if typing.get_origin(tp) is Literal:
+            return typing.get_args(tp)
+    return ()
+
+
+def _allowed(name: str, info: FieldInfo | None) -> str:
+    if info is None:
+        return ""
+    choices = _choices(info)
+    bounds = {op: getattr(m, op) for m in info.metadata for op in ("gt", "ge", "lt", "le")
+              if isinstance(m, getattr(annotated_types, op.capitalize()))}
+    if choices:
+        text = ", ".join(_show(c) for c in choices)
+    elif bounds:
+        lo = f"{_num(bounds['gt'])} < " if "gt" in bounds else f"{_num(bounds['ge'])} <= " if "ge" in bounds else ""
+        hi = f" < {_num(bounds['lt'])}" if "lt" in bounds else f" <= {_num(bounds['le'])}" if "le" in bounds else ""
+        text = f"{lo}{name}{hi}"
+    else:
+        text = ""
+    note = info.description or ""
+    return f"{text} ({note})" if text and note else text or note
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)
+
+
+def _at(data: Any, path: Iterable[Any]) -> Any:
+    for part in path:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _dotted(prefix: str, path: Iterable[Any]) -> str:
+    key = prefix
+    for part in path:
+        key = f"{key}[{part}]" if isinstance(part, int) else _join(key, part)
+    return key
 
 
 def _join(key: str, sub: Any) -> str:
     return f"{key}.{sub}" if key else str(sub)
-
-
-def _get(node: DictConfig, sub: str, key: str, default: Any = MISSING) -> Any:
-    """node[sub], resolved; an interpolation that cannot resolve is a user error naming the key."""
-    if sub not in node:
-        if default is MISSING:
-            raise ESQUserError(f"{_join(key, sub)}: missing; it must be set")
-        return default
-    if OmegaConf.is_missing(node, sub):
-        raise ESQUserError(f"{_join(key, sub)}: ??? (no value given); set it, e.g. {_join(key, sub)}=...")
-    try:
-        return node[sub]
-    except OmegaConfBaseException as exc:
-        raise ESQUserError(f"{_join(key, sub)}: cannot resolve its value: {_first_line(exc)}") from None
-
-
-def _items(lst: ListConfig, key: str) -> list[Any]:
-    """The resolved items of a list node (ListConfig's `in` tests values, not indices)."""
-    out = []
-    for i in range(len(lst)):
-        try:
-            out.append(lst[i])
-        except OmegaConfBaseException as exc:
-            raise ESQUserError(f"{key}[{i}]: cannot resolve its value: {_first_line(exc)}") from None
-    return out
 
 
 def _first_line(exc: BaseException) -> str:
@@ -664,15 +887,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
 def _show(value: Any) -> str:
     """A value as the user would write it in a config: 'text', true, null, [1, 2]."""
-    value = _plain(value)
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, str):
         return repr(value)
     if isinstance(value, bool):
@@ -686,206 +904,109 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _did_you_mean(name: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+def _did_you_mean(name: str, options: Iterable[Any]) -> str:
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if origin is list:
-        return f"a list of {_type_name(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
-    if origin is dict:
-        return "a mapping"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
-            Any: "anything"}.get(tp, "a mapping" if isinstance(tp, type) and issubclass(tp, (Schema, Entries))
-                                 else getattr(tp, "__name__", str(tp)))
-
-
-def _is_type(value: Any, tp: Any) -> bool:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_is_type(value, a) for a in args)
-    if tp is type(None):
-        return value is None
-    if origin is list:
-        return isinstance(value, (list, ListConfig)) and (not args or all(_is_type(v, args[0]) for v in value))
-    if origin is dict or (isinstance(tp, type) and issubclass(tp, (Schema, Entries))):
-        return isinstance(value, (dict, DictConfig))
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _range_text(name: str, rule: Rule) -> str:
-    lo = f"{_num(rule.gt)} < " if rule.gt is not None else f"{_num(rule.ge)} <= " if rule.ge is not None else ""
-    hi = f" < {_num(rule.lt)}" if rule.lt is not None else f" <= {_num(rule.le)}" if rule.le is not None else ""
-    return f"{lo}{name}{hi}"
-
-
-def _num(v: float | None) -> str:
-    return str(int(v)) if v is not None and float(v).is_integer() else str(v)
-
-
-def _allowed(name: str, rule: Rule, tp: Any) -> str:
-    if rule.choices is not None:
-        text = ", ".join(_show(c) for c in rule.choices)
-    elif any(b is not None for b in (rule.gt, rule.ge, rule.lt, rule.le)):
-        text = _range_text(name, rule)
-    else:
-        text = _type_name(tp)
-    return f"{text} ({rule.note})" if rule.note else text
-
-
-def _check_value(value: Any, tp: Any, rule: Rule, key: str) -> None:
-    name = key.rsplit(".", 1)[-1]
-    if not _is_type(value, tp):
-        raise ESQUserError(f"{key}: {_show(value)} is not {_type_name(tp)}; allowed: {_allowed(name, rule, tp)}")
-    if rule.check is not None:
-        problem = rule.check(_plain(value))
-        if problem:
-            raise ESQUserError(f"{key}: {_show(value)} is not allowed; allowed: {problem}")
-    if rule.choices is not None:
-        if not any(value == c and type(value) is type(c) or (value is None and c is None) for c in rule.choices):
-            raise ESQUserError(f"{key}: {_show(value)} is not allowed; allowed: {_allowed(name, rule, tp)}"
-                               + (_did_you_mean(value, [c for c in rule.choices if isinstance(c, str)])
-                                  if isinstance(value, str) else ""))
-        return
-    items = list(value) if isinstance(value, (list, ListConfig)) else [value]
-    for item in items:
-        if not isinstance(item, (int, float)) or isinstance(item, bool):
-            continue
-        bad = (not math.isfinite(item) and isinstance(item, float)
-               or rule.gt is not None and not item > rule.gt or rule.ge is not None and not item >= rule.ge
-               or rule.lt is not None and not item < rule.lt or rule.le is not None and not item <= rule.le)
-        if bad:
-            what = _show(value) if len(items) == 1 else f"{_show(value)} (item {_show(item)})"
-            raise ESQUserError(f"{key}: {what} is out of range; allowed: {_allowed(name, rule, tp)}")
-
-
-def _check_node(node: Any, schema: type, key: str, ctx: _Context) -> None:
-    """Check one mapping against a Schema (or Entries) class; nested schemas recurse."""
-    if not isinstance(node, DictConfig):
-        raise ESQUserError(f"{key}: {_show(node)} is not a mapping; allowed: a mapping of {key} keys")
-    if issubclass(schema, Entries):
-        _check_entries(node, schema, key, ctx)
-        return
-    schema = schema.select(node, key)
-    hints = typing.get_type_hints(schema)
-    declared = {f.name: f for f in fields(schema)}
-    # Hydra's own node (there when composed with return_hydra_config=True) is Hydra's business.
-    unknown = [k for k in node.keys() if k not in declared and not (key == "" and k == "hydra")]
-    if key == "trainer":
-        for k in unknown:
-            if k in TRAINER_RESERVED:
-                raise ESQUserError(f"trainer.{k}: set by esq-train itself; {TRAINER_RESERVED[k]}")
-    if unknown and (schema.extra == "forbid" or "_target_" not in node):
-        k = str(unknown[0])
-        raise ESQUserError(f"{_join(key, k)}: unknown key{_did_you_mean(k, declared)}; allowed keys of "
-                           f"{key or 'the config'}: {', '.join(declared)}")
-    if unknown:
-        ctx.targets.append((key, node, list(declared)))
-    for name, f in declared.items():
-        sub_key = _join(key, name)
-        if name not in node:
-            if f.default is MISSING:
-                raise ESQUserError(f"{sub_key}: missing; it must be set")
-            continue
-        value = _get(node, name, key)
-        tp = hints[name]
-        nested = _schema_of(tp)
-        if nested is not None and value is not None:
-            _check_node(value, nested, sub_key, ctx)
-            continue
-        if nested is not None and not _is_type(None, tp):
-            raise ESQUserError(f"{sub_key}: null is not allowed; allowed: a mapping of {sub_key} keys")
-        if isinstance(value, ListConfig):
-            value = _items(value, sub_key)
-        _check_value(value, tp, f.metadata.get("rule", Rule()), sub_key)
-    schema.cross(node, key, ctx)
-
-
-def _schema_of(tp: Any) -> type | None:
-    """The Schema/Entries class inside an annotation (Optional[X] included), else None."""
-    for t in (tp, *typing.get_args(tp)):
-        if isinstance(t, type) and issubclass(t, (Schema, Entries)):
-            return t
-    return None
-
-
-def _check_entries(node: DictConfig, schema: type[Entries], key: str, ctx: _Context) -> None:
-    names = getattr(schema, "names", tuple(schema.known))
-    for name in node.keys():
-        entry_key = _join(key, name)
-        entry = _get(node, str(name), key)
-        if entry is None:
-            continue  # `callbacks.pgd=null` switches an entry off
-        if not isinstance(entry, DictConfig):
-            raise ESQUserError(f"{entry_key}: {_show(entry)} is not a mapping; allowed: a {schema.what} config "
-                               "with _target_, or null to switch it off")
-        if "_target_" not in entry:
-            hint = f"; known {schema.what}s: {', '.join(names)}" if name not in names else ""
-            raise ESQUserError(f"{entry_key}: no _target_; allowed: a {schema.what} config with "
-                               f"_target_{hint}{_did_you_mean(str(name), names) if name not in names else ''}")
-        target = _get(entry, "_target_", entry_key)
-        known = schema.known.get(str(name))
-        if known is not None and target == _DEFAULT_TARGETS.get(str(name)):
-            _check_node(entry, known, entry_key, ctx)
-        else:
-            # Any other entry (Lightning's ModelCheckpoint, a logger, a user's own class): its keys
-            # are the arguments of its _target_.
-            ctx.targets.append((entry_key, entry, ["_target_"]))
-
-
-_DEFAULT_TARGETS = {
-    "quant_ratio": "esq_lightning.training.callbacks.QuantRatioCallback",
-    "pgd": "esq_lightning.training.callbacks.PGDCallback",
-    "finite_loss": "esq_lightning.training.callbacks.finite_loss.FiniteLossCallback",
-}
-
-
 # ---- phase 2: checks that need the code or the disk ---------------------------------------------
-def _check_targets(targets: list[tuple[str, DictConfig, list[str]]]) -> None:
+def _targets(node: Any, key: str) -> list[tuple[str, BaseModel]]:
+    """(key, model) of every validated node with a `_target_`, in config order."""
+    out: list[tuple[str, BaseModel]] = []
+    if isinstance(node, Entries):
+        for name, entry in node.entries().items():
+            out += _targets(entry, _join(key, name))
+        return out
+    if not isinstance(node, BaseModel):
+        return out
+    if getattr(node, "target", None) is not None and "target" in type(node).model_fields:
+        out.append((key, node))
+    for name, f in type(node).model_fields.items():
+        if name != "target":
+            out += _targets(getattr(node, name), _join(key, f.alias or name))
+    return out
+
+
+def _check_target(key: str, node: BaseModel, raw: dict) -> None:
     from hydra.utils import get_method
 
-    for key, node, declared in targets:
-        target = _get(node, "_target_", key)
-        try:
-            obj = get_method(target) if not isinstance(target, type) else target
-        except Exception as exc:  # noqa: BLE001 - an unimportable target is the user's typo
-            raise ESQUserError(f"{key}._target_: cannot import {target!r}: {_first_line(exc)}") from None
-        try:
-            params = inspect.signature(obj).parameters
-        except (TypeError, ValueError):
-            continue
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            continue
-        accepted = [n for n, p in params.items()
-                    if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY)]
-        for k in node.keys():
-            k = str(k)
-            if k in declared or k in accepted or k.startswith("_") and k.endswith("_"):
-                continue
-            if key == "data" and k in ("name", "num_classes", "in_channels", "image_size", "mean", "std", "attack"):
-                continue
-            shown = [a for a in dict.fromkeys([*declared, *accepted]) if a != "params" and not a.startswith("_")]
-            raise ESQUserError(f"{_join(key, k)}: unknown key{_did_you_mean(k, accepted)}; allowed: "
-                               f"{', '.join(shown)} ({target})")
-
-
-def _check_cifar_dir(node: DictConfig, key: str) -> None:
-    if _get(node, "download", key, False):
+    target = node.target  # type: ignore[attr-defined]
+    try:
+        obj = get_method(target)
+    except Exception as exc:  # noqa: BLE001 - an unimportable target is the user's typo
+        raise ESQUserError(f"{key}._target_: cannot import {target!r}: {_first_line(exc)}") from None
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
         return
-    archive, folder = CIFAR_FILES[_get(node, "name", key)]
-    root = Path(_get(node, "data_dir", key)).expanduser()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY)]
+    declared = [k for k in _keys_of(type(node)) if k not in type(node).signature_keys]
+    given = [k for k in raw if not (k.startswith("_") and k.endswith("_"))]
+    for k in given:
+        if k in accepted or k in declared:
+            continue
+        shown = [a for a in dict.fromkeys([*declared, *accepted]) if a != "params" and not a.startswith("_")]
+        raise ESQUserError(f"{_join(key, k)}: unknown key{_did_you_mean(k, accepted)}; allowed: "
+                           f"{', '.join(shown)} ({target})")
+
+
+def _check_targets(targets: list[tuple[str, BaseModel]], data: dict) -> None:
+    for key, node in targets:
+        _check_target(key, node, _at(data, key.split(".")) or {})
+
+
+def _check_trainer(trainer: dict | None, key: str = "trainer") -> None:
+    """trainer.*: arguments of the installed pytorch_lightning.Trainer, with values it accepts."""
+    if trainer is None:
+        return
+    import pytorch_lightning as pl
+    from pytorch_lightning.accelerators import AcceleratorRegistry
+    from pytorch_lightning.strategies import StrategyRegistry
+    from pytorch_lightning.trainer.connectors.accelerator_connector import _PRECISION_INPUT
+
+    params = inspect.signature(pl.Trainer.__init__).parameters
+    accepted = [n for n in params if n != "self"]
+    for k in trainer:
+        if k not in accepted:
+            raise ESQUserError(f"{key}.{k}: unknown key{_did_you_mean(k, accepted)}; allowed keys of {key}: the "
+                               f"arguments of pytorch_lightning.Trainer {pl.__version__}: {', '.join(accepted)}")
+    # The names Lightning's accelerator connector accepts (pytorch_lightning/trainer/connectors/
+    # accelerator_connector.py): its registries plus "auto" (and "gpu" for accelerators).
+    choices = {
+        "accelerator": ["auto", "gpu", *AcceleratorRegistry.available_accelerators()],
+        "strategy": ["auto", *StrategyRegistry.available_strategies()],
+        "precision": [None, *_literal_values(_PRECISION_INPUT)],
+    }
+    for k, allowed in choices.items():
+        if k not in trainer:
+            continue
+        value = trainer[k]
+        v = value.lower() if isinstance(value, str) and k != "precision" else value
+        if not any(v == c and type(v) is type(c) for c in allowed):
+            names = [c for c in allowed if isinstance(c, str)]
+            raise ESQUserError(f"{key}.{k}: {_show(value)} is not allowed; allowed: "
+                               f"{', '.join(_show(c) for c in dict.fromkeys(allowed))} (pytorch_lightning "
+                               f"{pl.__version__}){_did_you_mean(str(value), names)}")
+    num_nodes = trainer.get("num_nodes", params["num_nodes"].default)
+    strategy = trainer.get("strategy", params["strategy"].default)
+    if num_nodes > 1 and not str(strategy).startswith(("ddp", "fsdp", "deepspeed")):
+        raise ESQUserError(f"{key}.strategy: {strategy!r} cannot span {num_nodes} nodes; allowed: ddp (or another "
+                           "distributed strategy) with num_nodes > 1")
+
+
+def _literal_values(tp: Any) -> list[Any]:
+    if typing.get_origin(tp) is Literal:
+        return list(typing.get_args(tp))
+    return [v for a in typing.get_args(tp) for v in _literal_values(a)]
+
+
+def _check_cifar_dir(data: CIFARDataConfig, key: str = "data") -> None:
+    if data.download:
+        return
+    archive, folder = CIFAR_FILES[data.name]
+    root = Path(data.data_dir).expanduser()
     if not root.is_dir():
         raise ESQUserError(f"{key}.data_dir: {str(root)!r} does not exist (resolved: {root.resolve()}); allowed: a "
                            f"folder holding {archive} or {folder}/, or {key}.download=true")
@@ -894,27 +1015,39 @@ def _check_cifar_dir(node: DictConfig, key: str) -> None:
                            f"allowed: the folder that holds them, or {key}.download=true")
 
 
+def _check_eval_attacks(ev: EvalConfig, raw: dict, key: str = "eval") -> None:
+    _check_attack_names([ev.transfer.attack], f"{key}.transfer.attack")
+    _check_attack_names(ev.blackbox.attacks, f"{key}.blackbox.attacks")
+    _check_attack_params(_node(raw.get("blackbox", {}).get("params")), f"{key}.blackbox.params", budgeted=False)
+    _check_attack_names(ev.attacks, f"{key}.attacks")
+    _check_attack_params(_node(raw.get("params")), f"{key}.params")
+
+
+def _node(value: Any) -> Any:
+    """A plain mapping as the DictConfig the attack checks read."""
+    return OmegaConf.create(value) if isinstance(value, dict) else value
+
+
 def _check_setting(cfg: DictConfig) -> None:
     """`setting` is derived from the run (esq_lightning/config/labels.py); a hand-set value must agree with it."""
     from esq_lightning.config.labels import derived_setting
 
     derived = derived_setting(cfg)
-    given = _get(cfg, "setting", "")
+    given = cfg.get("setting")
     if given != derived:
         raise ESQUserError(f"setting: {given!r} contradicts the run, which is {derived!r} (method, quant and the "
                            "init_from run decide it); allowed: leave setting unset")
 
 
-def _check_paths(cfg: DictConfig) -> None:
-    init_from = _get(cfg, "init_from", "", None)
+def _check_paths(run: TrainConfig) -> None:
+    init_from = run.init_from
     if init_from is not None and not str(init_from).startswith("setting:") and not Path(init_from).is_file():
         raise ESQUserError(f"init_from: {init_from!r} is not a file; allowed: a checkpoint file, or setting:NAME "
                            "(the newest finished run of that setting)")
-    ckpt = _get(cfg, "ckpt_path", "", None)
-    if ckpt is not None:
+    if run.ckpt_path is not None:
         from esq_lightning.artifacts.checkpoint import resolve_resume_path
 
-        resolve_resume_path(str(ckpt), _run_dir())
+        resolve_resume_path(str(run.ckpt_path), _run_dir())
 
 
 def _run_dir() -> Path | None:
@@ -946,6 +1079,56 @@ def _check_model_and_pairing(cfg: DictConfig) -> None:
         raise ESQUserError(_first_line(exc)) from None
 
 
+# ---- entry points -----------------------------------------------------------------------------------
+def validate_config(cfg: DictConfig, code_checks: bool = True) -> None:
+    """Check a composed esq-train config; the first problem raises ESQUserError (one line).
+
+    `code_checks=False` runs phase 1 only (no torch import, nothing read from disk).
+    """
+    run, data = _validate(TrainConfig, cfg)
+    if not code_checks:
+        return
+    assert isinstance(run, TrainConfig)
+    # Cheapest first, so that most mistakes fail before Lightning is imported (seconds on a small CPU):
+    # paths and attack names, then the model (its arguments, built on the meta device, the pairing
+    # names), then the other targets and the Trainer's arguments, which import Lightning.
+    if isinstance(run.data, CIFARDataConfig):
+        _check_cifar_dir(run.data)
+    _check_eval_attacks(run.eval, data["eval"])
+    _check_setting(cfg)
+    _check_paths(run)
+    targets = _targets(run, "")
+    models = [t for t in targets if t[0] == "model"]
+    _check_targets(models, data)
+    _check_model_and_pairing(cfg)
+    _check_targets([t for t in targets if t not in models], data)
+    _check_trainer(data["trainer"])
+
+
+def validate_eval_config(cfg: DictConfig, run_cfg: DictConfig | None = None) -> None:
+    """Check an esq-eval config; with `run_cfg` (the checkpoint's config merged with this one), also
+    the `eval` and `data` groups as they will be used."""
+    run, data = _validate(EvalRunConfig, cfg)
+    targets = _targets(run, "")
+    if run_cfg is not None:
+        ev, ev_raw = _validate(EvalConfig, run_cfg.eval, "eval")
+        dm, dm_raw = _validate(_DataRoot, OmegaConf.create({"data": run_cfg.data}))
+        assert isinstance(ev, EvalConfig) and isinstance(dm, _DataRoot)
+        if isinstance(dm.data, CIFARDataConfig):
+            _check_cifar_dir(dm.data)
+        _check_eval_attacks(ev, ev_raw)
+        targets += _targets(dm, "")
+        data = {**data, "data": dm_raw["data"]}
+    _check_targets(targets, data)
+    _check_trainer(data.get("trainer"))
+
+
+class _DataRoot(Model):
+    data: Data
+
+
+# ---- attack names and parameters (esq_lightning.attacks) ----------------------------------------------
+# Called from phase 2 (_check_eval_attacks); names, parameters and their ranges are the attack specs' (attacks/spec.py).
 def _check_attack_names(names: list[Any], key: str) -> None:
     from esq_lightning.attacks import check_attack_names
 
@@ -957,40 +1140,3 @@ def _check_attack_params(params: Any, key: str, budgeted: bool = True) -> None:
     from esq_lightning.attacks import check_attack_params
 
     check_attack_params(params, key, budgeted)
-
-
-def _run_phase2(ctx: _Context) -> None:
-    # Cheapest first, so that most mistakes fail before Lightning is imported (seconds on a small
-    # CPU): paths and attack names, then the model (its arguments, built on the meta device, the
-    # pairing names), then the other targets, most of which import Lightning.
-    for check in ctx.later:
-        check()
-    models = [t for t in ctx.targets if t[0] == "model"]
-    _check_targets(models)
-    for check in ctx.final:
-        check()
-    _check_targets([t for t in ctx.targets if t not in models])
-
-
-# ---- entry points -----------------------------------------------------------------------------------
-def validate_config(cfg: DictConfig, code_checks: bool = True) -> None:
-    """Check a composed esq-train config; the first problem raises ESQUserError (one line).
-
-    `code_checks=False` runs phase 1 only (no torch import, nothing read from disk).
-    """
-    ctx = _Context()
-    _check_node(cfg, TrainConfig, "", ctx)
-    if code_checks:
-        _run_phase2(ctx)
-
-
-def validate_eval_config(cfg: DictConfig, run_cfg: DictConfig | None = None) -> None:
-    """Check an esq-eval config; with `run_cfg` (the checkpoint's config merged with this one), also
-    the `eval` and `data` groups as they will be used."""
-    ctx = _Context()
-    _check_node(cfg, EvalRunConfig, "", ctx)
-    if run_cfg is not None:
-        _check_node(run_cfg.eval, EvalConfig, "eval", ctx)
-        _check_node(run_cfg.data, DataConfig, "data", ctx)
-    _run_phase2(ctx)
-

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from esq_lightning.config.choices import CIFAR_FILES
 from esq_lightning.data.augment import CropFlip
 from esq_lightning.data.base import TensorDataModule
 from esq_lightning.data.loader import AugmentFn
@@ -51,8 +52,8 @@ class CifarMeta:
 CIFAR_META: dict[str, CifarMeta] = {
     "cifar10": CifarMeta(
         title="CIFAR-10",
-        archive="cifar-10-python.tar.gz",
-        folder="cifar-10-batches-py",
+        archive=CIFAR_FILES["cifar10"][0],
+        folder=CIFAR_FILES["cifar10"][1],
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         md5="c58f30108f718f92721af3b95e74349a",
         train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
@@ -64,8 +65,8 @@ CIFAR_META: dict[str, CifarMeta] = {
     ),
     "cifar100": CifarMeta(
         title="CIFAR-100",
-        archive="cifar-100-python.tar.gz",
-        folder="cifar-100-python",
+        archive=CIFAR_FILES["cifar100"][0],
+        folder=CIFAR_FILES["cifar100"][1],
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         md5="eb9058c3a382ffc7106e4002c42a8d85",
         train_files=("train",),
@@ -294,6 +295,7 @@ class CIFARDataModule(TensorDataModule):
     in_channels = 3
     image_size = 32
 
+    # The defaults serve the Python API; for runs, conf/data/cifar10.yaml / cifar100.yaml are their source.
     def __init__(
         self,
         name: str = "cifar10",

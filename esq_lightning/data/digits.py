@@ -28,6 +28,7 @@ class DigitsDataModule(TensorDataModule):
     mean = (0.3053,)
     std = (0.3760,)
 
+    # The defaults serve the Python API; for runs, conf/data/digits.yaml is their source.
     def __init__(
         self,
         batch_size: int = 64,

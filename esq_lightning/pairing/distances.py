@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
+from esq_lightning.config.choices import PAIRING_DISTANCES
+
 LOGITS = "logits"
 _TINY = 1e-12
 
@@ -72,19 +74,17 @@ class Distance:
     description: str
 
 
+# The names and properties are in esq_lightning/config/choices.py (torch-free: the config schema checks
+# pairing.distance against them before torch is imported); here each name gets its function.
+_FUNCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "relative_l2": _relative_l2,
+    "relative_l1": _relative_l1,
+    "centred_l2": _centred_l2,
+    "log_softmax_l2": _log_softmax_l2,
+    "kl": _kl,
+}
 DISTANCES: dict[str, Distance] = {
-    d.name: d
-    for d in (
-        Distance("relative_l2", _relative_l2, False, True, False,
-                 "the paper's: ||F(x) - F(x_adv)||_2 / ||F(x)||_2 (any layer)"),
-        Distance("relative_l1", _relative_l1, False, True, False,
-                 "||F(x) - F(x_adv)||_1 / ||F(x)||_1 (any layer)"),
-        Distance("centred_l2", _centred_l2, True, True, True,
-                 "relative_l2 on centred logits z - mean_k z (logits only)"),
-        Distance("log_softmax_l2", _log_softmax_l2, True, False, True,
-                 "||log_softmax(z) - log_softmax(z_adv)||_2^2 (logits only)"),
-        Distance("kl", _kl, True, False, True, "KL(softmax(z) || softmax(z_adv)) (logits only)"),
-    )
+    name: Distance(name, _FUNCTIONS[name], *properties) for name, properties in PAIRING_DISTANCES.items()
 }
 DEFAULT_DISTANCE = "relative_l2"
 

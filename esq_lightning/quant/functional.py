@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from esq_lightning.config.choices import QUANT_KINDS, UNIFORM_BITS
+
 __all__ = [
     "KINDS",
     "TWN_DELTA_FACTOR",
@@ -24,10 +26,8 @@ __all__ = [
     "relative_error",
 ]
 
-KINDS: tuple[str, ...] = ("bwn", "twn", "uniform")
+KINDS: tuple[str, ...] = QUANT_KINDS
 TWN_DELTA_FACTOR: float = 0.7
-# Widths of the symmetric uniform quantizer: 2 bits is {-1, 0, +1} * s, 8 bits fills an int8.
-UNIFORM_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 # Alternating least-squares steps of the uniform scale (see uniform_codes); each never raises the error.
 UNIFORM_SCALE_ITERS: int = 5
 

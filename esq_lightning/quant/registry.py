@@ -11,14 +11,15 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .functional import UNIFORM_BITS, dequantize, quantize_codes, uniform_levels
+from esq_lightning.config.choices import FULL_BITS, QUANT_DEFAULT_KIND, QUANT_FAMILIES
+
+from .functional import dequantize, quantize_codes, uniform_levels
 
 __all__ = ["FAMILIES", "FULL_BITS", "QUANTIZERS", "Quantizer", "default_kind", "get", "resolve_kind"]
 
-FULL_BITS = 32
-# Family -> the bit widths it is defined for.
-FAMILIES: dict[str, tuple[int, ...]] = {"bwn": (1,), "twn": (2,), "uniform": UNIFORM_BITS}
-_DEFAULT_KIND: dict[int, str] = {1: "bwn", 2: "twn", **{b: "uniform" for b in UNIFORM_BITS if b > 2}}
+# Family -> the bit widths it is defined for, and the family of each width (esq_lightning/config/choices.py).
+FAMILIES: dict[str, tuple[int, ...]] = QUANT_FAMILIES
+_DEFAULT_KIND: dict[int, str] = QUANT_DEFAULT_KIND
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from esq_lightning.config.choices import SQ_FUNCTIONS, SQ_VARIANTS
+
 __all__ = [
     "VARIANTS",
     "SELECTION_FUNCTIONS",
@@ -16,8 +18,8 @@ __all__ = [
     "sq_generator",
 ]
 
-VARIANTS: tuple[str, ...] = ("paper", "reference")
-SELECTION_FUNCTIONS: tuple[str, ...] = ("constant", "linear", "softmax", "sigmoid")
+VARIANTS: tuple[str, ...] = SQ_VARIANTS
+SELECTION_FUNCTIONS: tuple[str, ...] = SQ_FUNCTIONS
 _EPS = 1e-7
 
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# METHODS is defined in esq_lightning/config/choices.py (torch-free: the schema reads it before torch is imported).
+from esq_lightning.config.choices import METHODS
 from esq_lightning.pairing import (
     LOGITS,
     check_distance_for_layers,
@@ -21,7 +23,6 @@ from esq_lightning.pairing import (
 # attack(x, y, loss_fn) -> x_adv, bound to the model and to this step's random generator by the caller.
 Attack = Callable[..., Tensor]
 
-METHODS = ("natural", "adversarial", "esq", "alp", "trades")
 
 
 @dataclass
@@ -41,15 +42,19 @@ class Objective:
     pairing_lambdas: Sequence[float] = (1.0,)
     pairing_p: int = 2
     pairing_distance: str | None = None  # DISTANCES name; None: relative_l{pairing_p}
-    alp_lambda: float = 0.5
-    trades_beta: float = 6.0
+    # The weight of method=alp / trades, required by that method (runs: conf/method/alp.yaml, trades.yaml).
+    alp_lambda: float | None = None
+    trades_beta: float | None = None
     # Pairing-weight warm-up: lambda_l * min(1, (epoch + 1) / pairing_warmup_epochs); 0 = the full weight from
-    # the first step (the paper's).
+    # the first step (the paper's). The default is for the Python API; runs take pairing.warmup_epochs (conf/pairing/).
     pairing_warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ValueError(f"method.name: unknown method '{self.name}'; allowed: {', '.join(METHODS)}")
+        for key, owner in (("alp_lambda", "alp"), ("trades_beta", "trades")):
+            if self.name == owner and getattr(self, key) is None:
+                raise ValueError(f"method.{key}: method={owner} needs it (conf/method/{owner}.yaml)")
         if len(self.pairing_layers) != len(self.pairing_lambdas):
             raise ValueError(
                 f"pairing.lambdas: {len(self.pairing_lambdas)} lambdas for {len(self.pairing_layers)} layers;"

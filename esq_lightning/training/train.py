@@ -49,9 +49,10 @@ def build_network(cfg_model: DictConfig | dict, cfg_quant: DictConfig | dict, ac
     """
     model = build_model(cfg_model)
     q = dict(cfg_quant)
+    # Every key is set by conf/quant/*.yaml (the one place of their defaults) and checked by the schema.
     model = quantize_model(
-        model, q["kind"], per_filter=q.get("per_filter", True), keep_first_last=q.get("keep_first_last", False),
-        variant=q.get("variant", "paper"), f=q.get("f", "linear"), bits=q.get("bits"),
+        model, q["kind"], per_filter=q["per_filter"], keep_first_last=q["keep_first_last"],
+        variant=q["variant"], f=q["f"], bits=q["bits"],
     )
     return add_act_quant(model, cfg_quant) if activations else model
 
@@ -59,7 +60,7 @@ def build_network(cfg_model: DictConfig | dict, cfg_quant: DictConfig | dict, ac
 def add_act_quant(model: nn.Module, cfg_quant: DictConfig | dict) -> nn.Module:
     """quant.act_bits < 32: k-bit unsigned activations after the ReLUs (quant.modules.quantize_activations)."""
     q = dict(cfg_quant)
-    return quantize_activations(model, int(q.get("act_bits", 32)), keep_first_last=q.get("keep_first_last", False))
+    return quantize_activations(model, int(q["act_bits"]), keep_first_last=q["keep_first_last"])
 
 
 def build_objective(cfg: DictConfig) -> Objective:
@@ -71,9 +72,10 @@ def build_objective(cfg: DictConfig) -> Objective:
         pairing_lambdas=[float(v) for v in pairing.lambdas],
         pairing_p=int(pairing.get("p") or 2),
         pairing_distance=resolve_distance(pairing.get("distance"), pairing.get("p")),
-        alp_lambda=float(method.get("alp_lambda", 0.5)),
-        trades_beta=float(method.get("trades_beta", 6.0)),
-        pairing_warmup_epochs=int(pairing.get("warmup_epochs") or 0),
+        # Only the method that uses it has the key (conf/method/alp.yaml, trades.yaml; the schema checks it).
+        alp_lambda=method.get("alp_lambda"),
+        trades_beta=method.get("trades_beta"),
+        pairing_warmup_epochs=int(pairing.warmup_epochs),
     )
 
 
@@ -96,7 +98,8 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     for name, conf in (cfg.get("logger") or {}).items():
         if conf is None:
             continue
-        if name == "wandb" and not conf.get("offline", True):
+        # conf/logger/wandb.yaml sets offline: true; an entry without the key is online (WandbLogger's default).
+        if name == "wandb" and not conf.get("offline"):
             _require_wandb_login()
         if name == "tensorboard":
             _require_tensorboard()
@@ -166,7 +169,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         # The start's weights (a full-precision or weight-quantized run); the clipping ranges start afresh.
         load_model_weights(model, init_from)
     model = add_act_quant(model, cfg.quant)
-    if int(cfg.quant.get("act_bits", 32)) < 32 and not cfg.get("ckpt_path"):
+    if int(cfg.quant.act_bits) < 32 and not cfg.get("ckpt_path"):
         # Clipping ranges from the first 256 unshuffled training inputs: the same on every rank; then learned.
         calibrate_act_quant(model, datamodule.train_tensors()[0][:ACT_CALIBRATION_SAMPLES])
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
@@ -244,7 +247,7 @@ def evaluate_and_record(
     params = OmegaConf.to_container(cfg.eval.get("params") or {}, resolve=True)
     params["pgd_pairing"] = {**pairing_attack_params(OmegaConf.to_container(cfg, resolve=True)),
                              **(params.get("pgd_pairing") or {})}
-    norm = str(cfg.eval.get("norm", "linf"))
+    norm = str(cfg.eval.norm)
     ev = evaluate_robustness(
         model, x, y, attacks=list(cfg.eval.attacks), eps=float(cfg.eval.eps),
         params=params, n_samples=cfg.eval.n_samples,

@@ -30,7 +30,7 @@ class FiniteLossCallback(pl.Callback):
     gradient check is left to the grad scaler, which skips inf steps on purpose.
     """
 
-    def __init__(self, check_grads: bool = True) -> None:
+    def __init__(self, check_grads: bool) -> None:  # runs: conf/callbacks/default.yaml (finite_loss)
         self.check_grads = bool(check_grads)
         self._batch_idx = 0
         self._loss_ok: Tensor | None = None

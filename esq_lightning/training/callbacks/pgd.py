@@ -19,9 +19,9 @@ from esq_lightning.training.rng import Stream, step_generator
 class TrainAttack:
     """Untargeted PGD used to make x_adv during training (SPEC section 3)."""
 
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 10
+    eps: float
+    step_size: float
+    steps: int
     norm: str = "linf"
     random_start: bool = True
 
@@ -37,11 +37,13 @@ class TrainAttack:
 class PGDCallback(pl.Callback):
     """Plugs the training attack into the module and logs `val/pgd_acc` every `val_every_n_epochs` epochs."""
 
+    # The strength has no default (a run takes it from data.attack via conf/callbacks/default.yaml); the
+    # other defaults serve the Python API only: for runs, conf/callbacks/default.yaml (pgd) is their source.
     def __init__(
         self,
-        eps: float = 8 / 255,
-        step_size: float = 2 / 255,
-        steps: int = 10,
+        eps: float,
+        step_size: float,
+        steps: int,
         norm: str = "linf",
         random_start: bool = True,
         val_every_n_epochs: int = 1,

@@ -20,7 +20,8 @@ def sq_ratio_at(epoch: int, start: float = 0.2, step: float = 0.2, every_n_epoch
 class QuantRatioCallback(pl.Callback):
     """Sets the SQ ratio of every quantized layer at the start of each training epoch."""
 
-    def __init__(self, start: float = 0.2, step: float = 0.2, every_n_epochs: int = 25) -> None:
+    # No defaults: a run takes them from conf/callbacks/default.yaml (quant_ratio), the one place they are set.
+    def __init__(self, start: float, step: float, every_n_epochs: int) -> None:
         if not 0 < start <= 1:
             raise ValueError(f"callbacks.quant_ratio.start must be in (0, 1], got {start}")
         if step <= 0:

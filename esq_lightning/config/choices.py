@@ -1,0 +1,49 @@
+"""The names a config may choose from, defined once and torch-free.
+
+The code that implements each choice imports its table from here (esq_lightning.quant, .pairing,
+.training.objectives, .data.cifar), and the config schema (schema.py) checks a config against the same
+tables before torch is imported. Adding a choice: add it here and implement it in the module named
+beside its table.
+"""
+
+from __future__ import annotations
+
+# ---- quantizers (esq_lightning/quant/functional.py, quant/registry.py) ----------------------------
+FULL_BITS = 32
+# Widths of the symmetric uniform quantizer: 2 bits is {-1, 0, +1} * s, 8 bits fills an int8.
+UNIFORM_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+# Family -> the bit widths it is defined for.
+QUANT_FAMILIES: dict[str, tuple[int, ...]] = {"bwn": (1,), "twn": (2,), "uniform": UNIFORM_BITS}
+QUANT_KINDS: tuple[str, ...] = tuple(QUANT_FAMILIES)
+# The family `quant.bits` picks on its own (1 bwn, 2 twn, 3-8 uniform); FULL_BITS is full precision.
+QUANT_DEFAULT_KIND: dict[int, str] = {1: "bwn", 2: "twn", **{b: "uniform" for b in UNIFORM_BITS if b > 2}}
+# quant.kind -> its widths, `full` included (what a config may name).
+QUANT_BITS: dict[str, tuple[int, ...]] = {**QUANT_FAMILIES, "full": (FULL_BITS,)}
+# quant.act_bits: unsigned activation codes after the ReLUs (quant/modules.py quantize_activations; 32 = off).
+ACT_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, FULL_BITS)
+
+# ---- Stochastic Quantization selection (esq_lightning/quant/selection.py) -------------------------
+SQ_VARIANTS: tuple[str, ...] = ("paper", "reference")
+SQ_FUNCTIONS: tuple[str, ...] = ("constant", "linear", "softmax", "sigmoid")
+
+# ---- training objectives (esq_lightning/training/objectives.py) ----------------------------------
+METHODS: tuple[str, ...] = ("natural", "adversarial", "esq", "alp", "trades")
+
+# ---- pairing distances (esq_lightning/pairing/distances.py maps each name to its function) -------
+# name -> (logits_only, scale_invariant, shift_invariant, description)
+PAIRING_DISTANCES: dict[str, tuple[bool, bool, bool, str]] = {
+    "relative_l2": (False, True, False, "the paper's: ||F(x) - F(x_adv)||_2 / ||F(x)||_2 (any layer)"),
+    "relative_l1": (False, True, False, "||F(x) - F(x_adv)||_1 / ||F(x)||_1 (any layer)"),
+    "centred_l2": (True, True, True, "relative_l2 on centred logits z - mean_k z (logits only)"),
+    "log_softmax_l2": (True, False, True, "||log_softmax(z) - log_softmax(z_adv)||_2^2 (logits only)"),
+    "kl": (True, False, True, "KL(softmax(z) || softmax(z_adv)) (logits only)"),
+}
+PAIRING_LOGITS_ONLY: tuple[str, ...] = tuple(n for n, (logits_only, *_) in PAIRING_DISTANCES.items() if logits_only)
+
+# ---- datasets (esq_lightning/data/) ----------------------------------------------------------------
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100")
+# (archive, extracted folder) of the official CIFAR python-version archives (data/cifar.py CIFAR_META).
+CIFAR_FILES: dict[str, tuple[str, str]] = {
+    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
+    "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python"),
+}
