@@ -295,11 +295,12 @@ def test_trainer_values_come_from_lightnings_own_registries(tmp_path: Path) -> N
 def test_phase_one_reads_the_codes_own_tables() -> None:
     """The schema's choices are the code's tables (one definition, esq_lightning/config/choices.py)."""
     from esq_lightning.config import choices
+    from esq_lightning.evaluation.modes import MODES
     from esq_lightning.pairing import DISTANCES
     from esq_lightning.quant.registry import FAMILIES
     from esq_lightning.training.objectives import METHODS
 
-    assert FAMILIES is choices.QUANT_FAMILIES and METHODS is choices.METHODS
+    assert FAMILIES is choices.QUANT_FAMILIES and METHODS is choices.METHODS and MODES is choices.EVAL_MODES
     assert list(DISTANCES) == list(choices.PAIRING_DISTANCES)
 
 

@@ -80,6 +80,12 @@ def test_default_experiment_writes_results_json(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_end_of_training_masking_report_uses_the_configured_tolerance(tmp_path: Path) -> None:
+    # eval.masking.tolerance is read from the config (it was a silent 0.01 at the end of training).
+    results = _train(tmp_path, ["eval.masking.tolerance=0.37"])
+    assert results["gradient_masking"]["tolerance"] == pytest.approx(0.37)
+
+
 def test_quant_ratio_schedule_is_logged_every_epoch(tmp_path: Path) -> None:
     _train(tmp_path, ["trainer.max_epochs=5", "callbacks.quant_ratio.every_n_epochs=1", "method=natural",
                       "trainer.limit_train_batches=2", "eval.attacks=[fgsm]"])

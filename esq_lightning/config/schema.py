@@ -36,6 +36,7 @@ from esq_lightning.config.choices import (
     ACT_BITS,
     CIFAR_FILES,
     DATASETS,
+    EVAL_MODES,
     METHODS,
     PAIRING_DISTANCES,
     PAIRING_LOGITS_ONLY,
@@ -47,7 +48,6 @@ from esq_lightning.config.choices import (
 from esq_lightning.errors import ESQUserError
 
 NORMS = ("linf", "l2")
-EVAL_MODES = ("whitebox", "transfer", "amplification", "blackbox", "audit")  # esq_lightning/evaluation/modes.py
 LINF_RADIUS = "an L_inf radius within the input range [0, 1]"
 # pl.Trainer arguments that esq-train sets itself; a config value would be ignored or break the run.
 TRAINER_RESERVED = {

@@ -28,6 +28,7 @@ from esq_lightning.evaluation.checks import (
     unbounded_flags,
     verdict,
 )
+from esq_lightning.evaluation.masking import DEFAULT_TOLERANCE
 
 # The attack sets of eval.budget (docs/evaluation.md). Steps, restarts, targets and queries per attack; every
 # L_inf attack at eval.eps, PGD steps at eps/4 unless the schedule says otherwise.
@@ -57,6 +58,7 @@ CURVE_ATTACKS: dict[str, dict[str, dict[str, Any]]] = {
     "standard": {"fgsm": {}, "pgd_margin": {"steps": 50}, "pgd_dlr": {"steps": 50}},
     "thorough": {"fgsm": {}, "pgd_margin": {"steps": 100, "restarts": 2}, "pgd_dlr": {"steps": 100, "restarts": 2}},
 }
+# The Python API's defaults of audit_model; runs take eval.audit.eps_factors / unbounded_eps (conf/eval/default.yaml).
 EPS_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 UNBOUNDED_EPS = 0.5
 
@@ -78,6 +80,7 @@ def audit_model(
     eps_factors: Sequence[float] = EPS_FACTORS, unbounded_eps: float | None = UNBOUNDED_EPS,
     thresholds: Thresholds | None = None, batch_size: int = 500, device: torch.device | str = "cpu",
     seed: int = 0, progress: bool = False, attacks: Sequence[str] | None = None, fgsm_factor: float = 1.0,
+    masking_tolerance: float = DEFAULT_TOLERANCE,
 ) -> dict[str, Any]:
     """The audit of one model at L_inf eps: {"clean_acc", "robust_acc" (worst_case first), "attacks", "worst_case",
     "eps_curve", "unbounded", "probe", "verdict", "flags", "budget", "runtime_s"}. `attacks` overrides the set."""
@@ -100,7 +103,7 @@ def audit_model(
         run_params["pgd_pairing"] = {**pairing, **run_params["pgd_pairing"]}
     ev = evaluate_robustness(model, x, y, attacks=names, eps=eps, params=run_params, batch_size=batch_size,
                              device=device, seed=seed, progress=progress, norm="linf", on_gradient_error="record",
-                             fgsm_factor=fgsm_factor)
+                             fgsm_factor=fgsm_factor, masking_tolerance=masking_tolerance)
     clean_correct = ev["clean_correct"]
     n = len(clean_correct)
     x, y = x[:n], y[:n]
@@ -268,8 +271,8 @@ def evaluate_audit(cfg: DictConfig, out: Path) -> dict[str, Any]:
     for i, item in enumerate(loaded):
         rec = audit_model(
             item.model, x, y, eps, budget=budget, params=params, pairing=pairing_attack_params(item.train_config),
-            eps_factors=[float(f) for f in audit_cfg.get("eps_factors") or EPS_FACTORS],
-            unbounded_eps=audit_cfg.get("unbounded_eps", UNBOUNDED_EPS), thresholds=th,
+            eps_factors=[float(f) for f in audit_cfg["eps_factors"]], unbounded_eps=audit_cfg["unbounded_eps"],
+            thresholds=th, masking_tolerance=float(ev_cfg.masking.tolerance),
             batch_size=int(ev_cfg.batch_size), device=default_device(), seed=int(cfg.seed),
             progress=bool(cfg.get("progress", True)), attacks=audit_cfg.get("attacks"), fgsm_factor=fgsm_factor(run_cfg),
         )

@@ -13,6 +13,9 @@ from esq_lightning.attacks.spec import GRADIENT_FREE, ITERATIVE, SINGLE_STEP
 # gradient attack; PGD and AutoAttack iterate; DDN and C&W iterate on the gradient too (minimum-norm); the
 # gradient-free ones never look at a gradient; PGD on a loss of its own (adaptive) is compared with none.
 
+# The Python API's tolerance; runs take eval.masking.tolerance (conf/eval/default.yaml), passed in by every caller.
+DEFAULT_TOLERANCE = 0.01
+
 CHECKS = ("single_step_beats_iterative", "more_iterations_raise_accuracy", "blackbox_beats_whitebox",
           "clean_only_failure")
 
@@ -58,7 +61,7 @@ def gradient_masking_report(
     clean_acc: float,
     robust_acc: Mapping[str, float],
     attacks: Mapping[str, Mapping[str, Any]],
-    tolerance: float = 0.01,
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> dict[str, Any]:
     """Compare the attacks of one evaluation pairwise and flag the clear signs of gradient masking.
 

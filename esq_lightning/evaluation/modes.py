@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import esq_lightning
 from esq_lightning.attacks import ATTACKS
+from esq_lightning.config.choices import EVAL_MODES
 from esq_lightning.artifacts.checkpoint import checkpoint_config, load_model_weights, read_checkpoint, with_checkpoint_trust
 from esq_lightning.data import build_datamodule
 from esq_lightning.errors import ESQUserError
@@ -38,7 +39,7 @@ from esq_lightning.utils import set_threads
 from esq_lightning.artifacts.atomic import atomic_write_json, atomic_write_text
 from esq_lightning.versions import package_versions
 
-MODES = ("whitebox", "transfer", "amplification", "blackbox", "audit")
+MODES = EVAL_MODES  # config/choices.py
 
 
 def run_config_with_eval(train_config: dict[str, Any], cfg: DictConfig) -> DictConfig:
@@ -267,7 +268,7 @@ def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
         model, x, y, attacks=list(run_cfg.eval.attacks), eps=float(run_cfg.eval.eps), params=params,
         n_samples=run_cfg.eval.n_samples, batch_size=int(run_cfg.eval.batch_size), device=shard.device,
         seed=int(cfg.seed), progress=bool(cfg.get("progress", True)) and shard.is_main,
-        masking_tolerance=float((run_cfg.eval.get("masking") or {}).get("tolerance", 0.01)),
+        masking_tolerance=float(run_cfg.eval.masking.tolerance),
         store=store, shard=shard, norm=norm, on_gradient_error="record", fgsm_factor=factor,
     )
     if shard.is_main:  # the checks run once, on the merged masks; rank 0 writes and prints the results

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from esq_lightning.attacks import ATTACKS, run_attack
 from esq_lightning.errors import ESQUserError
-from esq_lightning.evaluation.masking import gradient_masking_report
+from esq_lightning.evaluation.masking import DEFAULT_TOLERANCE, gradient_masking_report
 from esq_lightning.quant import full_quantization
 
 
@@ -134,7 +134,7 @@ def evaluate_robustness(
     device: torch.device | str = "cpu",
     seed: int = 0,
     progress: bool = True,
-    masking_tolerance: float = 0.01,
+    masking_tolerance: float = DEFAULT_TOLERANCE,
     store: Any | None = None,
     shard: Any | None = None,
     norm: str = "linf",

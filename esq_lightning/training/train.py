@@ -253,6 +253,7 @@ def evaluate_and_record(
         params=params, n_samples=cfg.eval.n_samples,
         batch_size=int(cfg.eval.batch_size), device=module.device, seed=int(cfg.seed),
         norm=norm, on_gradient_error="record", fgsm_factor=fgsm_factor(cfg),
+        masking_tolerance=float(cfg.eval.masking.tolerance),
     )
     ev["audit"] = evaluation_checks(model, x, y, ev, norm, float(cfg.eval.eps),
                                     Thresholds.from_config(cfg.eval.get("checks")), device=module.device,
