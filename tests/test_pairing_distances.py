@@ -109,7 +109,8 @@ def test_logits_only_distances_refuse_a_feature_map() -> None:
     (["pairing.distance=kl", "pairing=digits_blocks"],
      "pairing.distance: kl is defined on the logits only but pairing.layers pairs ['block1', 'block2', 'block3']"),
     (["pairing.distance=centred_l2", "pairing.p=2"], "pairing.p: 2 contradicts pairing.distance=centred_l2"),
-    (["pairing.p=1"], "pairing.p: 1 contradicts pairing.distance=relative_l2"),
+    (["pairing.p=1"], "pairing.p: 1 contradicts pairing.distance=kl"),
+    (["pairing=logits_paper", "pairing.p=1"], "pairing.p: 1 contradicts pairing.distance=relative_l2"),
     (["pairing.distance=l3"], "pairing.distance: 'l3' is not allowed"),
 ])
 def test_bad_distance_configs_fail_in_one_line(overrides: list[str], expected: str, tmp_path: Path) -> None:
@@ -252,3 +253,15 @@ def test_training_with_a_warmup_logs_the_ramp(tmp_path: Path) -> None:
     with open(tmp_path / "csv" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/lambda_scale")]
     assert [float(r["train/lambda_scale"]) for r in rows] == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("experiment", [None, "digits/AEB", "cifar10/AEB", "cifar100/NET"])
+def test_the_default_pairing_is_kl_at_lambda_1_and_the_papers_form_is_one_switch(experiment: str | None,
+                                                                                  tmp_path: Path) -> None:
+    base = [f"experiment={experiment}"] if experiment else []
+    cfg = compose_config("train", base, tmp_path)
+    assert (list(cfg.pairing.layers), cfg.pairing.distance, list(cfg.pairing.lambdas)) == (["logits"], "kl", [1.0])
+    paper = compose_config("train", [*base, "pairing=logits_paper"], tmp_path)
+    assert (paper.pairing.distance, list(paper.pairing.lambdas)) == ("relative_l2", [10.0])
+    # The distance alone switches too, keeping the lambda.
+    assert compose_config("train", [*base, "pairing.distance=relative_l2"], tmp_path).pairing.distance == "relative_l2"

@@ -56,9 +56,9 @@ def test_sweep_presets_compose_and_name_existing_configs(name: str, tmp_path: Pa
                                                     ["NVB", "NVT", "NAB", "NAT", "AVB", "AVT", "AAB", "AAT"]]
         assert len(sweep_choices(params.seed)) == 3
     if name == "lambda_digits":
-        assert sweep_choices(params["pairing.lambdas"]) == ["[1.0]", "[4.0]", "[10.0]", "[30.0]"]
+        assert sweep_choices(params["pairing.lambdas"]) == ["[0.3]", "[1.0]", "[3.0]", "[10.0]"]
     if name == "distance_digits":
-        assert sweep_choices(params["pairing.distance"]) == ["relative_l2", "centred_l2", "kl"]
+        assert sweep_choices(params["pairing.distance"]) == ["relative_l2", "centred_l2", "log_softmax_l2", "kl"]
 
 
 def test_table5_cifar100_pairs_resnet152_modules_4_12_48(tmp_path: Path) -> None:
@@ -70,7 +70,7 @@ def test_table5_cifar100_pairs_resnet152_modules_4_12_48(tmp_path: Path) -> None
     assert list(cfg.pairing.layers) == [residual_module_by_index(model, i) for i in (4, 12, 48)]
     assert len(cfg.pairing.lambdas) == 3
     assert sweep_choices(compose_config("train", ["sweep=table5_cifar100"], tmp_path).hydra.sweeper.params.pairing) == [
-        "logits", "resnet152_modules_4_12_48"]
+        "logits", "logits_paper", "resnet152_modules_4_12_48"]
 
 
 def test_launcher_presets_compose(tmp_path: Path) -> None:
