@@ -15,12 +15,14 @@ from esq_lightning.artifacts.runs import iter_results
 
 
 def write(run_dir: Path, method: str, bits: int, seed: int, clean: float, robust: dict[str, float], *,
-          width: int = 32, init_from: str | None = "setting:AF", model_bytes: int | None = None) -> None:
+          width: int = 32, init_from: str | None = "setting:AF", model_bytes: int | None = None,
+          distance: str = "relative_l2", lambdas: tuple[float, ...] = (1.0,)) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     rec = {"task": "train", "setting": f"A{method[0].upper()}{bits}", "dataset": "digits", "model": "small_cnn",
            "method": method, "quant": "uniform", "bits": bits, "act_bits": 32, "model_width": {"width": width},
            "seed": seed, "clean_acc": clean, "robust_acc": robust, "threat_model": {"norm": "linf", "eps": 0.2},
-           "n_samples": 300, "init_from": init_from, "pairing": {"layers": ["logits"], "lambdas": [1.0], "p": 2}}
+           "n_samples": 300, "init_from": init_from, "pairing": {"layers": ["logits"], "lambdas": list(lambdas), "p": 2,
+                                                                 "distance": distance}}
     if model_bytes is not None:
         rec["model_bytes"] = model_bytes
     (run_dir / "results.json").write_text(json.dumps(rec))
@@ -105,3 +107,15 @@ def test_curve_is_logged_to_wandb_offline(tmp_path: Path, monkeypatch: pytest.Mo
             break
         time.sleep(0.5)
     assert all(k in record for k in keys)
+
+
+def test_error_silenced_runs_of_different_pairings_are_separate_lines(tmp_path: Path) -> None:
+    # Two distances of one method at the same bit widths: two lines named by what each run trained with.
+    for i, (distance, lam, gain) in enumerate([("kl", 1.0, 0.2), ("relative_l2", 10.0, 0.0)]):
+        for bits in (1, 2):
+            write(tmp_path / f"{i}-{bits}", "esq", bits, 0, 0.9, {"pgd20": 0.1 * bits + gain}, distance=distance,
+                  lambdas=(lam,))
+    (curve,) = build_curves(iter_results(tmp_path))
+    assert set(curve.lines) == {"error-silenced (ESQ) (kl, lambda 1)", "error-silenced (ESQ) (relative_l2, lambda 10)"}
+    assert [p.robust for p in curve.lines["error-silenced (ESQ) (kl, lambda 1)"]] == [[pytest.approx(0.3)],
+                                                                                      [pytest.approx(0.4)]]

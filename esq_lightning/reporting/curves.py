@@ -52,9 +52,20 @@ def robust_metric(records: Sequence[dict[str, Any]]) -> str | None:
     return sorted(common)[0] if common else None
 
 
+def _pairing(res: dict[str, Any]) -> str:
+    """An error-silenced run's pairing as the record states it ('kl, lambda 1'); '' for other methods."""
+    pairing = res.get("pairing") or {}
+    if res.get("method") != "esq" or not pairing:
+        return ""
+    lambdas = "/".join(f"{v:g}" for v in pairing.get("lambdas") or [])
+    return f"{pairing.get('distance') or 'relative_l2'}, lambda {lambdas}"
+
+
 def _line_label(res: dict[str, Any], varying: Sequence[str]) -> str:
     label = METHOD_TITLES.get(str(res.get("method")), str(res.get("method")))
     extra = []
+    if "pairing" in varying and _pairing(res):
+        extra.append(_pairing(res))
     if "width" in varying:
         extra.append(", ".join(f"{k} {v}" for k, v in sorted((res.get("model_width") or {}).items())) or "width ?")
     if "act_bits" in varying:
@@ -81,7 +92,7 @@ def build_curves(records: Iterable[tuple[Path, dict[str, Any]]], x_axis: str = "
             continue
         # A configuration seen at one width only (e.g. the full-precision start itself) is a point, not a line.
         def config(r: dict[str, Any]) -> tuple[str, ...]:
-            return (str(r.get("method")), str(r.get("model_width")), str(r.get("act_bits", 32)), r["start"])
+            return (str(r.get("method")), str(r.get("model_width")), str(r.get("act_bits", 32)), r["start"], _pairing(r))
 
         spans: dict[tuple[str, ...], set[int]] = {}
         for _, r in items:
@@ -92,10 +103,10 @@ def build_curves(records: Iterable[tuple[Path, dict[str, Any]]], x_axis: str = "
         metric = robust_metric([r for _, r in items])
         if metric is None:
             continue
-        varying = [name for name, get in (("width", lambda r: str(r.get("model_width"))),
+        varying = [name for name, get in (("pairing", _pairing), ("width", lambda r: str(r.get("model_width"))),
                                           ("act_bits", lambda r: r.get("act_bits", 32)),
                                           ("init_from", lambda r: r["start"]))
-                   if len({get(r) for _, r in items}) > 1]
+                   if len({get(r) for _, r in items} - {""}) > 1]  # "": no pairing (methods other than esq)
         newest: dict[tuple[str, int, int], tuple[float, dict[str, Any]]] = {}
         for run_dir, res in items:
             try:
