@@ -46,7 +46,9 @@ CLI_CASES: list[tuple[list[str], list[str]]] = [
     (["optimizer.lr=-0.1"], ["optimizer.lr", "-0.1", "0 < lr"]),
     # Phase 2 (imports torch, still before any data is read)
     (["eval.attacks=[fgsm,pgd21]"], ["eval.attacks[1]", "'pgd21'", "pgd20"]),
-    (["pairing.layers=[logits,nope]", "pairing.lambdas=[1,1]"], ["pairing.layers", "'nope'", "block1"]),
+    (["pairing.layers=[logits,nope]", "pairing.lambdas=[1,1]", "pairing.distance=relative_l2"],
+     ["pairing.layers", "'nope'", "block1"]),
+    (["pairing.layers=[block3,logits]", "pairing.lambdas=[1,1]"], ["pairing.distance", "kl", "logits only", "relative_l2"]),
     (["data=cifar10", "model=resnet20", "data.data_dir=no_such_dir"],
      ["data.data_dir", "no_such_dir", "download=true"]),
     (["ckpt_path=last"], ["ckpt_path=last", "hydra.run.dir"]),

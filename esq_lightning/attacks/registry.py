@@ -29,7 +29,6 @@ from esq_lightning.attacks.spec import (
     ParamRange,
     Params,
     count,
-    did_you_mean,
     positive,
     show,
 )
@@ -41,6 +40,7 @@ from esq_lightning.attacks.utils import (
     grad_enabled,
     perturbation_norms,
 )
+from esq_lightning.errors import did_you_mean
 
 __all__ = [
     "ATTACKS",

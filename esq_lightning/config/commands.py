@@ -10,7 +10,6 @@ models see it; `check_command_line` gives that case the same one-line error and 
 
 from __future__ import annotations
 
-import difflib
 import re
 import typing
 from collections.abc import Mapping, Sequence
@@ -18,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from esq_lightning.errors import ESQUserError
+from esq_lightning.errors import ESQUserError, did_you_mean
 
 # esq-reproduce: which datasets a scale covers, and the model of each (for finding checkpoints).
 SCALES: dict[str, list[tuple[str, str]]] = {
@@ -98,11 +97,6 @@ class ReproduceOptions(_Options):
 
 
 COMMANDS: dict[str, type[_Options]] = {"esq-report": ReportOptions, "esq-reproduce": ReproduceOptions}
-
-
-def did_you_mean(name: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _show(value: Any) -> str:

@@ -17,7 +17,6 @@ The first problem raises ESQUserError with one line: `<key>: <value> <problem>; 
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import typing
 from collections.abc import Callable, Iterable
@@ -46,6 +45,7 @@ from esq_lightning.config.choices import (
     SQ_VARIANTS,
 )
 from esq_lightning.errors import ESQUserError
+from esq_lightning.errors import did_you_mean as _did_you_mean
 
 NORMS = ("linf", "l2")
 LINF_RADIUS = "an L_inf radius within the input range [0, 1]"
@@ -902,11 +902,6 @@ def _show(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
     return str(value)
-
-
-def _did_you_mean(name: str, options: Iterable[Any]) -> str:
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 # ---- phase 2: checks that need the code or the disk ---------------------------------------------
