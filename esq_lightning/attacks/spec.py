@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from esq_lightning.errors import show_value
+
 if TYPE_CHECKING:
     from esq_lightning.attacks.registry import Attack
 
@@ -163,26 +165,8 @@ class AttackSpec:
         return Attack(self, eps, params)
 
 
-# ---- the one-line error format of the config check (the same text as config/schema.py's) ---------------------
-
-
-def show(value: Any) -> str:
-    """A value as the user would write it in a config: 'text', true, null, [1, 2]."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(show(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}"
-    return str(value)
+# ---- the one-line error format of the config check ---------------------------------------------------------
+show = show_value  # values as a config writes them (esq_lightning.errors)
 
 
 def _is_type(value: Any, tp: type) -> bool:

@@ -46,6 +46,7 @@ from esq_lightning.config.choices import (
 )
 from esq_lightning.errors import ESQUserError
 from esq_lightning.errors import did_you_mean as _did_you_mean
+from esq_lightning.errors import show_value
 
 NORMS = ("linf", "l2")
 LINF_RADIUS = "an L_inf radius within the input range [0, 1]"
@@ -887,21 +888,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _show(value: Any) -> str:
-    """A value as the user would write it in a config: 'text', true, null, [1, 2]."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, list):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
-    return str(value)
+_show = show_value  # values as a config writes them (esq_lightning.errors)
 
 
 # ---- phase 2: checks that need the code or the disk ---------------------------------------------
