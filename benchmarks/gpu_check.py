@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import gc
 import json
 import os
 import sys
@@ -161,6 +162,7 @@ def _ddp_worker(rank: int, world: int, backend: str, init: str, s: Settings, tin
     torch.set_num_threads(1)
     # A rendezvous or collective that cannot complete fails after 2 minutes instead of hanging.
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    ddp = None
     try:
         n_gpu = torch.cuda.device_count() if s.device == "cuda" else 0
         device = torch.device(f"cuda:{rank % n_gpu}") if n_gpu else torch.device("cpu")
@@ -190,7 +192,12 @@ def _ddp_worker(rank: int, world: int, backend: str, init: str, s: Settings, tin
             diff = max((g - gathered[0]).abs().max().item() for g in gathered[1:])
             Path(result_file).write_text(json.dumps({"max_param_diff": diff, "loss": loss.item(), "step_s": seconds,
                                                      "device": str(device)}))
+        dist.barrier()
     finally:
+        # The DDP wrapper (its reducer holds the process group) goes first: freed after destroy_process_group, one
+        # rank's teardown hung in about one run of three on a 2-core CPU (gloo), after the step had finished.
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -100,8 +100,7 @@ def test_gpu_check_cpu_form_reports_every_model_section(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_gpu_check_cpu_form_ddp_step_leaves_identical_weights(tmp_path: Path) -> None:
-    """The whole CPU form, with its 2-process gloo DDP step (slow: under a loaded 2-core machine the step has timed
-    out once in the default suite's run, so it runs apart from the default suite)."""
+    """The whole CPU form, with its 2-process gloo DDP step (slow: about a minute)."""
     proc, result = _gpu_check_cpu_form(tmp_path)
     ddp = result["ddp"]
     assert ddp["identical"] and ddp["where"] == "gloo, CPU" and "weights identical on both ranks: yes" in proc.stdout
