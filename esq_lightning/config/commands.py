@@ -24,7 +24,6 @@ SCALES: dict[str, list[tuple[str, str]]] = {
     "digits": [("digits", "small_cnn")],
     "cifar": [("cifar10", "wrn28_10"), ("cifar100", "resnet152")],
 }
-STAGES = ["pretrain", "quantize", "ablations", "eval", "report"]
 Stage = Literal["pretrain", "quantize", "ablations", "eval", "report"]
 
 

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import esq_lightning
-from esq_lightning.attacks import ATTACKS
+from esq_lightning.attacks import ATTACKS, check_attack_names
 from esq_lightning.config.choices import EVAL_MODES
 from esq_lightning.artifacts.checkpoint import checkpoint_config, load_model_weights, read_checkpoint, with_checkpoint_trust
 from esq_lightning.data import build_datamodule
@@ -191,13 +191,6 @@ def _header(mode: str, cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Lo
         "models": _model_records(loaded),
         "run_dir": str(out),
     }
-
-
-def check_attack_names(names: Sequence[str], key: str) -> None:
-    """Fail before loading anything when an attack name is not in the registry."""
-    for name in names:
-        if name not in ATTACKS:
-            raise ESQUserError(f"{key}: unknown attack '{name}'; allowed: {', '.join(ATTACKS)}")
 
 
 def check_transfer_attack(name: str) -> None:
