@@ -222,3 +222,10 @@ def test_docs_quick_blocks_run_from_an_empty_directory(path: Path, tmp_path: Pat
         assert proc.returncode == 0, (block, proc.stdout[-2000:], proc.stderr[-3000:])
     if path.name == "configuration.md":  # the export example writes the file it measures
         assert (tmp_path / "exp" / "model.esq").is_file()
+
+
+def test_outputs_table_has_a_row_per_command() -> None:
+    rows = outputs_table()
+    assert {"esq-train", "esq-eval", "esq-export ckpt_path=C", "esq-report runs=DIR", "esq-reproduce scale=S"} <= set(rows)
+    assert any(key.startswith("esq-train -m") for key in rows) and any(key.startswith("esq-eval -m") for key in rows)
+    assert _place(rows["esq-train"][0], data="d", model="m", setting="S", seed="0") == "outputs/runs/d-m-S/*_seed0/"
