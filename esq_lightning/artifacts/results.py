@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import esq_lightning
 from esq_lightning.versions import package_versions
@@ -32,6 +32,41 @@ def model_width(cfg_model: Any) -> dict[str, int]:
     return {k: int(cfg_model.get(k)) for k in WIDTH_KEYS if cfg_model.get(k) is not None}
 
 
+# Keys of a run's config that change how it is watched, logged, evaluated, computed or where it writes, not what it
+# trains (the names and the labels derived from the others are left out too). Everything else is the run's training
+# config (results.json `train_config`): what `setting:NAME` tells candidates apart by and what esq-report groups on.
+NOT_TRAINING_KEYS = (
+    "logger", "threads", "trust_checkpoint", "ckpt_path", "tags", "optimized_metric", "paths", "eval",
+    "hparams_search", "channels_last", "compile", "init_seed", "task_name", "experiment_name", "setting", "progress",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.accelerator",
+    "data.data_dir", "data.num_workers",
+)
+
+
+def flatten(tree: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """{dotted key: leaf value} of a nested mapping (lists are leaves), without the keys in `skip` and below them."""
+    if prefix in skip:
+        return {}
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key in sorted(tree, key=str):
+            out.update(flatten(tree[key], f"{prefix}.{key}" if prefix else str(key), skip))
+        return out
+    return {prefix: tree}
+
+
+def training_config(cfg: Any) -> dict[str, Any]:
+    """The run's training config: {dotted key: value} of every key but NOT_TRAINING_KEYS (values resolved)."""
+    if isinstance(cfg, DictConfig):
+        try:
+            tree = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # a partial config (the Python API's, a stored checkpoint's) keeps its interpolations
+            tree = OmegaConf.to_container(cfg, resolve=False)
+    else:
+        tree = dict(cfg or {})
+    return flatten(tree, skip=NOT_TRAINING_KEYS)
+
+
 def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The results record of a run: config identity, accuracies as fractions, threat model, timing."""
     pairing = cfg.get("pairing") or {}
@@ -54,6 +89,8 @@ def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str
                     "p": int(pairing.get("p") or 2), "distance": _distance_name(pairing)},
         "seed": int(cfg.seed),
         "init_from": cfg.get("init_from"),
+        # Every key that changes what is trained, so runs are told apart and grouped by their whole config.
+        "train_config": training_config(cfg),
         "clean_acc": ev["clean_acc"],
         "robust_acc": ev["robust_acc"],
         "attacks": ev["attacks"],

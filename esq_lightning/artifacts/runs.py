@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from esq_lightning.errors import ESQUserError
+import yaml
+
+from esq_lightning.artifacts.results import NOT_TRAINING_KEYS, flatten
+from esq_lightning.errors import ESQUserError, show_value
 
 RESULTS = "results.json"
 
@@ -86,6 +89,91 @@ def find_runs(runs_root: str | Path, setting: str, *, seed: int | None = None, d
     return sorted(found, key=lambda r: Path(r["checkpoint"]).stat().st_mtime, reverse=True)
 
 
+def _stored_config(res: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's training config: results.json `train_config`, or for older records the run's
+    .hydra/config.yaml with the same keys left out."""
+    if isinstance(res.get("train_config"), dict):
+        return res["train_config"]
+    run_dir = Path(res["checkpoint"]).parent.parent
+    hydra_config = run_dir / ".hydra" / "config.yaml"
+    if hydra_config.is_file():
+        try:
+            tree = yaml.safe_load(hydra_config.read_text())
+        except (OSError, yaml.YAMLError):
+            tree = None
+        if isinstance(tree, dict):
+            return flatten(tree, skip=NOT_TRAINING_KEYS)
+    return {}
+
+
+def config_differences(configs: list[dict[str, Any]], ignore: tuple[str, ...] = ("seed",)) -> dict[str, list[Any]]:
+    """{key: its distinct values} for every key whose value differs among the given training configs."""
+    keys = sorted({k for c in configs for k in c} - set(ignore))
+    out = {}
+    for key in keys:
+        values: list[Any] = []
+        for c in configs:
+            value = c.get(key, "(absent)")
+            if value not in values:
+                values.append(value)
+        if len(values) > 1:
+            out[key] = values
+    return out
+
+
+# `setting:NAME/key:value/...` narrows the candidates to runs whose training config has key = value (the value as
+# YAML reads it: 30, 0.2, true, bwn). Written with ':' and '/', it needs no quoting on a Hydra command line.
+def parse_setting_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """('NF', {key: value}) of `setting:NF/key:value/...`; a filter without ':' is a one-line error."""
+    name, *parts = str(spec).split(":", 1)[1].split("/")
+    filters: dict[str, Any] = {}
+    for part in parts:
+        key, sep, value = part.partition(":")
+        if not sep or not key:
+            raise ESQUserError(f"{spec}: the filter {part!r} is not key:value (e.g. setting:{name}/trainer.max_epochs:30)")
+        filters[key] = yaml.safe_load(value)
+    return name, filters
+
+
+def _matches(config: dict[str, Any], filters: dict[str, Any]) -> bool:
+    return all(key in config and (config[key] == value or str(config[key]) == str(value))
+               for key, value in filters.items())
+
+
+def choose_run(found: list[dict[str, Any]], spec: str, filters: dict[str, Any], where: str) -> dict[str, Any]:
+    """The one run `spec` names among `found` (newest first): the newest of those whose training configs equal
+    each other but for the seed. Runs of several configs are refused with what differs and how to pick one."""
+    configs = [_stored_config(r) for r in found]
+    if filters:
+        kept = [(r, c) for r, c in zip(found, configs, strict=True) if _matches(c, filters)]
+        if not kept:
+            shown = ", ".join(f"{k}:{v}" for k, v in filters.items())
+            raise ESQUserError(f"{spec}: none of the {len(found)} finished run(s) found {where} has {shown}")
+        found, configs = [r for r, _ in kept], [c for _, c in kept]
+    differences = config_differences(configs)
+    if not differences:
+        return found[0]
+    shown = "; ".join(f"{key}: {' | '.join(show_value(v) for v in values)}" for key, values in
+                      list(differences.items())[:6])
+    more = f" (and {len(differences) - 6} more keys)" if len(differences) > 6 else ""
+    key, values = next(iter(differences.items()))
+    runs = ", ".join(str(Path(r["checkpoint"]).parent.parent) for r in found[:4])
+    setting = spec.split(":", 1)[1].split("/")[0]
+    raise ESQUserError(
+        f"{spec}: {len(found)} finished runs {where} differ in their training config ({shown}{more}); pick one: "
+        f"a run directory ({runs}{', ...' if len(found) > 4 else ''}) or a key filter, e.g. "
+        f"setting:{setting}/{key}:{values[0]}")
+
+
+def resolve_run_dir(spec: str) -> str | None:
+    """The checkpoint of a finished run directory given where a checkpoint is expected, else None."""
+    path = Path(spec)
+    record = read_json_record(path / RESULTS) if path.is_dir() and (path / RESULTS).is_file() else None
+    if record is None or not record.get("checkpoint"):
+        return None
+    return str(record["checkpoint"])
+
+
 def _width(width: dict[str, Any] | None) -> str:
     return "".join(f", {k} {v}" for k, v in sorted((width or {}).items()))
 
@@ -105,15 +193,17 @@ def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, mod
     never taken silently: the error says what exists.
     """
     if spec is None or not str(spec).startswith("setting:"):
+        if spec is not None and resolve_run_dir(spec):
+            return resolve_run_dir(spec)
         if spec is not None and not Path(spec).is_file():
             raise ESQUserError(f"init_from: file not found: {spec}")
         return spec
-    setting = str(spec).split(":", 1)[1]
+    setting, filters = parse_setting_spec(str(spec))
     want_seed = seed if init_seed is None else int(init_seed)
     found = find_runs(runs_root, setting, seed=want_seed, dataset=dataset, model=model, threat_model=threat_model,
                        width=width)
     if found:
-        return found[0]["checkpoint"]
+        return choose_run(found, f"init_from={spec}", filters, f"under {runs_root}")["checkpoint"]
     others = find_runs(runs_root, setting, dataset=dataset, model=model)
     if not others:
         raise ESQUserError(
@@ -134,8 +224,8 @@ def resolve_checkpoint(spec: str, runs_root: str | Path, seed: int) -> str:
     """A checkpoint path for esq-eval: a path as it is, or `setting:NAME` = the newest finished training run of
     setting NAME with this seed under runs_root (one dataset and model only; otherwise give paths)."""
     if not str(spec).startswith("setting:"):
-        return str(spec)
-    setting = str(spec).split(":", 1)[1]
+        return resolve_run_dir(str(spec)) or str(spec)
+    setting, filters = parse_setting_spec(str(spec))
     found = find_runs(runs_root, setting, seed=seed)
     if not found:
         raise ESQUserError(f"{spec}: no finished training run of setting {setting} with seed {seed} under {runs_root} "
@@ -144,4 +234,4 @@ def resolve_checkpoint(spec: str, runs_root: str | Path, seed: int) -> str:
     if len(kinds) > 1:
         raise ESQUserError(f"{spec}: runs of setting {setting} for several data/models under {runs_root} "
                            f"({sorted(kinds)}); give a checkpoint path or a narrower paths.runs_root")
-    return found[0]["checkpoint"]
+    return choose_run(found, spec, filters, f"with seed {seed} under {runs_root}")["checkpoint"]
