@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from esq_lightning.errors import ESQUserError
-from esq_lightning.reporting.report import PAPER_SETTINGS, format_eps, latex_escape, make_report
+from esq_lightning.reporting.formats import format_eps, latex_escape
+from esq_lightning.reporting.report import PAPER_SETTINGS, make_report
 
 
 def write_result(run_dir: Path, setting: str, seed: int, clean: float, pgd: float, *, task: str = "train",
