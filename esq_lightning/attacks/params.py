@@ -8,15 +8,13 @@ from typing import Any
 
 from esq_lightning.attacks.registry import ATTACKS
 from esq_lightning.attacks.spec import ParamRange, positive, show
-from esq_lightning.errors import did_you_mean
+from esq_lightning.errors import ESQUserError, did_you_mean
 
 __all__ = ["check_attack_names", "check_attack_params"]
 
 
 def check_attack_names(names: list[Any], key: str) -> None:
     """Every name is a registered attack; else ESQUserError naming the key (and its index in a list)."""
-    from esq_lightning.errors import ESQUserError
-
     allowed = list(ATTACKS)
     for i, name in enumerate(names):
         if name not in ATTACKS:
@@ -29,8 +27,6 @@ def check_attack_params(params: Any, key: str, budgeted: bool = True) -> None:
     """Per-attack parameters (a mapping attack -> parameters, a DictConfig or a dict): known attacks, parameters
     their spec takes, values within the spec's ranges. `budgeted=False` (black-box curves) refuses eps, which
     the budgets give. The first problem raises ESQUserError (one line, naming the key)."""
-    from esq_lightning.errors import ESQUserError
-
     if params is None:
         return
     if not isinstance(params, Mapping):
@@ -68,8 +64,6 @@ def _value(node: Mapping[str, Any], sub: str, key: str) -> Any:
     """node[sub], resolved; a missing value or an interpolation that cannot resolve is a user error naming the key."""
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-
-    from esq_lightning.errors import ESQUserError
 
     where = f"{key}.{sub}" if key else sub
     if isinstance(node, DictConfig) and OmegaConf.is_missing(node, sub):
