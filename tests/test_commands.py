@@ -61,8 +61,8 @@ def test_paths_are_quoted_only_when_hydra_needs_it() -> None:
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["runz=x"], "runz: unknown key of esq-report (did you mean 'runs'?); allowed: runs, out, format, digits, quiet, "
-                 "curve_x, wandb, wandb_mode"),
+    (["runz=x"], "runz: unknown key (did you mean 'runs'?); allowed keys of esq-report: runs, out, format, digits, "
+                 "quiet, curve_x, wandb, wandb_mode"),
     (["runs=a,b"], "runs=a,b: esq-report runs once (a comma would make a sweep); give a list as runs=[a,b]"),
     (["--out", "x"], "--out: esq-report takes options as key=value, e.g. out=...; see esq-report --help"),
     (["--multirun"], "--multirun: esq-report runs once"),

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from esq_lightning.errors import ESQUserError
-from esq_lightning.reporting.report import PAPER_SETTINGS, format_eps, latex_escape, make_report
+from esq_lightning.reporting.formats import format_eps, latex_escape
+from esq_lightning.reporting.report import PAPER_SETTINGS, make_report
 
 
 def write_result(run_dir: Path, setting: str, seed: int, clean: float, pgd: float, *, task: str = "train",
@@ -192,11 +193,11 @@ def test_cli_reads_a_list_of_folders(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["ruins=x"], "error: ruins: unknown key of esq-report (did you mean 'runs'?); allowed: runs, out, format, "),
-    (["runs=x", "+quite=true"], "error: quite: unknown key of esq-report (did you mean 'quiet'?)"),
-    (["runs=x", "format=pdf"], "error: format=pdf: allowed: md, latex, both"),
-    (["runs=x", "digits=two"], "error: digits=two: give an integer"),
-    (["runs=x", "curve_x=byte"], "error: curve_x=byte: allowed: bits, bytes (did you mean 'bytes'?)"),
+    (["ruins=x"], "error: ruins: unknown key (did you mean 'runs'?); allowed keys of esq-report: runs, out, format, "),
+    (["runs=x", "+quite=true"], "error: quite: unknown key (did you mean 'quiet'?); allowed keys of esq-report: "),
+    (["runs=x", "format=pdf"], "error: format: 'pdf' is not allowed; allowed: 'md', 'latex', 'both'"),
+    (["runs=x", "digits=two"], "error: digits: 'two' is not an integer; allowed: 0 <= digits <= 10"),
+    (["runs=x", "curve_x=byte"], "error: curve_x: 'byte' is not allowed; allowed: 'bits', 'bytes' (did you mean 'bytes'?)"),
     ([], "error: runs: required"),
     (["outputs/x"], "error: outputs/x: give options as key=value, e.g. runs=outputs/x"),
     (["runs=x", "--quiet"], "error: --quiet: esq-report takes options as key=value, e.g. quiet=true"),

@@ -268,17 +268,17 @@ def test_reproduce_cifar_plan_uses_the_paper_presets() -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["scale=imagenet"], "error: scale=imagenet: allowed: digits, cifar"),
-    (["scael=cifar"], "error: scael: unknown key of esq-reproduce (did you mean 'scale'?); allowed: scale, seeds, "),
-    (["eval=[eval.n_samples=32]"], "error: eval: unknown key of esq-reproduce (did you mean 'evaluate'?)"),
-    (["trainer.max_epochs=2"], "error: trainer.max_epochs: unknown key of esq-reproduce"),
+    (["scale=imagenet"], "error: scale: 'imagenet' is not allowed; allowed: 'digits', 'cifar'"),
+    (["scael=cifar"], "error: scael: unknown key (did you mean 'scale'?); allowed keys of esq-reproduce: scale, seeds, "),
+    (["eval=[eval.n_samples=32]"], "error: eval: unknown key (did you mean 'evaluate'?); allowed keys of esq-reproduce"),
+    (["trainer.max_epochs=2"], "error: trainer.max_epochs: unknown key; allowed keys of esq-reproduce"),
     (["seeds=0,1"], "error: seeds=0,1: esq-reproduce runs once (a comma would make a sweep); give a list as "
                     "seeds=[0,1]"),
-    (["stages=[pretrain,evl]"], "error: stages[1]=evl: allowed: pretrain, quantize, ablations, eval, report "
-                                "(did you mean 'eval'?)"),
+    (["stages=[pretrain,evl]"], "error: stages: ['pretrain', 'evl'] (item 'evl') is not allowed; allowed: 'pretrain', "
+                                "'quantize', 'ablations', 'eval', 'report' (did you mean 'eval'?)"),
     (["datasets=cifar10"], "error: datasets: cifar10 is not a dataset of scale=digits; allowed: digits"),
-    (["n_jobs=0"], "error: n_jobs=0: give at least 1"),
-    (["dry_run=maybe"], "error: dry_run=maybe: give true or false"),
+    (["n_jobs=0"], "error: n_jobs: 0 is out of range; allowed: 1 <= n_jobs (null: the scale's default)"),
+    (["dry_run=maybe"], "error: dry_run: 'maybe' is not true or false; allowed: true or false"),
 ])
 def test_reproduce_bad_option_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     proc = esq("reproduce", args, cwd=tmp_path, timeout=60)

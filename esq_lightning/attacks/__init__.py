@@ -2,22 +2,18 @@
 
 from esq_lightning.attacks.nattack import nattack
 from esq_lightning.attacks.pgd import fgsm, pgd
-from esq_lightning.attacks.spec import AttackSpec, ParamRange
+from esq_lightning.attacks.spec import Attack, AttackOutput, AttackSpec, ParamRange
 from esq_lightning.attacks.registry import (
     ATTACKS,
-    Attack,
-    AttackOutput,
-    accuracy_at_budgets,
-    accuracy_curve,
     attack_spec,
     attack_title,
-    check_attack_names,
-    check_attack_params,
     library_available,
     register_attack,
     run_attack,
     unregister_attack,
 )
+from esq_lightning.attacks.params import check_attack_names, check_attack_params
+from esq_lightning.attacks.curves import accuracy_at_budgets, accuracy_curve
 from esq_lightning.attacks.adaptive import ADAPTIVE_ATTACKS, pairing_attack_params
 from esq_lightning.attacks.utils import (
     GradientCheckError,

@@ -27,8 +27,9 @@ from esq_lightning.attacks.losses import (
     temperature_scaled,
 )
 from esq_lightning.attacks.pgd import pgd
-from esq_lightning.attacks.registry import PGD_RANGES, _generator, _predict
+from esq_lightning.attacks.runners.inhouse import PGD_RANGES
 from esq_lightning.attacks.spec import ADAPTIVE, BUDGETED, SCALE_FREE, AttackSpec, Params, count
+from esq_lightning.attacks.utils import _generator, _predict
 
 # (indices of the samples still robust) -> the loss for that subset
 LossFactory = Callable[[Tensor], LossFn]

@@ -1,22 +1,38 @@
 """What the code knows about one evaluation attack, in one place: the AttackSpec.
 
-Everything outside the attack itself reads these fields from the registry (attacks/registry.py): the
+Everything outside the attack itself reads these fields from the table (attacks/registry.py): the
 masking report and the checks its family and loss, esq-report and the black-box legends its title,
 the black-box curves its query budget and line style, the config check its parameter ranges.
 Adding an attack is one AttackSpec entry plus its runner (docs/attacks.md, "Adding an attack").
+Attack (a spec called with eps and parameters) runs it and returns an AttackOutput.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
-from collections.abc import Callable, Mapping
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+from torch import Tensor, nn
+
+import esq_lightning
+from esq_lightning.attacks.utils import (
+    _per_sample,
+    _predict,
+    as_autograd_input,
+    canonical_norm,
+    check_gradients,
+    frozen_eval,
+    grad_enabled,
+    perturbation_norms,
+)
 from esq_lightning.errors import show_value
-
-if TYPE_CHECKING:
-    from esq_lightning.attacks.registry import Attack
 
 __all__ = [
     "ADAPTIVE",
@@ -30,6 +46,8 @@ __all__ = [
     "MINIMUM_NORM",
     "SCALE_FREE",
     "SINGLE_STEP",
+    "Attack",
+    "AttackOutput",
     "AttackSpec",
     "ParamRange",
 ]
@@ -160,9 +178,159 @@ class AttackSpec:
             object.__setattr__(self, "title", self.name)
 
     def __call__(self, eps: float | None = None, **params: Any) -> Attack:
-        from esq_lightning.attacks.registry import Attack
-
         return Attack(self, eps, params)
+
+
+# ---- running one attack: eval mode, frozen parameters, every parameter recorded -----------------------------
+
+# Distribution name on the package index -> import name.
+_PACKAGES = {"foolbox": "foolbox", "pyautoattack": "pyautoattack"}
+
+
+@dataclass
+class AttackOutput:
+    """Result of one evaluation attack on a batch.
+
+    x_adv: adversarial inputs (x where a minimum-norm attack failed or the input was misclassified).
+    correct: the model is correct on the clean input and on x_adv within the budget eps; for
+        minimum-norm attacks, clean-correct and (attack failed or found norm > eps); with eps None,
+        clean-correct and attack failed.
+    norms: per-sample perturbation norm in the attack's norm; minimum-norm attacks give inf where
+        they failed and 0 where the clean input is already misclassified.
+    params: every parameter used, json-able (attack, kind, norm, eps, steps, ..., library, version).
+    clean_correct: the model is correct on the clean input.
+    """
+
+    x_adv: Tensor
+    correct: Tensor
+    norms: Tensor
+    params: dict[str, Any]
+    clean_correct: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+
+
+class Attack:
+    """A configured attack: `attack(model, x, y) -> AttackOutput`."""
+
+    def __init__(self, spec: AttackSpec, eps: float | None, params: dict[str, Any]) -> None:
+        unknown = sorted(set(params) - set(spec.defaults))
+        if unknown:
+            raise ValueError(
+                f"attack {spec.name!r} got unknown parameters {unknown}; "
+                f"valid: {sorted(spec.defaults)}"
+            )
+        self.spec = spec
+        self.params: dict[str, Any] = {**spec.defaults, **params}
+        if "norm" in self.params:
+            self.params["norm"] = canonical_norm(self.params["norm"])
+        self.norm: str = self.params.get("norm", spec.norm)
+        self.eps = spec.default_eps if eps is None else float(eps)
+        if spec.kind == BUDGETED and self.eps is None:
+            raise ValueError(f"attack {spec.name!r} is budgeted: give eps")
+        if self.eps is not None and self.eps < 0:
+            raise ValueError(f"eps must be non-negative, got {self.eps}")
+        self.library_version = _require(spec.library, spec.name)
+
+    def record(self, n_inputs: int) -> dict[str, Any]:
+        """The json-able parameter record of this attack."""
+        return {
+            "attack": self.spec.name,
+            "kind": self.spec.kind,
+            "norm": self.norm,
+            "eps": self.eps,
+            **{k: v for k, v in self.params.items() if k != "norm"},
+            "library": self.spec.library,
+            "library_version": self.library_version,
+            "torch_version": torch.__version__,
+            "n_inputs": n_inputs,
+        }
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackOutput:
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
+        if x.numel() and (x.min() < 0 or x.max() > 1):
+            raise ValueError("inputs must lie in [0, 1]: normalisation belongs inside the model")
+        params = self.record(len(x))
+        start = time.perf_counter()
+        with grad_enabled(), frozen_eval(model), _seeded(self.params.get("seed", 0), x.device):
+            # Plain tensors, also when called from Lightning's inference-mode validation.
+            x, y = as_autograd_input(x), as_autograd_input(y)
+            with torch.no_grad():
+                clean_pred = _predict(model, x)
+            clean_correct = clean_pred == y
+            if self.spec.gradient_based and len(x):
+                check_gradients(model, x, y)
+            if self.spec.kind == MINIMUM_NORM:
+                # Misclassified inputs need no search: they are adversarial at norm 0.
+                idx = clean_correct.nonzero().squeeze(1)
+                x_adv = x.clone()
+                extra: dict[str, Any] = {}
+                if idx.numel():
+                    found, extra = self.spec.runner(model, x[idx], y[idx], self.eps, self.params)
+                    x_adv[idx] = found.detach().to(x.dtype)
+            else:
+                x_adv, extra = self.spec.runner(model, x, y, self.eps, self.params)
+                x_adv = x_adv.detach().to(x.dtype)
+            _check_box(x_adv, self.spec.name)
+            with torch.no_grad():
+                adv_pred = _predict(model, x_adv)
+            norms = perturbation_norms(x_adv, x, self.norm)
+            if self.spec.kind == MINIMUM_NORM:
+                fooled = adv_pred != y
+                x_adv = torch.where(_per_sample(fooled, x), x_adv, x)
+                norms = torch.where(fooled, norms, torch.full_like(norms, math.inf))
+                norms = torch.where(clean_correct, norms, torch.zeros_like(norms))
+                within = norms > self.eps if self.eps is not None else norms.isinf()
+                correct = clean_correct & within
+            else:
+                _check_budget(norms, self.eps, self.spec.name)
+                correct = clean_correct & (adv_pred == y)
+        params.update(extra)
+        params["runtime_s"] = round(time.perf_counter() - start, 3)
+        return AttackOutput(
+            x_adv=x_adv.detach(),
+            correct=correct,
+            norms=norms.detach(),
+            params=params,
+            clean_correct=clean_correct,
+        )
+
+
+def _check_box(x_adv: Tensor, name: str) -> None:
+    if x_adv.numel() and (x_adv.min() < 0 or x_adv.max() > 1 or not torch.isfinite(x_adv).all()):
+        raise RuntimeError(f"attack {name!r} returned inputs outside [0, 1]")
+
+
+def _check_budget(norms: Tensor, eps: float | None, name: str) -> None:
+    # A float32 clamp can land one ulp outside the ball: tolerate that, nothing more.
+    if eps is not None and norms.numel() and norms.max() > eps * (1 + 1e-5) + 1e-6:
+        raise RuntimeError(
+            f"attack {name!r} exceeded its budget: max norm {norms.max().item():.6g} > eps {eps}"
+        )
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed the global RNGs the libraries draw from, and leave the caller's RNG state untouched."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _require(library: str, attack: str) -> str:
+    """Import a library lazily; return its version or raise a one-line install hint."""
+    if library == "esq_lightning":
+        return esq_lightning.__version__
+    try:
+        with warnings.catch_warnings():
+            # foolbox 3.3.4 imports scipy.ndimage.filters, deprecated in scipy 1.x.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = importlib.import_module(_PACKAGES.get(library, library))
+    except ImportError:
+        raise ImportError(
+            f"attack {attack!r} needs the package {library}: pip install 'esq-lightning[attacks]'"
+        ) from None
+    return str(getattr(module, "__version__", "unknown"))
 
 
 # ---- the one-line error format of the config check ---------------------------------------------------------

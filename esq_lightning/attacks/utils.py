@@ -113,3 +113,17 @@ def check_gradients(
             f"{nonfinite.float().mean().item():.0%} of {n} samples: a gradient attack would fail "
             "silently (rounding without a straight-through estimator? saturated activations?)"
         )
+
+
+def _predict(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x).argmax(dim=1)
+
+
+def _per_sample(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    # CPU by default: the same draws whatever the accelerator. N Attack draws population x input
+    # size normals per iteration and would spend its time copying them, so it draws on x's device.
+    return torch.Generator(device=device).manual_seed(int(seed))

@@ -2,7 +2,8 @@
 
 The YAML files hold every option and its default; the models below hold none (every field is required), so a
 default lives in one place. The models declare types, allowed values and the cross-key rules, and every failure
-becomes one ESQUserError line naming the key and what is allowed, with "did you mean" for a misspelt key.
+becomes one ESQUserError line naming the key and what is allowed, with "did you mean" for a misspelt key: the
+error-message layer of every config model (config/messages.py) words it, as it does esq-train's.
 
 The command lines go through Hydra (esq_lightning/cli/), which refuses a key that is not in the YAML before the
 models see it; `check_command_line` gives that case the same one-line error and hint first.
@@ -11,20 +12,21 @@ models see it; `check_command_line` gives that case the same one-line error and 
 from __future__ import annotations
 
 import re
-import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from esq_lightning.errors import ESQUserError, did_you_mean
+from esq_lightning.config.messages import Choice, rule, unknown_key, validate
+from esq_lightning.errors import ESQUserError
 
 # esq-reproduce: which datasets a scale covers, and the model of each (for finding checkpoints).
 SCALES: dict[str, list[tuple[str, str]]] = {
     "digits": [("digits", "small_cnn")],
     "cifar": [("cifar10", "wrn28_10"), ("cifar100", "resnet152")],
 }
-Stage = Literal["pretrain", "quantize", "ablations", "eval", "report"]
+Stage = Choice("pretrain", "quantize", "ablations", "eval", "report")
+DEFAULT = "null: the scale's default"  # the note of a bounded option that may be null
 
 
 def _as_list(value: Any) -> Any:
@@ -41,12 +43,12 @@ class ReportOptions(_Options):
 
     runs: list[str] = Field(min_length=1)
     out: str | None
-    format: Literal["md", "latex", "both"]
+    format: Choice("md", "latex", "both")
     digits: int = Field(ge=0, le=10)
     quiet: bool
-    curve_x: Literal["bits", "bytes"]
+    curve_x: Choice("bits", "bytes")
     wandb: str | None
-    wandb_mode: Literal["online", "offline", "disabled"] | None
+    wandb_mode: Choice("online", "offline", "disabled", None)
 
     @field_validator("runs", mode="before")
     @classmethod
@@ -56,24 +58,24 @@ class ReportOptions(_Options):
     @model_validator(mode="after")
     def _one_out_for_many_runs(self) -> ReportOptions:
         if len(self.runs) > 1 and self.out is None:
-            raise ValueError("out: give out=DIR when runs has more than one folder (the default, <runs>/report, "
-                             "needs a single folder)")
+            raise rule("out", "give out=DIR when runs has more than one folder (the default, <runs>/report, "
+                              "needs a single folder)")
         return self
 
 
 class ReproduceOptions(_Options):
     """conf/reproduce.yaml: the options of esq-reproduce (null: the scale's default, see the YAML)."""
 
-    scale: Literal["digits", "cifar"]
-    seeds: list[int] | None = Field(min_length=1)
-    n_jobs: int | None = Field(ge=1)
-    launcher: Literal["local", "slurm", "basic"] | None
+    scale: Choice("digits", "cifar")
+    seeds: Optional[list[int]] = Field(min_length=1)
+    n_jobs: Optional[int] = Field(ge=1, description=DEFAULT)
+    launcher: Choice("local", "slurm", "basic", None)
     runs_root: str | None
-    datasets: list[str] | None = Field(min_length=1)
-    stages: list[Stage] = Field(min_length=1)
+    datasets: Optional[list[str]] = Field(min_length=1)
+    stages: list[Stage] = Field(min_length=1)  # type: ignore[valid-type]
     ablations: bool
     blackbox: bool
-    threads: int | None = Field(ge=1)
+    threads: Optional[int] = Field(ge=1, description=DEFAULT)
     dry_run: bool
     # Overrides passed to every esq-train / esq-eval call, e.g. train=[trainer.max_epochs=2]; `evaluate`, not
     # `eval`: that name is a config group of conf/ (Hydra would take eval=... as a choice of it).
@@ -90,67 +92,17 @@ class ReproduceOptions(_Options):
         known = [d for d, _ in SCALES[self.scale]]
         bad = [d for d in self.datasets or [] if d not in known]
         if bad:
-            raise ValueError(f"datasets: {', '.join(bad)} is not a dataset of scale={self.scale}; "
-                             f"allowed: {', '.join(known)}")
+            raise rule("datasets", f"{', '.join(bad)} is not a dataset of scale={self.scale}; "
+                                   f"allowed: {', '.join(known)}")
         return self
 
 
 COMMANDS: dict[str, type[_Options]] = {"esq-report": ReportOptions, "esq-reproduce": ReproduceOptions}
 
 
-def _show(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_show(v) for v in value) + "]"
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _error_line(command: str, model: type[_Options], error: Mapping[str, Any]) -> str:
-    loc = [str(p) for p in error.get("loc", ())]
-    key = loc[0] if loc else ""
-    where = key + "".join(f"[{p}]" for p in loc[1:])
-    kind = error.get("type", "")
-    value = error.get("input")
-    if kind == "extra_forbidden":
-        return (f"{key}: unknown key of {command}{did_you_mean(key, list(model.model_fields))}; "
-                f"allowed: {', '.join(model.model_fields)}")
-    if kind == "value_error":  # a cross-key rule: its message names the key already
-        return str(error.get("ctx", {}).get("error", error.get("msg", "")))
-    if kind == "missing":
-        return f"{key}: required ({command} --help)"
-    if kind == "literal_error":
-        allowed = re.findall(r"'([^']*)'", str(error.get("ctx", {}).get("expected", "")))
-        null = ", null" if not loc[1:] and _accepts_none(model, key) else ""
-        hint = did_you_mean(str(value), allowed)
-        return f"{where}={_show(value)}: allowed: {', '.join(allowed)}{null}{hint}"
-    if kind.startswith("bool"):
-        return f"{where}={_show(value)}: give true or false"
-    if kind.startswith("int"):
-        return f"{where}={_show(value)}: give an integer" + (" or null" if not loc[1:] and _accepts_none(model, key)
-                                                             else "")
-    if kind in ("greater_than_equal", "less_than_equal"):
-        ctx = error.get("ctx", {})
-        bound = f"at least {ctx.get('ge')}" if kind == "greater_than_equal" else f"at most {ctx.get('le')}"
-        return f"{where}={_show(value)}: give {bound}" + (" (or null for the default)" if _accepts_none(model, key)
-                                                          else "")
-    if kind in ("too_short",):
-        return f"{where}: give at least one value" + (" (or null for the default)" if _accepts_none(model, key) else "")
-    if kind in ("list_type",):
-        return f"{where}={_show(value)}: give a list, e.g. {key}=[a,b]"
-    return f"{where}={_show(value)}: {error.get('msg', 'invalid')}"
-
-
-def _accepts_none(model: type[_Options], key: str) -> bool:
-    field = model.model_fields.get(key)
-    return field is not None and type(None) in typing.get_args(field.annotation)
-
-
 def validate_options(command: str, values: Mapping[str, Any]) -> Any:
     """The options of `command` ("esq-report" / "esq-reproduce") as its model, or one ESQUserError line."""
-    model = COMMANDS[command]
-    try:
-        return model.model_validate(dict(values))
-    except ValidationError as exc:
-        raise ESQUserError(_error_line(command, model, exc.errors()[0])) from None
+    return validate(COMMANDS[command], dict(values), root=command)[0]
 
 
 # ------------------------------------------------------------------------------------------------ command lines
@@ -195,8 +147,7 @@ def check_command_line(command: str, argv: Sequence[str]) -> None:
         if name.split(".")[0].split("/")[0] == "hydra":
             continue
         if name not in fields:
-            raise ESQUserError(f"{name}: unknown key of {command}{did_you_mean(name, fields)}; "
-                               f"allowed: {', '.join(fields)}")
+            raise ESQUserError(unknown_key("", name, fields, root=command))
         value = arg.partition("=")[2]
         if len(_top_level_split(value)) > 1:
             raise ESQUserError(f"{arg}: {command} runs once (a comma would make a sweep); give a list as "

@@ -12,23 +12,20 @@ in two phases:
      target's signature, `trainer.*` against pytorch_lightning.Trainer (its signature, strategy and
      accelerator registries and precision type), pairing names against the model (built on the meta
      device), attack names and parameters against esq_lightning.attacks, paths on disk.
-The first problem raises ESQUserError with one line: `<key>: <value> <problem>; allowed: ...`.
+The first problem raises ESQUserError with one line: `<key>: <value> <problem>; allowed: ...`, worded by the
+error-message layer of every config model (config/messages.py).
 """
 
 from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
-import annotated_types
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, \
-    ValidationError, model_validator
-from pydantic.fields import FieldInfo
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
 from esq_lightning.config.choices import (
@@ -44,9 +41,19 @@ from esq_lightning.config.choices import (
     SQ_FUNCTIONS,
     SQ_VARIANTS,
 )
+# The one error-message layer of the config models (config/messages.py); the short names below are the ones
+# the models and the phase-2 checks use.
+from esq_lightning.config.messages import Choice
+from esq_lightning.config.messages import at as _at
+from esq_lightning.config.messages import check as _check
+from esq_lightning.config.messages import first_line as _first_line
+from esq_lightning.config.messages import join as _join
+from esq_lightning.config.messages import keys_of as _keys_of
+from esq_lightning.config.messages import rule as _rule
+from esq_lightning.config.messages import show as _show
+from esq_lightning.config.messages import validate as _validate
 from esq_lightning.errors import ESQUserError
 from esq_lightning.errors import did_you_mean as _did_you_mean
-from esq_lightning.errors import show_value
 
 NORMS = ("linf", "l2")
 LINF_RADIUS = "an L_inf radius within the input range [0, 1]"
@@ -67,33 +74,6 @@ def absent(**constraints: Any) -> Any:
     `_target_`'s signature). Not a default value: the YAML under conf/ holds those."""
     return Field(None, **constraints)
 
-
-def _rule(sub: str, text: str) -> PydanticCustomError:
-    """A cross-key rule's error: `text` is the message after `<node>.<sub>: `; `{key}` in it is the node's key."""
-    return PydanticCustomError("esq_rule", "{text}", {"sub": sub, "text": text})
-
-
-def _check(fn: Callable[[Any], str | None]) -> Any:
-    """A value check by code (fn returns what is allowed when the value is not)."""
-
-    def run(value: Any) -> Any:
-        problem = fn(value)
-        if problem:
-            raise PydanticCustomError("esq_check", "{allowed}", {"allowed": problem})
-        return value
-
-    return AfterValidator(run)
-
-
-def Choice(*values: Any) -> Any:  # noqa: N802 - a type
-    """One of `values` (true/false are not 1/0 here)."""
-
-    def no_bool(value: Any) -> Any:
-        if isinstance(value, bool) and not any(isinstance(c, bool) for c in values):
-            raise PydanticCustomError("literal_error", "not one of the choices")
-        return value
-
-    return Annotated[Literal[values], BeforeValidator(no_bool)]  # type: ignore[valid-type]
 
 
 class Model(BaseModel):
@@ -118,10 +98,6 @@ class Model(BaseModel):
                 if k not in declared:
                     raise PydanticCustomError("extra_forbidden", "unknown key", {"sub": k})
         return data
-
-
-def _keys_of(model: type[BaseModel]) -> list[str]:
-    return [f.alias or name for name, f in model.model_fields.items()]
 
 
 class TargetModel(Model):
@@ -653,242 +629,6 @@ class EvalRunConfig(Model):
     logger: Optional[LoggersConfig]  # logger=wandb|tensorboard (esq_lightning/evaluation/loggers.py)
     eval: Mapping  # checked as EvalConfig once merged with the checkpoint's config
     paths: PathsConfig
-
-
-# ---- from the composed config to a model, and pydantic's first error to one line ----------------------
-class _Unresolved:
-    """A value that could not be resolved; reported only where a model reads it."""
-
-    def __init__(self, problem: str) -> None:
-        self.problem = problem
-
-
-def _plain(node: Any, key: str) -> Any:
-    """The config as plain containers, resolved key by key (a failing interpolation becomes _Unresolved)."""
-    if isinstance(node, DictConfig):
-        out = {}
-        for k in node.keys():
-            k = str(k)
-            if key == "" and k == "hydra":
-                continue  # Hydra's own node (there when composed with return_hydra_config=True)
-            if OmegaConf.is_missing(node, k):
-                out[k] = _Unresolved(f"??? (no value given); set it, e.g. {_join(key, k)}=...")
-                continue
-            try:
-                value = node[k]
-            except OmegaConfBaseException as exc:
-                out[k] = _Unresolved(f"cannot resolve its value: {_first_line(exc)}")
-                continue
-            out[k] = _plain(value, _join(key, k))
-        return out
-    if isinstance(node, ListConfig):
-        out_list = []
-        for i in range(len(node)):
-            try:
-                out_list.append(_plain(node[i], f"{key}[{i}]"))
-            except OmegaConfBaseException as exc:
-                out_list.append(_Unresolved(f"cannot resolve its value: {_first_line(exc)}"))
-        return out_list
-    return node
-
-
-def _validate(model: type[BaseModel], cfg: Any, key: str = "") -> tuple[BaseModel, dict]:
-    data = _plain(cfg, key)
-    try:
-        return model.model_validate(data), data
-    except ValidationError as exc:
-        raise ESQUserError(_one_line(exc.errors()[0], model, data, key)) from None
-
-
-def _one_line(err: dict, model: type[BaseModel], data: Any, prefix: str) -> str:
-    kind, ctx = err["type"], err.get("ctx") or {}
-    # pydantic's location, without the tags of our tagged unions (data, known callbacks).
-    loc, owner, info = _locate(model, err["loc"])
-    index = loc and isinstance(loc[-1], int)
-    path = loc[:-1] if index else loc
-    node_key = _dotted(prefix, loc)
-    value = _at(data, path)
-    if isinstance(err.get("input"), _Unresolved) or isinstance(value, _Unresolved):
-        problem = err["input"].problem if isinstance(err.get("input"), _Unresolved) else value.problem
-        return f"{_dotted(prefix, loc)}: {problem}"
-    if kind == "esq_rule":
-        sub = ctx.get("sub", "")
-        key = _dotted(node_key, tuple(sub.split("."))) if sub else node_key
-        text = str(ctx.get("text", err["msg"])).replace("{key}", node_key)
-        if "{value}" in text:
-            text = text.replace("{value}", _show(_at(data, (*loc, *sub.split(".")))))
-        return f"{key}: {text}"
-    if kind == "extra_forbidden":
-        sub = ctx.get("sub")
-        parent = node_key if sub is not None else _dotted(prefix, loc[:-1])
-        name = str(sub if sub is not None else loc[-1])
-        declared = _keys_of(owner) if owner is not None else []
-        return (f"{_dotted(parent, (name,))}: unknown key{_did_you_mean(name, declared)}; allowed keys of "
-                f"{parent or 'the config'}: {', '.join(declared)}")
-    key = _dotted(prefix, path)
-    if kind == "missing":
-        return f"{key}: missing; it must be set"
-    shown = _show(value)
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"{key}: {shown} is not a mapping; allowed: a mapping of {key} keys"
-    name = str(path[-1]) if path else ""
-    allowed = _allowed(name, info)
-    if kind == "esq_check":
-        return f"{key}: {shown} is not allowed; allowed: {ctx['allowed']}"
-    if kind == "literal_error":
-        choices = _choices(info)
-        hint = _did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
-        return f"{key}: {shown} is not allowed; allowed: {allowed}{hint}"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"):
-        if index and isinstance(value, list) and len(value) > 1:
-            shown = f"{shown} (item {_show(err['input'])})"
-        return f"{key}: {shown} is out of range; allowed: {allowed}"
-    what = _TYPE_NAMES.get(kind.split("_")[0], "of the right type")
-    if index:
-        what = f"a list of {what.removeprefix('a ').removeprefix('an ')}s"
-    return f"{key}: {shown} is not {what}; allowed: {allowed or what}"
-
-
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
-               "list": "a list", "dict": "a mapping", "literal": "one of the choices"}
-
-
-def _locate(model: type[BaseModel], loc: tuple) -> tuple[tuple, type[BaseModel] | None, FieldInfo | None]:
-    """(loc without union tags, the model at loc (or owning its last key), the FieldInfo of the last key)."""
-    out: list[Any] = []
-    owner: Any = model
-    info: FieldInfo | None = None
-    tp: Any = model
-    for part in loc:
-        members = _union_members(tp)
-        if members and part in members:
-            tp = members[part]
-            continue
-        tp = _unwrap(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            owner = tp
-            fields = {f.alias or n: f for n, f in tp.model_fields.items()}
-            out.append(part)
-            if part in fields:
-                info = fields[part]
-                tp = info.annotation
-            else:
-                info, tp = None, Any
-            continue
-        out.append(part)
-        args = typing.get_args(tp)
-        if typing.get_origin(tp) is list and args:
-            item = args[0]
-            if typing.get_origin(item) is Annotated:
-                outer = info
-                info = FieldInfo.from_annotation(item)
-                info.description = info.description or (outer.description if outer is not None else None)
-            tp = item
-    final = _unwrap(tp)
-    if isinstance(final, type) and issubclass(final, BaseModel):
-        owner = final
-    return tuple(out), owner, info
-
-
-def _unwrap(tp: Any) -> Any:
-    """The model class inside Optional[...] / Annotated[...], else tp."""
-    while True:
-        origin = typing.get_origin(tp)
-        if origin is Annotated:
-            tp = typing.get_args(tp)[0]
-        elif origin is Union:
-            models = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(models) != 1:
-                return tp
-            tp = models[0]
-        else:
-            return tp
-
-
-def _union_members(tp: Any) -> dict[str, Any]:
-    """Tag -> member of a tagged union inside tp (Optional / Annotated around it included)."""
-    for _ in range(4):
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-        if origin is Annotated:
-            tp = args[0]
-            continue
-        if origin is Union:
-            tags = {}
-            for a in args:
-                for m in typing.get_args(a)[1:] if typing.get_origin(a) is Annotated else ():
-                    if isinstance(m, Tag):
-                        tags[m.tag] = typing.get_args(a)[0]
-            if tags:
-                return tags
-            inner = [a for a in args if a is not type(None)]
-            if len(inner) != 1:
-                return {}
-            tp = inner[0]
-            continue
-        return {}
-    return {}
-
-
-def _choices(info: FieldInfo | None) -> tuple:
-    tp = info.annotation if info is not None else None
-    for _ in range(3):
-        if typing.get_origin(tp) is Annotated:
-            tp = typing.get_args(tp)[0]
-        if typing.get_origin(tp) is Literal:
-            return typing.get_args(tp)
-    return ()
-
-
-def _allowed(name: str, info: FieldInfo | None) -> str:
-    if info is None:
-        return ""
-    choices = _choices(info)
-    bounds = {op: getattr(m, op) for m in info.metadata for op in ("gt", "ge", "lt", "le")
-              if isinstance(m, getattr(annotated_types, op.capitalize()))}
-    if choices:
-        text = ", ".join(_show(c) for c in choices)
-    elif bounds:
-        lo = f"{_num(bounds['gt'])} < " if "gt" in bounds else f"{_num(bounds['ge'])} <= " if "ge" in bounds else ""
-        hi = f" < {_num(bounds['lt'])}" if "lt" in bounds else f" <= {_num(bounds['le'])}" if "le" in bounds else ""
-        text = f"{lo}{name}{hi}"
-    else:
-        text = ""
-    note = info.description or ""
-    return f"{text} ({note})" if text and note else text or note
-
-
-def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else str(v)
-
-
-def _at(data: Any, path: Iterable[Any]) -> Any:
-    for part in path:
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
-            data = data[part]
-        else:
-            return None
-    return data
-
-
-def _dotted(prefix: str, path: Iterable[Any]) -> str:
-    key = prefix
-    for part in path:
-        key = f"{key}[{part}]" if isinstance(part, int) else _join(key, part)
-    return key
-
-
-def _join(key: str, sub: Any) -> str:
-    return f"{key}.{sub}" if key else str(sub)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-_show = show_value  # values as a config writes them (esq_lightning.errors)
 
 
 # ---- phase 2: checks that need the code or the disk ---------------------------------------------

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from esq_lightning.reporting.formats import _pct, attack_title, format_eps
+
 # Robust-accuracy columns from the most to the least trustworthy: the first one every run of a curve has is used.
 ROBUST_PREFERENCE = ("worst_case", "autoattack", "apgd_dlr", "apgd_ce", "pgd100", "pgd50", "pgd20", "pgd10", "cw",
                      "ddn", "fgsm")
@@ -147,8 +149,6 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def metric_title(metric: str) -> str:
-    from esq_lightning.reporting.report import attack_title
-
     return "worst case over the attacks" if metric == "worst_case" else attack_title(metric)
 
 
@@ -157,7 +157,6 @@ def plot_curve(curve: Curve, path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     from esq_lightning.evaluation.plots import _save
-    from esq_lightning.reporting.report import format_eps
 
     fig = Figure(figsize=(9.6, 3.8))
     axes = fig.subplots(1, 2, sharex=True)
@@ -189,8 +188,6 @@ def plot_curve(curve: Curve, path: str | Path) -> Path:
 
 
 def curve_markdown(curve: Curve, figure: str | None) -> str:
-    from esq_lightning.reporting.report import _pct, format_eps
-
     bits = sorted({p.bits for pts in curve.lines.values() for p in pts})
     head = ["method", *(f"{b} bits" for b in bits)]
     lines = [f"### Robustness vs compression: {curve.dataset} / {curve.model}", "",
