@@ -40,10 +40,10 @@ from esq_lightning.config.choices import (
     PAIRING_DISTANCES,
     PAIRING_LOGITS_ONLY,
     QUANT_BITS,
-    QUANT_DEFAULT_KIND,
     SQ_FUNCTIONS,
     SQ_VARIANTS,
 )
+from esq_lightning.config.quantizers import quant_widths
 from esq_lightning.errors import ESQUserError
 from esq_lightning.errors import did_you_mean as _did_you_mean
 from esq_lightning.errors import show_value
@@ -94,6 +94,31 @@ def Choice(*values: Any) -> Any:  # noqa: N802 - a type
         return value
 
     return Annotated[Literal[values], BeforeValidator(no_bool)]  # type: ignore[valid-type]
+
+
+class LiveChoices:
+    """Field metadata of a LiveChoice: the choices, read when a config is checked."""
+
+    def __init__(self, values: Callable[[], Iterable[Any]]) -> None:
+        self.values = values
+
+    def __call__(self) -> tuple:
+        return tuple(self.values())
+
+
+def LiveChoice(values: Callable[[], Iterable[Any]]) -> Any:  # noqa: N802 - a type
+    """One of ``values()`` at check time, so a registered entry (a quantizer family) is a choice too.
+
+    Checks and words errors like Choice: the value's type must be the choice's (true is not 1, '1' not 1).
+    """
+    choices = LiveChoices(values)
+
+    def check(value: Any) -> Any:
+        if not any(type(value) is type(c) and value == c for c in choices()):
+            raise PydanticCustomError("literal_error", "not one of the choices")
+        return value
+
+    return Annotated[Any, choices, BeforeValidator(check)]
 
 
 class Model(BaseModel):
@@ -299,8 +324,9 @@ class ModelConfig(TargetModel):
 
 class QuantConfig(Model):
     # conf/quant/default.yaml: kind is ${quant_kind:${.bits}}, so `quant.bits` alone picks the family.
-    kind: Choice(*QUANT_BITS)
-    bits: Choice(*QUANT_DEFAULT_KIND, *QUANT_BITS["full"])
+    # The registered quantizer families (config/quantizers.py), read at check time.
+    kind: LiveChoice(lambda: QUANT_BITS)
+    bits: LiveChoice(quant_widths)
     per_filter: bool
     keep_first_last: bool
     variant: Choice(*SQ_VARIANTS)
@@ -830,6 +856,9 @@ def _union_members(tp: Any) -> dict[str, Any]:
 
 
 def _choices(info: FieldInfo | None) -> tuple:
+    live = [m for m in info.metadata if isinstance(m, LiveChoices)] if info is not None else []
+    if live:
+        return live[0]()
     tp = info.annotation if info is not None else None
     for _ in range(3):
         if typing.get_origin(tp) is Annotated:
