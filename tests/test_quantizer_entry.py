@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,14 @@ from esq_lightning.config.quantizers import QUANT_BITS, QUANTIZER_SPECS, quant_w
 from esq_lightning.errors import ESQUserError
 from esq_lightning.quant import (
     QuantizerSpec,
+    draw_selection,
     full_quantization,
     pack_codes,
     quant_layers,
     quantize_model,
     quantizers,
     register_quantizer,
+    set_sq_ratio,
     unpack_codes,
     unregister_quantizer,
 )
@@ -99,7 +103,8 @@ def test_a_registered_quantizer_trains_exports_labels_and_reports_without_other_
         assert q["codes_bytes"] == -(-numel // 8) and q["alpha_numel"] == q["shape"][0]
     rebuilt, _ = load_exported(out)
     data = config["data"]
-    x = torch.rand(8, data["in_channels"], data["image_size"], data["image_size"], generator=torch.Generator().manual_seed(3))
+    shape = (8, data["in_channels"], data["image_size"], data["image_size"])
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad(), full_quantization(model):
         expected = model.eval()(x)
     with torch.no_grad():
@@ -127,6 +132,15 @@ def test_the_toy_quantizer_packs_and_unpacks_its_codes(toy: QuantizerSpec) -> No
     model = quantize_model(nn.Sequential(nn.Linear(4, 3)), TOY, per_filter=False)
     layer = model[0]
     torch.testing.assert_close(layer.quantized_weight().abs().unique(), layer.weight.abs().median().reshape(1))
+    # Stochastic Quantization draws on the toy's relative errors: at ratio 0.5, some filters quantized, the rest not.
+    model = quantize_model(nn.Sequential(nn.Linear(12, 8)), TOY)
+    set_sq_ratio(model, 0.5)
+    draw_selection(model, torch.Generator().manual_seed(0))
+    layer = model[0]
+    mask = layer.sq_mask
+    assert mask is not None and 0 < int(mask.sum()) < 8
+    torch.testing.assert_close(layer.effective_weight()[mask], layer.quantized_weight()[mask])
+    torch.testing.assert_close(layer.effective_weight()[~mask], layer.weight[~mask])
 
 
 def test_the_config_check_names_a_registered_quantizer_and_forgets_it_after(tmp_path: Path) -> None:
@@ -169,3 +183,13 @@ def test_registration_is_checked_and_undone() -> None:
         unregister_quantizer(TOY)
     with pytest.raises(ValueError, match=f"unknown quantizer kind '{TOY}'"):
         get_quantizer(TOY, 1)
+
+
+def test_the_entries_are_read_without_torch() -> None:
+    """Labels, the schema's choices and the writers' words come from the entries before torch is imported."""
+    code = ("import sys; from esq_lightning.config import schema; from esq_lightning.config.labels import derive_setting; "
+            "from esq_lightning.config.quantizers import QUANT_BITS, QUANTIZER_SPECS; "
+            "print(derive_setting('esq', 'uniform', 4, 'N'), list(QUANT_BITS), QUANTIZER_SPECS['twn'].text, "
+            "'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "NEU4 ['bwn', 'twn', 'uniform', 'full'] ternary weights (TWN, 2 bits) False"

@@ -3,9 +3,10 @@
 A full-precision run is `<method>F`: NF (natural), AF (adversarial). A quantized run is
 `<start><method><quantizer>`: the start is the method letter of the checkpoint it started from (N or A;
 nothing from scratch), the method is V (vanilla SQ: natural), E (error-silenced) or A (adversarial), and the
-quantizer is its family's letter (config/quantizers.py): B (BWN), T (TWN) or U<bits> (uniform k-bit). A full-precision run that has a start keeps it
-(AVF, AAF, AEF: the 32-bit points of a bit-width sweep), so it never passes for an NF / AF start. Methods
-without a letter (alp, trades) appear by name, the parts then joined with `-`: `A-TRADES-B`, `ALP-F`.
+quantizer is its family's letter (config/quantizers.py): B (BWN), T (TWN) or U<bits> (uniform k-bit). A
+full-precision run that has a start keeps it (AVF, AAF, AEF: the 32-bit points of a bit-width sweep), so it
+never passes for an NF / AF start. Methods without a letter (alp, trades) appear by name, the parts then
+joined with `-`: `A-TRADES-B`, `ALP-F`.
 
 The label is the `setting` of the composed config (`${esq_setting:}` in conf/train.yaml), so the run
 directory, results.json, the W&B group and tags and esq-report's rows all carry it; it is never copied

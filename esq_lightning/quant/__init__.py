@@ -1,4 +1,4 @@
-"""Weight quantization: BWN/TWN/k-bit uniform quantizers (one entry per family, a registry by width), Stochastic Quantization selection, layers, export."""
+"""Weight quantization: BWN/TWN/k-bit uniform quantizers (a registry by width), Stochastic Quantization selection, layers, export."""
 
 from .packing import FORMAT_NAME, FORMAT_VERSION, export_packed, load_packed, pack_codes, unpack_codes
 from .functional import (
