@@ -158,7 +158,8 @@ def quantize_codes(w: Tensor, kind: str, per_filter: bool = True, bits: int | No
         if len(spec.widths) != 1:
             raise ValueError(f"the {kind} quantizer needs bits")
         bits = spec.widths[0]
-    spec.values(bits)  # the width check, with the family's allowed widths in the message
+    if int(bits) not in spec.widths:
+        raise ValueError(f"{kind} quantizer bits {bits!r}; allowed: {', '.join(map(str, spec.widths))}")
     return codes_function(spec)(w, per_filter=per_filter, bits=int(bits))
 
 
