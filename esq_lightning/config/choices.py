@@ -3,22 +3,22 @@
 The code that implements each choice imports its table from here (esq_lightning.quant, .pairing,
 .training.objectives, .data.cifar), and the config schema (schema.py) checks a config against the same
 tables before torch is imported. Adding a choice: add it here and implement it in the module named
-beside its table.
+beside its table. Quantizers are the exception: each family is one entry in quantizers.py, whose
+registry these tables view.
 """
 
 from __future__ import annotations
 
-# ---- quantizers (esq_lightning/quant/functional.py, quant/registry.py) ----------------------------
-FULL_BITS = 32
-# Widths of the symmetric uniform quantizer: 2 bits is {-1, 0, +1} * s, 8 bits fills an int8.
-UNIFORM_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
-# Family -> the bit widths it is defined for.
-QUANT_FAMILIES: dict[str, tuple[int, ...]] = {"bwn": (1,), "twn": (2,), "uniform": UNIFORM_BITS}
-QUANT_KINDS: tuple[str, ...] = tuple(QUANT_FAMILIES)
-# The family `quant.bits` picks on its own (1 bwn, 2 twn, 3-8 uniform); FULL_BITS is full precision.
-QUANT_DEFAULT_KIND: dict[int, str] = {1: "bwn", 2: "twn", **{b: "uniform" for b in UNIFORM_BITS if b > 2}}
-# quant.kind -> its widths, `full` included (what a config may name).
-QUANT_BITS: dict[str, tuple[int, ...]] = {**QUANT_FAMILIES, "full": (FULL_BITS,)}
+# ---- quantizers (one QuantizerSpec per family: esq_lightning/config/quantizers.py) -------------------
+# Live read-only views of the quantizer registry: a family registered later appears in them.
+from esq_lightning.config.quantizers import (
+    FULL_BITS,
+    QUANT_BITS,
+    QUANT_DEFAULT_KIND,
+    QUANT_FAMILIES,
+    UNIFORM_BITS,
+)
+
 # quant.act_bits: unsigned activation codes after the ReLUs (quant/modules.py quantize_activations; 32 = off).
 ACT_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, FULL_BITS)
 

@@ -3,9 +3,10 @@
 A full-precision run is `<method>F`: NF (natural), AF (adversarial). A quantized run is
 `<start><method><quantizer>`: the start is the method letter of the checkpoint it started from (N or A;
 nothing from scratch), the method is V (vanilla SQ: natural), E (error-silenced) or A (adversarial), and the
-quantizer is B (BWN), T (TWN) or U<bits> (uniform k-bit). A full-precision run that has a start keeps it
-(AVF, AAF, AEF: the 32-bit points of a bit-width sweep), so it never passes for an NF / AF start. Methods
-without a letter (alp, trades) appear by name, the parts then joined with `-`: `A-TRADES-B`, `ALP-F`.
+quantizer is its family's letter (config/quantizers.py): B (BWN), T (TWN) or U<bits> (uniform k-bit). A
+full-precision run that has a start keeps it (AVF, AAF, AEF: the 32-bit points of a bit-width sweep), so it
+never passes for an NF / AF start. Methods without a letter (alp, trades) appear by name, the parts then
+joined with `-`: `A-TRADES-B`, `ALP-F`.
 
 The label is the `setting` of the composed config (`${esq_setting:}` in conf/train.yaml), so the run
 directory, results.json, the W&B group and tags and esq-report's rows all carry it; it is never copied
@@ -18,11 +19,12 @@ import functools
 from pathlib import Path
 from typing import Any
 
+from esq_lightning.config.quantizers import QUANTIZER_SPECS
+
 # The letter of a full-precision run's method (also what a quantized run that starts from it writes first).
 START_LETTER = {"natural": "N", "adversarial": "A"}
 # The letter of a quantized run's method.
 METHOD_LETTER = {"natural": "V", "esq": "E", "adversarial": "A"}
-QUANT_LETTER = {"bwn": "B", "twn": "T"}
 FULL = "F"
 # The start of a run whose init_from checkpoint says nothing about how it was trained.
 UNKNOWN_START = "X"
@@ -33,10 +35,11 @@ def is_full_precision(quant_kind: str | None, bits: int | None = None) -> bool:
 
 
 def quant_code(quant_kind: str, bits: int | None) -> str:
-    """B (BWN), T (TWN), U<bits> (uniform k-bit), otherwise the kind's name with its bit width."""
-    if quant_kind in QUANT_LETTER:
-        return QUANT_LETTER[quant_kind]
-    return ("U" if quant_kind == "uniform" else quant_kind.upper()) + str(int(bits) if bits is not None else "")
+    """The family's letter (B BWN, T TWN, U<bits> uniform k-bit); a kind no family has: its name with its width."""
+    spec = QUANTIZER_SPECS.get(quant_kind)
+    if spec is not None:
+        return spec.label_code(bits)
+    return quant_kind.upper() + str(int(bits) if bits is not None else "")
 
 
 def derive_setting(method: str, quant_kind: str | None, bits: int | None = None, start: str | None = None) -> str:

@@ -59,6 +59,31 @@ def check(fn: Callable[[Any], str | None]) -> Any:
     return AfterValidator(run)
 
 
+class LiveChoices:
+    """Field metadata of a LiveChoice: the choices, read when a config is checked."""
+
+    def __init__(self, values: Callable[[], Iterable[Any]]) -> None:
+        self.values = values
+
+    def __call__(self) -> tuple:
+        return tuple(self.values())
+
+
+def LiveChoice(values: Callable[[], Iterable[Any]]) -> Any:  # noqa: N802 - a type
+    """One of ``values()`` at check time, so a registered entry (a quantizer family) is a choice too.
+
+    Checks and words errors like Choice: the value's type must be the choice's (true is not 1, '1' not 1).
+    """
+    choices = LiveChoices(values)
+
+    def check(value: Any) -> Any:
+        if not any(type(value) is type(c) and value == c for c in choices()):
+            raise PydanticCustomError("literal_error", "not one of the choices")
+        return value
+
+    return Annotated[Any, choices, BeforeValidator(check)]
+
+
 def Choice(*values: Any) -> Any:  # noqa: N802 - a type
     """One of `values` (true/false are not 1/0 here)."""
 
@@ -268,6 +293,9 @@ def _union_members(tp: Any) -> dict[str, Any]:
 
 
 def _choices(info: FieldInfo | None) -> tuple:
+    live = [m for m in info.metadata if isinstance(m, LiveChoices)] if info is not None else []
+    if live:
+        return live[0]()
     tp = info.annotation if info is not None else None
     for _ in range(3):
         if typing.get_origin(tp) is Annotated:

@@ -34,11 +34,11 @@ def _setting(*, _root_: Any) -> str:
 
 
 def _quant_kind(bits: object) -> str:
-    from esq_lightning.config.choices import FULL_BITS, QUANT_DEFAULT_KIND
+    from esq_lightning.config.quantizers import FULL_BITS, QUANT_DEFAULT_KIND
 
     # An unknown width resolves to uniform, so the schema's check of quant.bits names the allowed widths.
     try:
-        return "full" if int(bits) == FULL_BITS else QUANT_DEFAULT_KIND.get(int(bits), "uniform")  # type: ignore[call-overload]
+        return "full" if int(bits) == FULL_BITS else QUANT_DEFAULT_KIND.get(int(bits), "uniform")
     except (TypeError, ValueError):
         return "uniform"
 

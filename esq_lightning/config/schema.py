@@ -37,13 +37,12 @@ from esq_lightning.config.choices import (
     PAIRING_DISTANCES,
     PAIRING_LOGITS_ONLY,
     QUANT_BITS,
-    QUANT_DEFAULT_KIND,
     SQ_FUNCTIONS,
     SQ_VARIANTS,
 )
 # The one error-message layer of the config models (config/messages.py); the short names below are the ones
 # the models and the phase-2 checks use.
-from esq_lightning.config.messages import Choice
+from esq_lightning.config.messages import Choice, LiveChoice
 from esq_lightning.config.messages import at as _at
 from esq_lightning.config.messages import check as _check
 from esq_lightning.config.messages import first_line as _first_line
@@ -52,6 +51,7 @@ from esq_lightning.config.messages import keys_of as _keys_of
 from esq_lightning.config.messages import rule as _rule
 from esq_lightning.config.messages import show as _show
 from esq_lightning.config.messages import validate as _validate
+from esq_lightning.config.quantizers import quant_widths
 from esq_lightning.errors import ESQUserError
 from esq_lightning.errors import did_you_mean as _did_you_mean
 
@@ -275,8 +275,9 @@ class ModelConfig(TargetModel):
 
 class QuantConfig(Model):
     # conf/quant/default.yaml: kind is ${quant_kind:${.bits}}, so `quant.bits` alone picks the family.
-    kind: Choice(*QUANT_BITS)
-    bits: Choice(*QUANT_DEFAULT_KIND, *QUANT_BITS["full"])
+    # The registered quantizer families (config/quantizers.py), read at check time.
+    kind: LiveChoice(lambda: QUANT_BITS)
+    bits: LiveChoice(quant_widths)
     per_filter: bool
     keep_first_last: bool
     variant: Choice(*SQ_VARIANTS)

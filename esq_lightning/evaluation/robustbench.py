@@ -14,6 +14,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from esq_lightning.config.quantizers import QUANTIZER_SPECS
 from esq_lightning.errors import ESQUserError
 
 FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue", "architecture",
@@ -21,10 +22,17 @@ FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes",
 ARCHITECTURES = {"wrn28_10": "WideResNet-28-10", "resnet152": "ResNet-152", "resnet20": "ResNet-20",
                  "resnet56": "ResNet-56", "preact_resnet18": "PreActResNet-18", "small_cnn": "SmallCNN"}
 THREAT_MODELS = {"linf": "Linf", "l2": "L2"}
-QUANT_TEXT = {"bwn": "binary weights (BWN, 1 bit)", "twn": "ternary weights (TWN, 2 bits)",
-              "full": "full-precision weights (32 bits)"}
+FULL_TEXT = "full-precision weights (32 bits)"
 # RobustBench evaluates on the full test set.
 FULL_TEST_SET = 10000
+
+
+def quant_text(kind: str) -> str:
+    """The words for the weights of quantizer family ``kind`` (its entry's text, config/quantizers.py)."""
+    if kind == "full":
+        return FULL_TEXT
+    spec = QUANTIZER_SPECS.get(kind)
+    return spec.text if spec is not None else kind
 
 
 def eps_string(eps: float, norm: str) -> str:
@@ -59,7 +67,7 @@ def model_info(results: Mapping[str, Any], train_config: Mapping[str, Any],
     kind = str(quant.get("kind", "full"))
     bits = int(quant.get("bits", 32))
     n = int(results.get("n_samples") or 0)
-    notes = [f"{QUANT_TEXT.get(kind, kind)}: {bits}-bit weights"
+    notes = [f"{quant_text(kind)}: {bits}-bit weights"
              + (", first and last layers full precision" if quant.get("keep_first_last") else ""),
              f"trained with {(train_config.get('method') or {}).get('name')} (setting {train_config.get('setting')})",
              f"clean and AutoAttack ({used.get('version', 'standard')}) accuracy on {n} test points"

@@ -39,7 +39,17 @@ from .modules import (
     selection_state,
     set_sq_ratio,
 )
-from .registry import FAMILIES, QUANTIZERS, Quantizer, default_kind, resolve_kind
+from .registry import (
+    FAMILIES,
+    QUANTIZERS,
+    Quantizer,
+    QuantizerSpec,
+    default_kind,
+    quantizers,
+    register_quantizer,
+    resolve_kind,
+    unregister_quantizer,
+)
 from .selection import (
     SELECTION_FUNCTIONS,
     VARIANTS,
@@ -60,6 +70,10 @@ __all__ = [
     "FAMILIES",
     "QUANTIZERS",
     "Quantizer",
+    "QuantizerSpec",
+    "quantizers",
+    "register_quantizer",
+    "unregister_quantizer",
     "UNIFORM_BITS",
     "UNIFORM_SCALE_ITERS",
     "default_kind",

@@ -1,15 +1,23 @@
-"""Weight quantizers (BWN, TWN, k-bit uniform), their integer codes and the per-filter relative error."""
+"""Weight quantizers (BWN, TWN, k-bit uniform), their integer codes and the per-filter relative error.
+
+The functions here are the math of the built-in families; each family's entry
+(esq_lightning/config/quantizers.py) names its codes function, and quantize_codes calls the entry's.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from esq_lightning.config.choices import QUANT_KINDS, UNIFORM_BITS
+from esq_lightning.config.choices import QUANT_FAMILIES, UNIFORM_BITS
+from esq_lightning.config.quantizers import QuantizerSpec, quantizer_spec
 
 __all__ = [
     "KINDS",
     "TWN_DELTA_FACTOR",
+    "codes_function",
     "bwn",
     "bwn_codes",
     "twn",
@@ -26,7 +34,8 @@ __all__ = [
     "relative_error",
 ]
 
-KINDS: tuple[str, ...] = QUANT_KINDS
+# The registered families (a live view: a family registered later appears).
+KINDS = QUANT_FAMILIES.keys()
 TWN_DELTA_FACTOR: float = 0.7
 # Alternating least-squares steps of the uniform scale (see uniform_codes); each never raises the error.
 UNIFORM_SCALE_ITERS: int = 5
@@ -51,11 +60,18 @@ def dequantize(codes: Tensor, alpha: Tensor, shape: torch.Size | tuple[int, ...]
     return (alpha.reshape(-1, 1) * codes.to(alpha.dtype)).reshape(shape)
 
 
-def bwn_codes(w: Tensor, per_filter: bool = True) -> tuple[Tensor, Tensor]:
+def _check_bits(kind: str, bits: int, only: int) -> None:
+    if int(bits) != only:
+        raise ValueError(f"{kind} quantizer bits {bits!r}; allowed: {only}")
+
+
+def bwn_codes(w: Tensor, per_filter: bool = True, bits: int = 1) -> tuple[Tensor, Tensor]:
     """Sign codes (int8 in {-1, +1}, sign(0) = +1) with one row per alpha, and alpha = mean |W|.
 
-    Codes have shape [O, d] (per_filter) or [1, O*d]; alpha has shape [O] or [1], dtype of w.
+    Codes have shape [O, d] (per_filter) or [1, O*d]; alpha has shape [O] or [1], dtype of w. ``bits``
+    is BWN's one width, taken so that every family's codes function has the same call.
     """
+    _check_bits("bwn", bits, 1)
     _check_weight(w)
     rows = _rows(w.detach(), per_filter)
     alpha = rows.abs().mean(dim=1)
@@ -63,11 +79,13 @@ def bwn_codes(w: Tensor, per_filter: bool = True) -> tuple[Tensor, Tensor]:
     return codes, alpha
 
 
-def twn_codes(w: Tensor, per_filter: bool = True) -> tuple[Tensor, Tensor]:
+def twn_codes(w: Tensor, per_filter: bool = True, bits: int = 2) -> tuple[Tensor, Tensor]:
     """Ternary codes (int8 in {-1, 0, +1}) and alpha, with Delta = 0.7 * mean |W| per row.
 
-    alpha is the mean of |W| over the entries above Delta, 0 where there are none.
+    alpha is the mean of |W| over the entries above Delta, 0 where there are none. ``bits`` is TWN's
+    one width (see bwn_codes).
     """
+    _check_bits("twn", bits, 2)
     _check_weight(w)
     rows = _rows(w.detach(), per_filter)
     mag = rows.abs()
@@ -115,17 +133,34 @@ def uniform_codes(w: Tensor, bits: int, per_filter: bool = True) -> tuple[Tensor
     return codes.to(torch.int8), scale
 
 
+_CODES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
+
+
+def codes_function(spec: QuantizerSpec) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The family's codes function: the entry's own, or the one its "module:function" path names (imported once)."""
+    if callable(spec.codes):
+        return spec.codes
+    fn = _CODES.get(spec.codes)
+    if fn is None:
+        module, _, name = spec.codes.partition(":")
+        fn = getattr(importlib.import_module(module), name)
+        _CODES[spec.codes] = fn
+    return fn
+
+
 def quantize_codes(w: Tensor, kind: str, per_filter: bool = True, bits: int | None = None) -> tuple[Tensor, Tensor]:
-    """(codes, alpha) of ``kind`` ("bwn", "twn" or "uniform" with ``bits``); see the *_codes functions."""
-    if kind == "bwn":
-        return bwn_codes(w, per_filter)
-    if kind == "twn":
-        return twn_codes(w, per_filter)
-    if kind == "uniform":
-        if bits is None:
-            raise ValueError("the uniform quantizer needs bits")
-        return uniform_codes(w, bits, per_filter)
-    raise ValueError(f"unknown quantizer kind {kind!r}; allowed: {', '.join(KINDS)}")
+    """(codes, alpha) of the registered family ``kind`` at ``bits`` (None: the family's only width).
+
+    The family's entry (esq_lightning/config/quantizers.py) gives the function; see the *_codes functions.
+    """
+    spec = quantizer_spec(kind)
+    if bits is None:
+        if len(spec.widths) != 1:
+            raise ValueError(f"the {kind} quantizer needs bits")
+        bits = spec.widths[0]
+    if int(bits) not in spec.widths:
+        raise ValueError(f"{kind} quantizer bits {bits!r}; allowed: {', '.join(map(str, spec.widths))}")
+    return codes_function(spec)(w, per_filter=per_filter, bits=int(bits))
 
 
 def bwn(w: Tensor, per_filter: bool = True) -> Tensor:
@@ -147,7 +182,7 @@ def uniform(w: Tensor, bits: int, per_filter: bool = True) -> Tensor:
 
 
 def quantize_weight(w: Tensor, kind: str, per_filter: bool = True, bits: int | None = None) -> Tensor:
-    """Quantized copy of ``w`` (no gradient): kind "bwn", "twn" or "uniform" (with ``bits``)."""
+    """Quantized copy of ``w`` (no gradient) by the registered family ``kind`` at ``bits`` (see quantize_codes)."""
     codes, alpha = quantize_codes(w, kind, per_filter, bits)
     return dequantize(codes, alpha, w.shape)
 

@@ -1,4 +1,5 @@
-"""Bit-packed export of a quantized model (b bits/weight for every b <= 8: BWN 1, TWN 2, uniform 2-8) and its reload."""
+"""Bit-packed export of a quantized model (b bits/weight for every b <= 8: BWN 1, TWN 2, uniform 2-8, any
+registered family at its widths) and its reload; a code is stored as its index among its family's code values."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .functional import dequantize, uniform_levels
+from .functional import dequantize
 from .modules import quant_layers
 from .registry import resolve_kind
 
 from esq_lightning.artifacts.atomic import atomic_write
+from esq_lightning.config.quantizers import quantizer_spec
 
 __all__ = [
     "FORMAT_NAME",
@@ -48,26 +50,30 @@ def _pad(n: int) -> int:
     return (-n) % _ALIGN
 
 
-def _offset(kind: str, bits: int) -> tuple[int, int]:
-    # (offset added to a code to make it unsigned, largest valid unsigned value).
-    if kind == "bwn":
-        return 0, 1  # bit 1 = +1, bit 0 = -1
-    if kind == "twn":
-        return 1, 2  # code + 1 in {0, 1, 2}; 3 never occurs and is rejected on load
-    levels = uniform_levels(bits)
-    return levels, 2 * levels  # code + L in 0..2L = 0..2^b - 2; 2^b - 1 never occurs
+def _code_table(kind: str, bits: int) -> Tensor:
+    # The family's code values, ascending (its entry in config/quantizers.py): a code is stored as its index
+    # here, in `bits` bits. BWN {-1,+1} -> 0, 1; TWN {-1,0,+1} -> 0..2 (3 never occurs and is rejected on load);
+    # uniform -L..L -> code + L in 0..2^b - 2 (2^b - 1 never occurs).
+    return torch.tensor(quantizer_spec(kind).values(bits), dtype=torch.int16)
 
 
 def pack_codes(codes: Tensor, kind: str, bits: int | None = None) -> Tensor:
     """Pack int8 codes into a uint8 bit stream, ``bits`` bits per code, LSB first.
 
-    BWN {-1,+1} (1 bit), TWN {-1,0,+1} (2 bits), uniform -L..L (b bits, stored as code + L). Code i
-    occupies stream bits [i*b, (i+1)*b); for b = 1, 2, 4, 8 that is 8/b whole codes per byte.
+    Each code is stored as its index among the family's code values (ascending): BWN {-1,+1} (1 bit), TWN
+    {-1,0,+1} (2 bits), uniform -L..L (b bits, stored as code + L). Code i occupies stream bits
+    [i*b, (i+1)*b); for b = 1, 2, 4, 8 that is 8/b whole codes per byte. ValueError for a code that is not
+    one of the values.
     """
     kind, bits = resolve_kind(kind, bits)
-    offset, _ = _offset(kind, bits)
-    flat = codes.reshape(-1)
-    vals = (flat > 0).to(torch.uint8) if kind == "bwn" else (flat.to(torch.int16) + offset).to(torch.uint8)
+    table = _code_table(kind, bits).to(codes.device)
+    flat = codes.reshape(-1).to(torch.int16)
+    index = torch.searchsorted(table, flat).clamp_max(table.numel() - 1)
+    if not bool((table[index] == flat).all()):
+        bad = flat[table[index] != flat][0]
+        raise ValueError(f"code {int(bad)} is not a {bits}-bit {kind} code; allowed: "
+                         f"{', '.join(map(str, table.tolist()))}")
+    vals = index.to(torch.uint8)
     shifts = torch.arange(bits, dtype=torch.uint8, device=vals.device)
     stream = ((vals.reshape(-1, 1) >> shifts) & 1).reshape(-1)
     pad = (-stream.numel()) % 8
@@ -80,18 +86,17 @@ def pack_codes(codes: Tensor, kind: str, bits: int | None = None) -> Tensor:
 def unpack_codes(packed: Tensor, kind: str, numel: int, bits: int | None = None) -> Tensor:
     """Inverse of pack_codes: the first ``numel`` codes as int8 (ValueError for a code no quantizer emits)."""
     kind, bits = resolve_kind(kind, bits)
-    offset, largest = _offset(kind, bits)
+    table = _code_table(kind, bits).to(packed.device)
+    largest = table.numel() - 1
     if packed.numel() * 8 < numel * bits:
         raise ValueError(f"{packed.numel()} bytes hold fewer than {numel} {bits}-bit codes")
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     stream = ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[: numel * bits].reshape(numel, bits)
     weights = 1 << torch.arange(bits, dtype=torch.int32, device=packed.device)
     vals = (stream.to(torch.int32) * weights).sum(dim=1)
-    if kind == "bwn":
-        return (vals * 2 - 1).to(torch.int8)
     if bool((vals > largest).any()):
         raise ValueError(f"invalid {bits}-bit {kind} code {int(vals.max())} in packed data (largest {largest})")
-    return (vals - offset).to(torch.int8)
+    return table[vals].to(torch.int8)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1,8 +1,10 @@
 """The quantizers by family and bit width: one place to look a quantizer up (`get`) and to list them all.
 
-A quantizer is a family (`bwn`, `twn`, `uniform`) at one bit width. `quant.bits` alone picks the
-default family of its width (1 bwn, 2 twn, 3-8 uniform, 32 full precision); `quant.kind` picks
-another family where one exists for that width (uniform at 2 bits).
+A quantizer is a family (`bwn`, `twn`, `uniform`, or one registered with register_quantizer) at one
+bit width. Each family is one entry, a QuantizerSpec (esq_lightning/config/quantizers.py): this module
+binds the entry to torch and reads everything else from it. `quant.bits` alone picks the default family
+of its width (1 bwn, 2 twn, 3-8 uniform, 32 full precision); `quant.kind` picks another family where one
+exists for that width (uniform at 2 bits).
 """
 
 from __future__ import annotations
@@ -12,14 +14,33 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from esq_lightning.config.choices import FULL_BITS, QUANT_DEFAULT_KIND, QUANT_FAMILIES
+from esq_lightning.config.quantizers import (
+    QUANTIZER_SPECS,
+    QuantizerSpec,
+    quantizer_spec,
+    register_quantizer,
+    unregister_quantizer,
+)
 
-from .functional import dequantize, quantize_codes, uniform_levels
+from .functional import dequantize, quantize_codes
 
-__all__ = ["FAMILIES", "FULL_BITS", "QUANTIZERS", "Quantizer", "default_kind", "get", "resolve_kind"]
+__all__ = [
+    "FAMILIES",
+    "FULL_BITS",
+    "QUANTIZERS",
+    "Quantizer",
+    "QuantizerSpec",
+    "default_kind",
+    "get",
+    "quantizers",
+    "register_quantizer",
+    "resolve_kind",
+    "unregister_quantizer",
+]
 
-# Family -> the bit widths it is defined for, and the family of each width (esq_lightning/config/choices.py).
-FAMILIES: dict[str, tuple[int, ...]] = QUANT_FAMILIES
-_DEFAULT_KIND: dict[int, str] = QUANT_DEFAULT_KIND
+# Family -> the bit widths it is defined for, and the family of each width: live views of the entries.
+FAMILIES = QUANT_FAMILIES
+_DEFAULT_KIND = QUANT_DEFAULT_KIND
 
 
 @dataclass(frozen=True)
@@ -30,19 +51,19 @@ class Quantizer:
     bits: int
 
     @property
+    def spec(self) -> QuantizerSpec:
+        """The family's entry: math, code values, widths, label letter, report text."""
+        return quantizer_spec(self.kind)
+
+    @property
     def name(self) -> str:
-        """`bwn`, `twn` or `uniform<bits>` (e.g. uniform4): unique over the registry."""
-        return self.kind if self.kind in ("bwn", "twn") else f"{self.kind}{self.bits}"
+        """The kind for a family of one width (`bwn`, `twn`), else kind and width (`uniform4`): unique."""
+        return self.kind if len(self.spec.widths) == 1 else f"{self.kind}{self.bits}"
 
     @property
     def code_values(self) -> tuple[int, ...]:
-        """Every integer code the quantizer can emit (the levels, before the scale)."""
-        if self.kind == "bwn":
-            return (-1, 1)
-        if self.kind == "twn":
-            return (-1, 0, 1)
-        n = uniform_levels(self.bits)
-        return tuple(range(-n, n + 1))
+        """Every integer code the quantizer can emit (the levels, before the scale), ascending."""
+        return self.spec.values(self.bits)
 
     def codes(self, w: Tensor, per_filter: bool = True) -> tuple[Tensor, Tensor]:
         """(codes, scale): codes [O, d] (per filter) or [1, O*d], one scale per row."""
@@ -53,7 +74,13 @@ class Quantizer:
         return dequantize(codes, scale, w.shape)
 
 
-QUANTIZERS: tuple[Quantizer, ...] = tuple(Quantizer(k, b) for k, widths in FAMILIES.items() for b in widths)
+def quantizers() -> tuple[Quantizer, ...]:
+    """Every registered family at each of its widths, in registration order."""
+    return tuple(Quantizer(k, b) for k, spec in QUANTIZER_SPECS.items() for b in spec.widths)
+
+
+# The built-in quantizers (those registered at import); quantizers() includes any registered later.
+QUANTIZERS: tuple[Quantizer, ...] = quantizers()
 
 
 def default_kind(bits: int) -> str:
