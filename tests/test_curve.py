@@ -16,7 +16,7 @@ from esq_lightning.artifacts.runs import iter_results
 
 def write(run_dir: Path, method: str, bits: int, seed: int, clean: float, robust: dict[str, float], *,
           width: int = 32, init_from: str | None = "setting:AF", model_bytes: int | None = None,
-          distance: str = "relative_l2", lambdas: tuple[float, ...] = (1.0,)) -> None:
+          distance: str = "relative_l2", lambdas: tuple[float, ...] = (1.0,), config: dict | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     rec = {"task": "train", "setting": f"A{method[0].upper()}{bits}", "dataset": "digits", "model": "small_cnn",
            "method": method, "quant": "uniform", "bits": bits, "act_bits": 32, "model_width": {"width": width},
@@ -25,6 +25,8 @@ def write(run_dir: Path, method: str, bits: int, seed: int, clean: float, robust
                                                                  "distance": distance}}
     if model_bytes is not None:
         rec["model_bytes"] = model_bytes
+    if config is not None:
+        rec["train_config"] = {**config, "quant.bits": bits, "seed": seed, "init_from": init_from}
     (run_dir / "results.json").write_text(json.dumps(rec))
 
 
@@ -119,3 +121,16 @@ def test_error_silenced_runs_of_different_pairings_are_separate_lines(tmp_path: 
     assert set(curve.lines) == {"error-silenced (ESQ) (kl, lambda 1)", "error-silenced (ESQ) (relative_l2, lambda 10)"}
     assert [p.robust for p in curve.lines["error-silenced (ESQ) (kl, lambda 1)"]] == [[pytest.approx(0.3)],
                                                                                       [pytest.approx(0.4)]]
+
+
+def test_runs_of_different_schedules_are_separate_lines_named_by_the_key(tmp_path: Path) -> None:
+    """A 30-epoch and a 2-epoch sweep never join into one curve."""
+    for epochs in (2, 30):
+        for bits in (1, 4):
+            write(tmp_path / f"{epochs}_{bits}", "esq", bits, 0, 0.9, {"pgd20": 0.01 * epochs + 0.01 * bits},
+                  config={"trainer.max_epochs": epochs, "method.name": "esq"})
+    (curve,) = build_curves(iter_results(tmp_path))
+    assert set(curve.lines) == {"error-silenced (ESQ) (trainer.max_epochs=2)",
+                                "error-silenced (ESQ) (trainer.max_epochs=30)"}
+    short = curve.lines["error-silenced (ESQ) (trainer.max_epochs=2)"]
+    assert [statistics.fmean(p.robust) for p in short] == pytest.approx([0.03, 0.06])

@@ -188,8 +188,10 @@ def test_cli_reads_a_list_of_folders(tmp_path: Path) -> None:
     proc = esq_report(f"runs=[{tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'a' / '0'}]", f"out={tmp_path / 'r'}")
     assert proc.returncode == 0, proc.stderr
     assert "| NVB | 1 | 90.00 |" in proc.stdout and "| NEB | 1 | 80.00 |" in proc.stdout  # a/0 twice counts once
+    # without out=, the report goes to report/ in the folder the runs share
     proc = esq_report(f"runs=[{tmp_path / 'a'},{tmp_path / 'b'}]")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: out: ")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "report" / "report.md").is_file() and "| NEB | 1 | 80.00 |" in proc.stdout
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -258,3 +260,22 @@ def test_unreadable_files_are_named_and_the_rest_is_reported(tmp_path: Path) -> 
     (runs / "0" / "results.json").write_text("{")
     with pytest.raises(ESQUserError, match=f"no readable results; cannot read .*{runs / '0' / 'results.json'}"):
         make_report(runs)
+
+
+def test_runs_of_different_training_configs_are_separate_rows_named_by_the_keys_that_differ(tmp_path: Path) -> None:
+    """A 2-epoch and a 30-epoch run of one setting never share a cell; the row names the real values."""
+    for seed in (0, 1):
+        write_result(tmp_path / "long" / str(seed), "AEB", seed, 0.9, 0.4 + seed / 10)
+        _set_config(tmp_path / "long" / str(seed), {"seed": seed, "trainer.max_epochs": 30, "quant.kind": "bwn"})
+    write_result(tmp_path / "short", "AEB", 0, 0.2, 0.05)
+    _set_config(tmp_path / "short", {"seed": 0, "trainer.max_epochs": 2, "quant.kind": "bwn"})
+    md = make_report(tmp_path)["markdown"]
+    assert row(md, "AEB (trainer.max_epochs=2)")[1:3] == ["1", "20.00"]
+    assert row(md, "AEB (trainer.max_epochs=30)")[1:3] == ["2", "90.00 ± 0.00"]
+    assert "None" not in md
+
+
+def _set_config(run_dir: Path, config: dict) -> None:
+    path = run_dir / "results.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "train_config": config}))

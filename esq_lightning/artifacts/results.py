@@ -39,7 +39,7 @@ NOT_TRAINING_KEYS = (
     "logger", "threads", "trust_checkpoint", "ckpt_path", "tags", "optimized_metric", "paths", "eval",
     "hparams_search", "channels_last", "compile", "init_seed", "task_name", "experiment_name", "setting", "progress",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.accelerator",
-    "data.data_dir", "data.num_workers",
+    "data.data_dir", "data.num_workers", "hydra", "callbacks.checkpoint",
 )
 
 

@@ -89,13 +89,16 @@ def find_runs(runs_root: str | Path, setting: str, *, seed: int | None = None, d
     return sorted(found, key=lambda r: Path(r["checkpoint"]).stat().st_mtime, reverse=True)
 
 
-def _stored_config(res: dict[str, Any]) -> dict[str, Any]:
+def stored_training_config(res: dict[str, Any], run_dir: str | Path | None = None) -> dict[str, Any]:
     """A finished run's training config: results.json `train_config`, or for older records the run's
-    .hydra/config.yaml with the same keys left out."""
+    .hydra/config.yaml with the same keys left out ({} when neither exists)."""
     if isinstance(res.get("train_config"), dict):
         return res["train_config"]
-    run_dir = Path(res["checkpoint"]).parent.parent
-    hydra_config = run_dir / ".hydra" / "config.yaml"
+    if run_dir is None:
+        if not res.get("checkpoint"):
+            return {}
+        run_dir = Path(res["checkpoint"]).parent.parent
+    hydra_config = Path(run_dir) / ".hydra" / "config.yaml"
     if hydra_config.is_file():
         try:
             tree = yaml.safe_load(hydra_config.read_text())
@@ -143,7 +146,7 @@ def _matches(config: dict[str, Any], filters: dict[str, Any]) -> bool:
 def choose_run(found: list[dict[str, Any]], spec: str, filters: dict[str, Any], where: str) -> dict[str, Any]:
     """The one run `spec` names among `found` (newest first): the newest of those whose training configs equal
     each other but for the seed. Runs of several configs are refused with what differs and how to pick one."""
-    configs = [_stored_config(r) for r in found]
+    configs = [stored_training_config(r) for r in found]
     if filters:
         kept = [(r, c) for r, c in zip(found, configs, strict=True) if _matches(c, filters)]
         if not kept:

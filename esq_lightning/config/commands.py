@@ -55,13 +55,6 @@ class ReportOptions(_Options):
     def _one_folder_is_a_list(cls, value: Any) -> Any:
         return _as_list(value)
 
-    @model_validator(mode="after")
-    def _one_out_for_many_runs(self) -> ReportOptions:
-        if len(self.runs) > 1 and self.out is None:
-            raise rule("out", "give out=DIR when runs has more than one folder (the default, <runs>/report, "
-                              "needs a single folder)")
-        return self
-
 
 class ReproduceOptions(_Options):
     """conf/reproduce.yaml: the options of esq-reproduce (null: the scale's default, see the YAML)."""

@@ -7,6 +7,8 @@ worst case over the evaluation's attacks) where every run has it, else the stron
 
 from __future__ import annotations
 
+import json
+
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -63,7 +65,18 @@ def _pairing(res: dict[str, Any]) -> str:
     return f"{pairing.get('distance') or 'relative_l2'}, lambda {lambdas}"
 
 
-def _line_label(res: dict[str, Any], varying: Sequence[str]) -> str:
+# Keys of a training config that move along a curve (the weight width and its quantizer family), differ per seed, or
+# name the start (the line's `start`): the rest must be equal for runs to be points of one line.
+ALONG_THE_LINE = ("seed", "init_from", "init_seed", "quant.bits", "quant.kind")
+
+
+def _other_config(res: dict[str, Any]) -> dict[str, Any]:
+    """The run's training config (results.json train_config) without the keys a curve runs along."""
+    return {k: v for k, v in (res.get("train_config") or {}).items()
+            if k not in ALONG_THE_LINE}
+
+
+def _line_label(res: dict[str, Any], varying: Sequence[str], config_keys: Sequence[str] = ()) -> str:
     label = METHOD_TITLES.get(str(res.get("method")), str(res.get("method")))
     extra = []
     if "pairing" in varying and _pairing(res):
@@ -74,6 +87,8 @@ def _line_label(res: dict[str, Any], varying: Sequence[str]) -> str:
         extra.append(f"A{res.get('act_bits', 32)}")
     if "init_from" in varying:
         extra.append(f"from {res.get('start', '?')}")
+    other = _other_config(res)
+    extra += [f"{k}={other.get(k, '(absent)')}" for k in config_keys]
     return label + (f" ({'; '.join(extra)})" if extra else "")
 
 
@@ -94,7 +109,8 @@ def build_curves(records: Iterable[tuple[Path, dict[str, Any]]], x_axis: str = "
             continue
         # A configuration seen at one width only (e.g. the full-precision start itself) is a point, not a line.
         def config(r: dict[str, Any]) -> tuple[str, ...]:
-            return (str(r.get("method")), str(r.get("model_width")), str(r.get("act_bits", 32)), r["start"], _pairing(r))
+            return (str(r.get("method")), str(r.get("model_width")), str(r.get("act_bits", 32)), r["start"], _pairing(r),
+                    json.dumps(_other_config(r), sort_keys=True, default=str))
 
         spans: dict[tuple[str, ...], set[int]] = {}
         for _, r in items:
@@ -109,13 +125,19 @@ def build_curves(records: Iterable[tuple[Path, dict[str, Any]]], x_axis: str = "
                                           ("act_bits", lambda r: r.get("act_bits", 32)),
                                           ("init_from", lambda r: r["start"]))
                    if len({get(r) for _, r in items} - {""}) > 1]  # "": no pairing (methods other than esq)
+        # Any other training key that differs between the runs of this group (a schedule, an optimizer) names the line.
+        others = [_other_config(r) for _, r in items]
+        shown = {"method.name", "pairing.layers", "pairing.lambdas", "pairing.distance", "pairing.p", "quant.act_bits",
+                 "model.width", "model.widen_factor"}
+        config_keys = sorted(k for k in {k for o in others for k in o} - shown
+                             if len({json.dumps(o.get(k), default=str) for o in others}) > 1)
         newest: dict[tuple[str, int, int], tuple[float, dict[str, Any]]] = {}
         for run_dir, res in items:
             try:
                 mtime = (run_dir / "results.json").stat().st_mtime
             except OSError:
                 mtime = 0.0
-            k = (_line_label(res, varying), int(res["bits"]), int(res.get("seed", 0)))
+            k = (_line_label(res, varying, config_keys), int(res["bits"]), int(res.get("seed", 0)))
             if k not in newest or mtime >= newest[k][0]:
                 newest[k] = (mtime, res)
         lines: dict[str, dict[int, Point]] = {}

@@ -7,14 +7,15 @@ LaTeX, CSV) are reporting/formats.py, the robustness-compression curve reporting
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from esq_lightning.artifacts.runs import iter_results, read_json_record
-from esq_lightning.errors import ESQUserError
+from esq_lightning.artifacts.runs import iter_results, read_json_record, stored_training_config
+from esq_lightning.errors import ESQUserError, show_value
 from esq_lightning.reporting.curves import log_curves_wandb, write_curves
 from esq_lightning.reporting.formats import (
     _title,
@@ -51,6 +52,9 @@ IGNORED_OVERRIDES = ("seed", "ckpt_path", "ckpts", "init_from", "threads", "prog
 
 
 # ----------------------------------------------------------------------------------------------- collecting
+
+# A key one run of a row has and another lacks (an older record, a key added since) names the row as absent.
+ABSENT = "(absent)"
 
 
 # Overrides whose effect the results.json record states (method, quant, and the pairing's layers, lambdas, distance).
@@ -92,8 +96,17 @@ def row_label(res: dict[str, Any]) -> str:
     return str(res.get("experiment") or setting or "run")
 
 
+# Keys of a training config that never split a row: the seed (rows are means over seeds) and the start, whose path
+# differs per seed (its setting is part of the row's label).
+NOT_ROW_KEYS = ("seed", "init_from", "init_seed")
+
+
 def _variant(res: dict[str, Any], run_dir: Path) -> dict[str, str]:
-    """What, besides the seed, makes a run's configuration: method, quant, pairing and the Hydra overrides."""
+    """What, besides the seed, makes a run's configuration: its whole training config (results.json train_config, or
+    the run's .hydra/config.yaml); for records without either, method, quant, pairing and the Hydra overrides."""
+    config = stored_training_config(res, run_dir)
+    if config:
+        return {k: show_value(v) if not isinstance(v, str) else v for k, v in config.items() if k not in NOT_ROW_KEYS}
     pairing = res.get("pairing") or {}
     variant = {"method": str(res.get("method")), "quant": str(res.get("quant"))}
     if res.get("method") == "esq" and pairing:
@@ -156,10 +169,10 @@ def build_tables(records: Iterable[tuple[Path, dict[str, Any]]], task: str) -> l
             members = by_label[label]
             # Only the keys that differ between runs of one label name a row; the rest are shared.
             keys = sorted({k for _, _, v in members for k in v})
-            varying = [k for k in keys if len({v.get(k) for _, _, v in members}) > 1]
-            sub: dict[tuple[str | None, ...], list[tuple[Path, dict[str, Any]]]] = {}
+            varying = [k for k in keys if len({v.get(k, ABSENT) for _, _, v in members}) > 1]
+            sub: dict[tuple[str, ...], list[tuple[Path, dict[str, Any]]]] = {}
             for run_dir, res, v in members:
-                sub.setdefault(tuple(v.get(k) for k in varying), []).append((run_dir, res))
+                sub.setdefault(tuple(v.get(k, ABSENT) for k in varying), []).append((run_dir, res))
             for values, runs in sorted(sub.items(), key=lambda kv: tuple(_natural(x) for x in kv[0])):
                 runs, dropped = _newest_per_seed(runs)
                 variant = {k: str(val) for k, val in zip(varying, values)}
@@ -210,12 +223,21 @@ def find_extras(root: Path, skip: Path | None = None, unreadable: list[tuple[Pat
 # ----------------------------------------------------------------------------------------------- the report
 
 
+def default_out(roots: Sequence[Path]) -> Path:
+    """Where a report goes without out=: <folder>/report for one folder; for several, report/ in the deepest folder
+    they share (./report when they share only the filesystem root)."""
+    if len(roots) == 1:
+        return roots[0] / "report"
+    common = Path(os.path.commonpath([str(r.resolve()) for r in roots]))
+    return (common if common != Path(common.anchor) else Path.cwd()) / "report"
+
+
 def make_report(root: str | Path | Sequence[str | Path], out: str | Path | None = None, fmt: str = "both",
                 digits: int = 2, curve_x: str = "bits", wandb_project: str | None = None,
                 wandb_mode: str | None = None) -> dict[str, Any]:
     """Collect every results record (and transfer/amplification/blackbox file) under root, write the tables to out.
 
-    root is one folder or several (then out is required); a run found under two of them counts once.
+    root is one folder or several (out defaults to default_out); a run found under two of them counts once.
 
     Training runs of more than one bit width also give the robustness-compression curve (esq_lightning.reporting.curves:
     bits_curve_<dataset>_<model>.png, x = bits or model bytes), logged to W&B too with wandb_project.
@@ -230,9 +252,7 @@ def make_report(root: str | Path | Sequence[str | Path], out: str | Path | None 
     for r in roots:
         if not r.exists():
             raise ESQUserError(f"{r}: no such run or multirun directory")
-    if out is None and len(roots) > 1:
-        raise ESQUserError("out: give the folder of the report when it reads more than one directory")
-    out = Path(out) if out is not None else roots[0] / "report"
+    out = Path(out) if out is not None else default_out(roots)
     unreadable: list[tuple[Path, str]] = []
     records, extras, seen = [], {}, set()
     for r in roots:
