@@ -44,8 +44,9 @@ def test_points_are_mean_and_std_over_seeds_one_line_per_method(tmp_path: Path) 
     write(tmp_path / "af", "adversarial", 32, 0, 0.95, {"fgsm": 0.7, "pgd20": 0.6}, init_from=None)
     (curve,) = build_curves(iter_results(tmp_path))
     assert curve.robust_metric == "pgd20"  # the strongest attack every run has
-    assert set(curve.lines) == {"vanilla (natural)", "error-silenced (ESQ)"}
-    esq = curve.lines["error-silenced (ESQ)"]
+    # an error-silenced line names the pairing it trained with, even when every ESQ run shares it
+    assert set(curve.lines) == {"vanilla (natural)", "error-silenced (ESQ) (relative_l2, lambda 1)"}
+    esq = curve.lines["error-silenced (ESQ) (relative_l2, lambda 1)"]
     assert [p.bits for p in esq] == [1, 4, 32]
     assert [statistics.fmean(p.robust) for p in esq] == pytest.approx([statistics.fmean(values[("esq", b)])
                                                                       for b in (1, 4, 32)])
@@ -80,7 +81,8 @@ def test_widths_are_separate_lines(tmp_path: Path) -> None:
     for i, (width, bits) in enumerate([(32, 1), (32, 32), (64, 1), (64, 32)]):
         write(tmp_path / str(i), "esq", bits, 0, 0.9, {"pgd20": 0.3}, width=width)
     (curve,) = build_curves(iter_results(tmp_path))
-    assert set(curve.lines) == {"error-silenced (ESQ) (width 32)", "error-silenced (ESQ) (width 64)"}
+    assert set(curve.lines) == {"error-silenced (ESQ) (relative_l2, lambda 1; width 32)",
+                                "error-silenced (ESQ) (relative_l2, lambda 1; width 64)"}
 
 
 def test_one_width_only_gives_no_curve(tmp_path: Path) -> None:
@@ -130,7 +132,62 @@ def test_runs_of_different_schedules_are_separate_lines_named_by_the_key(tmp_pat
             write(tmp_path / f"{epochs}_{bits}", "esq", bits, 0, 0.9, {"pgd20": 0.01 * epochs + 0.01 * bits},
                   config={"trainer.max_epochs": epochs, "method.name": "esq"})
     (curve,) = build_curves(iter_results(tmp_path))
-    assert set(curve.lines) == {"error-silenced (ESQ) (trainer.max_epochs=2)",
-                                "error-silenced (ESQ) (trainer.max_epochs=30)"}
-    short = curve.lines["error-silenced (ESQ) (trainer.max_epochs=2)"]
+    assert set(curve.lines) == {"error-silenced (ESQ) (relative_l2, lambda 1; trainer.max_epochs=2)",
+                                "error-silenced (ESQ) (relative_l2, lambda 1; trainer.max_epochs=30)"}
+    short = curve.lines["error-silenced (ESQ) (relative_l2, lambda 1; trainer.max_epochs=2)"]
     assert [statistics.fmean(p.robust) for p in short] == pytest.approx([0.03, 0.06])
+
+
+def test_figure_joins_only_neighbouring_widths_and_clips_error_bars(tmp_path: Path) -> None:
+    """No line crosses a width where the line has no run; error bars stay inside 0-100%; the worst case's attacks and
+    the pairing are named."""
+    from esq_lightning.reporting.curves import plot_curve
+
+    for bits, accs in ((1, (0.98, 0.40)), (4, (0.99, 0.995)), (32, (0.99, 0.99))):
+        for seed, acc in enumerate(accs):
+            write(tmp_path / f"e{bits}_{seed}", "esq", bits, seed, 0.99, {"worst_case": acc})
+            rec = json.loads((tmp_path / f"e{bits}_{seed}" / "results.json").read_text())
+            rec["worst_case"] = {"acc": acc, "attacks": ["fgsm", "pgd20"]}
+            (tmp_path / f"e{bits}_{seed}" / "results.json").write_text(json.dumps(rec))
+    for bits in (1, 2):
+        write(tmp_path / f"n{bits}", "natural", bits, 0, 0.9, {"worst_case": 0.1})
+    (curve,) = build_curves(iter_results(tmp_path))
+    assert curve.attacks == "the runs' attack sets differ"  # the natural runs recorded none
+    fig_path = plot_curve(curve, tmp_path / "c.png")
+    assert fig_path.is_file()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from esq_lightning.reporting import curves as curves_module
+
+    drawn: list = []
+    original = Figure.subplots
+
+    def spy(self, *a, **k):
+        axes = original(self, *a, **k)
+        drawn.append(axes)
+        return axes
+
+    curves_module.Figure = type("SpyFigure", (Figure,), {"subplots": spy}) if hasattr(curves_module, "Figure") else None
+    try:
+        import matplotlib.figure as mf
+
+        mf_original = mf.Figure
+        mf.Figure = type("SpyFigure", (Figure,), {"subplots": spy})
+        plot_curve(curve, tmp_path / "d.png")
+    finally:
+        mf.Figure = mf_original
+    robust = drawn[-1][1]
+    esq_label = "error-silenced (ESQ) (relative_l2, lambda 1)"
+    assert esq_label in [t.get_text() for t in robust.get_legend().get_texts()]
+    segments = [tuple(line.get_xdata()) for line in robust.get_lines() if len(line.get_xdata()) == 2
+                and line.get_linestyle() == "-"]
+    # ESQ ran at 1, 4 and 32 bits and the figure's widths are 1, 2, 4, 32: 1-4 crosses 2, so only 4-32 is joined
+    assert (4.0, 32.0) in segments and (1.0, 4.0) not in segments
+    # the 4-bit point: mean 99.75 with std 0.35 is clipped at 100
+    for container in robust.containers:
+        for bar in getattr(container, "lines", (None, None, ()))[2]:
+            for seg in bar.get_segments():
+                assert all(0 <= y <= 100 for _, y in seg)

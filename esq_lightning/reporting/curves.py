@@ -45,6 +45,8 @@ class Curve:
     robust_metric: str
     x_axis: str
     lines: dict[str, list[Point]]
+    # The attacks of the worst case (when that is the metric), as the runs recorded them.
+    attacks: str = ""
 
 
 def robust_metric(records: Sequence[dict[str, Any]]) -> str | None:
@@ -79,7 +81,7 @@ def _other_config(res: dict[str, Any]) -> dict[str, Any]:
 def _line_label(res: dict[str, Any], varying: Sequence[str], config_keys: Sequence[str] = ()) -> str:
     label = METHOD_TITLES.get(str(res.get("method")), str(res.get("method")))
     extra = []
-    if "pairing" in varying and _pairing(res):
+    if _pairing(res):  # an error-silenced line always names its pairing
         extra.append(_pairing(res))
     if "width" in varying:
         extra.append(", ".join(f"{k} {v}" for k, v in sorted((res.get("model_width") or {}).items())) or "width ?")
@@ -155,8 +157,14 @@ def build_curves(records: Iterable[tuple[Path, dict[str, Any]]], x_axis: str = "
             for pt in pts.values():
                 if x_axis == "bytes":
                     pt.x = statistics.fmean(pt.model_bytes)
+        attacks = ""
+        if metric == "worst_case":
+            sets = {tuple(sorted((r.get("worst_case") or {}).get("attacks") or [])) for _, r in newest.values()}
+            attacks = (", ".join(attack_title(a) for a in sets.pop()) if len(sets) == 1
+                       else "the runs' attack sets differ")
         curves.append(Curve(dataset, model, norm, eps, metric, x_axis,
-                            {label: sorted(pts.values(), key=lambda p: p.x) for label, pts in sorted(lines.items())}))
+                            {label: sorted(pts.values(), key=lambda p: p.x) for label, pts in sorted(lines.items())},
+                            attacks))
     return curves
 
 
@@ -180,20 +188,31 @@ def plot_curve(curve: Curve, path: str | Path) -> Path:
 
     from esq_lightning.evaluation.plots import _save
 
-    fig = Figure(figsize=(9.6, 3.8))
+    fig = Figure(figsize=(12.0, 4.2))
     axes = fig.subplots(1, 2, sharex=True)
-    for label, pts in curve.lines.items():
+    bits = sorted({p.bits for pts in curve.lines.values() for p in pts})
+    colors = [f"C{i % 10}" for i in range(len(curve.lines))]
+    for (label, pts), color in zip(curve.lines.items(), colors):
         xs = [p.x for p in pts]
         for ax, attr in zip(axes, ("clean", "robust")):
             stats = [_mean_std(getattr(p, attr)) for p in pts]
-            ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", markersize=4,
-                        capsize=3, label=label)
+            means = [100 * m for m, _ in stats]
+            # Error bars (sample std over seeds) clipped to the range accuracy can take.
+            low = [min(100 * s, m) for (_, s), m in zip(stats, means)]
+            high = [min(100 * s, 100 - m) for (_, s), m in zip(stats, means)]
+            ax.errorbar(xs, means, yerr=[low, high], fmt="o", markersize=4, capsize=3, color=color, label=label)
+            # Lines join only points at neighbouring widths of the figure: no line crosses a width this line lacks.
+            for a, b in zip(range(len(pts) - 1), range(1, len(pts))):
+                if curve.x_axis != "bits" or bits.index(pts[b].bits) == bits.index(pts[a].bits) + 1:
+                    ax.plot([xs[a], xs[b]], [means[a], means[b]], color=color, linewidth=1.2)
     threat = f"{curve.norm} eps={format_eps(curve.eps)}"
     axes[0].set_ylabel("clean accuracy (%)")
-    axes[1].set_ylabel(f"robust accuracy (%), {metric_title(curve.robust_metric)}, {threat}")
-    bits = sorted({p.bits for pts in curve.lines.values() for p in pts})
+    axes[1].set_ylabel(f"robust accuracy (%), {threat}")
+    axes[1].set_title(metric_title(curve.robust_metric) + (f": {curve.attacks}" if curve.attacks else ""),
+                      fontsize=8, wrap=True)
     for ax in axes:
         ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 100)
         if curve.x_axis == "bits":
             ax.set_xticks(bits)
             ax.set_xticklabels([f"{b} (FP)" if b == FULL_BITS else str(b) for b in bits])
@@ -203,9 +222,11 @@ def plot_curve(curve: Curve, path: str | Path) -> Path:
         ax.minorticks_off()
         ax.grid(alpha=0.3)
     n = sorted({len(p.seeds) for pts in curve.lines.values() for p in pts})
-    fig.suptitle(f"{curve.dataset} / {curve.model}: robustness vs compression (mean ± std over "
+    fig.suptitle(f"{curve.dataset} / {curve.model}: robustness vs compression\n(mean ± std over "
                  f"{'/'.join(map(str, n))} seeds; eval mode, full quantization)", fontsize=9)
-    axes[1].legend(fontsize=7)
+    # The legend beside the panels, never over the data; the labels name each line's pairing.
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.subplots_adjust(left=0.06, right=0.72, top=0.82, wspace=0.25)
     return _save(fig, path)
 
 
