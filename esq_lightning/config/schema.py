@@ -498,6 +498,12 @@ class MaskingEvalConfig(Model):
     tolerance: float = Field(ge=0, le=1, description="a fraction of accuracy")
 
 
+class OnnxEvalConfig(Model):
+    """esq-eval ckpt_path=model.onnx (evaluation/deployed.py): onnxruntime's integer QDQ fusions on or off."""
+
+    int8_fusion: bool
+
+
 class TransferEvalConfig(Model):
     attack: str
 
@@ -531,6 +537,8 @@ class EvalConfig(Model):
     budget: Choice("quick", "standard", "thorough")
     checks: Mapping
     audit: Mapping
+    # esq-eval ckpt_path=model.onnx (docs/deployment.md); absent in the eval config of runs older than it.
+    onnx: Optional[OnnxEvalConfig] = absent()
 
     @model_validator(mode="after")
     def _linf_radius(self) -> EvalConfig:

@@ -210,6 +210,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir()
     set_threads(cfg.get("threads"))
     check_eval_loggers(cfg)  # logger=wandb|tensorboard (evaluation/loggers.py): a missing login fails here
+    from esq_lightning.evaluation.deployed import evaluate_onnx, is_onnx_file
+
+    onnx_files = [p for p in [cfg.get("ckpt_path"), *(cfg.get("ckpts") or [])] if p and is_onnx_file(p)]
+    if onnx_files:
+        # An ONNX file runs in onnxruntime: clean, replayed white-box examples and Square (evaluation/deployed.py).
+        if mode != "whitebox" or cfg.get("ckpts"):
+            raise ESQUserError(f"ckpt_path: {onnx_files[0]} is an ONNX file; it is evaluated alone with mode=whitebox "
+                               "(ckpt_path=model.onnx); the other modes take checkpoints or packed files")
+        return evaluate_onnx(cfg, out)
     if mode == "whitebox":
         return evaluate_whitebox(cfg, out)
     if mode == "audit":
