@@ -141,9 +141,18 @@ def evaluate(ckpt_path: str | Path | None = None, *, ckpts: Iterable[str | Path]
     return run(cfg)
 
 
-def export(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True) -> dict[str, Any]:
-    """esq-export: write the packed (1-/2-bit) file of a checkpoint; returns the size report (`path` is the file)."""
+def export(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True, format: str = "packed",
+           **onnx_options: Any) -> dict[str, Any]:
+    """esq-export: write the packed (b-bit) file of a checkpoint; returns the size report (`path` is the file).
+    format="onnx" (esq-export format=onnx): the ONNX file checked in onnxruntime, its record returned;
+    onnx_options are export_onnx's (n_samples, attack, eps, attack_params, rtol, threads, ...)."""
     _quiet()
+    if format == "onnx":
+        from esq_lightning.artifacts.onnx_export import export_onnx
+
+        return export_onnx(ckpt_path, out, **onnx_options)
+    if format != "packed" or onnx_options:
+        raise ESQUserError(f"format={format}: allowed: packed, onnx (keyword options only with onnx)")
     from esq_lightning.artifacts.export import export_checkpoint
 
     return export_checkpoint(ckpt_path, out, verify=verify)

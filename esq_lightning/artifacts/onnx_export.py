@@ -76,8 +76,7 @@ class _ActQDQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, scale: float, levels: int) -> Tensor:  # noqa: D102
-        s = torch.tensor(scale, dtype=x.dtype)
-        return torch.clamp(torch.round(x / s), 0, levels) * s
+        return torch.clamp(torch.round(x / scale), 0, levels) * scale
 
     @staticmethod
     def symbolic(g: Any, x: Any, scale: float, levels: int) -> Any:  # noqa: D102
