@@ -503,7 +503,7 @@ def _packed_bytes(ckpt_path: str | Path) -> dict[str, Any]:
             report = export_checkpoint(ckpt_path, Path(tmp) / "model.esq", verify=False)
         except ESQUserError as exc:
             return {"packed_bytes": None, "packed_note": str(exc)}
-    return {"packed_bytes": int(report["file_bytes"]), "float32_model_bytes": int(report["float32_model_bytes"])}
+    return {"packed_bytes": int(report["file_bytes"])}
 
 
 def export_onnx(ckpt_path: str | Path, out: str | Path | None = None, *, n_samples: int | None = 1000,
@@ -559,7 +559,8 @@ def export_onnx(ckpt_path: str | Path, out: str | Path | None = None, *, n_sampl
                                                                    atomic_write))
     layers = layout_record(layout)
     act = [(name, m) for name, m in model.named_modules() if type(m).__name__ == "ActQuant"]
-    sizes = {"onnx_bytes": len(model_bytes), **_packed_bytes(ckpt_path)}
+    float32 = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in model.state_dict().values())
+    sizes = {"onnx_bytes": len(model_bytes), **_packed_bytes(ckpt_path), "float32_model_bytes": float32}
     record = {
         "format": "onnx", "path": str(out), "bytes": len(model_bytes), "sha256": file_sha256(model_bytes),
         "opset": OPSET, "onnx_version": onnx.__version__, "onnxruntime_version": ort.__version__,
