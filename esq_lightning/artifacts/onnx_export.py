@@ -92,6 +92,14 @@ def act_scale(alpha: Tensor, bits: int) -> float:
     return float(alpha.detach().float() / (2 ** int(bits) - 1))
 
 
+def has_qdq_form(code_values: tuple[int, ...]) -> bool:
+    """A quantizer's codes have an exact QDQ form when they are every integer of [-L, L], L <= 127: int8 storage,
+    Clip(-L, L) states the set. TWN {-1, 0, 1} and uniform b-bit codes do; BWN {-1, +1} does not (the range
+    [-1, 1] also holds 0, and a 1-bit signed range is {-1, 0})."""
+    levels = max(abs(c) for c in code_values)
+    return levels <= 127 and tuple(code_values) == tuple(range(-levels, levels + 1))
+
+
 def weight_layout(model: nn.Module) -> list[dict[str, Any]]:
     """Per quantized layer: name, kind, bits, per_filter, the int8 codes (weight shape), the scales, the form."""
     from esq_lightning.quant import quant_layers
@@ -100,11 +108,12 @@ def weight_layout(model: nn.Module) -> list[dict[str, Any]]:
     with torch.no_grad():
         for name, layer in quant_layers(model):
             codes, scale = layer.quantizer.codes(layer.weight.detach(), layer.per_filter)
-            levels = max(abs(c) for c in layer.quantizer.code_values)
+            values = tuple(sorted(int(c) for c in layer.quantizer.code_values))
+            levels = max(abs(c) for c in values)
             out.append({"layer": name, "kind": layer.kind, "bits": int(layer.bits), "per_filter": bool(layer.per_filter),
                         "quantizer_per_filter": bool(layer.per_filter),
                         "codes": codes.reshape(layer.weight.shape), "scale": scale.reshape(-1),
-                        "range": [-levels, levels], "form": "float32" if layer.kind == "bwn" else "qdq_int8"})
+                        "range": [-levels, levels], "form": "qdq_int8" if has_qdq_form(values) else "float32"})
     return out
 
 
