@@ -21,6 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 from esq_lightning.artifacts.onnx_export import (  # noqa: E402
     ONNXCheckFailed,
     build_onnx,
+    has_qdq_form,
     check_onnx,
     layout_record,
     require_onnx,
@@ -91,6 +92,15 @@ def test_onnxruntime_agrees_with_pytorch(family, bits, act_bits):
             assert inits[f"{rec['layer']}.weight_max"] == levels
     act_nodes = [n for n in onnx.load_from_string(model_bytes).graph.node if n.op_type == "QuantizeLinear"]
     assert len(act_nodes) == (0 if act_bits == 32 else sum(1 for m in model.modules() if type(m).__name__ == "ActQuant"))
+
+
+def test_the_weight_form_follows_the_code_values():
+    from esq_lightning.quant import QUANTIZERS
+
+    forms = {q.name: has_qdq_form(q.code_values) for q in QUANTIZERS}
+    assert forms["bwn"] is False and forms["twn"] is True
+    assert all(forms[f"uniform{b}"] for b in range(2, 9))
+    assert not has_qdq_form((-2, -1, 1, 2)) and not has_qdq_form(tuple(range(-128, 129)))
 
 
 def test_the_file_is_smaller_where_qdq_holds_the_weights():
