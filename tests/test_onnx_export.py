@@ -5,6 +5,7 @@ the deployed model's robustness is measured in the runtime (replayed white-box e
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -131,7 +132,7 @@ def test_a_changed_weight_is_caught_and_its_layer_named(bits):
 
 
 def test_without_the_extra_the_commands_name_it(monkeypatch, tmp_path):
-    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ESQUserError, match=r"pip install 'esq-lightning\[onnx\]'") as err:
         require_onnx("esq-export format=onnx")
     assert "\n" not in str(err.value)

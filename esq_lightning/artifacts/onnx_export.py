@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+import esq_lightning
 from esq_lightning.errors import ESQUserError
 
 # ONNX operator set of the written files (per-axis DequantizeLinear needs 13; 17 is read by every current runtime).
@@ -255,8 +257,6 @@ def _weights_as_qdq(onnx: Any, proto: Any, layout: list[dict[str, Any]]) -> None
 
 def build_onnx(model: nn.Module, input_shape: tuple[int, ...], metadata: dict[str, str] | None = None) -> tuple[bytes, list[dict[str, Any]]]:
     """The serialized ONNX model of `model` at full quantization, and the per-layer weight layout."""
-    import io
-
     onnx, _ = require_onnx("esq-export format=onnx")
     layout = weight_layout(model)
     plain = _plain_copy(model, layout)
@@ -473,8 +473,6 @@ def read_record(path: str | Path) -> dict[str, Any]:
 
 def save_adversarial(path: Path, x_adv: Tensor, y: Tensor, torch_pred: Tensor, writer: Callable[..., None]) -> str:
     """Write the adversarial examples (npz, no pickle) through `writer`; returns their sha256."""
-    import io
-
     buffer = io.BytesIO()
     np.savez_compressed(buffer, x_adv=x_adv.numpy().astype(np.float32), y=y.numpy().astype(np.int64),
                         torch_pred=torch_pred.numpy().astype(np.int64))
@@ -489,8 +487,6 @@ def load_adversarial(path: Path, sha256: str) -> dict[str, np.ndarray]:
     data = path.read_bytes()
     if file_sha256(data) != sha256:
         raise ESQUserError(f"ckpt_path: {path} is not the file the export record names (sha256 differs)")
-    import io
-
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
@@ -541,7 +537,7 @@ def export_onnx(ckpt_path: str | Path, out: str | Path | None = None, *, n_sampl
     x, y = load_test_split(run_cfg, int(config.get("seed", 0)), n_samples)
     model_bytes, layout = build_onnx(model, tuple(x.shape), {
         META_CONFIG: json.dumps(_json_safe(config)), META_SOURCE: json.dumps(source_rec),
-        META_VERSION: __import__("esq_lightning").__version__})
+        META_VERSION: esq_lightning.__version__})
     inputs = {"test": x}
     adv_rec: dict[str, Any] | None = None
     if attack:
