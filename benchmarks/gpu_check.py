@@ -153,9 +153,9 @@ def _ddp_worker(rank: int, world: int, backend: str, init: str, s: Settings, tin
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from benchmarks.cases import sgd_factory
-    from esq_lightning.training.rng import Stream
+    from esq_lightning.rng import Stream
     from esq_lightning.quant import draw_selection, sq_generator
-    from esq_lightning.training.rng import step_generator
+    from esq_lightning.rng import step_generator
 
     from datetime import timedelta
 

@@ -111,12 +111,10 @@ def _quiet() -> None:
 # ---- the API -----------------------------------------------------------------------------------------------------
 def train(*, overrides: Iterable[str] = (), run_dir: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
     """esq-train: train and evaluate one run; returns its results record (results.json; `checkpoint` is its path)."""
-    from esq_lightning.config.schema import validate_config
-
     _quiet()
     cfg = compose("train", to_overrides(kwargs, overrides), run_dir)
-    validate_config(cfg, code_checks=False)  # phase 1, before torch is imported
-    from esq_lightning.training.train import train as run
+    validate_train_config(cfg)  # phase 1, before torch is imported
+    from esq_lightning.commands.train import train as run  # torch and Lightning load here, after the check
 
     results, _ = run(cfg)
     return results
@@ -136,7 +134,7 @@ def evaluate(ckpt_path: str | Path | None = None, *, ckpts: Iterable[str | Path]
         kwargs["mode"] = mode
     cfg = compose("eval", to_overrides(kwargs, overrides), run_dir)
     # As esq-eval: the eval config is checked once merged with the checkpoint's (before any data is read).
-    from esq_lightning.evaluation.modes import evaluate as run
+    from esq_lightning.commands.evaluate import evaluate as run  # torch loads here: `import esq_lightning` stays cheap
 
     return run(cfg)
 
@@ -144,7 +142,7 @@ def evaluate(ckpt_path: str | Path | None = None, *, ckpts: Iterable[str | Path]
 def export(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True) -> dict[str, Any]:
     """esq-export: write the packed (1-/2-bit) file of a checkpoint; returns the size report (`path` is the file)."""
     _quiet()
-    from esq_lightning.artifacts.export import export_checkpoint
+    from esq_lightning.artifacts.export import export_checkpoint  # torch loads here
 
     return export_checkpoint(ckpt_path, out, verify=verify)
 
@@ -152,11 +150,11 @@ def export(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = 
 def load_model(path: str | Path, with_config: bool = False) -> Any:
     """The classifier of a checkpoint (quantized layers, eval mode) or of a packed .esq file (rebuilt plain model);
     with `with_config`, (model, training config)."""
-    from esq_lightning.evaluation.modes import load_trained_model
+    from esq_lightning.artifacts.loading import load_trained_model  # torch loads here
 
     if not Path(path).is_file():
         raise ESQUserError(f"{path}: no such checkpoint or packed model file")
-    model, config = load_trained_model(path)
+    model, config, _, _ = load_trained_model(path)
     return (model, config) if with_config else model
 
 

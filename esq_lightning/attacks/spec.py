@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import esq_lightning
 from esq_lightning.attacks.utils import (
     _per_sample,
     _predict,
@@ -33,6 +32,7 @@ from esq_lightning.attacks.utils import (
     perturbation_norms,
 )
 from esq_lightning.errors import show_value
+from esq_lightning.versions import __version__
 
 __all__ = [
     "ADAPTIVE",
@@ -320,7 +320,7 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 def _require(library: str, attack: str) -> str:
     """Import a library lazily; return its version or raise a one-line install hint."""
     if library == "esq_lightning":
-        return esq_lightning.__version__
+        return __version__
     try:
         with warnings.catch_warnings():
             # foolbox 3.3.4 imports scipy.ndimage.filters, deprecated in scipy 1.x.

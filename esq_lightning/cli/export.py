@@ -16,6 +16,7 @@ from esq_lightning.cli._common import CONFIG_PATH, user_errors_as_one_line
 @hydra.main(config_path=CONFIG_PATH, config_name="export", version_base="1.3")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
+    # Imported here, not at the top: `esq-export --help` and Hydra's own errors need no torch.
     from esq_lightning.artifacts.checkpoint import with_checkpoint_trust
     from esq_lightning.artifacts.export import export_checkpoint
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from esq_lightning.artifacts.atomic import atomic_torch_save
+from esq_lightning.atomic import atomic_torch_save
 
 # Why not Lightning's own writer: TorchCheckpointIO saves through an fsspec transaction, which on a
 # local disk writes the bytes to a temporary file in the *system* temp folder and then
