@@ -27,6 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from esq_lightning.config.schema import validate_train_config
 from esq_lightning.errors import ESQUserError
 
 CONFIG_MODULE = "esq_lightning.conf"

@@ -290,9 +290,9 @@ def test_quant_bits_multirun_and_activation_bits(tmp_path: Path) -> None:
     results = _multirun(tmp_path, ["quant.bits=3,32", "quant.act_bits=4"])
     _check_widths(results, [3, 32])
     assert [r["act_bits"] for r in results] == [4, 4]
-    from esq_lightning.evaluation.modes import load_trained_model
+    from esq_lightning.artifacts.loading import load_trained_model
 
-    model, _ = load_trained_model(results[0]["checkpoint"])
+    model = load_trained_model(results[0]["checkpoint"]).model
     assert {layer.bits for _, layer in quant_layers(model)} == {3} and act_quant_layers(model)
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 import esq_lightning.config.resolvers  # noqa: F401  (registers resolvers)
