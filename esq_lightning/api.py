@@ -27,8 +27,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+import esq_lightning.config.resolvers  # noqa: F401  (registers the configs' resolvers)
+from esq_lightning.artifacts.runs import iter_results
 from esq_lightning.config.schema import validate_train_config
 from esq_lightning.errors import ESQUserError
+from esq_lightning.notices import quiet_library_notices
 
 CONFIG_MODULE = "esq_lightning.conf"
 _PLAIN = re.compile(r"^[A-Za-z0-9_./:+\-@]*$")
@@ -80,8 +83,6 @@ def compose(config_name: str, overrides: list[str], run_dir: str | Path | None =
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    import esq_lightning.config.resolvers  # noqa: F401  (resolvers)
-
     if run_dir is not None:
         overrides = [*overrides, f"hydra.run.dir={_value(str(Path(run_dir).resolve()))}"]
     GlobalHydra.instance().clear()
@@ -104,8 +105,6 @@ def compose(config_name: str, overrides: list[str], run_dir: str | Path | None =
 
 
 def _quiet() -> None:
-    from esq_lightning.notices import quiet_library_notices
-
     quiet_library_notices()
 
 
@@ -167,6 +166,4 @@ def load_results(path: str | Path) -> dict[str, Any] | list[dict[str, Any]]:
         return json.loads(path.read_text())
     if not path.is_dir():
         raise ESQUserError(f"{path}: no such results file or run directory")
-    from esq_lightning.artifacts.runs import iter_results
-
     return [res for _, res in iter_results(path)]

@@ -9,6 +9,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from esq_lightning.attacks.registry import attack_spec
 from esq_lightning.figures import save_figure
 
 
@@ -34,8 +35,6 @@ def plot_blackbox(curves: Sequence[Mapping[str, Any]], path: str | Path, title: 
     """Accuracy vs L2 budget, one curve per (model, attack) with its query budget in the legend (Figure 3)."""
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
-    from esq_lightning.attacks.registry import attack_spec
-
     # One colour per model, one line style per attack (AttackSpec.plot_style): quantized vs full precision reads
     # across colours.
     colours: dict[str, str] = {}
