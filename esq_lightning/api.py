@@ -13,8 +13,8 @@ lists and None are written as Hydra reads them ([a,b], null). `overrides=[...]` 
 one esq-train/esq-eval would use, under paths.runs_root). Config errors raise ESQUserError before torch is imported,
 as on the command line.
 
-Note: `esq_lightning.training.train`, `.evaluate` and `.export` are these functions; their modules stay importable as
-`from esq_lightning.training.train import ...`.
+Note: `esq_lightning.train`, `.evaluate` and `.export` are these functions; what the commands do lives in
+esq_lightning.commands (train, evaluate), the loading of a trained model in esq_lightning.artifacts.loading.
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ESQUserError(f"mode={mode}: unknown evaluation mode; allowed: {', '.join(MODES)}")
     out = output_dir()
     set_threads(cfg.get("threads"))
-    check_eval_loggers(cfg)  # logger=wandb|tensorboard (evaluation/loggers.py): a missing login fails here
+    check_eval_loggers(cfg)  # logger=wandb|tensorboard (commands/eval_loggers.py): a missing login fails here
     if mode == "whitebox":
         return evaluate_whitebox(cfg, out)
     if mode == "audit":

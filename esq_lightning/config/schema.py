@@ -526,7 +526,7 @@ class EvalConfig(Model):
     transfer: TransferEvalConfig
     amplification: AmplificationEvalConfig
     blackbox: BlackboxEvalConfig
-    # The threat model's FGSM budget and the audit (docs/evaluation.md, evaluation/threat.py, evaluation/audit.py)
+    # The threat model's FGSM budget and the audit (docs/evaluation.md, config/threat.py, evaluation/audit.py)
     fgsm_factor: Optional[float] = Field(gt=0)
     budget: Choice("quick", "standard", "thorough")
     checks: Mapping
@@ -627,7 +627,7 @@ class EvalRunConfig(Model):
     trainer: Optional[TrainerConfig] = absent()  # conf/eval.yaml `trainer: null`: no trainer group
     tags: list[str]
     robustbench: RobustbenchConfig
-    logger: Optional[LoggersConfig]  # logger=wandb|tensorboard (esq_lightning/evaluation/loggers.py)
+    logger: Optional[LoggersConfig]  # logger=wandb|tensorboard (esq_lightning/commands/eval_loggers.py)
     eval: Mapping  # checked as EvalConfig once merged with the checkpoint's config
     paths: PathsConfig
 
