@@ -28,6 +28,8 @@ from esq_lightning.artifacts.checkpoint import resolve_resume_path
 from esq_lightning.artifacts.loading import build_network
 from esq_lightning.artifacts.setting import derived_setting
 from esq_lightning.attacks import check_attack_names, check_attack_params
+from esq_lightning.config.messages import first_line, show
+from esq_lightning.config.messages import validate as validate_group
 from esq_lightning.config.schema import (
     CIFARDataConfig,
     DataRoot,
@@ -37,11 +39,9 @@ from esq_lightning.config.schema import (
     check_cifar_dir,
     check_targets,
     config_targets,
-    first_line,
-    validate_group,
     validate_train_config,
 )
-from esq_lightning.errors import ESQUserError, did_you_mean, show_value
+from esq_lightning.errors import ESQUserError, did_you_mean
 from esq_lightning.pairing import check_pairing_names
 
 
@@ -114,8 +114,8 @@ def _check_trainer(trainer: dict | None, key: str = "trainer") -> None:
         v = value.lower() if isinstance(value, str) and k != "precision" else value
         if not any(v == c and type(v) is type(c) for c in allowed):
             names = [c for c in allowed if isinstance(c, str)]
-            raise ESQUserError(f"{key}.{k}: {show_value(value)} is not allowed; allowed: "
-                               f"{', '.join(show_value(c) for c in dict.fromkeys(allowed))} (pytorch_lightning "
+            raise ESQUserError(f"{key}.{k}: {show(value)} is not allowed; allowed: "
+                               f"{', '.join(show(c) for c in dict.fromkeys(allowed))} (pytorch_lightning "
                                f"{pl.__version__}){did_you_mean(str(value), names)}")
     num_nodes = trainer.get("num_nodes", params["num_nodes"].default)
     strategy = trainer.get("strategy", params["strategy"].default)

@@ -709,8 +709,6 @@ def validate_train_config(cfg: DictConfig) -> tuple[TrainConfig, dict]:
 
 
 # ---- what the phase-2 checks (esq_lightning/commands/checks.py, which import torch and the code) use ------------
-validate_group = _validate
 config_targets = _targets
 check_targets = _check_targets
 check_cifar_dir = _check_cifar_dir
-first_line = _first_line
