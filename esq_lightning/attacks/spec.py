@@ -31,7 +31,7 @@ from esq_lightning.attacks.utils import (
     grad_enabled,
     perturbation_norms,
 )
-from esq_lightning.errors import show_value
+from esq_lightning.errors import ESQUserError, show_value
 from esq_lightning.versions import __version__
 
 __all__ = [
@@ -91,8 +91,6 @@ class ParamRange:
 
     def check(self, value: Any, key: str) -> None:
         """Raise ESQUserError (one line, naming `key`) when value is not of the type or out of range."""
-        from esq_lightning.errors import ESQUserError
-
         if value is None:
             return
         name = key.rsplit(".", 1)[-1]
