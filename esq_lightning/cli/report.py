@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from esq_lightning.cli._common import CONFIG_PATH, run_hydra_command, user_errors_as_one_line
+from esq_lightning.commands.report import report
 from esq_lightning.config.commands import ReportOptions, validate_options
 from esq_lightning.errors import ESQUserError
 
@@ -32,9 +33,6 @@ def report_options(cfg: DictConfig) -> ReportOptions:
 @hydra.main(config_path=CONFIG_PATH, config_name="report", version_base="1.3")
 @user_errors_as_one_line
 def _report(cfg: DictConfig) -> None:
-    # Imported here, not at the top: the report's libraries (matplotlib, torch) load only once the options are good.
-    from esq_lightning.commands.report import report
-
     report(report_options(cfg))
 
 
