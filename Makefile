@@ -31,8 +31,10 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/esq-train $(ARGS)
 
-## The default test suite (slow tests excluded), on $(PYTEST_WORKERS) worker processes with 1 torch thread each.
+## The import contracts of docs/architecture.md (pyproject.toml [tool.importlinter]), then the default test suite
+## (slow tests excluded) on $(PYTEST_WORKERS) worker processes with 1 torch thread each.
 test: setup
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q $(ARGS)
 
 ## Long tests (training to accuracy, full pipelines).

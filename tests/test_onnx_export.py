@@ -19,7 +19,7 @@ from esq_lightning.quant import calibrate_act_quant, quant_layers, quantize_acti
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from esq_lightning.artifacts.onnx_export import (  # noqa: E402
+from esq_lightning.commands.onnx_export import (  # noqa: E402
     ONNXCheckFailed,
     build_onnx,
     has_qdq_form,
@@ -136,7 +136,7 @@ def test_without_the_extra_the_commands_name_it(monkeypatch, tmp_path):
     with pytest.raises(ESQUserError, match=r"pip install 'esq-lightning\[onnx\]'") as err:
         require_onnx("esq-export format=onnx")
     assert "\n" not in str(err.value)
-    from esq_lightning.artifacts.onnx_export import export_onnx
+    from esq_lightning.commands.onnx_export import export_onnx
 
     with pytest.raises(ESQUserError, match=r"esq-export format=onnx needs the packages onnx and onnxruntime"):
         export_onnx(tmp_path / "missing.ckpt")
@@ -148,7 +148,7 @@ def test_without_the_extra_the_commands_name_it(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def exported(ckpts, tmp_path_factory):
     """The natural full-precision digits checkpoint exported with its PGD examples (eps 0.2, the digits default)."""
-    from esq_lightning.artifacts.onnx_export import export_onnx
+    from esq_lightning.commands.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     record = export_onnx(ckpts["full"], out, n_samples=48, attack="pgd20", attack_params={"steps": 5}, threads=1)

@@ -28,7 +28,7 @@ def _export(cfg: DictConfig) -> dict:
         raise ESQUserError(f"format={fmt}: unknown export format; allowed: {', '.join(FORMATS)}")
     if fmt == "packed":
         return export_checkpoint(cfg.ckpt_path, cfg.out, verify=bool(cfg.verify))
-    from esq_lightning.artifacts.onnx_export import export_onnx, require_onnx
+    from esq_lightning.commands.onnx_export import export_onnx, require_onnx
     from esq_lightning.utils import set_threads
 
     require_onnx("esq-export format=onnx")
@@ -42,8 +42,9 @@ def _export(cfg: DictConfig) -> dict:
 @hydra.main(config_path=CONFIG_PATH, config_name="export", version_base="1.3")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
+    # Imported here, not at the top: `esq-export --help` and Hydra's own errors need no torch.
     from esq_lightning.artifacts.checkpoint import with_checkpoint_trust
-    from esq_lightning.artifacts.onnx_export import ONNXCheckFailed
+    from esq_lightning.commands.onnx_export import ONNXCheckFailed
 
     # trust_checkpoint=true: the checkpoint is unpickled in full (checkpoint.py); by default weights_only.
     try:

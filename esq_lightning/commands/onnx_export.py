@@ -31,8 +31,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-import esq_lightning
+from esq_lightning.artifacts.export import export_checkpoint
+from esq_lightning.artifacts.loading import load_trained_model
+from esq_lightning.atomic import atomic_write, atomic_write_json
+from esq_lightning.commands.evaluate import load_test_split
 from esq_lightning.errors import ESQUserError
+from esq_lightning.evaluation.whitebox import attack_budget, attack_in_batches
+from esq_lightning.quant import act_quant_layers, dequantize, full_quantization, quant_layers
+from esq_lightning.quant.modules import _to_plain
+from esq_lightning.utils import file_digest
+from esq_lightning.versions import __version__
 
 # ONNX operator set of the written files (per-axis DequantizeLinear needs 13; 17 is read by every current runtime).
 OPSET = 17
@@ -104,7 +112,6 @@ def has_qdq_form(code_values: tuple[int, ...]) -> bool:
 
 def weight_layout(model: nn.Module) -> list[dict[str, Any]]:
     """Per quantized layer: name, kind, bits, per_filter, the int8 codes (weight shape), the scales, the form."""
-    from esq_lightning.quant import quant_layers
 
     out = []
     with torch.no_grad():
@@ -122,8 +129,6 @@ def weight_layout(model: nn.Module) -> list[dict[str, Any]]:
 def _plain_copy(model: nn.Module, layout: list[dict[str, Any]]) -> nn.Module:
     """A copy with the quantized layers turned into plain layers holding the dequantized weights, and the
     activation quantizers exporting as QDQ. Its forward equals the model's at full quantization."""
-    from esq_lightning.quant import act_quant_layers, dequantize
-    from esq_lightning.quant.modules import _to_plain
 
     plain = copy.deepcopy(model).eval()
     modules = dict(plain.named_modules())
@@ -343,7 +348,6 @@ class OnnxRuntimeClassifier(nn.Module):
 # ---- the check -------------------------------------------------------------------------------------------
 @torch.no_grad()
 def torch_logits(model: nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
-    from esq_lightning.quant import full_quantization
 
     model.eval()
     with full_quantization(model):
@@ -380,7 +384,6 @@ def first_divergence(model_bytes: bytes, model: nn.Module, x: Tensor, rtol: floa
     """The first conv/linear layer (in graph order) whose onnxruntime output differs from PyTorch's by more than
     rtol in relative L2, with its error; None when every layer agrees (the difference is after the last one)."""
     onnx, _ = require_onnx("the ONNX check")
-    from esq_lightning.quant import full_quantization
 
     proto = onnx.load_from_string(model_bytes)
     nodes = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
@@ -501,7 +504,6 @@ def _packed_bytes(ckpt_path: str | Path) -> dict[str, Any]:
     folder and measured); None for a full-precision model, which has no packed form."""
     import tempfile
 
-    from esq_lightning.artifacts.export import export_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -522,12 +524,10 @@ def export_onnx(ckpt_path: str | Path, out: str | Path | None = None, *, n_sampl
     size next to the packed size, and the check's numbers. Returns the record."""
     from omegaconf import OmegaConf
 
-    from esq_lightning.artifacts.atomic import atomic_write, atomic_write_json
-    from esq_lightning.evaluation.modes import load_test_split, load_trained_model
-    from esq_lightning.utils import file_digest
 
     onnx, ort = require_onnx("esq-export format=onnx")
-    model, config = load_trained_model(ckpt_path)
+    loaded = load_trained_model(ckpt_path)
+    model, config = loaded.model, loaded.config
     model.eval()
     out = Path(out) if out else Path(ckpt_path).with_suffix(".onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -537,12 +537,10 @@ def export_onnx(ckpt_path: str | Path, out: str | Path | None = None, *, n_sampl
     x, y = load_test_split(run_cfg, int(config.get("seed", 0)), n_samples)
     model_bytes, layout = build_onnx(model, tuple(x.shape), {
         META_CONFIG: json.dumps(_json_safe(config)), META_SOURCE: json.dumps(source_rec),
-        META_VERSION: esq_lightning.__version__})
+        META_VERSION: __version__})
     inputs = {"test": x}
     adv_rec: dict[str, Any] | None = None
     if attack:
-        from esq_lightning.evaluation.whitebox import attack_in_batches, attack_budget
-        from esq_lightning.quant import full_quantization
 
         if eps is None:
             eps = float(OmegaConf.select(run_cfg, "eval.eps", default=None) or run_cfg.data.attack.eps)

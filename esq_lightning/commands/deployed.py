@@ -16,6 +16,19 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from esq_lightning.artifacts.results import build_results, print_results
+from esq_lightning.atomic import atomic_write_json
+from esq_lightning.commands.onnx_export import (
+    OnnxRuntimeClassifier,
+    adversarial_path,
+    load_adversarial,
+    read_record,
+    require_onnx,
+    session,
+)
+from esq_lightning.commands.evaluate import load_test_split, run_config_with_eval
+from esq_lightning.evaluation.whitebox import attack_budget, attack_in_batches, predict
+from esq_lightning.evaluation.worstcase import add_worst_case, worst_case
 from esq_lightning.errors import ESQUserError
 
 QUERY_ATTACK = "square"
@@ -27,20 +40,6 @@ def is_onnx_file(path: Any) -> bool:
 
 def evaluate_onnx(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Clean accuracy, the replayed white-box examples and Square, all in onnxruntime; results.json in `out`."""
-    from esq_lightning.artifacts.atomic import atomic_write_json
-    from esq_lightning.artifacts.onnx_export import (
-        OnnxRuntimeClassifier,
-        adversarial_path,
-        load_adversarial,
-        read_record,
-        require_onnx,
-        session,
-    )
-    from esq_lightning.artifacts.results import build_results, print_results
-    from esq_lightning.evaluation.modes import load_test_split, run_config_with_eval
-    from esq_lightning.evaluation.whitebox import attack_budget, attack_in_batches, predict
-    from esq_lightning.evaluation.worstcase import add_worst_case, worst_case
-
     require_onnx("esq-eval ckpt_path=*.onnx")
     path = Path(str(cfg.ckpt_path))
     record = read_record(path)
