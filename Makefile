@@ -8,8 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 ARGS ?=
 
-# Extras `make setup` installs: tests, evaluation attacks, logger=tensorboard.
-EXTRAS ?= dev,attacks,tensorboard
+# Extras `make setup` installs: tests, evaluation attacks, logger=tensorboard, ONNX export and onnxruntime.
+EXTRAS ?= dev,attacks,tensorboard,onnx
 # The versions the test suite passed with (pip freeze of a passing venv, torch excluded: TORCH_SPEC pins it).
 # pyproject.toml keeps loose ranges for `pip install`; `make lock` refreshes this file.
 CONSTRAINTS ?= constraints.txt
@@ -31,8 +31,10 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/esq-train $(ARGS)
 
-## The default test suite (slow tests excluded), on $(PYTEST_WORKERS) worker processes with 1 torch thread each.
+## The import contracts of docs/architecture.md (pyproject.toml [tool.importlinter]), then the default test suite
+## (slow tests excluded) on $(PYTEST_WORKERS) worker processes with 1 torch thread each.
 test: setup
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q $(ARGS)
 
 ## Long tests (training to accuracy, full pipelines).

@@ -25,11 +25,11 @@ from esq_lightning.attacks import pgd
 from esq_lightning.training.callbacks import PGDCallback, QuantRatioCallback, TrainAttack
 from esq_lightning.data import CropFlip, TensorDataModule
 from esq_lightning.training.module import ESQModule
-from esq_lightning.training.rng import Stream
+from esq_lightning.rng import Stream
 from esq_lightning.training.objectives import Objective
 from esq_lightning.pairing import forward_with_activations
 from esq_lightning.quant import draw_selection, quant_layers, sq_generator
-from esq_lightning.training.rng import step_generator
+from esq_lightning.rng import step_generator
 
 Batches = list[tuple[Tensor, Tensor]]
 

@@ -19,7 +19,6 @@ timed steps after warm-up; the JSON of every number goes to --out. Exit code 1 w
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import gc
 import json
@@ -93,7 +92,7 @@ def time_variant(base: nn.Module, s: Settings, compile_backend: str | None) -> d
     device = torch.device(s.device)
     model = quantized_copy(base, s)
     if compile_backend:
-        from esq_lightning.training.train import compile_model
+        from esq_lightning.commands.train import compile_model
 
         model = compile_model(model, ["logits"], backend=compile_backend)
     batches = preloaded_batches(s, s.warmup + s.steps + 1)
@@ -153,9 +152,9 @@ def _ddp_worker(rank: int, world: int, backend: str, init: str, s: Settings, tin
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from benchmarks.cases import sgd_factory
-    from esq_lightning.training.rng import Stream
+    from esq_lightning.rng import Stream
     from esq_lightning.quant import draw_selection, sq_generator
-    from esq_lightning.training.rng import step_generator
+    from esq_lightning.rng import step_generator
 
     from datetime import timedelta
 

@@ -208,7 +208,7 @@ def esq_madry_floor(ratios: dict[str, dict[str, Any]], parts: dict[str, list[flo
 def diagnostics(s: Settings) -> dict[str, float]:
     """Costs that explain the SQ ratio: one draw_selection (all layers) and one quantization of all layers."""
     from esq_lightning.quant import draw_selection, quant_layers
-    from esq_lightning.training.rng import step_generator
+    from esq_lightning.rng import step_generator
 
     model = quantized_copy(build_base_model(s), s)
     clock = Clock(device_of(s), s.clock)

@@ -17,7 +17,7 @@ from esq_lightning.attacks import pgd
 from esq_lightning.artifacts.checkpoint import model_state_dict, read_checkpoint
 from esq_lightning.data.digits import DigitsDataModule
 from esq_lightning.pairing import forward_with_activations, pairing_distance
-from esq_lightning.training.train import build_network
+from esq_lightning.artifacts.loading import build_network
 
 
 def main(ckpt: str) -> None:
@@ -29,7 +29,7 @@ def main(ckpt: str) -> None:
     x, y = dm.test_tensors()
     print("| c | clean | PGD-20 | D at block1 (relative_l2) | active units |\n|---|---|---|---|---|")
     for c in (0.0, 1.0, 3.0, 10.0):
-        model = build_network({"_target_": "esq_lightning.models.SmallCNN", "name": "small_cnn"}, {"kind": "full"})
+        model = build_network({"_target_": "esq_lightning.models.SmallCNN", "name": "small_cnn"})  # NF: full precision
         model.load_state_dict(model_state_dict(read_checkpoint(ckpt)))
         with torch.no_grad():
             model.block1[1].bias += c

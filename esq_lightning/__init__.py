@@ -6,13 +6,15 @@ The Python API (esq_lightning/api.py), imported lazily so that `import esq_light
 
 from typing import Any
 
+from esq_lightning.artifacts.setting import register_setting_resolver
 from esq_lightning.config.resolvers import register_resolvers
 
-__version__ = "0.1.0"
+from esq_lightning.versions import __version__  # noqa: F401  (the package's version, pyproject.toml's)
 
 # The configs use ${eval_frac:8/255} and ${int_mul:...}; registering here makes them resolvable wherever
 # the package is imported (entry points, tests, notebooks).
 register_resolvers()
+register_setting_resolver()
 
 API = ("train", "evaluate", "export", "load_model", "load_results")
 

@@ -13,8 +13,8 @@ lists and None are written as Hydra reads them ([a,b], null). `overrides=[...]` 
 one esq-train/esq-eval would use, under paths.runs_root). Config errors raise ESQUserError before torch is imported,
 as on the command line.
 
-Note: `esq_lightning.training.train`, `.evaluate` and `.export` are these functions; their modules stay importable as
-`from esq_lightning.training.train import ...`.
+Note: `esq_lightning.train`, `.evaluate` and `.export` are these functions; what the commands do lives in
+esq_lightning.commands (train, evaluate), the loading of a trained model in esq_lightning.artifacts.loading.
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+import esq_lightning.config.resolvers  # noqa: F401  (registers the configs' resolvers)
+from esq_lightning.artifacts.runs import iter_results
+from esq_lightning.config.schema import validate_train_config
 from esq_lightning.errors import ESQUserError
+from esq_lightning.notices import quiet_library_notices
 
 CONFIG_MODULE = "esq_lightning.conf"
 _PLAIN = re.compile(r"^[A-Za-z0-9_./:+\-@]*$")
@@ -79,8 +83,6 @@ def compose(config_name: str, overrides: list[str], run_dir: str | Path | None =
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    import esq_lightning.config.resolvers  # noqa: F401  (resolvers)
-
     if run_dir is not None:
         overrides = [*overrides, f"hydra.run.dir={_value(str(Path(run_dir).resolve()))}"]
     GlobalHydra.instance().clear()
@@ -103,20 +105,16 @@ def compose(config_name: str, overrides: list[str], run_dir: str | Path | None =
 
 
 def _quiet() -> None:
-    from esq_lightning.notices import quiet_library_notices
-
     quiet_library_notices()
 
 
 # ---- the API -----------------------------------------------------------------------------------------------------
 def train(*, overrides: Iterable[str] = (), run_dir: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
     """esq-train: train and evaluate one run; returns its results record (results.json; `checkpoint` is its path)."""
-    from esq_lightning.config.schema import validate_config
-
     _quiet()
     cfg = compose("train", to_overrides(kwargs, overrides), run_dir)
-    validate_config(cfg, code_checks=False)  # phase 1, before torch is imported
-    from esq_lightning.training.train import train as run
+    validate_train_config(cfg)  # phase 1, before torch is imported
+    from esq_lightning.commands.train import train as run  # torch and Lightning load here, after the check
 
     results, _ = run(cfg)
     return results
@@ -136,15 +134,24 @@ def evaluate(ckpt_path: str | Path | None = None, *, ckpts: Iterable[str | Path]
         kwargs["mode"] = mode
     cfg = compose("eval", to_overrides(kwargs, overrides), run_dir)
     # As esq-eval: the eval config is checked once merged with the checkpoint's (before any data is read).
-    from esq_lightning.evaluation.modes import evaluate as run
+    from esq_lightning.commands.evaluate import evaluate as run  # torch loads here: `import esq_lightning` stays cheap
 
     return run(cfg)
 
 
-def export(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True) -> dict[str, Any]:
-    """esq-export: write the packed (1-/2-bit) file of a checkpoint; returns the size report (`path` is the file)."""
+def export(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True, format: str = "packed",
+           **onnx_options: Any) -> dict[str, Any]:
+    """esq-export: write the packed (b-bit) file of a checkpoint; returns the size report (`path` is the file).
+    format="onnx" (esq-export format=onnx): the ONNX file checked in onnxruntime, its record returned;
+    onnx_options are export_onnx's (n_samples, attack, eps, attack_params, rtol, threads, ...)."""
     _quiet()
-    from esq_lightning.artifacts.export import export_checkpoint
+    if format == "onnx":
+        from esq_lightning.commands.onnx_export import export_onnx
+
+        return export_onnx(ckpt_path, out, **onnx_options)
+    if format != "packed" or onnx_options:
+        raise ESQUserError(f"format={format}: allowed: packed, onnx (keyword options only with onnx)")
+    from esq_lightning.artifacts.export import export_checkpoint  # torch loads here
 
     return export_checkpoint(ckpt_path, out, verify=verify)
 
@@ -152,11 +159,11 @@ def export(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = 
 def load_model(path: str | Path, with_config: bool = False) -> Any:
     """The classifier of a checkpoint (quantized layers, eval mode) or of a packed .esq file (rebuilt plain model);
     with `with_config`, (model, training config)."""
-    from esq_lightning.evaluation.modes import load_trained_model
+    from esq_lightning.artifacts.loading import load_trained_model  # torch loads here
 
     if not Path(path).is_file():
         raise ESQUserError(f"{path}: no such checkpoint or packed model file")
-    model, config = load_trained_model(path)
+    model, config, _, _ = load_trained_model(path)
     return (model, config) if with_config else model
 
 
@@ -168,6 +175,4 @@ def load_results(path: str | Path) -> dict[str, Any] | list[dict[str, Any]]:
         return json.loads(path.read_text())
     if not path.is_dir():
         raise ESQUserError(f"{path}: no such results file or run directory")
-    from esq_lightning.artifacts.runs import iter_results
-
     return [res for _, res in iter_results(path)]

@@ -1,4 +1,4 @@
-"""Small shared helpers: thread counts and file digests (atomic writes: artifacts/atomic.py; step generators: training/rng.py)."""
+"""Small shared helpers: thread counts and file digests (atomic writes: atomic.py; step generators: rng.py)."""
 
 from __future__ import annotations
 

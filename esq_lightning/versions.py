@@ -6,6 +6,9 @@ import platform
 from functools import lru_cache
 from importlib import metadata
 
+# This package's version (pyproject.toml's); esq_lightning.__version__ is this name.
+__version__ = "0.1.0"
+
 # The distributions whose versions can change a number: the numerics, the training loop, the configs, the
 # attack libraries, and the logger that records it. constraints.txt pins all of them (make lock).
 KEY_PACKAGES = ("torch", "pytorch-lightning", "numpy", "hydra-core", "omegaconf", "torchmetrics", "scikit-learn",

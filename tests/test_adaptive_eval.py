@@ -15,7 +15,9 @@ from torch import nn
 
 from esq_lightning.attacks import ATTACKS, pgd, run_attack
 from esq_lightning.evaluation import evaluate_robustness
+from esq_lightning.config.threat import ThreatModel
 from esq_lightning.evaluation.audit import audit_model
+from esq_lightning.evaluation.sequence import EvalSettings
 from esq_lightning.evaluation.checks import FLAGS, Thresholds, curve_flags, evaluation_checks, verdict
 from esq_lightning.evaluation.whitebox import attack_budget
 from esq_lightning.evaluation.worstcase import worst_case
@@ -107,8 +109,8 @@ def test_pgd_keep_best_never_returns_a_worse_point_and_default_is_last_iterate(t
 def test_worst_case_is_at_most_every_attack_and_ignores_other_threat_models(trained):
     model, x, y = trained
     attacks = ["fgsm", "pgd20", "pgd_margin", "ddn"] if "ddn" in ATTACKS else ["fgsm", "pgd20", "pgd_margin"]
-    ev = evaluate_robustness(model, x, y, attacks=["fgsm", "pgd20", "pgd_margin"], eps=EPS,
-                             params={"pgd_margin": FAST}, progress=False, fgsm_factor=2.0)
+    ev = evaluate_robustness(model, x, y, ThreatModel("linf", EPS, fgsm_factor=2.0),
+                             EvalSettings(["fgsm", "pgd20", "pgd_margin"], params={"pgd_margin": FAST}, progress=False))
     wc = ev["robust_acc"]["worst_case"]
     assert list(ev["robust_acc"])[0] == "worst_case"
     # FGSM ran at 2 x eps: its own threat model, outside the worst case.
@@ -139,8 +141,8 @@ def _flag_names(audit: dict) -> set[str]:
 
 def test_normal_model_passes_every_check(trained):
     model, x, y = trained
-    rec = audit_model(model, x, y, EPS, budget="quick", attacks=["pgd20", "pgd_margin", "pgd_dlr"],
-                      params={"pgd_margin": FAST, "pgd_dlr": FAST})
+    rec = audit_model(model, x, y, ThreatModel("linf", EPS), EvalSettings(
+        ["pgd20", "pgd_margin", "pgd_dlr"], params={"pgd_margin": FAST, "pgd_dlr": FAST}, progress=False), budget="quick")
     assert rec["verdict"] == "pass", rec["flags"]
     assert rec["worst_case"]["acc"] <= min(v for k, v in rec["robust_acc"].items() if k != "worst_case")
     assert len(rec["eps_curve"]["worst_case"]) == 5 and rec["unbounded"]["acc"] <= 0.2
@@ -149,13 +151,14 @@ def test_normal_model_passes_every_check(trained):
 def test_scaled_logits_are_flagged_and_margin_pgd_still_measures(trained):
     model, x, y = trained
     big = scaled(model)
-    rec = audit_model(big, x, y, EPS, budget="quick", attacks=["fgsm", "pgd20", "pgd_margin", "pgd_dlr"],
-                      params={"pgd_margin": FAST, "pgd_dlr": FAST})
+    rec = audit_model(big, x, y, ThreatModel("linf", EPS), EvalSettings(
+        ["fgsm", "pgd20", "pgd_margin", "pgd_dlr"], params={"pgd_margin": FAST, "pgd_dlr": FAST}, progress=False),
+        budget="quick")
     names = _flag_names(rec)
     assert rec["verdict"] != "pass"
     assert {"loss_scale_sensitivity", "weak_attack_overstates", "saturated_gradients"} <= names
     # The cheap checks of the end-of-training evaluation catch it from fgsm + pgd20 alone (margin-PGD probe).
-    ev = evaluate_robustness(big, x, y, attacks=["fgsm", "pgd20"], eps=EPS, progress=False)
+    ev = evaluate_robustness(big, x, y, ThreatModel("linf", EPS), EvalSettings(["fgsm", "pgd20"], progress=False))
     audit = evaluation_checks(big, x, y, ev, "linf", EPS)
     assert audit["verdict"] != "pass" and "loss_scale_sensitivity" in _flag_names(audit)
     assert audit["probes"]["pgd_margin"]["acc"] < ev["robust_acc"]["pgd20"] - 0.3
@@ -164,7 +167,8 @@ def test_scaled_logits_are_flagged_and_margin_pgd_still_measures(trained):
 def test_rounding_without_ste_is_a_failed_verdict_not_a_crash(trained):
     model, x, y = trained
     rounded = nn.Sequential(RoundInput(), model)
-    ev = evaluate_robustness(rounded, x, y, attacks=["pgd20"], eps=EPS, progress=False, on_gradient_error="record")
+    ev = evaluate_robustness(rounded, x, y, ThreatModel("linf", EPS), EvalSettings(["pgd20"], progress=False),
+                             on_gradient_error="record")
     assert "pgd20" in ev["unattackable"] and "pgd20" not in ev["robust_acc"]
     audit = evaluation_checks(rounded, x, y, ev, "linf", EPS)
     assert audit["verdict"] == "fail" and {"zero_gradients", "unattackable"} <= _flag_names(audit)
@@ -182,7 +186,7 @@ def test_rounding_without_ste_is_a_failed_verdict_not_a_crash(trained):
 def test_randomized_forward_is_flagged(trained):
     model, x, y = trained
     noisy = nn.Sequential(Noisy(), model)
-    ev = evaluate_robustness(noisy, x, y, attacks=["pgd20"], eps=EPS, progress=False)
+    ev = evaluate_robustness(noisy, x, y, ThreatModel("linf", EPS), EvalSettings(["pgd20"], progress=False))
     audit = evaluation_checks(noisy, x, y, ev, "linf", EPS, margin_probe_steps=None)
     assert "randomized_forward" in _flag_names(audit) and audit["verdict"] == "fail"
 
@@ -193,7 +197,8 @@ def test_constant_output_and_curve_checks():
         constant[1].weight.zero_()
         constant[1].bias.copy_(torch.arange(10.0))
     x, y = torch.rand(60, 1, 8, 8), torch.arange(60) % 10
-    ev = evaluate_robustness(constant, x, y, attacks=["pgd20"], eps=EPS, progress=False, on_gradient_error="record")
+    ev = evaluate_robustness(constant, x, y, ThreatModel("linf", EPS), EvalSettings(["pgd20"], progress=False),
+                             on_gradient_error="record")
     names = _flag_names(evaluation_checks(constant, x, y, ev, "linf", EPS))
     assert {"constant_output", "chance_accuracy", "zero_gradients"} <= names
     rising = curve_flags([0.1, 0.2, 0.4], [0.5, 0.3, 0.45], Thresholds(), "pgd_margin")
@@ -211,7 +216,7 @@ TRAIN = ["threads=1", "trainer.enable_progress_bar=false", "trainer.accelerator=
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory):
-    from esq_lightning.training.train import train
+    from esq_lightning.commands.train import train
     from tests.hydra_utils import compose_config
 
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
@@ -236,7 +241,7 @@ def test_eval_eps_sets_fgsm_and_pgd_step(tiny_run):
 def test_audit_mode_writes_audit_files_and_verdict(tiny_run, tmp_path):
     import json
 
-    from esq_lightning.evaluation.modes import evaluate
+    from esq_lightning.commands.evaluate import evaluate
     from tests.hydra_utils import compose_config
 
     cfg = compose_config("eval", ["threads=1", "progress=false", "mode=audit", f"ckpt_path={tiny_run['checkpoint']}",
@@ -264,8 +269,8 @@ def test_unattackable_training_run_writes_results_and_fails_in_one_line(tmp_path
     from esq_lightning.errors import EvaluationFailed
     from tests.hydra_utils import compose_config
 
-    # The module (esq_lightning.training.train as an attribute is the Python API's train function).
-    train_mod = importlib.import_module("esq_lightning.training.train")
+    # The module whose build_network esq-train calls.
+    train_mod = importlib.import_module("esq_lightning.commands.train")
     build = train_mod.build_network
     monkeypatch.setattr(train_mod, "build_network", lambda m, q, **kw: nn.Sequential(RoundInput(), build(m, q, **kw)))
     cfg = compose_config("train", [*TRAIN, "trainer.max_epochs=1", "eval.attacks=[fgsm,pgd20]"], tmp_path)
@@ -280,7 +285,7 @@ def test_unattackable_training_run_writes_results_and_fails_in_one_line(tmp_path
 
 
 def test_transfer_refuses_minimum_norm_attacks_and_amplification_says_where_it_measures(trained):
-    from esq_lightning.evaluation.modes import check_transfer_attack
+    from esq_lightning.commands.evaluate import check_transfer_attack
     from esq_lightning.errors import ESQUserError
     from esq_lightning.evaluation import measured_at, transfer_matrix
     from esq_lightning.models import MODELS

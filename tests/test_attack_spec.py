@@ -66,9 +66,9 @@ EVAL = ["threads=1", "progress=false", "eval.n_samples=30", "eval.batch_size=30"
 
 def test_a_registered_attack_runs_everywhere_without_other_edits(toy: AttackSpec, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from esq_lightning.evaluation.modes import evaluate
+    from esq_lightning.commands.evaluate import evaluate
     from esq_lightning.reporting.report import make_report
-    from esq_lightning.training.train import train
+    from esq_lightning.commands.train import train
 
     results, _ = train(compose_config("train", TINY, tmp_path / "train"))
     ckpt = results["checkpoint"]
@@ -111,7 +111,7 @@ def test_a_parameter_out_of_its_declared_range_fails_in_one_line(toy: AttackSpec
 
 
 def test_the_declared_range_fails_an_eval_config_before_any_attack(toy: AttackSpec, tmp_path: Path) -> None:
-    from esq_lightning.config.schema import validate_config
+    from esq_lightning.commands.checks import validate_config
 
     cfg = compose_config("train", [*FAST, f"eval.attacks=[{TOY}]", f"++eval.params.{TOY}.scale=0"], tmp_path)
     with pytest.raises(ESQUserError) as err:

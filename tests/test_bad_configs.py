@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from esq_lightning.config import schema
 from esq_lightning.errors import ESQUserError
-from esq_lightning.config.schema import validate_config
+from esq_lightning.commands.checks import validate_config
 from tests.hydra_utils import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,7 +242,7 @@ def test_every_shipped_config_validates(group: str, option: str, tmp_path: Path)
 
 
 def test_eval_config_is_validated_against_the_checkpoint_config(tmp_path: Path) -> None:
-    from esq_lightning.evaluation.modes import run_config_with_eval
+    from esq_lightning.commands.evaluate import run_config_with_eval
 
     train_cfg = compose_config("train", [], tmp_path / "t")
     train_config = OmegaConf.to_container(train_cfg, resolve=True)
@@ -297,7 +297,7 @@ def test_trainer_values_come_from_lightnings_own_registries(tmp_path: Path) -> N
 def test_phase_one_reads_the_codes_own_tables() -> None:
     """The schema's choices are the code's tables (one definition, esq_lightning/config/choices.py)."""
     from esq_lightning.config import choices
-    from esq_lightning.evaluation.modes import MODES
+    from esq_lightning.commands.evaluate import MODES
     from esq_lightning.pairing import DISTANCES
     from esq_lightning.quant.registry import FAMILIES
     from esq_lightning.training.objectives import METHODS

@@ -224,7 +224,7 @@ def test_activation_quantization_keep_first_last_and_state_dict() -> None:
 
 @pytest.mark.parametrize("act_bits", [4, 8])
 def test_export_with_activation_quantization_gives_identical_logits(tmp_path: Path, act_bits: int) -> None:
-    from esq_lightning.artifacts.export import _build_from_meta
+    from esq_lightning.artifacts.loading import _build_from_meta
 
     model_cfg = {"name": "small_cnn", "num_classes": 10, "in_channels": 1, "mean": [0.3], "std": [0.4], "width": 8}
     meta = {"model": model_cfg, "quant": {"kind": "uniform", "bits": 4, "act_bits": act_bits}}
@@ -290,9 +290,9 @@ def test_quant_bits_multirun_and_activation_bits(tmp_path: Path) -> None:
     results = _multirun(tmp_path, ["quant.bits=3,32", "quant.act_bits=4"])
     _check_widths(results, [3, 32])
     assert [r["act_bits"] for r in results] == [4, 4]
-    from esq_lightning.evaluation.modes import load_trained_model
+    from esq_lightning.artifacts.loading import load_trained_model
 
-    model, _ = load_trained_model(results[0]["checkpoint"])
+    model = load_trained_model(results[0]["checkpoint"]).model
     assert {layer.bits for _, layer in quant_layers(model)} == {3} and act_quant_layers(model)
 
 

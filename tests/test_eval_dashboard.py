@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from esq_lightning.evaluation.modes import load_trained_model
+from esq_lightning.artifacts.loading import load_trained_model
 from tests.test_evaluation import EPS, PNG_MAGIC, ckpts, run_eval  # noqa: F401  (ckpts: the session fixture)
 
 _BLOCK = 32768
@@ -73,7 +73,7 @@ def test_whitebox_eval_on_wandb_is_an_eval_run_in_the_training_group(ckpts, tmp_
     out = tmp_path / "wb"
     results = run_eval(out, [f"ckpt_path={ckpts['bwn']}", "eval.attacks=[fgsm]", "eval.n_samples=32",
                              f"eval.eps={EPS}", "logger=wandb", "tags=[dashboard]"])
-    _, train_config = load_trained_model(ckpts["bwn"])
+    train_config = load_trained_model(ckpts["bwn"]).config
     run = read_offline_run(out)
     assert run["run"].job_type == "eval"
     assert run["run"].run_group == train_config["experiment_name"]  # the training run's group

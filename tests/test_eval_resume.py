@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from esq_lightning.errors import ESQUserError
-from esq_lightning.evaluation.modes import evaluate
+from esq_lightning.commands.evaluate import evaluate
+from esq_lightning.config.threat import ThreatModel
 from esq_lightning.evaluation import evaluate_robustness
+from esq_lightning.evaluation.sequence import EvalSettings
 from esq_lightning.evaluation.distributed import Shard
 from esq_lightning.evaluation.store import STATE_DIR, EvalStore, batch_bounds, batch_seed, run_in_batches
-from esq_lightning.training.train import train
+from esq_lightning.commands.train import train
 from tests.hydra_utils import FAST, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,16 +176,16 @@ def test_run_in_batches_seeds_each_batch_and_reads_finished_batches_back(tmp_pat
 
 
 def test_evaluate_robustness_with_store_equals_without_and_keeps_per_sample_masks(ckpt: Path, tmp_path: Path) -> None:
-    from esq_lightning.evaluation.modes import load_trained_model
+    from esq_lightning.artifacts.loading import load_trained_model
 
-    model, _ = load_trained_model(ckpt)
+    model = load_trained_model(ckpt).model
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(13, 1, 8, 8, generator=g), torch.randint(0, 10, (13,), generator=g)
-    kwargs = dict(attacks=["fgsm", "pgd20"], eps=0.05, params={"pgd20": {"steps": 3}}, batch_size=4,
-                  progress=False)
-    plain = evaluate_robustness(model, x, y, **kwargs)
-    kept = evaluate_robustness(model, x, y, store=EvalStore.open(tmp_path, {"id": 0}), **kwargs)
-    again = evaluate_robustness(model, x, y, store=EvalStore.open(tmp_path, {"id": 0}), **kwargs)
+    threat = ThreatModel("linf", 0.05)
+    settings = EvalSettings(["fgsm", "pgd20"], params={"pgd20": {"steps": 3}}, batch_size=4, progress=False)
+    plain = evaluate_robustness(model, x, y, threat, settings)
+    kept = evaluate_robustness(model, x, y, threat, settings, store=EvalStore.open(tmp_path, {"id": 0}))
+    again = evaluate_robustness(model, x, y, threat, settings, store=EvalStore.open(tmp_path, {"id": 0}))
     for ev in (kept, again):
         assert (ev["clean_acc"], ev["robust_acc"]) == (plain["clean_acc"], plain["robust_acc"])
         assert all(torch.equal(ev["correct"][k], plain["correct"][k]) for k in ("fgsm", "pgd20"))

@@ -12,7 +12,9 @@ import torch
 
 from esq_lightning.attacks import ATTACKS, perturbation_norms
 from esq_lightning.errors import ESQUserError
-from esq_lightning.evaluation.modes import evaluate, load_test_split, load_trained_model, run_config_with_eval
+from esq_lightning.artifacts.loading import load_trained_model
+from esq_lightning.commands.evaluate import evaluate, load_test_split, run_config_with_eval
+from esq_lightning.config.threat import ThreatModel
 from esq_lightning.evaluation import (
     amplification_curve,
     attack_in_batches,
@@ -21,8 +23,9 @@ from esq_lightning.evaluation import (
     gradient_masking_report,
     predict,
 )
+from esq_lightning.evaluation.sequence import EvalSettings
 from esq_lightning.quant import full_quantization
-from esq_lightning.training.train import train
+from esq_lightning.commands.train import train
 from tests.hydra_utils import FAST, compose_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -78,7 +81,7 @@ def run_eval(tmp_path: Path, overrides: list[str]) -> dict:
 
 def split_of(ckpt: Path, n: int, tmp_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n test inputs of a checkpoint's dataset, as esq-eval reads them."""
-    _, train_config = load_trained_model(ckpt)
+    train_config = load_trained_model(ckpt).config
     cfg = compose_config("eval", [], tmp_path / "split")
     return load_test_split(run_config_with_eval(train_config, cfg), int(train_config["seed"]), n)
 
@@ -116,7 +119,7 @@ def test_whitebox_every_attack_records_params_and_never_beats_clean(ckpts, tmp_p
 
 
 def test_attacks_on_a_trained_checkpoint_respect_budget_and_box(ckpts, tmp_path):
-    model, _ = load_trained_model(ckpts["bwn"])
+    model = load_trained_model(ckpts["bwn"]).model
     x, y = split_of(ckpts["bwn"], 10, tmp_path)
     with full_quantization(model):
         clean = predict(model, x) == y
@@ -162,7 +165,7 @@ def test_amplification_curves_json_and_png(ckpts, tmp_path):
                                  "eval.n_samples=24", "eval.batch_size=10"])
     on_disk = json.loads((tmp_path / "amplification.json").read_text())
     assert on_disk["mode"] == "amplification" and len(on_disk["curves"]) == 2
-    model, _ = load_trained_model(ckpts["bwn"])
+    model = load_trained_model(ckpts["bwn"]).model
     for curve in on_disk["curves"]:
         assert curve["modules"] == model.residual_module_names()
         assert len(curve["d"]) == len(model.residual_module_names())
@@ -177,7 +180,7 @@ def test_amplification_curves_json_and_png(ckpts, tmp_path):
 
 
 def test_amplification_is_zero_for_a_tiny_eps(ckpts):
-    model, _ = load_trained_model(ckpts["bwn"])
+    model = load_trained_model(ckpts["bwn"]).model
     x = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     y = torch.arange(10)
     curve = amplification_curve(model, x, y, eps=1e-8, steps=10, batch_size=4)
@@ -236,7 +239,7 @@ def test_blackbox_curves_start_at_clean_accuracy_and_never_rise(ckpts, tmp_path)
     assert (tmp_path / "blackbox.png").read_bytes()[:8] == PNG_MAGIC
     for curve in on_disk["curves"]:
         path = ckpts["full"] if curve["label"].endswith("(full)") else ckpts["bwn"]
-        model, _ = load_trained_model(path)
+        model = load_trained_model(path).model
         x, y = split_of(path, 6, tmp_path)
         with full_quantization(model):
             clean = (predict(model, x) == y).float().mean().item()
@@ -309,16 +312,17 @@ def test_masking_report_passes_a_healthy_model_and_compares_only_equal_threats()
 
 
 def test_masking_report_end_to_end(ckpts, tmp_path):
-    model, _ = load_trained_model(ckpts["full"])
+    model = load_trained_model(ckpts["full"]).model
     x, y = split_of(ckpts["full"], 48, tmp_path)
     # Healthy: FGSM, PGD-20 and a stronger PGD at one eps rank as they should.
-    ev = evaluate_robustness(model, x, y, ["fgsm", "pgd20", "pgd100"], eps=EPS, progress=False,
-                             params={"fgsm": {"eps": EPS}, "pgd20": {"step_size": EPS / 4},
-                                     "pgd100": {"steps": 40, "restarts": 2, "step_size": EPS / 4}})
+    ev = evaluate_robustness(model, x, y, ThreatModel("linf", EPS), EvalSettings(
+        ["fgsm", "pgd20", "pgd100"], progress=False,
+        params={"fgsm": {"eps": EPS}, "pgd20": {"step_size": EPS / 4},
+                "pgd100": {"steps": 40, "restarts": 2, "step_size": EPS / 4}}))
     assert ev["gradient_masking"]["flags"] == [], ev["robust_acc"]
     # Broken on purpose: a "PGD" that never moves (no steps, no random start) leaves clean accuracy.
-    ev = evaluate_robustness(model, x, y, ["pgd20"], eps=EPS, progress=False,
-                             params={"pgd20": {"steps": 0, "random_start": False}})
+    ev = evaluate_robustness(model, x, y, ThreatModel("linf", EPS), EvalSettings(
+        ["pgd20"], progress=False, params={"pgd20": {"steps": 0, "random_start": False}}))
     assert ev["robust_acc"]["pgd20"] == ev["clean_acc"]
     assert any(f.startswith("clean_only_failure: pgd20") for f in ev["gradient_masking"]["flags"])
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from esq_lightning.errors import ESQUserError
-from esq_lightning.artifacts.export import export_checkpoint, is_packed_file, load_exported
+from esq_lightning.artifacts.export import export_checkpoint
+from esq_lightning.artifacts.loading import is_packed_file, load_exported
 from esq_lightning.quant import quant_layers
 from tests.test_evaluation import EPS, ckpts, run_eval  # noqa: F401  (ckpts: the session fixture)
 
@@ -63,10 +64,10 @@ def test_multi_model_modes_on_the_packed_file_equal_the_checkpoint(ckpts, packed
 
 
 def test_a_packed_file_without_config_is_one_line(ckpts, tmp_path):
-    from esq_lightning.evaluation.modes import load_trained_model
+    from esq_lightning.artifacts.loading import load_trained_model
     from esq_lightning.quant import export_packed
 
-    model, config = load_trained_model(ckpts["bwn"])
+    model, config, _, _ = load_trained_model(ckpts["bwn"])
     old = tmp_path / "old.esq"
     export_packed(model, old, {"model": config["model"], "quant": config["quant"], "source_checkpoint": "x.ckpt"})
     with pytest.raises(ESQUserError, match=r"carries no training config .* esq-export ckpt_path=x.ckpt"):

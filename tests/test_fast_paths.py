@@ -20,9 +20,9 @@ from esq_lightning.training.objectives import Objective
 from esq_lightning.pairing import forward_with_activations
 from esq_lightning.quant import draw_selection, quant_layers, quantize_model, sample_selection, set_sq_ratio
 from esq_lightning.quant.modules import frozen_quant_weights
-from esq_lightning.training.train import compile_model
+from esq_lightning.commands.train import compile_model
 from esq_lightning.utils import auto_threads, set_threads
-from esq_lightning.training.rng import step_generator
+from esq_lightning.rng import step_generator
 
 CL = torch.channels_last
 

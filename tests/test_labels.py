@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from esq_lightning.errors import ESQUserError
-from esq_lightning.config.labels import derive_setting, start_from_setting, start_of
+from esq_lightning.artifacts.setting import start_of
+from esq_lightning.config.labels import derive_setting, start_from_setting
 from esq_lightning.artifacts.runs import resolve_init_from
 from hydra_utils import compose_config
 

@@ -57,6 +57,15 @@ def test_logger_tensorboard_is_installed_by_an_extra() -> None:
     assert importlib.util.find_spec("tensorboard") is not None
 
 
+def test_onnx_export_is_an_extra_that_make_setup_installs_pinned() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {d.split(">")[0] for d in extras["onnx"]} == {"onnx", "onnxruntime"}
+    assert re.search(r"^EXTRAS \?= .*\bonnx\b", (ROOT / "Makefile").read_text(), re.M)
+    pins = _constraints()
+    for name in ("onnx", "onnxruntime"):
+        assert name in pins and metadata.version(name) == pins[name], name
+
+
 @pytest.mark.skipif(importlib.util.find_spec("setuptools") is None, reason="needs setuptools in the venv")
 def test_wheel_builds_without_packaging_warnings_and_ships_every_config(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",

@@ -20,7 +20,7 @@ from esq_lightning.pairing import (
     resolve_distance,
 )
 from esq_lightning.artifacts.results import LOGIT_OFFSET_WARNING, OFFSET_WARN_RATIO, logit_offset_warnings
-from esq_lightning.config.schema import validate_config
+from esq_lightning.commands.checks import validate_config
 from tests.hydra_utils import FAST, compose_config
 
 SHIFT_INVARIANT = [n for n, d in DISTANCES.items() if d.shift_invariant]
@@ -163,7 +163,7 @@ def test_esq_objective_trains_the_chosen_distance_and_logs_the_honest_terms() ->
 
 
 def _train(tmp_path: Path, overrides: list[str]) -> dict:
-    from esq_lightning.training.train import train
+    from esq_lightning.commands.train import train
 
     cfg = compose_config("train", [*FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=3",
                                    "eval.n_samples=64", "callbacks.pgd.val_n_samples=32", "callbacks.pgd.steps=2",
@@ -191,7 +191,7 @@ def test_a_drifting_run_gets_the_named_warning_in_results_json(tmp_path: Path) -
     # A constructed drift: the fc bias starts 30 above zero on every class (no prediction changes), and lr 0
     # keeps it there; the same run without the offset gets no warning.
     init = tmp_path / "drift.ckpt"
-    from esq_lightning.training.train import build_network
+    from esq_lightning.artifacts.loading import build_network
     from tests.hydra_utils import compose_config as _compose
 
     cfg = _compose("train", [], tmp_path / "compose")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esq_lightning.training.train import train
+from esq_lightning.commands.train import train
 from tests.hydra_utils import FAST, compose_config
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"

@@ -71,11 +71,11 @@ def _header(path: Path) -> dict[str, Any]:
 
 def test_a_registered_quantizer_trains_exports_labels_and_reports_without_other_edits(toy: QuantizerSpec,
                                                                                       tmp_path: Path) -> None:
-    from esq_lightning.artifacts.export import export_checkpoint, load_exported
-    from esq_lightning.evaluation.modes import load_trained_model
+    from esq_lightning.artifacts.export import export_checkpoint
+    from esq_lightning.artifacts.loading import load_exported, load_trained_model
     from esq_lightning.evaluation.robustbench import model_info
     from esq_lightning.reporting.report import make_report
-    from esq_lightning.training.train import train
+    from esq_lightning.commands.train import train
 
     # The config check, the kind resolver and the setting label read the entry.
     assert QUANT_BITS[TOY] == (1,) and derive_setting("esq", TOY, 1, "N") == "NEM"
@@ -83,7 +83,7 @@ def test_a_registered_quantizer_trains_exports_labels_and_reports_without_other_
     assert results["setting"] == "VM"
 
     # Trained with the toy's math: at ratio 1 every quantized weight is +-median |W_i| of its filter.
-    model, config = load_trained_model(results["checkpoint"])
+    model, config, _, _ = load_trained_model(results["checkpoint"])
     layers = quant_layers(model)
     assert layers and {layer.kind for _, layer in layers} == {TOY} and config["quant"]["kind"] == TOY
     for _, layer in layers:
@@ -144,7 +144,7 @@ def test_the_toy_quantizer_packs_and_unpacks_its_codes(toy: QuantizerSpec) -> No
 
 
 def test_the_config_check_names_a_registered_quantizer_and_forgets_it_after(tmp_path: Path) -> None:
-    from esq_lightning.config.schema import validate_config
+    from esq_lightning.commands.checks import validate_config
 
     overrides = [*FAST, f"quant.kind={TOY}", "quant.bits=1"]
     register_quantizer(toy_spec())

@@ -21,7 +21,7 @@ from esq_lightning.artifacts.checkpoint import check_resume_checkpoint, resolve_
 from esq_lightning.cli._common import user_errors_as_one_line
 from esq_lightning.errors import ESQUserError
 from esq_lightning.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
-from esq_lightning.training.train import train
+from esq_lightning.commands.train import train
 from tests.fakes import write_corrupt_cifar
 from tests.hydra_utils import FAST, compose_config
 

@@ -120,7 +120,7 @@ def test_restore_wandb_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_offline_wandb_run_leaves_no_wandb_env_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import wandb
 
-    from esq_lightning.training.train import train
+    from esq_lightning.commands.train import train
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     before = snapshot_wandb_env()

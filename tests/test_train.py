@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from esq_lightning.artifacts.checkpoint import read_checkpoint
-from esq_lightning.training.train import train
+from esq_lightning.commands.train import train
 from tests.hydra_utils import FAST, compose_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -6,9 +6,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-import esq_lightning
-from esq_lightning.versions import package_versions
-from esq_lightning.evaluation.threat import threat_model
+from esq_lightning.versions import __version__, package_versions
+from esq_lightning.config.threat import threat_model
 
 SCHEMA_VERSION = 1
 
@@ -72,7 +71,7 @@ def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str
     pairing = cfg.get("pairing") or {}
     return {
         "schema_version": SCHEMA_VERSION,
-        "esq_lightning_version": esq_lightning.__version__,
+        "esq_lightning_version": __version__,
         # torch, Lightning, numpy, ... as installed (constraints.txt pins the ones the test suite passed with).
         "versions": package_versions(),
         "task": cfg.get("task_name", "train"),

@@ -30,6 +30,7 @@ from esq_lightning.attacks.pgd import pgd
 from esq_lightning.attacks.runners.inhouse import PGD_RANGES
 from esq_lightning.attacks.spec import ADAPTIVE, BUDGETED, SCALE_FREE, AttackSpec, Params, count
 from esq_lightning.attacks.utils import _generator, _predict
+from esq_lightning.pairing import check_pairing_names, forward_with_activations, get_distance, resolve_distance
 
 # (indices of the samples still robust) -> the loss for that subset
 LossFactory = Callable[[Tensor], LossFn]
@@ -116,8 +117,6 @@ class _Probe(nn.Module):
         self.last: dict[str, Tensor] = {}
 
     def forward(self, x: Tensor) -> Tensor:
-        from esq_lightning.pairing import forward_with_activations
-
         logits, acts = forward_with_activations(self.model, x, self.layers)
         self.last = acts
         return logits
@@ -125,8 +124,6 @@ class _Probe(nn.Module):
 
 def _run_pairing(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params) -> tuple[Tensor, Params]:
     assert eps is not None
-    from esq_lightning.pairing import check_pairing_names, forward_with_activations, get_distance, resolve_distance
-
     layers, lambdas = list(p["layers"]), [float(v) for v in p["lambdas"]]
     if len(layers) != len(lambdas):
         raise ValueError(f"pgd_pairing: {len(layers)} layers but {len(lambdas)} lambdas")
@@ -206,8 +203,6 @@ def pairing_attack_params(config: Mapping[str, Any] | None) -> dict[str, Any]:
 
     Models not trained with pairing (method != esq) are attacked at the logits with lambda 1.
     """
-    from esq_lightning.pairing import resolve_distance
-
     config = config or {}
     method = (config.get("method") or {}).get("name")
     pairing = config.get("pairing") or {}

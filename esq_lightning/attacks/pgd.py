@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from esq_lightning.attacks.losses import get_loss
 from esq_lightning.attacks.utils import (
     GradientCheckError,
     as_autograd_input,
@@ -96,8 +97,6 @@ def pgd(
     if eps < 0 or steps < 0:
         raise ValueError(f"eps and steps must be non-negative, got eps={eps}, steps={steps}")
     if isinstance(loss_fn, str):
-        from esq_lightning.attacks.losses import get_loss
-
         loss_fn = get_loss(loss_fn)
     loss_fn = _ce_sum if loss_fn is None else loss_fn
     with grad_enabled():

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import esq_lightning
 from esq_lightning.attacks.utils import (
     _per_sample,
     _predict,
@@ -32,7 +31,8 @@ from esq_lightning.attacks.utils import (
     grad_enabled,
     perturbation_norms,
 )
-from esq_lightning.errors import show_value
+from esq_lightning.errors import ESQUserError, show_value
+from esq_lightning.versions import __version__
 
 __all__ = [
     "ADAPTIVE",
@@ -91,8 +91,6 @@ class ParamRange:
 
     def check(self, value: Any, key: str) -> None:
         """Raise ESQUserError (one line, naming `key`) when value is not of the type or out of range."""
-        from esq_lightning.errors import ESQUserError
-
         if value is None:
             return
         name = key.rsplit(".", 1)[-1]
@@ -320,7 +318,7 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 def _require(library: str, attack: str) -> str:
     """Import a library lazily; return its version or raise a one-line install hint."""
     if library == "esq_lightning":
-        return esq_lightning.__version__
+        return __version__
     try:
         with warnings.catch_warnings():
             # foolbox 3.3.4 imports scipy.ndimage.filters, deprecated in scipy 1.x.

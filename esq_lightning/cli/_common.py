@@ -7,7 +7,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from esq_lightning.config.commands import check_command_line, quote_pass_through
 from esq_lightning.errors import ESQUserError, EvaluationFailed
+from esq_lightning.notices import quiet_library_notices
 
 CONFIG_PATH = "pkg://esq_lightning.conf"
 
@@ -40,8 +42,6 @@ def one_line(text: str) -> str:
 def user_errors_as_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from esq_lightning.notices import quiet_library_notices
-
         quiet_library_notices()
         try:
             return fn(*args, **kwargs)
@@ -72,8 +72,6 @@ def run_hydra_command(command: str, hydra_main: Callable[[], Any], argv: Sequenc
     overrides of other commands (train=[trainer.max_epochs=2]): their items are quoted so that Hydra's grammar,
     which refuses '=' in an unquoted value, takes them as they are written.
     """
-    from esq_lightning.config.commands import check_command_line, quote_pass_through
-
     args = list(sys.argv[1:] if argv is None else argv)
     user_errors_as_one_line(check_command_line)(command, args)
     saved = sys.argv

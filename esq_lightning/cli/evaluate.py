@@ -12,7 +12,8 @@ from esq_lightning.cli._common import CONFIG_PATH, user_errors_as_one_line
 @hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> float | None:
-    from esq_lightning.evaluation.modes import evaluate
+    # Imported here, not at the top: `esq-eval --help` and Hydra's own errors need no torch.
+    from esq_lightning.commands.evaluate import evaluate
 
     results = evaluate(cfg)
     if results.get("mode", "whitebox") != "whitebox":

@@ -8,24 +8,20 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from esq_lightning.cli._common import CONFIG_PATH, run_hydra_command, user_errors_as_one_line
-
-if TYPE_CHECKING:
-    from esq_lightning.config.commands import ReportOptions
+from esq_lightning.commands.report import report
+from esq_lightning.config.commands import ReportOptions, validate_options
+from esq_lightning.errors import ESQUserError
 
 COMMAND = "esq-report"
 
 
 def report_options(cfg: DictConfig) -> ReportOptions:
     """The checked options of a composed conf/report.yaml (one ESQUserError line for a bad or missing one)."""
-    from esq_lightning.config.commands import validate_options
-    from esq_lightning.errors import ESQUserError
-
     if OmegaConf.is_missing(cfg, "runs"):
         raise ESQUserError("runs: required: the run or multirun folder(s) to report, e.g. "
                            "runs=outputs/digits-table or runs=[a,b]")
@@ -37,18 +33,7 @@ def report_options(cfg: DictConfig) -> ReportOptions:
 @hydra.main(config_path=CONFIG_PATH, config_name="report", version_base="1.3")
 @user_errors_as_one_line
 def _report(cfg: DictConfig) -> None:
-    from esq_lightning.reporting.report import make_report
-
-    opts = report_options(cfg)
-    report = make_report(opts.runs if len(opts.runs) > 1 else opts.runs[0], out=opts.out, fmt=opts.format,
-                         digits=opts.digits, curve_x=opts.curve_x, wandb_project=opts.wandb,
-                         wandb_mode=opts.wandb_mode)
-    for path, why in report["unreadable"]:
-        print(f"esq-report: skipped {path}: cannot read it ({why})", file=sys.stderr, flush=True)
-    if not opts.quiet:
-        print(report["markdown"], flush=True)
-    print(f"esq-report: {report['n_runs']} runs; wrote {len(report['files'])} files to {report['out']}",
-          file=sys.stderr, flush=True)
+    report(report_options(cfg))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, OmegaConf
 
 from esq_lightning.artifacts.runs import find_runs
 from esq_lightning.cli._common import CONFIG_PATH, run_hydra_command, user_errors_as_one_line
-from esq_lightning.config.commands import SCALES, hydra_value
+from esq_lightning.config.commands import SCALES, check_command_line, hydra_value, quote_pass_through, validate_options
 from esq_lightning.errors import ESQUserError
 
 PRETRAIN = ["NF", "AF"]
@@ -49,10 +50,6 @@ class Step:
 def resolve_options(cfg: Any) -> tuple[dict[str, Any], list[str], list[str]]:
     """The pipeline's options from a composed conf/reproduce.yaml (checked by ReproduceOptions), with the scale's
     defaults in place of null; and the overrides passed on to every esq-train and every esq-eval call."""
-    from omegaconf import DictConfig, OmegaConf
-
-    from esq_lightning.config.commands import validate_options
-
     values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     checked = validate_options("esq-reproduce", values)
     opts = checked.model_dump()
@@ -76,10 +73,6 @@ def resolve_options(cfg: Any) -> tuple[dict[str, Any], list[str], list[str]]:
 
 def compose_options(overrides: Sequence[str] = ()) -> tuple[dict[str, Any], list[str], list[str]]:
     """resolve_options of conf/reproduce.yaml with these command-line overrides (as esq-reproduce takes them)."""
-    from hydra import compose, initialize_config_module
-
-    from esq_lightning.config.commands import check_command_line, quote_pass_through
-
     check_command_line("esq-reproduce", overrides)
     with initialize_config_module("esq_lightning.conf", version_base="1.3"):
         cfg = compose("reproduce", overrides=quote_pass_through(overrides, PASS_THROUGH))

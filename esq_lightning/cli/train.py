@@ -3,29 +3,26 @@
 from __future__ import annotations
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import esq_lightning.config.resolvers  # noqa: F401  (registers resolvers)
 from esq_lightning.cli._common import CONFIG_PATH, user_errors_as_one_line
+from esq_lightning.config.schema import validate_train_config
+from esq_lightning.errors import ESQUserError
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> float | None:
-    from esq_lightning.config.schema import validate_config
-
-    # Before importing the training stack: a typo fails in about a second (structure, types, ranges),
-    # a wrong name or path once torch is imported, both before any data is read. train() validates
-    # again for callers that use it directly; that second pass is cheap.
-    validate_config(cfg)
-    from esq_lightning.training.train import train
+    # Before importing the training stack: a typo fails in about a second (structure, types, ranges), a
+    # wrong name or path once torch is imported (train() runs both phases, before any data is read).
+    validate_train_config(cfg)
+    # Imported here, not at the top: it loads torch and Lightning, which the check above must not wait for.
+    from esq_lightning.commands.train import raise_if_unattackable, train
 
     results, _ = train(cfg)
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from esq_lightning.training.train import raise_if_unattackable
-
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         raise_if_unattackable(results)  # verdict fail: results.json is written; one line, exit code 3
     # The value an Optuna sweep optimizes, named by optimized_metric.
@@ -34,8 +31,6 @@ def main(cfg: DictConfig) -> float | None:
 
 def metric_value(results: dict, name: str) -> float:
     """results[a][b] for name `a.b`; one line naming the key and what exists when it is not there."""
-    from esq_lightning.errors import ESQUserError
-
     node = results
     for i, part in enumerate(name.split(".")):
         if not isinstance(node, dict) or part not in node:

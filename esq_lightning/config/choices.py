@@ -40,7 +40,7 @@ PAIRING_DISTANCES: dict[str, tuple[bool, bool, bool, str]] = {
 }
 PAIRING_LOGITS_ONLY: tuple[str, ...] = tuple(n for n, (logits_only, *_) in PAIRING_DISTANCES.items() if logits_only)
 
-# ---- esq-eval modes (esq_lightning/evaluation/modes.py runs each) ----------------------------------
+# ---- esq-eval modes (esq_lightning/commands/evaluate.py runs each) ----------------------------------
 EVAL_MODES: tuple[str, ...] = ("whitebox", "transfer", "amplification", "blackbox", "audit")
 
 # ---- datasets (esq_lightning/data/) ----------------------------------------------------------------

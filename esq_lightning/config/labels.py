@@ -8,15 +8,14 @@ full-precision run that has a start keeps it (AVF, AAF, AEF: the 32-bit points o
 never passes for an NF / AF start. Methods without a letter (alp, trades) appear by name, the parts then
 joined with `-`: `A-TRADES-B`, `ALP-F`.
 
-The label is the `setting` of the composed config (`${esq_setting:}` in conf/train.yaml), so the run
+The start letter of a run's init_from is read from the start run (artifacts/setting.py, which also resolves
+`${esq_setting:}`). The label is the `setting` of the composed config (`${esq_setting:}` in conf/train.yaml), so the run
 directory, results.json, the W&B group and tags and esq-report's rows all carry it; it is never copied
 from a preset, so a sweep over `method` or `quant` cannot put a run in another setting's row.
 """
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 from typing import Any
 
 from esq_lightning.config.quantizers import QUANTIZER_SPECS
@@ -73,50 +72,3 @@ def setting_of_config(config: Any, start: str | None) -> str:
     method = str(config["method"]["name"])
     quant = config["quant"]
     return derive_setting(method, quant.get("kind"), quant.get("bits"), start)
-
-
-@functools.lru_cache(maxsize=64)
-def _start_of_checkpoint(path: str, mtime: float) -> str:
-    """The start letter of a checkpoint file: from its run's results.json or Hydra config when beside it
-    (no torch import, so config validation stays fast), else from the esq_config inside the checkpoint."""
-    ckpt = Path(path)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    from esq_lightning.artifacts.runs import RESULTS, read_json_record
-
-    results = run_dir / RESULTS
-    label = (read_json_record(results) or {}).get("setting") if results.is_file() else None
-    if label:
-        return start_from_setting(str(label))
-    hydra_config = run_dir / ".hydra" / "config.yaml"
-    if hydra_config.is_file():
-        from omegaconf import OmegaConf
-
-        try:
-            cfg = OmegaConf.load(hydra_config)
-            return start_from_setting(setting_of_config(cfg, None))
-        except Exception:  # noqa: BLE001 - an unreadable side file: look inside the checkpoint instead
-            pass
-    from esq_lightning.artifacts.checkpoint import read_checkpoint
-
-    config = read_checkpoint(ckpt).get("esq_config")
-    if not isinstance(config, dict) or "method" not in config or "quant" not in config:
-        return UNKNOWN_START
-    return start_from_setting(str(config.get("setting") or setting_of_config(config, None)))
-
-
-def start_of(init_from: str | None) -> str | None:
-    """The start part of the label for `init_from`: None from scratch, `setting:NF` -> N, a file -> its run's."""
-    if init_from is None:
-        return None
-    spec = str(init_from)
-    if spec.startswith("setting:"):
-        return start_from_setting(spec.split(":", 1)[1].strip())
-    path = Path(spec)
-    if not path.is_file():
-        return UNKNOWN_START  # validation names the missing file
-    return _start_of_checkpoint(str(path.resolve()), path.stat().st_mtime)
-
-
-def derived_setting(cfg: Any) -> str:
-    """The setting label of a composed esq-train config."""
-    return setting_of_config(cfg, start_of(cfg.get("init_from")))

@@ -1,10 +1,10 @@
-"""OmegaConf resolvers used by the configs."""
+"""OmegaConf resolvers used by the configs (${esq_setting:}, which reads the start run, is artifacts/setting.py's)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from omegaconf import OmegaConf
+
+from esq_lightning.config.quantizers import FULL_BITS, QUANT_DEFAULT_KIND
 
 
 def register_resolvers() -> None:
@@ -14,9 +14,6 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("eval_frac"):
         # ${eval_frac:8/255} -> 0.031372..., so configs can state eps as the fraction papers use.
         OmegaConf.register_new_resolver("eval_frac", _frac)
-    if not OmegaConf.has_resolver("esq_setting"):
-        # ${esq_setting:} -> the setting label derived from method, quant and init_from (esq_lightning/config/labels.py).
-        OmegaConf.register_new_resolver("esq_setting", _setting)
     if not OmegaConf.has_resolver("quant_kind"):
         # ${quant_kind:${.bits}} -> bwn (1), twn (2), uniform (3-8), full (32): conf/quant/default.yaml.
         OmegaConf.register_new_resolver("quant_kind", _quant_kind)
@@ -27,15 +24,7 @@ def _frac(text: str) -> float:
     return float(num) / float(den) if den else float(num)
 
 
-def _setting(*, _root_: Any) -> str:
-    from esq_lightning.config.labels import derived_setting
-
-    return derived_setting(_root_)
-
-
 def _quant_kind(bits: object) -> str:
-    from esq_lightning.config.quantizers import FULL_BITS, QUANT_DEFAULT_KIND
-
     # An unknown width resolves to uniform, so the schema's check of quant.bits names the allowed widths.
     try:
         return "full" if int(bits) == FULL_BITS else QUANT_DEFAULT_KIND.get(int(bits), "uniform")

@@ -4,14 +4,15 @@ How it works (docs/reliability.md): every config group has a pydantic model belo
 allowed keys, their annotations the allowed types, `Field(ge=..., le=...)` / `Literal` the allowed values,
 and its `model_validator`s the rules between keys. The defaults live in the YAML under conf/ only: a
 field is either required (the shipped YAML sets it) or `absent()` (a key that may be left out, then the
-code that takes it, e.g. its `_target_`'s signature, decides). `validate_config` checks a composed config
-in two phases:
+code that takes it, e.g. its `_target_`'s signature, decides). A composed config is checked in two phases:
   1. structure, types, ranges and cross-key rules, with nothing but omegaconf and pydantic imported, so a
      typo fails in about a second, before torch is imported and before any data is read;
   2. checks that need the code: keys of a `_target_` node that the model does not declare against the
      target's signature, `trainer.*` against pytorch_lightning.Trainer (its signature, strategy and
      accelerator registries and precision type), pairing names against the model (built on the meta
-     device), attack names and parameters against esq_lightning.attacks, paths on disk.
+     device), attack names and parameters against esq_lightning.attacks, paths on disk: these import torch
+     and the code, so they live above the config layer, in esq_lightning/commands/checks.py
+     (`validate_config` and `validate_eval_config` run both phases; `validate_train_config` here, phase 1).
 The first problem raises ESQUserError with one line: `<key>: <value> <problem>; allowed: ...`, worded by the
 error-message layer of every config model (config/messages.py).
 """
@@ -19,12 +20,11 @@ error-message layer of every config model (config/messages.py).
 from __future__ import annotations
 
 import inspect
-import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Optional, Union
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -498,6 +498,12 @@ class MaskingEvalConfig(Model):
     tolerance: float = Field(ge=0, le=1, description="a fraction of accuracy")
 
 
+class OnnxEvalConfig(Model):
+    """esq-eval ckpt_path=model.onnx (commands/deployed.py): onnxruntime's integer QDQ fusions on or off."""
+
+    int8_fusion: bool
+
+
 class TransferEvalConfig(Model):
     attack: str
 
@@ -526,11 +532,13 @@ class EvalConfig(Model):
     transfer: TransferEvalConfig
     amplification: AmplificationEvalConfig
     blackbox: BlackboxEvalConfig
-    # The threat model's FGSM budget and the audit (docs/evaluation.md, evaluation/threat.py, evaluation/audit.py)
+    # The threat model's FGSM budget and the audit (docs/evaluation.md, config/threat.py, evaluation/audit.py)
     fgsm_factor: Optional[float] = Field(gt=0)
     budget: Choice("quick", "standard", "thorough")
     checks: Mapping
     audit: Mapping
+    # esq-eval ckpt_path=model.onnx (docs/deployment.md); absent in the eval config of runs older than it.
+    onnx: Optional[OnnxEvalConfig] = absent()
 
     @model_validator(mode="after")
     def _linf_radius(self) -> EvalConfig:
@@ -627,7 +635,7 @@ class EvalRunConfig(Model):
     trainer: Optional[TrainerConfig] = absent()  # conf/eval.yaml `trainer: null`: no trainer group
     tags: list[str]
     robustbench: RobustbenchConfig
-    logger: Optional[LoggersConfig]  # logger=wandb|tensorboard (esq_lightning/evaluation/loggers.py)
+    logger: Optional[LoggersConfig]  # logger=wandb|tensorboard (esq_lightning/commands/eval_loggers.py)
     eval: Mapping  # checked as EvalConfig once merged with the checkpoint's config
     paths: PathsConfig
 
@@ -680,51 +688,6 @@ def _check_targets(targets: list[tuple[str, BaseModel]], data: dict) -> None:
         _check_target(key, node, _at(data, key.split(".")) or {})
 
 
-def _check_trainer(trainer: dict | None, key: str = "trainer") -> None:
-    """trainer.*: arguments of the installed pytorch_lightning.Trainer, with values it accepts."""
-    if trainer is None:
-        return
-    import pytorch_lightning as pl
-    from pytorch_lightning.accelerators import AcceleratorRegistry
-    from pytorch_lightning.strategies import StrategyRegistry
-    from pytorch_lightning.trainer.connectors.accelerator_connector import _PRECISION_INPUT
-
-    params = inspect.signature(pl.Trainer.__init__).parameters
-    accepted = [n for n in params if n != "self"]
-    for k in trainer:
-        if k not in accepted:
-            raise ESQUserError(f"{key}.{k}: unknown key{_did_you_mean(k, accepted)}; allowed keys of {key}: the "
-                               f"arguments of pytorch_lightning.Trainer {pl.__version__}: {', '.join(accepted)}")
-    # The names Lightning's accelerator connector accepts (pytorch_lightning/trainer/connectors/
-    # accelerator_connector.py): its registries plus "auto" (and "gpu" for accelerators).
-    choices = {
-        "accelerator": ["auto", "gpu", *AcceleratorRegistry.available_accelerators()],
-        "strategy": ["auto", *StrategyRegistry.available_strategies()],
-        "precision": [None, *_literal_values(_PRECISION_INPUT)],
-    }
-    for k, allowed in choices.items():
-        if k not in trainer:
-            continue
-        value = trainer[k]
-        v = value.lower() if isinstance(value, str) and k != "precision" else value
-        if not any(v == c and type(v) is type(c) for c in allowed):
-            names = [c for c in allowed if isinstance(c, str)]
-            raise ESQUserError(f"{key}.{k}: {_show(value)} is not allowed; allowed: "
-                               f"{', '.join(_show(c) for c in dict.fromkeys(allowed))} (pytorch_lightning "
-                               f"{pl.__version__}){_did_you_mean(str(value), names)}")
-    num_nodes = trainer.get("num_nodes", params["num_nodes"].default)
-    strategy = trainer.get("strategy", params["strategy"].default)
-    if num_nodes > 1 and not str(strategy).startswith(("ddp", "fsdp", "deepspeed")):
-        raise ESQUserError(f"{key}.strategy: {strategy!r} cannot span {num_nodes} nodes; allowed: ddp (or another "
-                           "distributed strategy) with num_nodes > 1")
-
-
-def _literal_values(tp: Any) -> list[Any]:
-    if typing.get_origin(tp) is Literal:
-        return list(typing.get_args(tp))
-    return [v for a in typing.get_args(tp) for v in _literal_values(a)]
-
-
 def _check_cifar_dir(data: CIFARDataConfig, key: str = "data") -> None:
     if data.download:
         return
@@ -738,128 +701,22 @@ def _check_cifar_dir(data: CIFARDataConfig, key: str = "data") -> None:
                            f"allowed: the folder that holds them, or {key}.download=true")
 
 
-def _check_eval_attacks(ev: EvalConfig, raw: dict, key: str = "eval") -> None:
-    _check_attack_names([ev.transfer.attack], f"{key}.transfer.attack")
-    _check_attack_names(ev.blackbox.attacks, f"{key}.blackbox.attacks")
-    _check_attack_params(_node(raw.get("blackbox", {}).get("params")), f"{key}.blackbox.params", budgeted=False)
-    _check_attack_names(ev.attacks, f"{key}.attacks")
-    _check_attack_params(_node(raw.get("params")), f"{key}.params")
+class DataRoot(Model):
+    """The data group alone (esq-eval checks the merged data group of a checkpoint with it)."""
 
-
-def _node(value: Any) -> Any:
-    """A plain mapping as the DictConfig the attack checks read."""
-    return OmegaConf.create(value) if isinstance(value, dict) else value
-
-
-def _check_setting(cfg: DictConfig) -> None:
-    """`setting` is derived from the run (esq_lightning/config/labels.py); a hand-set value must agree with it."""
-    from esq_lightning.config.labels import derived_setting
-
-    derived = derived_setting(cfg)
-    given = cfg.get("setting")
-    if given != derived:
-        raise ESQUserError(f"setting: {given!r} contradicts the run, which is {derived!r} (method, quant and the "
-                           "init_from run decide it); allowed: leave setting unset")
-
-
-def _check_paths(run: TrainConfig) -> None:
-    init_from = run.init_from
-    if init_from is not None and not str(init_from).startswith("setting:") and not Path(init_from).is_file():
-        raise ESQUserError(f"init_from: {init_from!r} is not a file; allowed: a checkpoint file, or setting:NAME "
-                           "(the newest finished run of that setting)")
-    if run.ckpt_path is not None:
-        from esq_lightning.artifacts.checkpoint import resolve_resume_path
-
-        resolve_resume_path(str(run.ckpt_path), _run_dir())
-
-
-def _run_dir() -> Path | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
-
-
-def _check_model_and_pairing(cfg: DictConfig) -> None:
-    import torch
-
-    from esq_lightning.models import build_model
-    from esq_lightning.pairing import check_pairing_names
-
-    try:
-        # The meta device builds the module tree without allocating or initializing any weight.
-        with torch.device("meta"):
-            model = build_model(cfg.model)
-    except ESQUserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a constructor refusing its arguments is a config error
-        # Hydra wraps the constructor's exception; its own message is the useful one.
-        cause = exc.__cause__ or exc
-        raise ESQUserError(f"model: {cfg.model.name} cannot be built from its config: "
-                           f"{type(cause).__name__}: {_first_line(cause)}") from None
-    try:
-        check_pairing_names(model, [str(n) for n in cfg.pairing.layers])
-    except ValueError as exc:
-        raise ESQUserError(_first_line(exc)) from None
-
-
-# ---- entry points -----------------------------------------------------------------------------------
-def validate_config(cfg: DictConfig, code_checks: bool = True) -> None:
-    """Check a composed esq-train config; the first problem raises ESQUserError (one line).
-
-    `code_checks=False` runs phase 1 only (no torch import, nothing read from disk).
-    """
-    run, data = _validate(TrainConfig, cfg)
-    if not code_checks:
-        return
-    assert isinstance(run, TrainConfig)
-    # Cheapest first, so that most mistakes fail before Lightning is imported (seconds on a small CPU):
-    # paths and attack names, then the model (its arguments, built on the meta device, the pairing
-    # names), then the other targets and the Trainer's arguments, which import Lightning.
-    if isinstance(run.data, CIFARDataConfig):
-        _check_cifar_dir(run.data)
-    _check_eval_attacks(run.eval, data["eval"])
-    _check_setting(cfg)
-    _check_paths(run)
-    targets = _targets(run, "")
-    models = [t for t in targets if t[0] == "model"]
-    _check_targets(models, data)
-    _check_model_and_pairing(cfg)
-    _check_targets([t for t in targets if t not in models], data)
-    _check_trainer(data["trainer"])
-
-
-def validate_eval_config(cfg: DictConfig, run_cfg: DictConfig | None = None) -> None:
-    """Check an esq-eval config; with `run_cfg` (the checkpoint's config merged with this one), also
-    the `eval` and `data` groups as they will be used."""
-    run, data = _validate(EvalRunConfig, cfg)
-    targets = _targets(run, "")
-    if run_cfg is not None:
-        ev, ev_raw = _validate(EvalConfig, run_cfg.eval, "eval")
-        dm, dm_raw = _validate(_DataRoot, OmegaConf.create({"data": run_cfg.data}))
-        assert isinstance(ev, EvalConfig) and isinstance(dm, _DataRoot)
-        if isinstance(dm.data, CIFARDataConfig):
-            _check_cifar_dir(dm.data)
-        _check_eval_attacks(ev, ev_raw)
-        targets += _targets(dm, "")
-        data = {**data, "data": dm_raw["data"]}
-    _check_targets(targets, data)
-    _check_trainer(data.get("trainer"))
-
-
-class _DataRoot(Model):
     data: Data
 
 
-# ---- attack names and parameters (esq_lightning.attacks) ----------------------------------------------
-# Called from phase 2 (_check_eval_attacks); names, parameters and their ranges are the attack specs' (attacks/spec.py).
-def _check_attack_names(names: list[Any], key: str) -> None:
-    from esq_lightning.attacks import check_attack_names
+# ---- phase 1 entry point ------------------------------------------------------------------------------
+def validate_train_config(cfg: DictConfig) -> tuple[TrainConfig, dict]:
+    """Phase 1 of esq-train's check (structure, types, ranges, cross-key rules): no torch import, nothing read
+    from disk. Phase 2 and the whole check: esq_lightning.commands.checks.validate_config."""
+    run, data = _validate(TrainConfig, cfg)
+    assert isinstance(run, TrainConfig)
+    return run, data
 
-    check_attack_names(names, key)
 
-
-def _check_attack_params(params: Any, key: str, budgeted: bool = True) -> None:
-    """Per-attack parameters: known attacks, parameters their registry entry takes, values within its ranges."""
-    from esq_lightning.attacks import check_attack_params
-
-    check_attack_params(params, key, budgeted)
+# ---- what the phase-2 checks (esq_lightning/commands/checks.py, which import torch and the code) use ------------
+config_targets = _targets
+check_targets = _check_targets
+check_cifar_dir = _check_cifar_dir

@@ -24,7 +24,7 @@ from esq_lightning.config.choices import CIFAR_FILES
 from esq_lightning.data.augment import CropFlip
 from esq_lightning.data.base import TensorDataModule
 from esq_lightning.data.loader import AugmentFn
-from esq_lightning.artifacts.atomic import atomic_write
+from esq_lightning.atomic import atomic_write
 from esq_lightning.utils import file_digest
 
 
@@ -217,7 +217,7 @@ def download_cifar(data_dir: str | os.PathLike, name: str = "cifar10", timeout: 
         if md5.hexdigest() != meta.md5:
             raise CorruptArchiveError(f"download of {meta.url} has md5 {md5.hexdigest()}, expected {meta.md5}")
 
-    # Written beside the target and renamed only once its md5 matches (artifacts/atomic.py).
+    # Written beside the target and renamed only once its md5 matches (atomic.py).
     atomic_write(archive, fetch)
     return archive
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from esq_lightning.attacks import check_gradients, frozen_eval, pgd
+from esq_lightning.models.preact_resnet import PreActBlock
 from esq_lightning.pairing import forward_with_activations, pairing_distance
 from esq_lightning.quant import full_quantization
 
@@ -98,8 +99,6 @@ def measured_at(model: nn.Module) -> str:
     (PreAct ResNet-18, WRN-28-10) end with the raw sum (the next block's BN-ReLU activates it); SmallCNN's
     blocks end with ReLU (and max-pooling in blocks 2 and 3).
     """
-    from esq_lightning.models.preact_resnet import PreActBlock
-
     model = getattr(model, "_orig_mod", model)
     blocks = tuple(getattr(model, "residual_block_types", ()))
     if any(issubclass(b, PreActBlock) for b in blocks):

@@ -10,25 +10,30 @@ audit.md, audit.png and a results.json per checkpoint (audit.verdict, audit.flag
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from esq_lightning.attacks import ATTACKS, library_available
+from esq_lightning.config.threat import ThreatModel
+from esq_lightning.errors import ESQUserError
 from esq_lightning.evaluation.checks import (
-    Thresholds,
     attack_flags,
     curve_flags,
-    format_verdict,
     probe_flags,
     probe_model,
     unbounded_flags,
     verdict,
 )
-from esq_lightning.evaluation.masking import DEFAULT_TOLERANCE
+from esq_lightning.figures import save_figure
+from esq_lightning.evaluation.sequence import EvalSettings
+from esq_lightning.evaluation.whitebox import attack_in_batches, evaluate_robustness
+from esq_lightning.evaluation.worstcase import worst_case
+from esq_lightning.quant import full_quantization
 
 # The attack sets of eval.budget (docs/evaluation.md). Steps, restarts, targets and queries per attack; every
 # L_inf attack at eval.eps, PGD steps at eps/4 unless the schedule says otherwise.
@@ -65,8 +70,6 @@ UNBOUNDED_EPS = 0.5
 
 def attack_set(budget: str) -> dict[str, dict[str, Any]]:
     """The budget's attacks, without those whose optional library (AttackSpec.library) is not installed."""
-    from esq_lightning.attacks import ATTACKS, library_available
-
     return {k: v for k, v in BUDGETS[budget].items() if library_available(ATTACKS[k])}
 
 
@@ -75,35 +78,30 @@ def _merge(base: Mapping[str, Any], user: Mapping[str, Any] | None) -> dict[str,
 
 
 def audit_model(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float, budget: str = "standard",
-    params: Mapping[str, Mapping[str, Any]] | None = None, pairing: Mapping[str, Any] | None = None,
-    eps_factors: Sequence[float] = EPS_FACTORS, unbounded_eps: float | None = UNBOUNDED_EPS,
-    thresholds: Thresholds | None = None, batch_size: int = 500, device: torch.device | str = "cpu",
-    seed: int = 0, progress: bool = False, attacks: Sequence[str] | None = None, fgsm_factor: float = 1.0,
-    masking_tolerance: float = DEFAULT_TOLERANCE,
+    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, settings: EvalSettings, *,
+    budget: str = "standard", pairing: Mapping[str, Any] | None = None, eps_factors: Sequence[float] = EPS_FACTORS,
+    unbounded_eps: float | None = UNBOUNDED_EPS, device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
-    """The audit of one model at L_inf eps: {"clean_acc", "robust_acc" (worst_case first), "attacks", "worst_case",
-    "eps_curve", "unbounded", "probe", "verdict", "flags", "budget", "runtime_s"}. `attacks` overrides the set."""
-    from esq_lightning.evaluation.whitebox import attack_in_batches, evaluate_robustness
-    from esq_lightning.evaluation.worstcase import worst_case
-    from esq_lightning.quant import full_quantization
+    """The audit of one model at the L_inf threat model: {"clean_acc", "robust_acc" (worst_case first), "attacks",
+    "worst_case", "eps_curve", "unbounded", "probe", "verdict", "flags", "budget", "runtime_s"}.
 
+    settings.attacks, when not empty, overrides the budget's set; settings.params adds to the budget's
+    parameters (an eps there is not used: the threat model decides every budget); n_samples is not used.
+    """
     if budget not in BUDGETS:
-        from esq_lightning.errors import ESQUserError
-
         raise ESQUserError(f"eval.budget: {budget!r} is not a budget; allowed: {', '.join(BUDGETS)}")
-    th = thresholds or Thresholds()
+    th, eps, seed, batch_size = settings.thresholds, threat.eps, settings.seed, settings.batch_size
     start = time.perf_counter()
     chosen = attack_set(budget)
-    names = list(attacks) if attacks else list(chosen)
+    names = list(settings.attacks) if settings.attacks else list(chosen)
     # The audit's threat model decides every budget: an eps in eval.params is not used here.
-    user = {k: {p: v for p, v in dict(val or {}).items() if p != "eps"} for k, val in (params or {}).items()}
+    user = {k: {p: v for p, v in dict(val or {}).items() if p != "eps"} for k, val in (settings.params or {}).items()}
     run_params = {name: _merge(chosen.get(name, {}), user.get(name)) for name in names}
     if "pgd_pairing" in names and pairing:
         run_params["pgd_pairing"] = {**pairing, **run_params["pgd_pairing"]}
-    ev = evaluate_robustness(model, x, y, attacks=names, eps=eps, params=run_params, batch_size=batch_size,
-                             device=device, seed=seed, progress=progress, norm="linf", on_gradient_error="record",
-                             fgsm_factor=fgsm_factor, masking_tolerance=masking_tolerance)
+    ev = evaluate_robustness(model, x, y, ThreatModel("linf", eps, threat.fgsm_factor),
+                             replace(settings, attacks=names, params=run_params, n_samples=None),
+                             device=device, on_gradient_error="record")
     clean_correct = ev["clean_correct"]
     n = len(clean_correct)
     x, y = x[:n], y[:n]
@@ -197,9 +195,7 @@ def audit_markdown(records: Sequence[Mapping[str, Any]], eps: float, dataset: st
 
 def plot_audit(records: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> Path:
     """Left: accuracy per attack (bars) per model; right: worst-case accuracy vs eps per model."""
-    from matplotlib.figure import Figure
-
-    from esq_lightning.evaluation.plots import _save
+    from matplotlib.figure import Figure  # matplotlib loads only when a figure is drawn
 
     fig = Figure(figsize=(11, 4.2))
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -227,73 +223,4 @@ def plot_audit(records: Sequence[Mapping[str, Any]], path: str | Path, title: st
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
-
-
-def _plain(node: Any) -> dict[str, Any]:
-    if node is None:
-        return {}
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-
-
-def evaluate_audit(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """esq-eval mode=audit: audit.json, audit.md, audit.png and results.json (one per checkpoint)."""
-    import sys
-
-    from esq_lightning.attacks import pairing_attack_params
-    from esq_lightning.evaluation.modes import (
-        _header,
-        checkpoint_paths,
-        default_device,
-        load_checkpoints,
-        load_test_split,
-        run_config_with_eval,
-    )
-    from esq_lightning.evaluation.threat import fgsm_factor
-    from esq_lightning.artifacts.results import build_results, print_results
-    from esq_lightning.artifacts.atomic import atomic_write_json, atomic_write_text
-
-    paths = checkpoint_paths(cfg, "audit")
-    loaded = load_checkpoints(paths, "audit")
-    run_cfg = run_config_with_eval(loaded[0].train_config, cfg)
-    ev_cfg = run_cfg.eval
-    if str(ev_cfg.get("norm", "linf")) != "linf":
-        from esq_lightning.errors import ESQUserError
-
-        raise ESQUserError("eval.norm: mode=audit audits the L_inf threat model; allowed: linf")
-    audit_cfg = _plain(ev_cfg.get("audit"))
-    budget = str(ev_cfg.get("budget", "standard"))
-    eps = float(ev_cfg.eps)
-    params = _plain(ev_cfg.get("params"))
-    th = Thresholds.from_config(_plain(ev_cfg.get("checks")))
-    x, y = load_test_split(run_cfg, int(loaded[0].train_config["seed"]), ev_cfg.n_samples)
-    records = []
-    for i, item in enumerate(loaded):
-        rec = audit_model(
-            item.model, x, y, eps, budget=budget, params=params, pairing=pairing_attack_params(item.train_config),
-            eps_factors=[float(f) for f in audit_cfg["eps_factors"]], unbounded_eps=audit_cfg["unbounded_eps"],
-            thresholds=th, masking_tolerance=float(ev_cfg.masking.tolerance),
-            batch_size=int(ev_cfg.batch_size), device=default_device(), seed=int(cfg.seed),
-            progress=bool(cfg.get("progress", True)), attacks=audit_cfg.get("attacks"), fgsm_factor=fgsm_factor(run_cfg),
-        )
-        rec = {"label": item.label, "checkpoint": item.path, **rec}
-        records.append(rec)
-        model_cfg = run_config_with_eval(item.train_config, cfg)
-        ev = {**rec, "audit": {"verdict": rec["verdict"], "flags": rec["flags"], "budget": budget}}
-        results = build_results(model_cfg, ev, checkpoint=item.path, run_dir=str(out), mode="audit")
-        target = out / "results.json" if len(loaded) == 1 else out / f"model{i}" / "results.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(target, results)
-        print_results(results)
-        print(format_verdict(rec["verdict"], rec["flags"]), flush=True)
-    command = "esq-eval " + " ".join(sys.argv[1:]) if sys.argv[1:] else "esq-eval mode=audit"
-    title = (f"{run_cfg.data.name}: audit ({budget}), L_inf eps={eps:.4g}, {len(y)} test inputs, eval mode, ratio 1")
-    png = plot_audit(records, out / "audit.png", title)
-    record = {**_header("audit", cfg, run_cfg, loaded, out, len(y)), "budget": budget,
-              "threat_model": {"norm": "linf", "eps": eps}, "attack_sets": {"attacks": BUDGETS[budget],
-                                                                        "curve": CURVE_ATTACKS[budget]},
-              "models_audit": records, "figure": str(png), "command": command}
-    atomic_write_json(out / "audit.json", record)
-    atomic_write_text(out / "audit.md", audit_markdown(records, eps, run_cfg.data.name, command))
-    print(f"wrote {out / 'audit.json'}, {out / 'audit.md'} and {png}", flush=True)
-    return record
+    return save_figure(fig, path)

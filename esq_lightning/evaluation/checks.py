@@ -20,7 +20,10 @@ from torch import Tensor, nn
 from esq_lightning.attacks.registry import attack_spec
 from esq_lightning.attacks.spec import CE, GRADIENT_FREE, ITERATIVE, SCALE_FREE, SINGLE_STEP
 from esq_lightning.attacks.utils import as_autograd_input, frozen_eval, grad_enabled, margin
+from esq_lightning.errors import ESQUserError
+from esq_lightning.evaluation.whitebox import attack_in_batches
 from esq_lightning.evaluation.worstcase import WORST_CASE, same_threat
+from esq_lightning.quant import full_quantization
 
 WARN, FAIL = "warn", "fail"
 
@@ -88,8 +91,6 @@ class Thresholds:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(node) - known)
         if unknown:
-            from esq_lightning.errors import ESQUserError
-
             raise ESQUserError(f"eval.checks: unknown keys {unknown}; allowed: {', '.join(sorted(known))}")
         if "weak_attacks" in node:
             node["weak_attacks"] = tuple(node["weak_attacks"])
@@ -274,9 +275,6 @@ def evaluation_checks(
     steps at the threat model; None skips it) whose accuracy feeds loss_scale_sensitivity only (it is reported
     under audit.probes and does not enter the worst case). Returns {"verdict", "flags", "probe", "probes"}.
     """
-    from esq_lightning.evaluation.whitebox import attack_in_batches
-    from esq_lightning.quant import full_quantization
-
     th = thresholds or Thresholds()
     n = ev.get("n_samples", len(y))
     x, y = x[:n], y[:n]

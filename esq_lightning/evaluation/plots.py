@@ -6,18 +6,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    # A Figure with its own Agg canvas: pyplot's global state (and the user's backend) is never touched.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    return path
+from esq_lightning.attacks.registry import attack_spec
+from esq_lightning.figures import save_figure
 
 
 def plot_amplification(curves: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None) -> Path:
@@ -35,15 +28,13 @@ def plot_amplification(curves: Sequence[Mapping[str, Any]], path: str | Path, ti
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_blackbox(curves: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Accuracy vs L2 budget, one curve per (model, attack) with its query budget in the legend (Figure 3)."""
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
-    from esq_lightning.attacks.registry import attack_spec
-
     # One colour per model, one line style per attack (AttackSpec.plot_style): quantized vs full precision reads
     # across colours.
     colours: dict[str, str] = {}
@@ -59,4 +50,4 @@ def plot_blackbox(curves: Sequence[Mapping[str, Any]], path: str | Path, title: 
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

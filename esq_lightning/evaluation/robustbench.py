@@ -14,6 +14,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from esq_lightning.atomic import atomic_write_json
 from esq_lightning.config.quantizers import QUANTIZER_SPECS
 from esq_lightning.errors import ESQUserError
 
@@ -116,8 +117,6 @@ def write_model_info(cfg: Any, results: Mapping[str, Any], train_config: Mapping
     norm = str(((results.get("attacks") or {}).get("autoattack") or {}).get("norm") or "linf")
     name = str(fields.get("model_name") or train_config.get("experiment_name") or "model")
     path = Path(out) / "robustbench" / str(info["dataset"]) / THREAT_MODELS.get(norm, norm) / f"{name}.json"
-    from esq_lightning.artifacts.atomic import atomic_write_json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, info)
     print(f"wrote RobustBench model info {path}", flush=True)

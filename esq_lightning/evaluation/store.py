@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from esq_lightning.errors import ESQUserError
 from esq_lightning.utils import file_digest
-from esq_lightning.artifacts.atomic import atomic_write_json
+from esq_lightning.atomic import atomic_write_json
 
 STATE_DIR = "eval_state"
 FORMAT = 1

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from esq_lightning.attacks import ATTACKS
 from esq_lightning.evaluation.whitebox import attack_in_batches, predict
 from esq_lightning.quant import full_quantization
 
@@ -35,8 +36,6 @@ def transfer_matrix(
     """
     if len(models) != len(labels):
         raise ValueError(f"{len(models)} models but {len(labels)} labels")
-    from esq_lightning.attacks import ATTACKS
-
     if attack in ATTACKS and ATTACKS[attack].kind != "budgeted":
         raise ValueError(f"transfer_matrix: {attack} is a minimum-norm attack whose examples are not limited to eps; "
                          "use a budgeted attack (pgd20, fgsm, ...)")

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from esq_lightning.attacks import ATTACKS, run_attack
+from esq_lightning.attacks import ATTACKS, GradientCheckError, run_attack
+from esq_lightning.config.threat import ThreatModel
 from esq_lightning.errors import ESQUserError
-from esq_lightning.evaluation.masking import DEFAULT_TOLERANCE, gradient_masking_report
+from esq_lightning.evaluation.masking import gradient_masking_report
+from esq_lightning.evaluation.store import run_in_batches
+from esq_lightning.evaluation.worstcase import add_worst_case, worst_case
 from esq_lightning.quant import full_quantization
+
+if TYPE_CHECKING:  # an annotation only: evaluation/sequence.py imports this module
+    from esq_lightning.evaluation.sequence import EvalSettings
 
 
 def attack_budget(name: str, eps: float, params: Mapping[str, Any],
@@ -95,8 +101,6 @@ def attack_in_batches(
 def _attack_per_batch(name: str, model: nn.Module, x: Tensor, y: Tensor, eps: float | None,
                       params: Mapping[str, Any], batch_size: int, device: torch.device | str, progress: bool,
                       store: Any | None, shard: Any | None, seed: int) -> tuple[Tensor, None, dict[str, Any]]:
-    from esq_lightning.evaluation.store import run_in_batches
-
     def compute(start: int, stop: int) -> tuple[Tensor, dict[str, Any]]:
         out = run_attack(name, model, x[start:stop].to(device), y[start:stop].to(device), eps=eps, **params)
         return out.correct, out.params
@@ -114,8 +118,6 @@ def clean_correct_in_batches(model: nn.Module, x: Tensor, y: Tensor, batch_size:
                              device: torch.device | str = "cpu", store: Any | None = None,
                              shard: Any | None = None) -> Tensor:
     """predict(...) == y, per batch through evaluation.store.run_in_batches (kept with `store`, split with `shard`)."""
-    from esq_lightning.evaluation.store import run_in_batches
-
     def compute(start: int, stop: int) -> tuple[Tensor, dict[str, Any]]:
         return predict(model, x[start:stop], batch_size, device) == y[start:stop], {}
 
@@ -126,26 +128,21 @@ def evaluate_robustness(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    attacks: Sequence[str],
-    eps: float,
-    params: Mapping[str, Mapping[str, Any]] | None = None,
-    n_samples: int | None = None,
-    batch_size: int = 500,
+    threat: ThreatModel,
+    settings: EvalSettings,
+    *,
     device: torch.device | str = "cpu",
-    seed: int = 0,
-    progress: bool = True,
-    masking_tolerance: float = DEFAULT_TOLERANCE,
     store: Any | None = None,
     shard: Any | None = None,
-    norm: str = "linf",
     on_gradient_error: str = "raise",
-    fgsm_factor: float = 1.0,
 ) -> dict[str, Any]:
     """Clean and robust accuracy (fractions) of `model` on (x, y).
 
     The model is put in eval mode at full quantization for the whole evaluation and restored after.
+    `threat` (config/threat.py) sets every budget; `settings` (evaluation/sequence.py) the attacks, their
+    parameters, the first n_samples inputs, the batch size, the seed and the masking tolerance.
     Returns {"clean_acc", "robust_acc": {attack: acc}, "attacks": {attack: parameters used}, "n_samples",
-    "gradient_masking": the report of esq_lightning.evaluation.masking, with `masking_tolerance`,
+    "gradient_masking": the report of esq_lightning.evaluation.masking, with settings.masking_tolerance,
     "worst_case": the per-sample worst case at the threat model (norm, eps) (evaluation/worstcase.py; also
     robust_acc["worst_case"], first), "correct": per-attack per-sample masks (clean-correct and correct
     under the attack, CPU bool tensors), "clean_correct", "unattackable": {attack: why}}.
@@ -158,11 +155,9 @@ def evaluate_robustness(
     the batches and merges the masks of all processes. Either way the result equals an uninterrupted
     single-process run.
     """
-    from esq_lightning.attacks import GradientCheckError
-    from esq_lightning.evaluation.worstcase import add_worst_case, worst_case
-    params = params or {}
-    if n_samples is not None:
-        x, y = x[:n_samples], y[:n_samples]
+    params, seed, batch_size = settings.params or {}, settings.seed, settings.batch_size
+    if settings.n_samples is not None:
+        x, y = x[: settings.n_samples], y[: settings.n_samples]
     was_training = model.training
     model.eval()
     model.to(device)
@@ -175,12 +170,12 @@ def evaluate_robustness(
             clean_correct = clean_correct_in_batches(model, x, y, batch_size, device, store=store, shard=shard)
             result["clean_correct"] = clean_correct
             result["clean_acc"] = clean_correct.float().mean().item()
-            for name in attacks:
+            for name in settings.attacks:
                 torch.manual_seed(seed)  # attacks with their own randomness (random starts, restarts) are repeatable
-                attack_eps, extra = attack_budget(name, eps, params.get(name, {}), fgsm_factor)
+                attack_eps, extra = attack_budget(name, threat.eps, params.get(name, {}), threat.fgsm_factor)
                 try:
                     correct, _, used = attack_in_batches(name, model, x, y, attack_eps, extra, batch_size, device,
-                                                         progress, store=store, shard=shard, seed=seed)
+                                                         settings.progress, store=store, shard=shard, seed=seed)
                 except GradientCheckError as exc:
                     if on_gradient_error != "record":
                         raise
@@ -192,9 +187,9 @@ def evaluate_robustness(
     finally:
         model.train(was_training)
     result["gradient_masking"] = gradient_masking_report(result["clean_acc"], result["robust_acc"], result["attacks"],
-                                                          tolerance=masking_tolerance)
+                                                          tolerance=settings.masking_tolerance)
     # Per-sample worst case over the attacks at the run's threat model (evaluation/worstcase.py).
-    wc = worst_case(clean_correct, masks, result["attacks"], str(norm), float(eps))
+    wc = worst_case(clean_correct, masks, result["attacks"], str(threat.norm), float(threat.eps))
     result["worst_case"] = {k: v for k, v in wc.items() if k != "mask"}
     result["robust_acc"] = add_worst_case(result["robust_acc"], wc)
     result["correct"], result["clean_correct"], result["unattackable"] = masks, clean_correct, unattackable

@@ -184,7 +184,7 @@ def _to_plain(layer: nn.Module) -> None:
     layer._non_persistent_buffers_set.discard("sq_mask")
 
 
-# The defaults serve the Python API; for runs, conf/quant/*.yaml is their source (training/train.py passes every key).
+# The defaults serve the Python API; for runs, conf/quant/*.yaml is their source (artifacts/loading.py passes every key).
 def quantize_model(
     model: nn.Module,
     kind: str,

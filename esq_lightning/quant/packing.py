@@ -19,7 +19,7 @@ from .functional import dequantize
 from .modules import quant_layers
 from .registry import resolve_kind
 
-from esq_lightning.artifacts.atomic import atomic_write
+from esq_lightning.atomic import atomic_write
 from esq_lightning.config.quantizers import quantizer_spec
 
 __all__ = [

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from esq_lightning.config.choices import SQ_FUNCTIONS, SQ_VARIANTS
+from esq_lightning.rng import Stream, step_generator
 
 __all__ = [
     "VARIANTS",
@@ -123,11 +124,9 @@ def sample_selection(
 
 
 def sq_generator(seed: int, step: int) -> torch.Generator:
-    """CPU generator seeded from (seed, step) alone: the SQ stream of `esq_lightning.training.rng.step_generator`.
+    """CPU generator seeded from (seed, step) alone: the SQ stream of `esq_lightning.rng.step_generator`.
 
     The training step draws with the same generator for its global step, so every data-parallel rank and
     a resumed run draw the same selection without communicating.
     """
-    from esq_lightning.training.rng import Stream, step_generator
-
     return step_generator(seed, step, Stream.SQ)

@@ -186,7 +186,7 @@ def plot_curve(curve: Curve, path: str | Path) -> Path:
     """Two panels sharing x (clean, robust accuracy in %), one line per method, error bars = sample std over seeds."""
     from matplotlib.figure import Figure
 
-    from esq_lightning.evaluation.plots import _save
+    from esq_lightning.figures import save_figure as _save  # matplotlib loads only when a figure is drawn
 
     fig = Figure(figsize=(12.0, 4.2))
     axes = fig.subplots(1, 2, sharex=True)

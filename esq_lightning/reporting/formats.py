@@ -20,6 +20,7 @@ def attack_title(column: str) -> str:
     base, sep, rest = column.partition(" (")
     if base == "worst_case":
         return "worst case" + (sep + rest if sep else "")
+    # Imported here: esq-report's tables need torch (which the attacks package loads) only for an attack's title.
     from esq_lightning.attacks import attack_title as title
 
     return title(base) + (sep + rest if sep else "")

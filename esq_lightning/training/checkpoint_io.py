@@ -7,7 +7,8 @@ from typing import Any
 
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from esq_lightning.artifacts.atomic import atomic_torch_save
+from esq_lightning.artifacts.checkpoint import safe_torch_load
+from esq_lightning.atomic import atomic_torch_save
 
 # Why not Lightning's own writer: TorchCheckpointIO saves through an fsspec transaction, which on a
 # local disk writes the bytes to a temporary file in the *system* temp folder and then
@@ -42,8 +43,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         (checkpoint.safe_torch_load); a file that needs anything else stops with one line naming it.
         """
         from lightning_fabric.utilities.cloud_io import get_filesystem
-
-        from esq_lightning.artifacts.checkpoint import safe_torch_load
 
         fs = get_filesystem(path)
         if not fs.exists(path):

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
+from esq_lightning.evaluation.checks import flag
 from esq_lightning.quant import full_quantization
 
 
@@ -79,8 +80,6 @@ class CollapseMonitor(pl.Callback):
             self.collapsed_epochs.append(epoch)
 
     def flags(self, final_val_acc: float | None) -> list[dict[str, Any]]:
-        from esq_lightning.evaluation.checks import flag
-
         out = []
         if self.collapsed_epochs:
             out.append(flag("training_collapse", f"constant output on the validation split at epoch(s) "

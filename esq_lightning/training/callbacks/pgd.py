@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from esq_lightning.attacks import pgd
 from esq_lightning.quant import full_quantization
-from esq_lightning.training.rng import Stream, step_generator
+from esq_lightning.rng import Stream, step_generator
 
 
 @dataclass

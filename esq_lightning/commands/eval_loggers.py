@@ -1,6 +1,6 @@
 """esq-eval on the dashboard: every evaluation mode sends its results to the loggers of `logger=` (W&B, TensorBoard).
 
-One call per mode from esq_lightning/evaluation/modes.py, `log_evaluation(cfg, mode, record, train_configs)`:
+One call per mode from esq_lightning/commands/evaluate.py, `log_evaluation(cfg, mode, record, train_configs)`:
 - W&B: one run with job_type=eval in the training run's group (the checkpoint's config knows it), named
   `<training run name>-eval-<mode>`, tagged as esq-train tags plus `eval:<mode>`; the results as wandb.Table(s),
   the figures as images and as native W&B plots, the headline numbers in the run summary. Offline by default
@@ -25,6 +25,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from esq_lightning.errors import ESQUserError
+from esq_lightning.figures import save_figure
+from esq_lightning.training.loggers import isolated_wandb_env, results_row, wandb_tags
 
 
 @dataclass
@@ -68,8 +70,6 @@ def _num(v: Any) -> bool:
 
 
 def whitebox_items(record: Mapping[str, Any], out: Path | None = None) -> EvalLog:
-    from esq_lightning.training.loggers import results_row
-
     columns, values = results_row(record)
     log = EvalLog(tables={"eval/results": (columns, [values])})
     log.summary = {"eval/clean_acc": float(record["clean_acc"]),
@@ -89,7 +89,6 @@ def whitebox_items(record: Mapping[str, Any], out: Path | None = None) -> EvalLo
         log.tables["eval/gradient_masking"] = (["flag"], [[str(f.get("name", f)) if isinstance(f, Mapping) else str(f)]
                                                           for f in flags])
     if out is not None:
-        from esq_lightning.evaluation.plots import _save
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(5.6, 3.6))
@@ -99,7 +98,7 @@ def whitebox_items(record: Mapping[str, Any], out: Path | None = None) -> EvalLo
         ax.set_ylabel("accuracy")
         ax.set_title(f"{title}\n{record.get('n_samples')} test inputs, eval mode, ratio 1", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        log.images["eval/figure/whitebox"] = _save(fig, Path(out) / "whitebox.png")
+        log.images["eval/figure/whitebox"] = save_figure(fig, Path(out) / "whitebox.png")
     return log
 
 
@@ -118,7 +117,6 @@ def transfer_items(record: Mapping[str, Any], out: Path | None = None) -> EvalLo
     log.bars.append(Bar("eval/white_box_accuracy", f"{record.get('attack')}: accuracy on own adversarial examples",
                         labels, [matrix[i][i] for i in range(len(labels))]))
     if out is not None:
-        from esq_lightning.evaluation.plots import _save
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(1.6 + 1.1 * len(labels), 1.2 + 0.9 * len(labels)))
@@ -134,7 +132,7 @@ def transfer_items(record: Mapping[str, Any], out: Path | None = None) -> EvalLo
         tm = record.get("threat_model") or {}
         ax.set_title(f"transfer {record.get('attack')}, {tm.get('norm')} eps={float(tm.get('eps') or 0):.4g}", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
-        log.images["eval/figure/transfer"] = _save(fig, Path(out) / "transfer.png")
+        log.images["eval/figure/transfer"] = save_figure(fig, Path(out) / "transfer.png")
     return log
 
 
@@ -226,8 +224,6 @@ def resolve_logger_configs(cfg: DictConfig, mode: str, train_configs: Sequence[M
     in its group); ${task_name} is `eval`. Several checkpoints of different experiments share a group
     `<data>-eval-<mode>`.
     """
-    from esq_lightning.training.loggers import wandb_tags
-
     entries = _logger_entries(cfg)
     if not entries:
         return {}
@@ -249,8 +245,6 @@ def resolve_logger_configs(cfg: DictConfig, mode: str, train_configs: Sequence[M
 # ---- the writers ---------------------------------------------------------------------------------------------
 def _log_wandb(conf: Mapping[str, Any], log: EvalLog, run_config: dict[str, Any]) -> Path | None:
     import wandb
-
-    from esq_lightning.training.loggers import isolated_wandb_env
 
     save_dir = Path(str(conf.get("save_dir") or "."))
     save_dir.mkdir(parents=True, exist_ok=True)

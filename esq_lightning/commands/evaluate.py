@@ -1,19 +1,28 @@
-"""evaluate(cfg): measure trained checkpoints (whitebox, transfer, amplification, blackbox)."""
+"""What esq-eval does: evaluate(cfg) runs the mode cfg.mode names (whitebox, audit, transfer, amplification,
+blackbox) on trained checkpoints or packed files, and writes its records into the Hydra run directory."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-import esq_lightning
-from esq_lightning.attacks import ATTACKS, check_attack_names
+from esq_lightning.artifacts.checkpoint import with_checkpoint_trust
+from esq_lightning.artifacts.loading import load_trained_model
+from esq_lightning.artifacts.results import SCHEMA_VERSION, build_results, print_results
+from esq_lightning.artifacts.runs import resolve_checkpoint
+from esq_lightning.atomic import atomic_write_json, atomic_write_text
+from esq_lightning.attacks import ATTACKS, check_attack_names, pairing_attack_params
+from esq_lightning.commands.checks import validate_eval_config
+from esq_lightning.commands.eval_loggers import check_eval_loggers, log_evaluation
 from esq_lightning.config.choices import EVAL_MODES
-from esq_lightning.artifacts.checkpoint import checkpoint_config, load_model_weights, read_checkpoint, with_checkpoint_trust
+from esq_lightning.config.threat import ThreatModel
 from esq_lightning.data import build_datamodule
 from esq_lightning.errors import ESQUserError
 from esq_lightning.evaluation import (
@@ -21,31 +30,28 @@ from esq_lightning.evaluation import (
     attack_budget,
     blackbox_curves,
     check_blackbox_attacks,
-    evaluate_robustness,
     format_flags,
     markdown_table,
-    module_names,
     measured_at,
+    module_names,
     plot_amplification,
     plot_blackbox,
     transfer_matrix,
 )
+from esq_lightning.evaluation.audit import BUDGETS, CURVE_ATTACKS, audit_markdown, audit_model, plot_audit
+from esq_lightning.evaluation.checks import Thresholds, format_verdict
 from esq_lightning.evaluation.distributed import launch as launch_processes
-from esq_lightning.evaluation.store import evaluation_identity, open_store
-from esq_lightning.evaluation.loggers import check_eval_loggers, log_evaluation
 from esq_lightning.evaluation.robustbench import check_robustbench, write_model_info
-from esq_lightning.artifacts.results import SCHEMA_VERSION, build_results, print_results
+from esq_lightning.evaluation.sequence import EvalSettings, evaluate_model
+from esq_lightning.evaluation.store import evaluation_identity, open_store
 from esq_lightning.utils import set_threads
-from esq_lightning.artifacts.atomic import atomic_write_json, atomic_write_text
-from esq_lightning.versions import package_versions
+from esq_lightning.versions import __version__, package_versions
 
 MODES = EVAL_MODES  # config/choices.py
 
 
 def run_config_with_eval(train_config: dict[str, Any], cfg: DictConfig) -> DictConfig:
     """The training run's config with this evaluation's `eval` and `data` overrides on top."""
-    from esq_lightning.config.schema import validate_eval_config
-
     overrides = OmegaConf.create({"eval": cfg.eval, "data": cfg.get("data") or {}, "task_name": "eval"})
     base = OmegaConf.create(train_config)
     # The evaluation's own attack parameters replace the training run's: a checkpoint's stored (resolved)
@@ -56,25 +62,6 @@ def run_config_with_eval(train_config: dict[str, Any], cfg: DictConfig) -> DictC
     # A typo or bad value in eval.* / data.* fails here in one line, before any data is read.
     validate_eval_config(cfg, run_cfg)
     return run_cfg
-
-
-def load_trained_model(ckpt_path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The classifier of a checkpoint written by esq-train (quantized layers and all), and its run config.
-
-    A packed file of esq-export (model.esq) gives its rebuilt model (the dequantized weights, no quantization
-    code) and the training config it carries, so every mode evaluates the file as shipped.
-    """
-    from esq_lightning.artifacts.export import is_packed_file, load_packed_for_eval
-    from esq_lightning.training.train import build_network
-
-    if is_packed_file(ckpt_path):
-        return load_packed_for_eval(ckpt_path)
-    ckpt = read_checkpoint(ckpt_path)
-    train_config = checkpoint_config(ckpt, ckpt_path)
-    model = build_network(train_config["model"], train_config["quant"])
-    load_model_weights(model, ckpt_path)
-    model.eval()
-    return model, train_config
 
 
 @dataclass
@@ -116,8 +103,6 @@ def dataset_identity(train_config: dict[str, Any]) -> dict[str, Any]:
 
 def _resolve(cfg: DictConfig, spec: Any) -> str:
     """A checkpoint path, or `setting:NAME` looked up among the finished runs under paths.runs_root (seed=)."""
-    from esq_lightning.artifacts.runs import resolve_checkpoint
-
     return resolve_checkpoint(str(spec), cfg.paths.runs_root, int(cfg.get("seed", 0)))
 
 
@@ -135,7 +120,7 @@ def load_checkpoints(paths: Sequence[str], mode: str) -> list[Loaded]:
     """Load every checkpoint and check that they share the dataset (one line naming the odd one out)."""
     loaded = []
     for path in paths:
-        model, train_config = load_trained_model(path)
+        model, train_config, _, _ = load_trained_model(path)
         loaded.append(Loaded(path, model, train_config, checkpoint_label(train_config)))
     first = dataset_identity(loaded[0].train_config)
     for item in loaded[1:]:
@@ -160,8 +145,6 @@ def default_device() -> str:
 
 
 def output_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
     return Path(HydraConfig.get().runtime.output_dir)
 
 
@@ -180,7 +163,7 @@ def _header(mode: str, cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Lo
             n: int) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
-        "esq_lightning_version": esq_lightning.__version__,
+        "esq_lightning_version": __version__,
         "versions": package_versions(),
         "task": "eval",
         "mode": mode,
@@ -209,12 +192,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ESQUserError(f"mode={mode}: unknown evaluation mode; allowed: {', '.join(MODES)}")
     out = output_dir()
     set_threads(cfg.get("threads"))
-    check_eval_loggers(cfg)  # logger=wandb|tensorboard (evaluation/loggers.py): a missing login fails here
+    check_eval_loggers(cfg)  # logger=wandb|tensorboard (commands/eval_loggers.py): a missing login fails here
+    # Here, not at the top: commands/deployed.py (onnxruntime, an optional extra) imports this module.
+    from esq_lightning.commands.deployed import evaluate_onnx, is_onnx_file
+
+    onnx_files = [p for p in [cfg.get("ckpt_path"), *(cfg.get("ckpts") or [])] if p and is_onnx_file(p)]
+    if onnx_files:
+        # An ONNX file runs in onnxruntime: clean, replayed white-box examples and Square (commands/deployed.py).
+        if mode != "whitebox" or cfg.get("ckpts"):
+            raise ESQUserError(f"ckpt_path: {onnx_files[0]} is an ONNX file; it is evaluated alone with mode=whitebox "
+                               "(ckpt_path=model.onnx); the other modes take checkpoints or packed files")
+        return evaluate_onnx(cfg, out)
     if mode == "whitebox":
         return evaluate_whitebox(cfg, out)
     if mode == "audit":
-        from esq_lightning.evaluation.audit import evaluate_audit
-
         return evaluate_audit(cfg, out)
     if mode == "transfer":
         check_attack_names([str(cfg.eval.transfer.attack)], "eval.transfer.attack")
@@ -237,37 +228,22 @@ def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
     # trainer=ddp_cpu|ddp: one process per device, each on its share of the batches (evaluation/distributed.py).
     shard = launch_processes(cfg.get("trainer"))
     cfg.ckpt_path = _resolve(cfg, cfg.ckpt_path)
-    model, train_config = load_trained_model(cfg.ckpt_path)
+    model, train_config, _, _ = load_trained_model(cfg.ckpt_path)
     run_cfg = run_config_with_eval(train_config, cfg)
     datamodule = build_datamodule(run_cfg.data, seed=int(train_config["seed"]))
     datamodule.setup("test")
     x, y = datamodule.test_tensors()
-    # --- worst case, checks and verdict (evaluation/checks.py); pgd_pairing at the checkpoint's own pairing ---
-    from esq_lightning.attacks import pairing_attack_params
-    from esq_lightning.evaluation.checks import Thresholds, evaluation_checks, format_verdict
-    from esq_lightning.evaluation.threat import fgsm_factor
-
-    params = OmegaConf.to_container(run_cfg.eval.get("params") or {}, resolve=True)
-    params["pgd_pairing"] = {**pairing_attack_params(train_config), **(params.get("pgd_pairing") or {})}
-    norm = str(run_cfg.eval.get("norm", "linf"))
-    factor = fgsm_factor(run_cfg)
+    # The one evaluation sequence (evaluation/sequence.py); pgd_pairing at the checkpoint's own pairing.
+    threat = ThreatModel.from_config(run_cfg)
+    settings = EvalSettings.from_config(run_cfg, train_config, int(cfg.seed),
+                                        progress=bool(cfg.get("progress", True)) and shard.is_main)
     # Per-(attack, batch) results in <run dir>/eval_state, read back when the same command runs again there. The
     # threat model (norm, FGSM's eps factor) is part of what the batches depend on.
     store = open_store(out, evaluation_identity(
-        cfg.ckpt_path, x, y, list(run_cfg.eval.attacks), float(run_cfg.eval.eps),
-        {**params, "_threat_model": {"norm": norm, "fgsm_factor": factor}}, run_cfg.eval.n_samples,
-        int(run_cfg.eval.batch_size), int(cfg.seed)), cfg.get("resume", "auto"), shard)
-    ev = evaluate_robustness(
-        model, x, y, attacks=list(run_cfg.eval.attacks), eps=float(run_cfg.eval.eps), params=params,
-        n_samples=run_cfg.eval.n_samples, batch_size=int(run_cfg.eval.batch_size), device=shard.device,
-        seed=int(cfg.seed), progress=bool(cfg.get("progress", True)) and shard.is_main,
-        masking_tolerance=float(run_cfg.eval.masking.tolerance),
-        store=store, shard=shard, norm=norm, on_gradient_error="record", fgsm_factor=factor,
-    )
-    if shard.is_main:  # the checks run once, on the merged masks; rank 0 writes and prints the results
-        ev["audit"] = evaluation_checks(model, x, y, ev, norm, float(run_cfg.eval.eps),
-                                        Thresholds.from_config(run_cfg.eval.get("checks")), device=shard.device,
-                                        batch_size=int(run_cfg.eval.batch_size), seed=int(cfg.seed))
+        cfg.ckpt_path, x, y, list(settings.attacks), threat.eps,
+        {**settings.params, "_threat_model": {"norm": threat.norm, "fgsm_factor": threat.fgsm_factor}},
+        settings.n_samples, settings.batch_size, settings.seed), cfg.get("resume", "auto"), shard)
+    ev = evaluate_model(model, x, y, threat, settings, device=shard.device, store=store, shard=shard)
     results = build_results(run_cfg, ev, checkpoint=str(cfg.ckpt_path), run_dir=str(out), mode="whitebox",
                             gradient_masking=ev["gradient_masking"], processes=shard.world_size)
     if not shard.is_main:
@@ -375,4 +351,59 @@ def evaluate_blackbox(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Loa
         print(f"{curve['legend']}: {accs}")
     print(f"budgets: {' '.join(f'{b:g}' for b in budgets)}\nwrote {out / 'blackbox.json'} and {png}", flush=True)
     log_evaluation(cfg, "blackbox", record, [item.train_config for item in loaded], out=out)
+    return record
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    if node is None:
+        return {}
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+
+def evaluate_audit(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """esq-eval mode=audit (evaluation/audit.py): audit.json, audit.md, audit.png and results.json (one per
+    checkpoint)."""
+    paths = checkpoint_paths(cfg, "audit")
+    loaded = load_checkpoints(paths, "audit")
+    run_cfg = run_config_with_eval(loaded[0].train_config, cfg)
+    ev_cfg = run_cfg.eval
+    if str(ev_cfg.get("norm", "linf")) != "linf":
+        raise ESQUserError("eval.norm: mode=audit audits the L_inf threat model; allowed: linf")
+    audit_cfg = _plain(ev_cfg.get("audit"))
+    budget = str(ev_cfg.get("budget", "standard"))
+    threat = ThreatModel.from_config(run_cfg)
+    eps = threat.eps
+    settings = EvalSettings(
+        attacks=list(audit_cfg.get("attacks") or []), params=_plain(ev_cfg.get("params")),
+        batch_size=int(ev_cfg.batch_size), seed=int(cfg.seed), masking_tolerance=float(ev_cfg.masking.tolerance),
+        thresholds=Thresholds.from_config(_plain(ev_cfg.get("checks"))), progress=bool(cfg.get("progress", True)),
+    )
+    x, y = load_test_split(run_cfg, int(loaded[0].train_config["seed"]), ev_cfg.n_samples)
+    records = []
+    for i, item in enumerate(loaded):
+        rec = audit_model(
+            item.model, x, y, threat, settings, budget=budget, pairing=pairing_attack_params(item.train_config),
+            eps_factors=[float(f) for f in audit_cfg["eps_factors"]], unbounded_eps=audit_cfg["unbounded_eps"],
+            device=default_device(),
+        )
+        rec = {"label": item.label, "checkpoint": item.path, **rec}
+        records.append(rec)
+        model_cfg = run_config_with_eval(item.train_config, cfg)
+        ev = {**rec, "audit": {"verdict": rec["verdict"], "flags": rec["flags"], "budget": budget}}
+        results = build_results(model_cfg, ev, checkpoint=item.path, run_dir=str(out), mode="audit")
+        target = out / "results.json" if len(loaded) == 1 else out / f"model{i}" / "results.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(target, results)
+        print_results(results)
+        print(format_verdict(rec["verdict"], rec["flags"]), flush=True)
+    command = "esq-eval " + " ".join(sys.argv[1:]) if sys.argv[1:] else "esq-eval mode=audit"
+    title = (f"{run_cfg.data.name}: audit ({budget}), L_inf eps={eps:.4g}, {len(y)} test inputs, eval mode, ratio 1")
+    png = plot_audit(records, out / "audit.png", title)
+    record = {**_header("audit", cfg, run_cfg, loaded, out, len(y)), "budget": budget,
+              "threat_model": {"norm": "linf", "eps": eps}, "attack_sets": {"attacks": BUDGETS[budget],
+                                                                        "curve": CURVE_ATTACKS[budget]},
+              "models_audit": records, "figure": str(png), "command": command}
+    atomic_write_json(out / "audit.json", record)
+    atomic_write_text(out / "audit.md", audit_markdown(records, eps, run_cfg.data.name, command))
+    print(f"wrote {out / 'audit.json'}, {out / 'audit.md'} and {png}", flush=True)
     return record

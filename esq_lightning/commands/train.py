@@ -1,7 +1,9 @@
-"""train(cfg): build data, model, module, callbacks and loggers from a Hydra config, fit, evaluate, write results.json."""
+"""What esq-train does: train(cfg) builds data, model, module, callbacks and loggers from a Hydra config, fits,
+evaluates the final model on the test split (evaluation/sequence.py) and writes results.json."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -9,58 +11,48 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from esq_lightning.artifacts.checkpoint import (
     check_resume_checkpoint,
-    with_checkpoint_trust,
     keep_metrics_of_interrupted_run,
     load_model_weights,
     resolve_resume_path,
+    with_checkpoint_trust,
 )
+from esq_lightning.artifacts.loading import add_act_quant, build_network
+from esq_lightning.artifacts.results import (
+    build_results,
+    logit_offset_warnings,
+    model_width,
+    print_results,
+    train_threat_model,
+)
+from esq_lightning.artifacts.runs import resolve_init_from
+from esq_lightning.atomic import atomic_write_json
+from esq_lightning.attacks import frozen_eval
+from esq_lightning.commands.checks import validate_config
+from esq_lightning.config.threat import ThreatModel
 from esq_lightning.data import build_datamodule
-from esq_lightning.errors import ESQUserError
-from esq_lightning.evaluation import evaluate_robustness
-from esq_lightning.models import build_model
+from esq_lightning.errors import ESQUserError, EvaluationFailed
+from esq_lightning.evaluation.checks import format_verdict, unattackable_verdict
+from esq_lightning.evaluation.sequence import EvalSettings, evaluate_model
+from esq_lightning.notices import quiet_wandb_logger
+from esq_lightning.pairing import check_pairing_names, logit_offset_stats, resolve_distance
+from esq_lightning.quant import calibrate_act_quant, full_quantization
+from esq_lightning.quant.packing import packed_size
+from esq_lightning.training.callbacks.collapse import CollapseMonitor
+from esq_lightning.training.checkpoint_io import AtomicCheckpointIO
+from esq_lightning.training.loggers import log_results_table, restore_wandb_env, snapshot_wandb_env, wandb_logger_config
 from esq_lightning.training.module import ESQModule
 from esq_lightning.training.objectives import Objective
-from esq_lightning.pairing import check_pairing_names, logit_offset_stats, resolve_distance
-from esq_lightning.training.checkpoint_io import AtomicCheckpointIO
-from esq_lightning.quant import calibrate_act_quant, quantize_activations, quantize_model
-from esq_lightning.quant.packing import packed_size
-from esq_lightning.artifacts.results import build_results, logit_offset_warnings, model_width, print_results, train_threat_model
-from esq_lightning.artifacts.runs import resolve_init_from
-from esq_lightning.config.schema import validate_config
 from esq_lightning.utils import set_threads
-from esq_lightning.artifacts.atomic import atomic_write_json
-from esq_lightning.training.loggers import log_results_table, restore_wandb_env, snapshot_wandb_env, wandb_logger_config
 
 # Training inputs that calibrate the activation clipping ranges (quant.act_bits < 32).
 ACT_CALIBRATION_SAMPLES = 256
-
-
-def build_network(cfg_model: DictConfig | dict, cfg_quant: DictConfig | dict, activations: bool = True) -> nn.Module:
-    """The classifier of a run: the architecture, quantized as `quant` says (nothing for quant=full).
-
-    activations=False leaves out the activation quantizers (quant.act_bits), for loading a start
-    (init_from) that has none before they are added with add_act_quant.
-    """
-    model = build_model(cfg_model)
-    q = dict(cfg_quant)
-    # Every key is set by conf/quant/*.yaml (the one place of their defaults) and checked by the schema.
-    model = quantize_model(
-        model, q["kind"], per_filter=q["per_filter"], keep_first_last=q["keep_first_last"],
-        variant=q["variant"], f=q["f"], bits=q["bits"],
-    )
-    return add_act_quant(model, cfg_quant) if activations else model
-
-
-def add_act_quant(model: nn.Module, cfg_quant: DictConfig | dict) -> nn.Module:
-    """quant.act_bits < 32: k-bit unsigned activations after the ReLUs (quant.modules.quantize_activations)."""
-    q = dict(cfg_quant)
-    return quantize_activations(model, int(q["act_bits"]), keep_first_last=q["keep_first_last"])
 
 
 def build_objective(cfg: DictConfig) -> Objective:
@@ -87,7 +79,7 @@ def compile_model(model: nn.Module, pairing_layers: list[str], **compile_kwargs:
     guarding costs one more graph (hooks on vs off), compiled once and reused every step.
     """
     if any(name != "logits" for name in pairing_layers):
-        import torch._dynamo.config as dynamo_config
+        import torch._dynamo.config as dynamo_config  # loads the compiler stack: only with compile: true
 
         dynamo_config.skip_nnmodule_hook_guards = False
     return torch.compile(model, **compile_kwargs)
@@ -108,15 +100,13 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
             conf = wandb_logger_config(cfg, conf)
         logger = instantiate(conf)
         if name == "wandb":
-            from esq_lightning.notices import quiet_wandb_logger
-
             logger = quiet_wandb_logger(logger)
         loggers.append(logger)
     return loggers
 
 
 def _require_wandb_login() -> None:
-    import wandb
+    import wandb  # optional (logger=wandb): imported only when asked for
 
     if not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
         raise ESQUserError(
@@ -126,8 +116,6 @@ def _require_wandb_login() -> None:
 
 
 def _require_tensorboard() -> None:
-    import importlib.util
-
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
         raise ESQUserError("logger=tensorboard needs the tensorboard package: pip install tensorboard")
 
@@ -139,8 +127,6 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callbac
 
 
 def output_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
     return Path(HydraConfig.get().runtime.output_dir)
 
 
@@ -197,8 +183,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg, has_logger=bool(loggers))
     # Collapse to a constant output, and a run ending far below its start, are named (callbacks/collapse.py).
-    from esq_lightning.training.callbacks.collapse import CollapseMonitor
-
     collapse_monitor = CollapseMonitor()
     callbacks.append(collapse_monitor)
     module.training_flags = []
@@ -239,29 +223,12 @@ def evaluate_and_record(
     datamodule.setup("test")
     x, y = datamodule.test_tensors()
     model = getattr(module.model, "_orig_mod", module.model)
-    # --- worst case, checks and verdict (evaluation/worstcase.py, evaluation/checks.py) ---
-    from esq_lightning.attacks import pairing_attack_params
-    from esq_lightning.evaluation.checks import Thresholds, evaluation_checks, format_verdict, unattackable_verdict
-    from esq_lightning.evaluation.threat import fgsm_factor
-
-    params = OmegaConf.to_container(cfg.eval.get("params") or {}, resolve=True)
-    params["pgd_pairing"] = {**pairing_attack_params(OmegaConf.to_container(cfg, resolve=True)),
-                             **(params.get("pgd_pairing") or {})}
-    norm = str(cfg.eval.norm)
-    ev = evaluate_robustness(
-        model, x, y, attacks=list(cfg.eval.attacks), eps=float(cfg.eval.eps),
-        params=params, n_samples=cfg.eval.n_samples,
-        batch_size=int(cfg.eval.batch_size), device=module.device, seed=int(cfg.seed),
-        norm=norm, on_gradient_error="record", fgsm_factor=fgsm_factor(cfg),
-        masking_tolerance=float(cfg.eval.masking.tolerance),
-    )
-    ev["audit"] = evaluation_checks(model, x, y, ev, norm, float(cfg.eval.eps),
-                                    Thresholds.from_config(cfg.eval.get("checks")), device=module.device,
-                                    batch_size=int(cfg.eval.batch_size), seed=int(cfg.seed))
-    ev["audit"]["flags"] += getattr(module, "training_flags", [])
-    from esq_lightning.evaluation.checks import verdict as _verdict
-
-    ev["audit"]["verdict"] = _verdict(ev["audit"]["flags"])
+    # The one evaluation sequence (evaluation/sequence.py): worst case, checks, and the verdict with the flags of
+    # the training monitors; pgd_pairing at this run's own pairing.
+    threat = ThreatModel.from_config(cfg)
+    settings = EvalSettings.from_config(cfg, OmegaConf.to_container(cfg, resolve=True), int(cfg.seed))
+    ev = evaluate_model(model, x, y, threat, settings, device=module.device,
+                        extra_flags=getattr(module, "training_flags", []))
     # The logit offset against the centred logits on the test inputs, and its named warning (docs/pairing.md).
     offset = measure_logit_offset(model, x[: cfg.eval.n_samples] if cfg.eval.n_samples else x, module.device)
     results = build_results(cfg, ev, gradient_masking=ev.get("gradient_masking"), epochs=trainer.current_epoch, train_seconds=train_seconds,
@@ -293,9 +260,6 @@ def raise_if_unattackable(results: dict[str, Any]) -> None:
     """EvaluationFailed (the CLI: one line, exit code 3) when the run's model could not be attacked honestly.
 
     Not in a multirun: one collapsed job of a sweep is a result of the sweep, not the end of it."""
-    from esq_lightning.errors import EvaluationFailed
-    from esq_lightning.evaluation.checks import unattackable_verdict
-
     failed = unattackable_verdict(results.get("audit") or {})
     if failed:
         raise EvaluationFailed(f"{failed} ({Path(results.get('run_dir', '.')) / 'results.json'})")
@@ -305,9 +269,6 @@ def measure_logit_offset(
     model: nn.Module, x: torch.Tensor, device: torch.device | str, batch_size: int = 500,
 ) -> dict[str, float]:
     """esq_lightning.pairing.logit_offset_stats over `x`, in eval mode at full quantization."""
-    from esq_lightning.attacks import frozen_eval
-    from esq_lightning.quant import full_quantization
-
     model.to(device)
     with torch.no_grad(), frozen_eval(model), full_quantization(model):
         z = torch.cat([model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
@@ -317,7 +278,7 @@ def measure_logit_offset(
 def _finish_wandb(loggers: list[Any]) -> None:
     # Closing the run here means the next job of a multirun never logs into this one.
     if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
+        import wandb  # optional: only when a W&B logger ran
 
         if wandb.run is not None:
             wandb.finish()

@@ -9,6 +9,7 @@ eval.params.<name>.eps is its own threat model: it gets its own column header an
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -40,3 +41,19 @@ def threat_model(cfg: Any, attacks: Mapping[str, Mapping[str, Any]] | None = Non
     fgsm = (attacks or {}).get("fgsm")
     out["fgsm_eps"] = float(fgsm["eps"]) if fgsm and fgsm.get("eps") is not None else eps * fgsm_factor(cfg)
     return out
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """What an evaluation's numbers are robust against: the norm, the eps of every attack of that norm, and
+    FGSM's eps as a multiple of it (an attack given its own eval.params.<name>.eps is its own threat model)."""
+
+    norm: str
+    eps: float
+    fgsm_factor: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ThreatModel:
+        """The threat model of a run's (or an evaluation's merged) config: eval.norm, eval.eps, fgsm_factor(cfg)."""
+        ev = _get(cfg, "eval")
+        return cls(norm=str(_get(ev, "norm", "linf")), eps=float(_get(ev, "eps")), fgsm_factor=fgsm_factor(cfg))
