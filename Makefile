@@ -15,7 +15,7 @@ EXTRAS ?= dev,attacks,tensorboard,onnx
 CONSTRAINTS ?= constraints.txt
 LOCK_VENV ?= .venv-lock
 
-.PHONY: setup run test test-slow bench bench-smoke clean reproduce lock gpu-check
+.PHONY: setup lint run test test-slow bench bench-smoke clean reproduce lock gpu-check
 
 $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +31,16 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/esq-train $(ARGS)
 
-## The import contracts of docs/architecture.md (pyproject.toml [tool.importlinter]), then the default test suite
-## (slow tests excluded) on $(PYTEST_WORKERS) worker processes with 1 torch thread each.
-test: setup
+## ruff (lint, format check; pyproject.toml [tool.ruff]) and the import contracts of docs/architecture.md
+## (pyproject.toml [tool.importlinter]).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
+
+## make lint, then the default test suite (slow tests excluded) on $(PYTEST_WORKERS) worker processes with 1 torch
+## thread each.
+test: setup lint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q $(ARGS)
 
 ## Long tests (training to accuracy, full pipelines).
