@@ -276,7 +276,8 @@ def evaluate_and_record(
                             checkpoint=str(final_ckpt), run_dir=str(out), **packed_size(model),
                             val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
                             logit_offset=offset, warnings=logit_offset_warnings(offset),
-                            compression=compression_record(model, getattr(module, "compression", {})))
+                            compression=compression_record(model, getattr(module, "compression", {}),
+                                                           cfg.get("compress_name"), cfg.get("budget")))
     for warning in results["warnings"]:
         print(f"warning: {warning['name']}: {warning['message']}", flush=True)
     atomic_write_json(out / "results.json", results)
@@ -298,14 +299,18 @@ def evaluate_and_record(
     return results
 
 
-def compression_record(model: nn.Module, done: dict[str, Any]) -> dict[str, Any]:
+def compression_record(model: nn.Module, done: dict[str, Any], preset: str | None = None,
+                       budget: int | None = None) -> dict[str, Any]:
     """results.json `compression`: the bits of every Conv2d/Linear, the sparsity per layer, the allocation and
-    pruning as done (each derived from the model that was evaluated)."""
+    pruning as done (each derived from the model that was evaluated), and the preset and budget level of the
+    robustness-vs-bytes front (conf/compress/) when the run had one."""
     from esq_lightning.compress.pruning import prunable_layers, sparsity_report
     from esq_lightning.quant import QuantMixin
 
     bits = {name: (int(m.bits) if isinstance(m, QuantMixin) else 32) for name, m in prunable_layers(model)}
     record: dict[str, Any] = {"layer_bits": bits}
+    if preset is not None:
+        record.update(preset=str(preset), budget=None if budget is None else int(budget))
     sparsity = sparsity_report(model)
     if sparsity:
         record["sparsity"] = sparsity
