@@ -235,9 +235,9 @@ def test_older_format_versions_still_load(tmp_path: Path, monkeypatch: pytest.Mo
     (["prune=magnitude", "prune.sparsity=1.5"], "prune.sparsity: 1.5 is out of range"),
     (["prune=magnitude", "prune.budget_bytes=20000"], "prune.sparsity: 0.8 with budget_bytes=20000"),
     (["prune=hydra", "prune.score_epochs=30"], "prune.score_epochs: 30 leaves no epoch"),
-    (["+quant.layer_bits.block9=4"], "quant.layer_bits names block9: not a Conv2d/Linear of the model; allowed: "
+    (["quant.layer_bits={block9: 4}"], "quant.layer_bits names block9: not a Conv2d/Linear of the model; allowed: "
                                      "block1.0, block2.0, block3.0, fc"),
-    (["+quant.layer_bits.fc=9"], "quant.layer_bits.fc: 9 is not allowed"),
+    (["quant.layer_bits={fc: 9}"], "quant.layer_bits.fc: 9 is not allowed"),
     (["quant.budget_bytes=20000", "quant.first_last_bits=8"], "quant.budget_bytes: 20000 allocates"),
     (["prune=magnitude", "quant.budget_bytes=20000"], "quant.budget_bytes: 20000 with prune.method=magnitude"),
 ])
