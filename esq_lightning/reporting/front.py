@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from esq_lightning.reporting.curves import _mean_std, metric_title, robust_metric
+from esq_lightning.reporting.formats import _pct, format_eps
 
 __all__ = ["Front", "FrontPoint", "build_fronts", "front_markdown", "log_fronts_wandb", "pareto", "plot_front",
            "write_fronts"]
@@ -132,7 +133,6 @@ def plot_front(front: Front, path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     from esq_lightning.evaluation.plots import _save
-    from esq_lightning.reporting.report import format_eps
 
     fig = Figure(figsize=(10.4, 4.0))
     axes = fig.subplots(1, 2, sharex=True)
@@ -161,8 +161,6 @@ def plot_front(front: Front, path: str | Path) -> Path:
 
 
 def front_markdown(front: Front, figure: str | None) -> str:
-    from esq_lightning.reporting.report import _pct, format_eps
-
     def cell(p: FrontPoint) -> str:
         (c, cs), (r, rs) = _mean_std(p.clean), _mean_std(p.robust)
         spread = f" (±{_pct(cs, 1)} / ±{_pct(rs, 1)})" if len(p.seeds) > 1 else ""
