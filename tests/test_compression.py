@@ -240,6 +240,8 @@ def test_older_format_versions_still_load(tmp_path: Path, monkeypatch: pytest.Mo
     (["quant.layer_bits={fc: 9}"], "quant.layer_bits.fc: 9 is not allowed"),
     (["quant.budget_bytes=20000", "quant.first_last_bits=8"], "quant.budget_bytes: 20000 allocates"),
     (["prune=magnitude", "quant.budget_bytes=20000"], "quant.budget_bytes: 20000 with prune.method=magnitude"),
+    (["experiment=digits/compress", "compress=mixed", "budget=5"],
+     "budget: 5 has no value in this compression preset; allowed: 0..2"),
 ])
 def test_compression_config_errors_are_one_line(tmp_path: Path, overrides: list[str], expected: str) -> None:
     cfg = compose_config("train", overrides, tmp_path)
