@@ -166,7 +166,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
-    model = build_network(cfg.model, cfg.quant, activations=False, cfg_prune=cfg.get("prune"))
+    # Unpruned first: the start (init_from) has no masks; the pruning structure is added after it is loaded.
+    model = build_network(cfg.model, cfg.quant, activations=False)
     check_pairing_names(model, list(cfg.pairing.layers))
     init_from = resolve_init_from(cfg.get("init_from"), cfg.paths.runs_root, cfg.data.name, cfg.model.name, cfg.seed,
                                   threat_model=train_threat_model(cfg), init_seed=cfg.get("init_seed"),
@@ -174,6 +175,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if init_from:
         # The start's weights (a full-precision or weight-quantized run); the clipping ranges start afresh.
         load_model_weights(model, init_from)
+    from esq_lightning.compress.pruning import add_pruning
+
+    model = add_pruning(model, str((cfg.get("prune") or {}).get("method") or "none"))
     model = add_act_quant(model, cfg.quant)
     if int(cfg.quant.act_bits) < 32 and not cfg.get("ckpt_path"):
         # Clipping ranges from the first 256 unshuffled training inputs: the same on every rank; then learned.
