@@ -250,24 +250,32 @@ def test_compression_config_errors_are_one_line(tmp_path: Path, overrides: list[
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
-def test_esq_train_hydra_with_sq_then_export_reloads(tmp_path: Path) -> None:
-    """One tiny run of a front preset: scores then fine-tune in one run, results.json as asked, export = payload."""
+def test_esq_train_hydra_with_sq_from_a_start_then_export_reloads(tmp_path: Path) -> None:
+    """A tiny front preset from a full-precision start (init_from): scores then fine-tune in one run, results.json
+    as asked, the export's payload = model_bytes, the checkpoint rebuilds with its masks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = tmp_path / "run"
-    args = ["experiment=digits/compress", "compress=hydra_u4", "budget=1", "init_from=null", "prune.score_epochs=1",
-            "threads=1", "trainer.max_epochs=2", "trainer.limit_train_batches=2", "eval.n_samples=16",
-            "callbacks.pgd.steps=1", "callbacks.pgd.val_n_samples=16", "trainer.enable_progress_bar=false",
-            "eval.attacks=[fgsm]", "logger=none", f"paths.runs_root={tmp_path}", f"hydra.run.dir={run}"]
-    proc = subprocess.run([sys.executable, "-m", "esq_lightning.cli.train", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((run / "results.json").read_text())
+    tiny = ["threads=1", "trainer.limit_train_batches=2", "eval.n_samples=16", "callbacks.pgd.steps=1",
+            "callbacks.pgd.val_n_samples=16", "trainer.enable_progress_bar=false", "eval.attacks=[fgsm]", "logger=none",
+            f"paths.runs_root={tmp_path}"]
+
+    def train(args: list[str], run: Path) -> dict:
+        proc = subprocess.run([sys.executable, "-m", "esq_lightning.cli.train", *args, *tiny, f"hydra.run.dir={run}"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((run / "results.json").read_text())
+
+    start = train(["quant=full", "method=natural", "trainer.max_epochs=1"], tmp_path / "start")
+    res = train(["experiment=digits/compress", "compress=hydra_u4", "budget=1", f"init_from={start['checkpoint']}",
+                 "prune.score_epochs=1", "trainer.max_epochs=2"], tmp_path / "run")
     comp = res["compression"]
-    assert res["setting"] == "EU4-PH" and comp["preset"] == "hydra_u4" and comp["budget"] == 1
+    assert res["setting"] == "NEU4-PH" and comp["preset"] == "hydra_u4" and comp["budget"] == 1
     assert comp["prune"]["budget_bytes"] == 30000 and res["model_bytes"] <= 30000
     assert set(comp["sparsity"]["layers"]) == {"block1.0", "block2.0", "block3.0", "fc"}
     assert all(abs(v["sparsity"] - comp["prune"]["sparsity"]) < 0.01 for v in comp["sparsity"]["layers"].values())
     from esq_lightning.artifacts.export import export_checkpoint
+    from esq_lightning.evaluation.modes import load_trained_model
 
     report = export_checkpoint(res["checkpoint"], tmp_path / "m.esq")
     assert report["identical_logits"] and report["payload_bytes"] == res["model_bytes"]
+    model, _ = load_trained_model(res["checkpoint"])
+    assert sparsity_report(model)["kept"] == comp["sparsity"]["kept"]
