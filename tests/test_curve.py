@@ -228,7 +228,7 @@ def test_front_lines_pareto_and_best_method_per_budget(tmp_path: Path, monkeypat
     assert [p.x for p in hydra] == [19990.5, 29990.5] and all(sorted(p.seeds) == [0, 1] for p in hydra)
     best = pareto(front.points)
     assert [(p.label, p.budget) for p in best] == [("uniform k-bit, ESQ", 0), ("HYDRA pruning, adversarial", 0)]
-    assert front.budgets == [20000.0, 30000.0]
+    assert front.budgets == [17000.5, 20000.0, 30000.0, 30000.5]  # given budgets and the uniform points' sizes
     assert build_curves(iter_results(tmp_path)) == []
 
     logged: dict = {}
@@ -250,6 +250,7 @@ def test_front_lines_pareto_and_best_method_per_budget(tmp_path: Path, monkeypat
     png = tmp_path / "report" / "front_digits_small_cnn.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 20,000 | HYDRA pruning, adversarial | 19,990 | 90.0 / 35.5 |" in md
+    assert "| 17,000 | uniform k-bit, ESQ | 17,000 | 90.0 / 20.5 |" in md
     assert "| 30,000 | HYDRA pruning, adversarial |" in md  # 30k: HYDRA at 20k is still the most robust that fits
     assert "**19,990 B: 90.0 / 35.5" in md and "**17,000 B" in md and "**30,000 B" not in md
     assert "front/digits_small_cnn/robust" in logged and "front/digits_small_cnn/table" in logged

@@ -4,7 +4,8 @@ Runs of a compression preset (conf/compress/*.yaml: results.json `compression.pr
 threat model); one line per preset (and method, where a preset was run with several), one point per budget level:
 mean and sample std over seeds of clean and robust accuracy, x = the mean `model_bytes` (the payload esq-export
 writes). The Pareto front is the set of points no other point beats on both axes (bytes no larger, robust accuracy
-no lower, one strictly); the table lists, per budget, the best point whose bytes fit it.
+no lower, one strictly); the table lists, per budget (the byte budgets the runs were given, and the sizes of the
+presets that have none, e.g. one width everywhere), the most robust point whose bytes fit it.
 """
 
 from __future__ import annotations
@@ -119,8 +120,9 @@ def build_fronts(records: Iterable[tuple[Path, dict[str, Any]]]) -> list[Front]:
             b = _budget_bytes(res)
             if b is not None:
                 budgets.add(b)
-        if not budgets:  # only uniform widths: their sizes are the budgets
-            budgets = {p.x for pts in lines.values() for p in pts.values()}
+        # A preset without a byte budget (one width everywhere) adds its points' sizes as budgets of the table.
+        budgetless = {(_label(r), int(r["compression"].get("budget") or 0)) for _, r in items if _budget_bytes(r) is None}
+        budgets |= {p.x for label, pts in lines.items() for p in pts.values() if (label, p.budget) in budgetless}
         fronts.append(Front(dataset, model, norm, eps, metric,
                             {k: sorted(v.values(), key=lambda p: p.x) for k, v in sorted(lines.items())},
                             sorted(budgets)))
