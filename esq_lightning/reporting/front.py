@@ -150,7 +150,7 @@ def plot_front(front: Front, path: str | Path) -> Path:
     axes[1].scatter([p.x for p in best], [100 * p.y for p in best], s=110, facecolors="none", edgecolors="k")
     threat = f"{front.norm} eps={format_eps(front.eps)}"
     axes[0].set_ylabel("clean accuracy (%)")
-    axes[1].set_ylabel(f"robust accuracy (%), {metric_title(front.robust_metric)}, {threat}")
+    axes[1].set_ylabel(f"robust accuracy (%)\n{metric_title(front.robust_metric)}, {threat}")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("model bytes (packed payload of esq-export)")
