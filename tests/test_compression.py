@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esq_lightning.compress.masks import MASK, SCORES, pruned_weight
+from esq_lightning.quant.masks import MASK, SCORES, pruned_weight
 from esq_lightning.compress.mixed import allocate_bits, resolve_layer_bits
 from esq_lightning.compress.pruning import add_pruning, init_pruning, prunable_layers, set_score_phase, sparsity_report
 from esq_lightning.config.schema import validate_config

@@ -1,4 +1,5 @@
-"""Compression beyond uniform quantization: robust pruning (masks.py, pruning.py) and mixed precision per layer (mixed.py).
+"""Compression beyond one bit width: robust pruning (pruning.py) and mixed precision per layer (mixed.py).
 
-Kept free of imports on purpose: esq_lightning.quant.modules reads the pruning state of a layer from masks.py.
+A layer's pruning state (its keep mask and HYDRA scores) lives in quant/masks.py, below this package: the
+quantized layers and the packed format read it.
 """

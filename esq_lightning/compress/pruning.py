@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from esq_lightning.compress.masks import MASK, SCORES, PrunedConv2d, PrunedLinear, keep_mask, topk_mask
+from esq_lightning.quant.masks import MASK, SCORES, PrunedConv2d, PrunedLinear, keep_mask, topk_mask
 
 __all__ = ["METHODS", "SCOPES", "PruneCallback", "add_pruning", "init_pruning", "prunable_layers", "set_score_phase",
            "solve_sparsity", "sparsity_report"]

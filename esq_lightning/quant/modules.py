@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from esq_lightning.compress.masks import pruned_weight
+from .masks import pruned_weight
 
 from .functional import act_quantize, relative_error
 from .registry import Quantizer, get, resolve_kind
@@ -126,7 +126,7 @@ class QuantMixin:
     def quantized_weight(self, source: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         """Q (all filters), differentiable with the straight-through estimator.
 
-        A pruned layer (compress/masks.py) quantizes its pruned weight over the kept entries only.
+        A pruned layer (quant/masks.py) quantizes its pruned weight over the kept entries only.
         """
         w, keep = pruned_weight(self) if source is None else source
         if keep is None:

@@ -21,7 +21,7 @@ from .modules import QuantMixin
 from .registry import resolve_kind
 
 from esq_lightning.atomic import atomic_write
-from esq_lightning.compress.masks import MASK, SCORES
+from .masks import MASK, SCORES
 from esq_lightning.config.quantizers import quantizer_spec
 
 __all__ = [

@@ -134,7 +134,7 @@ def plot_front(front: Front, path: str | Path) -> Path:
     panel drawn as a dashed step and ringed points."""
     from matplotlib.figure import Figure
 
-    from esq_lightning.evaluation.plots import _save
+    from esq_lightning.figures import save_figure as _save  # matplotlib loads only when a figure is drawn
 
     fig = Figure(figsize=(10.4, 4.0))
     axes = fig.subplots(1, 2, sharex=True)
