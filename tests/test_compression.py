@@ -16,7 +16,7 @@ from torch import nn
 from esq_lightning.quant.masks import MASK, SCORES, pruned_weight
 from esq_lightning.compress.mixed import allocate_bits, resolve_layer_bits
 from esq_lightning.compress.pruning import add_pruning, init_pruning, prunable_layers, set_score_phase, sparsity_report
-from esq_lightning.config.schema import validate_config
+from esq_lightning.commands.checks import validate_config
 from esq_lightning.errors import ESQUserError
 from esq_lightning.models.small_cnn import SmallCNN
 from esq_lightning.quant import draw_selection, export_packed, full_quantization, load_packed, quant_layers, \
@@ -273,9 +273,9 @@ def test_esq_train_hydra_with_sq_from_a_start_then_export_reloads(tmp_path: Path
     assert set(comp["sparsity"]["layers"]) == {"block1.0", "block2.0", "block3.0", "fc"}
     assert all(abs(v["sparsity"] - comp["prune"]["sparsity"]) < 0.01 for v in comp["sparsity"]["layers"].values())
     from esq_lightning.artifacts.export import export_checkpoint
-    from esq_lightning.evaluation.modes import load_trained_model
+    from esq_lightning.artifacts.loading import load_trained_model
 
     report = export_checkpoint(res["checkpoint"], tmp_path / "m.esq")
     assert report["identical_logits"] and report["payload_bytes"] == res["model_bytes"]
-    model, _ = load_trained_model(res["checkpoint"])
+    model = load_trained_model(res["checkpoint"]).model
     assert sparsity_report(model)["kept"] == comp["sparsity"]["kept"]

@@ -284,10 +284,10 @@ class QuantConfig(Model):
     f: Choice(*SQ_FUNCTIONS)
     act_bits: Choice(*ACT_BITS) = Field(description="unsigned activation bits after the ReLUs, 32 = off")
     # Mixed precision per layer (esq_lightning/compress/mixed.py): layer names are checked against the model.
-    layer_bits: Optional[dict[str, Choice(*QUANT_DEFAULT_KIND, *QUANT_BITS["full"])]]
-    first_last_bits: Optional[Choice(*QUANT_DEFAULT_KIND, *QUANT_BITS["full"])]
+    layer_bits: Optional[dict[str, LiveChoice(quant_widths)]]
+    first_last_bits: Optional[LiveChoice(quant_widths)]
     budget_bytes: Optional[int] = Field(gt=0)
-    allocate_bits: list[Choice(*QUANT_DEFAULT_KIND, *QUANT_BITS["full"])] = Field(min_length=1)
+    allocate_bits: list[LiveChoice(quant_widths)] = Field(min_length=1)
     sensitivity_samples: int = Field(ge=1)
 
     @model_validator(mode="after")
