@@ -235,6 +235,8 @@ def test_every_shipped_config_validates(group: str, option: str, tmp_path: Path)
         overrides += ["data=cifar100", "model=resnet152", "data.download=true"]  # names of ResNet-152's modules
     if group in ("data", "experiment") and "cifar" in option:
         overrides.append("data.download=true")  # data_dir is checked on disk unless downloading
+    if group == "compress":
+        overrides.append("experiment=digits/compress")  # a preset's budgets are the experiment's
     cfg = compose_config("train", overrides, tmp_path)
     if str(cfg.get("init_from") or "").endswith(".ckpt"):
         pytest.skip("points at a checkpoint file")

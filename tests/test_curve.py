@@ -191,3 +191,66 @@ def test_figure_joins_only_neighbouring_widths_and_clips_error_bars(tmp_path: Pa
         for bar in getattr(container, "lines", (None, None, ()))[2]:
             for seg in bar.get_segments():
                 assert all(0 <= y <= 100 for _, y in seg)
+
+
+# ---------------------------------------------------------------- the robustness-vs-bytes front (reporting/front.py)
+def write_front(run_dir: Path, preset: str, method: str, budget: int, seed: int, model_bytes: int, clean: float,
+                worst: float, budget_bytes: int | None = None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    comp: dict = {"layer_bits": {}, "preset": preset, "budget": budget}
+    if budget_bytes is not None:
+        comp["prune"] = {"method": "hydra", "budget_bytes": budget_bytes}
+    rec = {"task": "train", "setting": "AAF-PH", "dataset": "digits", "model": "small_cnn", "method": method,
+           "quant": "full", "bits": 32, "seed": seed, "clean_acc": clean,
+           "robust_acc": {"fgsm": worst + 0.1, "pgd20": worst, "worst_case": worst},
+           "threat_model": {"norm": "linf", "eps": 0.2}, "model_bytes": model_bytes, "compression": comp}
+    (run_dir / "results.json").write_text(json.dumps(rec))
+
+
+def test_front_lines_pareto_and_best_method_per_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from esq_lightning.reporting.front import build_fronts, pareto
+
+    i = 0
+    # uniform: 17k -> 0.20, 30k -> 0.30; hydra: 20k -> 0.35 (dominates uniform 30k), 30k -> 0.33 (dominated)
+    for seed in (0, 1):
+        for preset, method, budget, size, worst, bb in [("uniform", "esq", 0, 17000, 0.20, None),
+                                                         ("uniform", "esq", 1, 30000, 0.30, None),
+                                                         ("hydra", "adversarial", 0, 19990, 0.35, 20000),
+                                                         ("hydra", "adversarial", 1, 29990, 0.33, 30000)]:
+            write_front(tmp_path / str(i), preset, method, budget, seed, size + seed, 0.9, worst + 0.01 * seed, bb)
+            i += 1
+    # a one-width run of the bits curve stays out of the front, and the front's runs out of the bits curve
+    write(tmp_path / "bits", "esq", 1, 0, 0.9, {"fgsm": 0.3, "pgd20": 0.2}, model_bytes=17000)
+    (front,) = build_fronts(iter_results(tmp_path))
+    assert front.robust_metric == "worst_case"
+    assert set(front.lines) == {"uniform k-bit, ESQ", "HYDRA pruning, adversarial"}
+    hydra = front.lines["HYDRA pruning, adversarial"]
+    assert [p.x for p in hydra] == [19990.5, 29990.5] and all(sorted(p.seeds) == [0, 1] for p in hydra)
+    best = pareto(front.points)
+    assert [(p.label, p.budget) for p in best] == [("uniform k-bit, ESQ", 0), ("HYDRA pruning, adversarial", 0)]
+    assert front.budgets == [17000.5, 20000.0, 30000.0, 30000.5]  # given budgets and the uniform points' sizes
+    assert build_curves(iter_results(tmp_path)) == []
+
+    logged: dict = {}
+
+    class FakeRun:
+        dir = str(tmp_path)
+
+        def log(self, data: dict) -> None:
+            logged.update(data)
+
+        def finish(self) -> None:
+            pass
+
+    import wandb
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: FakeRun())
+    report = make_report(tmp_path, out=tmp_path / "report", wandb_project="p", wandb_mode="disabled")
+    md = report["markdown"]
+    png = tmp_path / "report" / "front_digits_small_cnn.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 20,000 | HYDRA pruning, adversarial | 19,990 | 90.0 / 35.5 |" in md
+    assert "| 17,000 | uniform k-bit, ESQ | 17,000 | 90.0 / 20.5 |" in md
+    assert "| 30,000 | HYDRA pruning, adversarial |" in md  # 30k: HYDRA at 20k is still the most robust that fits
+    assert "**19,990 B: 90.0 / 35.5" in md and "**17,000 B" in md and "**30,000 B" not in md
+    assert "front/digits_small_cnn/robust" in logged and "front/digits_small_cnn/table" in logged

@@ -17,6 +17,8 @@ from torch import nn
 
 from esq_lightning.artifacts.checkpoint import checkpoint_config, load_model_weights, read_checkpoint
 from esq_lightning.errors import ESQUserError
+from esq_lightning.compress.mixed import resolve_layer_bits
+from esq_lightning.compress.pruning import add_pruning
 from esq_lightning.models import build_model
 from esq_lightning.quant import load_packed, quantize_activations, quantize_model
 
@@ -25,8 +27,12 @@ PACKED_MAGIC = b"ESQPACK\x00"
 
 
 def build_network(cfg_model: DictConfig | dict, cfg_quant: DictConfig | dict | None = None, *,
-                  weights: bool = True, activations: bool = True) -> nn.Module:
-    """The classifier of a run: the architecture, quantized as `quant` says (nothing for quant=full).
+                  weights: bool = True, activations: bool = True,
+                  cfg_prune: DictConfig | dict | None = None) -> nn.Module:
+    """The classifier of a run: the architecture, quantized as `quant` says (nothing for quant=full), with the
+    bits of each layer (quant.layer_bits, quant.first_last_bits) and the pruning structure of `cfg_prune`
+    (all-keep masks, HYDRA's frozen scores: a checkpoint's masks load into them; a new run prunes with
+    compress.pruning.init_pruning, docs/compression.md).
 
     weights=False leaves the weights in full precision (a packed file's dequantized weights);
     activations=False leaves out the activation quantizers (quant.act_bits), for loading a start
@@ -41,8 +47,9 @@ def build_network(cfg_model: DictConfig | dict, cfg_quant: DictConfig | dict | N
         # Every key is set by conf/quant/*.yaml (the one place of their defaults) and checked by the schema.
         model = quantize_model(
             model, q["kind"], per_filter=q["per_filter"], keep_first_last=q["keep_first_last"],
-            variant=q["variant"], f=q["f"], bits=q["bits"],
+            variant=q["variant"], f=q["f"], bits=q["bits"], layer_bits=resolve_layer_bits(model, q),
         )
+        model = add_pruning(model, str((cfg_prune or {}).get("method") or "none"))
     return add_act_quant(model, cfg_quant) if activations else model
 
 
@@ -106,7 +113,7 @@ def load_trained_model(path: str | Path) -> TrainedModel:
         return TrainedModel(model, config, str(path), "packed")
     ckpt = read_checkpoint(path)
     train_config = checkpoint_config(ckpt, path)
-    model = build_network(train_config["model"], train_config["quant"])
+    model = build_network(train_config["model"], train_config["quant"], cfg_prune=train_config.get("prune"))
     load_model_weights(model, path)
     model.eval()
     return TrainedModel(model, train_config, str(path), "checkpoint")

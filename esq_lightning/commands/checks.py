@@ -182,3 +182,9 @@ def _check_model_and_pairing(cfg: DictConfig) -> None:
         check_pairing_names(model, [str(n) for n in cfg.pairing.layers])
     except ValueError as exc:
         raise ESQUserError(first_line(exc)) from None
+    from esq_lightning.compress.mixed import resolve_layer_bits
+
+    try:
+        resolve_layer_bits(model, cfg.quant)
+    except ValueError as exc:
+        raise ESQUserError(first_line(exc)) from None

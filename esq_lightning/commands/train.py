@@ -42,7 +42,7 @@ from esq_lightning.evaluation.checks import format_verdict, unattackable_verdict
 from esq_lightning.evaluation.sequence import EvalSettings, evaluate_model
 from esq_lightning.notices import quiet_wandb_logger
 from esq_lightning.pairing import check_pairing_names, logit_offset_stats, resolve_distance
-from esq_lightning.quant import calibrate_act_quant, full_quantization
+from esq_lightning.quant import calibrate_act_quant, full_quantization, quantize_model
 from esq_lightning.quant.packing import packed_size
 from esq_lightning.training.callbacks.collapse import CollapseMonitor
 from esq_lightning.training.checkpoint_io import AtomicCheckpointIO
@@ -53,6 +53,26 @@ from esq_lightning.utils import set_threads
 
 # Training inputs that calibrate the activation clipping ranges (quant.act_bits < 32).
 ACT_CALIBRATION_SAMPLES = 256
+
+
+def allocate_mixed_precision(cfg: DictConfig, model: nn.Module, datamodule: Any) -> dict[str, Any]:
+    """quant.budget_bytes: the robustness-aware bit allocation (compress/mixed.py), applied to ``model`` in place.
+
+    The sensitivity inputs are quant.sensitivity_samples validation inputs drawn with the run's seed."""
+    from esq_lightning.compress.mixed import allocate_bits
+
+    q = cfg.quant
+    datamodule.setup("fit")
+    x, y = datamodule.val_tensors()
+    n = min(int(q.sensitivity_samples), len(x))
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(int(cfg.seed)))[:n]
+    try:
+        alloc = allocate_bits(model, x[idx], y[idx], float(cfg.eval.eps), list(q.allocate_bits), int(q.budget_bytes))
+    except ValueError as exc:
+        raise ESQUserError(str(exc)) from None
+    quantize_model(model, q.kind, per_filter=q.per_filter, variant=q.variant, f=q.f, bits=q.bits,
+                   layer_bits=alloc["layer_bits"])
+    return alloc
 
 
 def build_objective(cfg: DictConfig) -> Objective:
@@ -146,6 +166,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg.data, seed=cfg.seed)
+    # Unpruned first: the start (init_from) has no masks; the pruning structure is added after it is loaded.
     model = build_network(cfg.model, cfg.quant, activations=False)
     check_pairing_names(model, list(cfg.pairing.layers))
     init_from = resolve_init_from(cfg.get("init_from"), cfg.paths.runs_root, cfg.data.name, cfg.model.name, cfg.seed,
@@ -154,10 +175,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if init_from:
         # The start's weights (a full-precision or weight-quantized run); the clipping ranges start afresh.
         load_model_weights(model, init_from)
+    from esq_lightning.compress.pruning import add_pruning
+
+    model = add_pruning(model, str((cfg.get("prune") or {}).get("method") or "none"))
     model = add_act_quant(model, cfg.quant)
     if int(cfg.quant.act_bits) < 32 and not cfg.get("ckpt_path"):
         # Clipping ranges from the first 256 unshuffled training inputs: the same on every rank; then learned.
         calibrate_act_quant(model, datamodule.train_tensors()[0][:ACT_CALIBRATION_SAMPLES])
+    # Compression from the start's weights (docs/compression.md); a resumed run takes its masks from the checkpoint.
+    compression: dict[str, Any] = {}
+    if cfg.quant.get("budget_bytes") is not None:
+        compression["allocation"] = allocate_mixed_precision(cfg, model, datamodule)
+    prune_cfg = cfg.get("prune")
+    if prune_cfg is not None and prune_cfg.method != "none" and not cfg.get("ckpt_path"):
+        from esq_lightning.compress.pruning import init_pruning
+
+        try:
+            compression["prune"] = init_pruning(model, prune_cfg)
+        except ValueError as exc:
+            raise ESQUserError(str(exc)) from None
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
@@ -167,6 +203,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
     config["init_from"] = init_from
+    if "allocation" in compression:
+        # The checkpoint rebuilds the allocated widths (esq-eval, esq-export, resume) without allocating again.
+        config["quant"]["layer_bits"] = dict(compression["allocation"]["layer_bits"])
+        config["quant"]["budget_bytes"] = None
     if ckpt_path:
         check_resume_checkpoint(ckpt_path, model, config)
         if pl.utilities.rank_zero_only.rank == 0:
@@ -185,6 +225,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     # Collapse to a constant output, and a run ending far below its start, are named (callbacks/collapse.py).
     collapse_monitor = CollapseMonitor()
     callbacks.append(collapse_monitor)
+    if prune_cfg is not None and prune_cfg.method == "hydra":
+        from esq_lightning.compress.pruning import PruneCallback
+
+        callbacks.append(PruneCallback(int(prune_cfg.score_epochs)))
+    module.compression = compression
     module.training_flags = []
     trainer = pl.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
@@ -234,7 +279,9 @@ def evaluate_and_record(
     results = build_results(cfg, ev, gradient_masking=ev.get("gradient_masking"), epochs=trainer.current_epoch, train_seconds=train_seconds,
                             checkpoint=str(final_ckpt), run_dir=str(out), **packed_size(model),
                             val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-                            logit_offset=offset, warnings=logit_offset_warnings(offset))
+                            logit_offset=offset, warnings=logit_offset_warnings(offset),
+                            compression=compression_record(model, getattr(module, "compression", {}),
+                                                           cfg.get("compress_name"), cfg.get("budget")))
     for warning in results["warnings"]:
         print(f"warning: {warning['name']}: {warning['message']}", flush=True)
     atomic_write_json(out / "results.json", results)
@@ -254,6 +301,25 @@ def evaluate_and_record(
         print(f"verdict {audit['verdict']}: the robust accuracies above may overstate robustness; run "
               f"esq-eval mode=audit ckpt_path={final_ckpt}", flush=True)
     return results
+
+
+def compression_record(model: nn.Module, done: dict[str, Any], preset: str | None = None,
+                       budget: int | None = None) -> dict[str, Any]:
+    """results.json `compression`: the bits of every Conv2d/Linear, the sparsity per layer, the allocation and
+    pruning as done (each derived from the model that was evaluated), and the preset and budget level of the
+    robustness-vs-bytes front (conf/compress/) when the run had one."""
+    from esq_lightning.compress.pruning import prunable_layers, sparsity_report
+    from esq_lightning.quant import QuantMixin
+
+    bits = {name: (int(m.bits) if isinstance(m, QuantMixin) else 32) for name, m in prunable_layers(model)}
+    record: dict[str, Any] = {"layer_bits": bits}
+    if preset is not None:
+        record.update(preset=str(preset), budget=None if budget is None else int(budget))
+    sparsity = sparsity_report(model)
+    if sparsity:
+        record["sparsity"] = sparsity
+    record.update({k: v for k, v in done.items()})
+    return record
 
 
 def raise_if_unattackable(results: dict[str, Any]) -> None:

@@ -68,7 +68,22 @@ def start_from_setting(label: str) -> str:
     return label
 
 
+# Suffixes of the compression beyond one bit width (docs/compression.md): pruned by magnitude / HYDRA, mixed precision.
+PRUNE_SUFFIX = {"magnitude": "PM", "hydra": "PH"}
+MIXED_SUFFIX = "MP"
+
+
+def compression_suffix(config: Any) -> str:
+    """`-PH`, `-PM` (pruned), `-MP` (bits per layer), joined: AAF-PH, AEB-MP, AEU4-PH; '' for neither."""
+    prune = config.get("prune") or {}
+    quant = config["quant"]
+    parts = [PRUNE_SUFFIX[str(prune.get("method"))]] if prune.get("method") in PRUNE_SUFFIX else []
+    if quant.get("layer_bits") or quant.get("first_last_bits") is not None or quant.get("budget_bytes") is not None:
+        parts.append(MIXED_SUFFIX)
+    return "".join(f"-{p}" for p in parts)
+
+
 def setting_of_config(config: Any, start: str | None) -> str:
     method = str(config["method"]["name"])
     quant = config["quant"]
-    return derive_setting(method, quant.get("kind"), quant.get("bits"), start)
+    return derive_setting(method, quant.get("kind"), quant.get("bits"), start) + compression_suffix(config)

@@ -17,6 +17,21 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("quant_kind"):
         # ${quant_kind:${.bits}} -> bwn (1), twn (2), uniform (3-8), full (32): conf/quant/default.yaml.
         OmegaConf.register_new_resolver("quant_kind", _quant_kind)
+    if not OmegaConf.has_resolver("pick"):
+        # ${pick:${budget},1,2,4} -> the value at index `budget`: a compression preset's knob at a budget level
+        # (conf/compress/*.yaml); an index past the list is refused by name.
+        OmegaConf.register_new_resolver("pick", _pick)
+
+
+def _pick(index: object, *values: object) -> object:
+    if len(values) == 1 and isinstance(values[0], (list, tuple)) or type(values[0]).__name__ == "ListConfig":
+        values = tuple(values[0])  # type: ignore[arg-type]
+    i = int(index)  # type: ignore[call-overload]
+    if not 0 <= i < len(values):
+        from esq_lightning.errors import ESQUserError
+
+        raise ESQUserError(f"budget: {index} has no value in this compression preset; allowed: 0..{len(values) - 1}")
+    return values[i]
 
 
 def _frac(text: str) -> float:

@@ -283,6 +283,23 @@ class QuantConfig(Model):
     variant: Choice(*SQ_VARIANTS)
     f: Choice(*SQ_FUNCTIONS)
     act_bits: Choice(*ACT_BITS) = Field(description="unsigned activation bits after the ReLUs, 32 = off")
+    # Mixed precision per layer (esq_lightning/compress/mixed.py): layer names are checked against the model.
+    layer_bits: Optional[dict[str, LiveChoice(quant_widths)]]
+    first_last_bits: Optional[LiveChoice(quant_widths)]
+    budget_bytes: Optional[int] = Field(gt=0)
+    allocate_bits: list[LiveChoice(quant_widths)] = Field(min_length=1)
+    sensitivity_samples: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _one_allocation(self) -> QuantConfig:
+        if self.budget_bytes is not None and (self.layer_bits or self.first_last_bits is not None
+                                              or self.keep_first_last):
+            raise _rule("budget_bytes", f"{self.budget_bytes} allocates the bits of every layer, but layer_bits, "
+                                        "first_last_bits or keep_first_last set some too; allowed: one of them")
+        if self.first_last_bits is not None and self.keep_first_last:
+            raise _rule("first_last_bits", f"{self.first_last_bits} and keep_first_last=true both set the first and "
+                                           "last layers; allowed: one of them (keep_first_last = first_last_bits=32)")
+        return self
 
     @model_validator(mode="after")
     def _bits_match_kind(self) -> QuantConfig:
@@ -291,6 +308,31 @@ class QuantConfig(Model):
             every = "; ".join(f"{k}=" + ",".join(map(str, b)) for k, b in QUANT_BITS.items())
             raise _rule("bits", f"{self.bits} does not match {{key}}.kind={self.kind}; allowed: {widths} ({every}; "
                                 "quant=default lets quant.bits pick the kind)")
+        return self
+
+
+class PruneConfig(Model):
+    """conf/prune/*.yaml (esq_lightning/compress/pruning.py)."""
+
+    method: Choice("none", "magnitude", "hydra")
+    sparsity: Optional[float] = Field(ge=0, lt=1, description="the fraction of weights removed, in [0, 1)")
+    budget_bytes: Optional[int] = Field(gt=0)
+    scope: Choice("layer", "global")
+    score_epochs: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _sparsity_or_budget(self) -> PruneConfig:
+        if self.method == "none":
+            return self
+        if (self.sparsity is None) == (self.budget_bytes is None):
+            raise _rule("sparsity", f"{self.sparsity} with budget_bytes={self.budget_bytes}: method={self.method} needs "
+                                    "exactly one of them; allowed: sparsity in [0, 1) and budget_bytes=null, or "
+                                    "sparsity=null and budget_bytes > 0")
+        if self.method == "hydra" and self.score_epochs < 1:
+            raise _rule("score_epochs", f"{self.score_epochs}: method=hydra trains its scores for at least one epoch; "
+                                        "allowed: >= 1 (method=magnitude prunes without scores)")
+        if self.method != "hydra" and self.score_epochs:
+            raise _rule("score_epochs", f"{self.score_epochs}: only method=hydra has a score phase; allowed: 0")
         return self
 
 
@@ -567,11 +609,16 @@ class TrainConfig(Model):
     channels_last: bool
     compile: bool
     tags: list[str]
+    # A compression preset (conf/compress/*.yaml) and its budget level (the index into the preset's knob values).
+    compress_name: Optional[str] = absent()
+    budget: Optional[int] = absent(ge=0)
+    budgets: dict[str, list[Annotated[int, Field(gt=0)]]] = absent()
     # Groups whose values others interpolate come first, so an error names the key the user set.
     trainer: TrainerConfig
     data: Data
     model: ModelConfig
     quant: QuantConfig
+    prune: PruneConfig
     method: MethodConfig
     pairing: PairingConfig
     optimizer: OptimizerConfig
@@ -597,6 +644,14 @@ class TrainConfig(Model):
             raise _rule("callbacks.pgd.steps", f"0 with random_start=false makes x_adv = x, so method={method} would "
                                                f"train something other than it names ({what}); allowed: steps >= 1, "
                                                "or random_start=true, or method=natural")
+        epochs = self.trainer.max_epochs
+        if self.prune.method == "hydra" and isinstance(epochs, int) and epochs <= self.prune.score_epochs:
+            raise _rule("prune.score_epochs", f"{self.prune.score_epochs} leaves no epoch of trainer.max_epochs="
+                                              f"{epochs} to fine-tune the kept weights; allowed: < trainer.max_epochs")
+        if self.prune.method != "none" and self.quant.budget_bytes is not None:
+            raise _rule("quant.budget_bytes", f"{self.quant.budget_bytes} with prune.method={self.prune.method}: the "
+                                              "bit allocation does not count pruned weights; allowed: one budget "
+                                              "(prune.budget_bytes with fixed bits, or quant.budget_bytes unpruned)")
         metric, attacks = self.optimized_metric, self.eval.attacks
         if metric and metric.startswith("robust_acc.") and metric.split(".", 1)[1] not in [*attacks, "worst_case"]:
             raise _rule("optimized_metric", f"{metric} names an attack that eval.attacks does not run "

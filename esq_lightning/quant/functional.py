@@ -60,26 +60,49 @@ def dequantize(codes: Tensor, alpha: Tensor, shape: torch.Size | tuple[int, ...]
     return (alpha.reshape(-1, 1) * codes.to(alpha.dtype)).reshape(shape)
 
 
+def _kept(w: Tensor, mask: Tensor | None, per_filter: bool) -> tuple[Tensor, Tensor | None]:
+    # (rows of w with pruned entries set to 0, rows of the keep mask or None): a pruned weight never
+    # enters a scale, a threshold or an error, whatever value the dense tensor holds there.
+    rows = _rows(w.detach(), per_filter)
+    if mask is None:
+        return rows, None
+    keep = _rows(mask.to(torch.bool), per_filter)
+    return torch.where(keep, rows, torch.zeros_like(rows)), keep
+
+
+def _mean_abs(rows: Tensor, keep: Tensor | None) -> Tensor:
+    # mean |W| per row over the kept weights (every weight without a mask; 0 for a row with none kept).
+    if keep is None:
+        return rows.abs().mean(dim=1)
+    return rows.abs().sum(dim=1) / keep.sum(dim=1).clamp_min(1).to(rows.dtype)
+
+
+def _masked_codes(codes: Tensor, keep: Tensor | None) -> Tensor:
+    return codes if keep is None else torch.where(keep, codes, torch.zeros_like(codes))
+
+
 def _check_bits(kind: str, bits: int, only: int) -> None:
     if int(bits) != only:
         raise ValueError(f"{kind} quantizer bits {bits!r}; allowed: {only}")
 
 
-def bwn_codes(w: Tensor, per_filter: bool = True, bits: int = 1) -> tuple[Tensor, Tensor]:
+def bwn_codes(w: Tensor, per_filter: bool = True, bits: int = 1, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sign codes (int8 in {-1, +1}, sign(0) = +1) with one row per alpha, and alpha = mean |W|.
 
     Codes have shape [O, d] (per_filter) or [1, O*d]; alpha has shape [O] or [1], dtype of w. ``bits``
-    is BWN's one width, taken so that every family's codes function has the same call.
+    is BWN's one width, taken so that every family's codes function has the same call. ``mask`` (bool, the
+    shape of w; True = kept) restricts the quantizer to the kept weights of a pruned layer: alpha is the
+    mean |W| over the kept weights only and a pruned weight gets code 0 (the same in twn_codes, uniform_codes).
     """
     _check_bits("bwn", bits, 1)
     _check_weight(w)
-    rows = _rows(w.detach(), per_filter)
-    alpha = rows.abs().mean(dim=1)
+    rows, keep = _kept(w, mask, per_filter)
+    alpha = _mean_abs(rows, keep)
     codes = torch.where(rows >= 0, 1, -1).to(torch.int8)
-    return codes, alpha
+    return _masked_codes(codes, keep), alpha
 
 
-def twn_codes(w: Tensor, per_filter: bool = True, bits: int = 2) -> tuple[Tensor, Tensor]:
+def twn_codes(w: Tensor, per_filter: bool = True, bits: int = 2, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Ternary codes (int8 in {-1, 0, +1}) and alpha, with Delta = 0.7 * mean |W| per row.
 
     alpha is the mean of |W| over the entries above Delta, 0 where there are none. ``bits`` is TWN's
@@ -87,15 +110,15 @@ def twn_codes(w: Tensor, per_filter: bool = True, bits: int = 2) -> tuple[Tensor
     """
     _check_bits("twn", bits, 2)
     _check_weight(w)
-    rows = _rows(w.detach(), per_filter)
+    rows, keep = _kept(w, mask, per_filter)
     mag = rows.abs()
-    delta = TWN_DELTA_FACTOR * mag.mean(dim=1, keepdim=True)
+    delta = TWN_DELTA_FACTOR * _mean_abs(rows, keep).unsqueeze(1)
     above = mag > delta
     count = above.sum(dim=1)
     # clamp keeps an empty set at 0 / 1 = 0 instead of NaN, without a host sync.
     alpha = torch.where(above, mag, torch.zeros_like(mag)).sum(dim=1) / count.clamp_min(1).to(mag.dtype)
     codes = (torch.where(rows > delta, 1, 0) - torch.where(rows < -delta, 1, 0)).to(torch.int8)
-    return codes, alpha
+    return _masked_codes(codes, keep), alpha
 
 
 def uniform_levels(bits: int) -> int:
@@ -105,7 +128,7 @@ def uniform_levels(bits: int) -> int:
     return 2 ** (int(bits) - 1) - 1
 
 
-def uniform_codes(w: Tensor, bits: int, per_filter: bool = True) -> tuple[Tensor, Tensor]:
+def uniform_codes(w: Tensor, bits: int, per_filter: bool = True, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Symmetric uniform codes (int8 in -L..L, L = 2^(bits-1) - 1) and one scale s per row.
 
     The scale is fitted to the mean squared error ||W_i - s_i c_i||^2 by alternating minimization,
@@ -121,7 +144,7 @@ def uniform_codes(w: Tensor, bits: int, per_filter: bool = True) -> tuple[Tensor
     """
     _check_weight(w)
     levels = uniform_levels(bits)
-    rows = _rows(w.detach(), per_filter)
+    rows, keep = _kept(w, mask, per_filter)
     scale = rows.abs().amax(dim=1) / levels
     tiny = torch.finfo(rows.dtype).tiny if rows.is_floating_point() else 1e-38
     codes = torch.zeros_like(rows)
@@ -130,7 +153,7 @@ def uniform_codes(w: Tensor, bits: int, per_filter: bool = True) -> tuple[Tensor
         codes = torch.where(scale.unsqueeze(1) > 0, codes, torch.zeros_like(codes))
         norm = (codes * codes).sum(dim=1)
         scale = torch.where(norm > 0, (rows * codes).sum(dim=1) / norm.clamp_min(1), torch.zeros_like(norm))
-    return codes.to(torch.int8), scale
+    return _masked_codes(codes.to(torch.int8), keep), scale
 
 
 _CODES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
@@ -148,8 +171,13 @@ def codes_function(spec: QuantizerSpec) -> Callable[..., tuple[Tensor, Tensor]]:
     return fn
 
 
-def quantize_codes(w: Tensor, kind: str, per_filter: bool = True, bits: int | None = None) -> tuple[Tensor, Tensor]:
+def quantize_codes(
+    w: Tensor, kind: str, per_filter: bool = True, bits: int | None = None, mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """(codes, alpha) of the registered family ``kind`` at ``bits`` (None: the family's only width).
+
+    ``mask`` (bool, True = kept): a pruned layer, quantized over its kept weights only (the family's codes
+    function takes ``mask``, as the built-in ones do; docs/compression.md).
 
     The family's entry (esq_lightning/config/quantizers.py) gives the function; see the *_codes functions.
     """
@@ -160,7 +188,9 @@ def quantize_codes(w: Tensor, kind: str, per_filter: bool = True, bits: int | No
         bits = spec.widths[0]
     if int(bits) not in spec.widths:
         raise ValueError(f"{kind} quantizer bits {bits!r}; allowed: {', '.join(map(str, spec.widths))}")
-    return codes_function(spec)(w, per_filter=per_filter, bits=int(bits))
+    if mask is None:
+        return codes_function(spec)(w, per_filter=per_filter, bits=int(bits))
+    return codes_function(spec)(w, per_filter=per_filter, bits=int(bits), mask=mask)
 
 
 def bwn(w: Tensor, per_filter: bool = True) -> Tensor:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .masks import pruned_weight
+
 from .functional import act_quantize, relative_error
 from .registry import Quantizer, get, resolve_kind
 from .selection import SELECTION_FUNCTIONS, VARIANTS, sample_selection
@@ -44,15 +46,16 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 class StraightThroughQuantize(torch.autograd.Function):
-    """Forward: exactly quantizer(w, per_filter); backward: the gradient at Q, unchanged, to W."""
+    """Forward: exactly quantizer(w, per_filter, mask); backward: the gradient at Q, unchanged, to W."""
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, quantizer: Quantizer, per_filter: bool) -> Tensor:  # noqa: D102
-        return quantizer(w, per_filter)
+    def forward(ctx: Any, w: Tensor, quantizer: Quantizer, per_filter: bool,  # noqa: D102
+                mask: Tensor | None = None) -> Tensor:
+        return quantizer(w, per_filter, mask)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
-        return grad, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
+        return grad, None, None, None
 
 
 class QuantMixin:
@@ -120,9 +123,15 @@ class QuantMixin:
             self.sq_mask = None
         self._sq_ratio = ratio
 
-    def quantized_weight(self) -> Tensor:
-        """Q (all filters), differentiable with the straight-through estimator."""
-        return StraightThroughQuantize.apply(self.weight, self.quantizer, self.per_filter)
+    def quantized_weight(self, source: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """Q (all filters), differentiable with the straight-through estimator.
+
+        A pruned layer (quant/masks.py) quantizes its pruned weight over the kept entries only.
+        """
+        w, keep = pruned_weight(self) if source is None else source
+        if keep is None:
+            return StraightThroughQuantize.apply(w, self.quantizer, self.per_filter)
+        return StraightThroughQuantize.apply(w, self.quantizer, self.per_filter, keep)
 
     def effective_weight(self) -> Tensor:
         """The weight this forward uses: Q, W, or Q on the drawn filters and W elsewhere."""
@@ -131,10 +140,11 @@ class QuantMixin:
         if frozen is not None and not (self.weight.requires_grad and torch.is_grad_enabled()):
             return frozen
         ratio = self._sq_ratio
+        source = pruned_weight(self)
         if ratio >= 1:
-            return self.quantized_weight()
+            return self.quantized_weight(source)
         if ratio <= 0:
-            return self.weight
+            return source[0]
         mask = self.sq_mask
         if mask is None:
             name = self.sq_name or type(self).__name__
@@ -143,12 +153,13 @@ class QuantMixin:
                 f"call draw_selection(model, generator) once per training step (r = {ratio:g})"
             )
         mask = mask.reshape((-1,) + (1,) * (self.weight.dim() - 1))
-        return torch.where(mask, self.quantized_weight(), self.weight)
+        return torch.where(mask, self.quantized_weight(source), source[0])
 
     @torch.no_grad()
     def relative_error(self) -> Tensor:
-        """Per-filter relative error of the current weights."""
-        return relative_error(self.weight, self.quantizer(self.weight, self.per_filter))
+        """Per-filter relative error of the current weights (a pruned layer: of its kept weights only)."""
+        w, keep = pruned_weight(self)
+        return relative_error(w, self.quantizer(w, self.per_filter, keep))
 
     def _quant_repr(self) -> str:
         return (
@@ -193,8 +204,13 @@ def quantize_model(
     variant: str = "paper",
     f: str = "linear",
     bits: int | None = None,
+    layer_bits: dict[str, int] | None = None,
 ) -> nn.Module:
     """Turn every nn.Conv2d / nn.Linear of ``model`` into its Quant version, in place.
+
+    ``layer_bits`` (mixed precision): {qualified layer name: bits} overrides ``bits`` for those layers, each
+    with the default family of its width (1 bwn, 2 twn, 3-8 uniform, 32 full precision); a name that is not
+    a Conv2d / Linear of the model is a ValueError.
 
     ``kind`` and ``bits`` name the quantizer (registry.resolve_kind: kind "auto" takes the
     default family of ``bits``; bits None the family's only width).
@@ -207,16 +223,25 @@ def quantize_model(
     kind, bits = resolve_kind(kind, bits)
     _check_choice("SQ variant", variant, VARIANTS)
     _check_choice("SQ selection function f", f, SELECTION_FUNCTIONS)
-    if kind == "full":
-        return model
     named = list(model.named_modules())
+    per_layer = {str(k): resolve_kind("auto", int(v)) for k, v in (layer_bits or {}).items()}
+    layers = {name for name, m in named if isinstance(m, (nn.Conv2d, nn.Linear))}
+    unknown = sorted(set(per_layer) - layers)
+    if unknown:
+        raise ValueError(f"layer_bits names {', '.join(unknown)}: not a Conv2d/Linear of the model; "
+                         f"allowed: {', '.join(n for n, m in named if n in layers)}")
+    if kind == "full" and not per_layer:
+        return model
     keep: set[int] = set()
     if keep_first_last:
         convs = [m for _, m in named if isinstance(m, nn.Conv2d)]
         linears = [m for _, m in named if isinstance(m, nn.Linear)]
         keep = {id(m) for m in convs[:1] + linears[-1:]}
     for name, module in named:
-        if id(module) in keep:
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        layer_kind, layer_b = per_layer.get(name, (kind, bits))
+        if layer_kind == "full" or (id(module) in keep and name not in per_layer):
             if type(module) in _PLAIN_OF:
                 _to_plain(module)
             continue
@@ -224,7 +249,7 @@ def quantize_model(
             module.__class__ = _QUANT_OF[type(module)]
         if type(module) in _PLAIN_OF:
             # A re-quantized layer starts afresh: ratio 1, no mask.
-            module._init_quant(kind, per_filter, variant, f, name, bits=bits)
+            module._init_quant(layer_kind, per_filter, variant, f, name, bits=layer_b)
     return model
 
 

@@ -1,5 +1,6 @@
-"""Bit-packed export of a quantized model (b bits/weight for every b <= 8: BWN 1, TWN 2, uniform 2-8, any
-registered family at its widths) and its reload; a code is stored as its index among its family's code values."""
+"""Bit-packed export of a compressed model (b bits/weight for every b <= 8: BWN 1, TWN 2, uniform 2-8, any
+registered family at its widths, per layer; pruned layers as a keep bitmask plus the kept weights only) and its
+reload; a code is stored as its index among its family's code values."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from .functional import dequantize
-from .modules import quant_layers
+from .modules import QuantMixin
 from .registry import resolve_kind
 
 from esq_lightning.atomic import atomic_write
+from .masks import MASK, SCORES
 from esq_lightning.config.quantizers import quantizer_spec
 
 __all__ = [
@@ -31,13 +33,18 @@ __all__ = [
     "export_packed",
     "load_packed",
     "packed_size",
+    "pack_mask",
+    "unpack_mask",
 ]
 
 FORMAT_NAME = "esq-packed"
 # Version 2 adds `bits` per quantized layer and the uniform family; version 1 files (BWN/TWN, no
-# `bits`) have the same layout and still load.
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+# `bits`) have the same layout and still load. Version 3 adds pruned layers: an entry may carry `mask`
+# (a keep bitmask, 1 bit per weight) and then stores the codes / values of its kept weights only
+# (`kept` of them); versions 1 and 2 have no such entries and still load. The one constant that names the
+# version written: every change of this release's format lands in the same new version.
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 # File layout: MAGIC | u64 little-endian header length | zlib-compressed UTF-8 JSON header |
 # padding | data. Raw bytes plus one compressed header keep the overhead to a few dozen bytes per
 # tensor (no pickle, so loading a file cannot run code) and make the on-disk size easy to account
@@ -99,6 +106,16 @@ def unpack_codes(packed: Tensor, kind: str, numel: int, bits: int | None = None)
     return table[vals].to(torch.int8)
 
 
+def pack_mask(mask: Tensor) -> Tensor:
+    """A bool keep mask as a bit stream, 1 bit per weight (LSB first; bit 1 = kept)."""
+    return pack_codes(torch.where(mask.reshape(-1), 1, -1).to(torch.int8), "bwn", 1)
+
+
+def unpack_mask(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of pack_mask: the first ``numel`` bits as a bool tensor."""
+    return unpack_codes(packed, "bwn", numel, 1) > 0
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -120,43 +137,20 @@ def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def packed_size(model: nn.Module) -> dict[str, int]:
-    """The bytes export_packed stores for the tensors (without the few dozen bytes of header per tensor).
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    # Every layer the format codes specially: quantized (QuantMixin) or pruned (a `prune_mask` buffer).
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, QuantMixin) or m._buffers.get(MASK) is not None]
 
-    {"model_bytes": every state_dict tensor, quantized weights at bits/8 per weight plus their scales,
-    "float32_model_bytes": the same model in float32}: the x axis "model bytes" of the bit-width curve.
+
+def _encode(model: nn.Module) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Tensor], dict[str, int]]:
+    """(quantized entries, raw tensor entries, blobs in file order, byte counts) of ``model``.
+
+    export_packed writes exactly these blobs, each padded to 8 bytes, after the header; packed_size sums them.
+    A quantized layer: packed codes plus one scale per filter (per layer); a pruned one: also its keep
+    bitmask, and codes of its kept weights only. A pruned full-precision layer: bitmask plus kept values.
+    The masks and scores of pruning are not stored as tensors of their own: the weights carry them.
     """
-    state = model.state_dict()
-    packed: dict[str, int] = {}
-    for name, layer in quant_layers(model):
-        w = layer.weight
-        scales = w.shape[0] if layer.per_filter else 1
-        packed[f"{name}.weight" if name else "weight"] = -(-w.numel() * layer.bits // 8) + scales * w.element_size()
-    model_bytes = float32 = 0
-    for key, t in state.items():
-        if not isinstance(t, Tensor):
-            continue
-        float32 += t.numel() * (4 if t.is_floating_point() else t.element_size())
-        model_bytes += packed.get(key, _nbytes(t))
-    return {"model_bytes": model_bytes, "float32_model_bytes": float32}
-
-
-def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | None = None) -> dict[str, Any]:
-    """Write ``model`` to ``path`` with its quantized layers bit-packed; return a size report.
-
-    Quantized layers (at ratio 1, whatever their SQ ratio) are stored as packed codes plus one
-    alpha per filter (per layer for per_filter=False) in the weight's dtype; every other state_dict
-    tensor is stored raw. ``meta`` (JSON-able, e.g. the model's construction config) is stored for
-    load_packed to rebuild the architecture.
-    """
-    if sys.byteorder != "little":
-        raise RuntimeError("export_packed writes little-endian data and needs a little-endian host")
-    meta = {} if meta is None else meta
-    try:
-        json.dumps(meta)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"meta must be JSON-serializable (OmegaConf: use to_container): {exc}") from exc
-
     state = model.state_dict()
     blobs: list[Tensor] = []
     offset = 0
@@ -169,32 +163,36 @@ def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | N
         return start
 
     quantized: list[dict[str, Any]] = []
-    float32_quantized = packed_quantized = 0
+    sparse: dict[str, dict[str, Any]] = {}
+    counts = {"float32_quantized_bytes": 0, "packed_quantized_bytes": 0, "mask_bytes": 0}
     with torch.no_grad():
-        for name, layer in quant_layers(model):
+        for name, layer in _layers(model):
             key = f"{name}.weight" if name else "weight"
             if key not in state:
-                raise ValueError(f"quantized layer {name!r} has no state_dict entry {key!r}")
+                raise ValueError(f"layer {name!r} has no state_dict entry {key!r}")
             w = layer.weight.detach()
-            codes, alpha = layer.quantizer.codes(w, layer.per_filter)
+            keep = layer._buffers.get(MASK)
+            keep = None if keep is None else keep.detach().reshape(w.shape).to(torch.bool)
+            entry: dict[str, Any] = {"key": key, "shape": list(w.shape), "dtype": _dtype_name(w.dtype)}
+            if keep is not None:
+                bitmask = pack_mask(keep)
+                entry.update(mask=add(bitmask), mask_bytes=_nbytes(bitmask), kept=int(keep.sum()))
+                counts["mask_bytes"] += _nbytes(bitmask)
+            if not isinstance(layer, QuantMixin):
+                values = w.reshape(-1)[keep.reshape(-1)].contiguous()
+                entry.update(values=add(values))
+                sparse[key] = entry
+                continue
+            codes, alpha = layer.quantizer.codes(w, layer.per_filter, keep)
+            if keep is not None:
+                codes = codes.reshape(-1)[keep.reshape(-1)]
             packed = pack_codes(codes, layer.kind, layer.bits)
             alpha = alpha.contiguous()
-            quantized.append(
-                {
-                    "key": key,
-                    "kind": layer.kind,
-                    "bits": layer.bits,
-                    "per_filter": layer.per_filter,
-                    "shape": list(w.shape),
-                    "dtype": _dtype_name(w.dtype),
-                    "codes": add(packed),
-                    "codes_bytes": _nbytes(packed),
-                    "alpha": add(alpha),
-                    "alpha_numel": alpha.numel(),
-                }
-            )
-            float32_quantized += 4 * w.numel()
-            packed_quantized += _nbytes(packed) + _nbytes(alpha)
+            entry.update(kind=layer.kind, bits=layer.bits, per_filter=layer.per_filter, codes=add(packed),
+                         codes_bytes=_nbytes(packed), alpha=add(alpha), alpha_numel=alpha.numel())
+            quantized.append(entry)
+            counts["float32_quantized_bytes"] += 4 * w.numel()
+            counts["packed_quantized_bytes"] += _nbytes(packed) + _nbytes(alpha)
 
     qkeys = {q["key"] for q in quantized}
     tensors: list[dict[str, Any]] = []
@@ -202,12 +200,52 @@ def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | N
     for key, t in state.items():
         if not isinstance(t, Tensor):
             raise ValueError(f"state_dict entry {key!r} is not a tensor ({type(t).__name__}); cannot pack it")
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf in (MASK, SCORES):
+            continue
         float32_model += t.numel() * (4 if t.is_floating_point() else t.element_size())
         if key in qkeys:
             continue
+        if key in sparse:
+            tensors.append(sparse[key])
+            other_bytes += sparse[key]["kept"] * t.element_size()
+            continue
         tensors.append({"key": key, "dtype": _dtype_name(t.dtype), "shape": list(t.shape), "offset": add(t)})
         other_bytes += _nbytes(t)
+    counts.update(other_bytes=other_bytes, float32_model_bytes=float32_model, payload_bytes=offset)
+    return quantized, tensors, blobs, counts
 
+
+def packed_size(model: nn.Module) -> dict[str, int]:
+    """The payload export_packed writes for ``model`` (every blob after the header, 8-byte padding included).
+
+    {"model_bytes": that payload: quantized weights at bits/8 per weight plus their scales, pruned layers'
+    bitmasks and kept weights, every other state_dict tensor raw; "float32_model_bytes": the same model dense
+    in float32}: the x axis "model bytes" of the compression curves. The exported file is this plus its
+    header (the run's config, a few kB, the same for every method).
+    """
+    _, _, _, counts = _encode(model)
+    return {"model_bytes": counts["payload_bytes"], "float32_model_bytes": counts["float32_model_bytes"]}
+
+
+def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | None = None) -> dict[str, Any]:
+    """Write ``model`` to ``path`` with its quantized layers bit-packed and its pruned layers sparse; return a size report.
+
+    Quantized layers (at ratio 1, whatever their SQ ratio) are stored as packed codes plus one
+    alpha per filter (per layer for per_filter=False) in the weight's dtype; pruned layers as a keep
+    bitmask plus the codes (or float values) of their kept weights; every other state_dict tensor is
+    stored raw. ``meta`` (JSON-able, e.g. the model's construction config) is stored for load_packed to
+    rebuild the architecture. ``payload_bytes`` of the report is packed_size(model)["model_bytes"].
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("export_packed writes little-endian data and needs a little-endian host")
+    meta = {} if meta is None else meta
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"meta must be JSON-serializable (OmegaConf: use to_container): {exc}") from exc
+
+    quantized, tensors, blobs, counts = _encode(model)
     header = zlib.compress(
         json.dumps(
             {"format": FORMAT_NAME, "version": FORMAT_VERSION, "meta": meta,
@@ -233,14 +271,18 @@ def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | N
     atomic_write(path, write)
 
     file_bytes = path.stat().st_size
+    packed_quantized = counts["packed_quantized_bytes"]
+    float32_model = counts["float32_model_bytes"]
     return {
         "packed_bytes": file_bytes,
         "file_bytes": file_bytes,
-        "float32_quantized_bytes": float32_quantized,
+        "payload_bytes": file_bytes - prefix - _pad(prefix),
+        "float32_quantized_bytes": counts["float32_quantized_bytes"],
         "packed_quantized_bytes": packed_quantized,
-        "ratio": float32_quantized / packed_quantized if packed_quantized else float("nan"),
-        "other_bytes": other_bytes,
-        "overhead_bytes": file_bytes - packed_quantized - other_bytes,
+        "mask_bytes": counts["mask_bytes"],
+        "ratio": counts["float32_quantized_bytes"] / packed_quantized if packed_quantized else float("nan"),
+        "other_bytes": counts["other_bytes"],
+        "overhead_bytes": file_bytes - packed_quantized - counts["other_bytes"] - counts["mask_bytes"],
         "float32_model_bytes": float32_model,
         "model_ratio": float32_model / file_bytes,
         "quantized_layers": len(quantized),
@@ -289,19 +331,42 @@ def load_packed(
             return torch.empty(0, dtype=dtype)
         return torch.frombuffer(data, dtype=dtype, count=count, offset=start)
 
+    def keep_of(entry: dict[str, Any], numel: int) -> Tensor | None:
+        # A pruned layer's keep mask (version 3), checked against the number of kept weights.
+        if "mask" not in entry:
+            return None
+        keep = unpack_mask(view(entry["mask"], torch.uint8, entry["mask_bytes"]), numel)
+        if int(keep.sum()) != int(entry["kept"]):
+            raise ValueError(f"{entry['key']}: the mask keeps {int(keep.sum())} weights, the header says {entry['kept']}")
+        return keep
+
+    def scatter(values: Tensor, keep: Tensor) -> Tensor:
+        dense = torch.zeros(keep.numel(), dtype=values.dtype)
+        dense[keep] = values
+        return dense
+
     state: dict[str, Tensor] = {}
     try:
         for q in header["quantized"]:
             shape = torch.Size(q["shape"])
             dtype = _dtype_of(q["dtype"])
             numel = shape.numel()
-            codes = unpack_codes(view(q["codes"], torch.uint8, q["codes_bytes"]), q["kind"], numel, q.get("bits"))
+            keep = keep_of(q, numel)
+            count = numel if keep is None else int(q["kept"])
+            codes = unpack_codes(view(q["codes"], torch.uint8, q["codes_bytes"]), q["kind"], count, q.get("bits"))
+            if keep is not None:
+                codes = scatter(codes, keep)
             rows = shape[0] if q["per_filter"] else 1
             alpha = view(q["alpha"], dtype, q["alpha_numel"])
             state[q["key"]] = dequantize(codes.reshape(rows, -1), alpha, shape)
         for t in header["tensors"]:
             shape = torch.Size(t["shape"])
-            state[t["key"]] = view(t["offset"], _dtype_of(t["dtype"]), shape.numel()).reshape(shape).clone()
+            dtype = _dtype_of(t["dtype"])
+            keep = keep_of(t, shape.numel())
+            if keep is not None:
+                state[t["key"]] = scatter(view(t["values"], dtype, int(t["kept"])), keep).reshape(shape)
+                continue
+            state[t["key"]] = view(t["offset"], dtype, shape.numel()).reshape(shape).clone()
         meta = header["meta"]
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{path}: corrupt esq packed model ({exc})") from exc

@@ -65,12 +65,12 @@ class Quantizer:
         """Every integer code the quantizer can emit (the levels, before the scale), ascending."""
         return self.spec.values(self.bits)
 
-    def codes(self, w: Tensor, per_filter: bool = True) -> tuple[Tensor, Tensor]:
-        """(codes, scale): codes [O, d] (per filter) or [1, O*d], one scale per row."""
-        return quantize_codes(w, self.kind, per_filter, self.bits)
+    def codes(self, w: Tensor, per_filter: bool = True, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(codes, scale): codes [O, d] (per filter) or [1, O*d], one scale per row; ``mask``: kept weights only."""
+        return quantize_codes(w, self.kind, per_filter, self.bits, mask)
 
-    def __call__(self, w: Tensor, per_filter: bool = True) -> Tensor:
-        codes, scale = self.codes(w, per_filter)
+    def __call__(self, w: Tensor, per_filter: bool = True, mask: Tensor | None = None) -> Tensor:
+        codes, scale = self.codes(w, per_filter, mask)
         return dequantize(codes, scale, w.shape)
 
 

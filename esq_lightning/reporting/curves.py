@@ -102,6 +102,8 @@ def build_curves(records: Iterable[tuple[Path, dict[str, Any]]], x_axis: str = "
     for run_dir, res in records:
         if res.get("task", "train") != "train" or "clean_acc" not in res or "bits" not in res:
             continue
+        if beyond_bits(res):
+            continue  # pruned or mixed-precision runs: a point of the front (reporting/front.py), not of one width
         tm = res.get("threat_model") or {}
         key = (str(res.get("dataset")), str(res.get("model")), str(tm.get("norm", "linf")), float(tm.get("eps", 0.0)))
         groups.setdefault(key, []).append((run_dir, {**res, "start": _start(res)}))
@@ -166,6 +168,13 @@ def build_curves(records: Iterable[tuple[Path, dict[str, Any]]], x_axis: str = "
                             {label: sorted(pts.values(), key=lambda p: p.x) for label, pts in sorted(lines.items())},
                             attacks))
     return curves
+
+
+def beyond_bits(res: dict[str, Any]) -> bool:
+    """True for a run compressed by more than its one bit width: pruned, bits per layer, or a front preset."""
+    comp = res.get("compression") or {}
+    return bool(comp.get("preset") or comp.get("sparsity") or comp.get("allocation") or comp.get("prune")
+                or "-MP" in str(res.get("setting", "")))
 
 
 def _start(res: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from esq_lightning.artifacts.runs import iter_results, read_json_record, stored_training_config
 from esq_lightning.errors import ESQUserError, show_value
 from esq_lightning.reporting.curves import log_curves_wandb, write_curves
+from esq_lightning.reporting.front import log_fronts_wandb, write_fronts
 from esq_lightning.reporting.formats import (
     _title,
     amplification_latex,
@@ -315,6 +316,14 @@ def make_report(root: str | Path | Sequence[str | Path], out: str | Path | None 
         if wandb_project:
             log_curves_wandb(curves, curve_files, wandb_project, wandb_mode)
     # ---- end of the curve ----
+    # ---- the robustness-vs-bytes front of the compression presets (docs/compression.md) ----
+    front_md, front_files, fronts = write_fronts(records, out)
+    if front_md:
+        md_parts.append(front_md)
+        files += front_files
+        files += _write(out, "front", front_md, "", "md")
+        if wandb_project:
+            log_fronts_wandb(fronts, front_files, wandb_project, wandb_mode)
     markdown = "\n".join(md_parts)
     files += _write(out, "report", markdown, "\n".join(tex_parts), fmt)
     csv_path = out / "whitebox.csv"
