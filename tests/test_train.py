@@ -70,9 +70,15 @@ def test_default_experiment_writes_results_json(tmp_path: Path) -> None:
     assert (results["dataset"], results["model"], results["method"], results["quant"]) == ("digits", "small_cnn", "esq", "bwn")
     assert 0.0 <= results["clean_acc"] <= 1.0
     # The per-sample worst case over the attack list heads robust_acc; the verdict of the checks is recorded.
-    assert list(results["robust_acc"]) == ["worst_case", "fgsm", "pgd20"]
+    # The default list holds attacks that do not trust the loss scale and multi-targeted PGD: the first number is honest.
+    attacks = ["fgsm", "pgd20", "pgd_margin", "pgd_dlr", "pgd_mt", "pgd_pp", "pgd_pairing"]
+    assert list(results["robust_acc"]) == ["worst_case", *attacks]
     assert all(0.0 <= v <= results["clean_acc"] for v in results["robust_acc"].values())
-    assert results["robust_acc"]["worst_case"] <= min(results["robust_acc"]["fgsm"], results["robust_acc"]["pgd20"])
+    assert results["robust_acc"]["worst_case"] <= min(results["robust_acc"][a] for a in attacks)
+    assert sorted(results["worst_case"]["attacks"]) == sorted(attacks)
+    # the run's training config is recorded, without what only watches or places the run
+    assert results["train_config"]["trainer.max_epochs"] == 2 and results["train_config"]["quant.kind"] == "bwn"
+    assert not any(k.startswith(("paths.", "eval.", "logger")) for k in results["train_config"])
     assert results["audit"]["verdict"] in ("pass", "warn", "fail")
     assert results["threat_model"]["norm"] == "linf" and results["threat_model"]["eps"] > 0
     assert results["epochs"] == 2 and results["train_seconds"] > 0
