@@ -21,6 +21,7 @@ class Stream(IntEnum):
     SQ = 0  # Stochastic Quantization's roulette selection (quant/selection.py)
     ATTACK = 1  # the training PGD's random start (training/module.py)
     VALIDATION_ATTACK = 2  # the PGD of the validation attack callback, per batch (training/callbacks/pgd.py)
+    GRADALIGN = 3  # the GradAlign regulariser's point x + eta (training/attacks.py gradalign_term)
 
 
 def step_generator(seed: int, step: int, stream: int = Stream.SQ) -> torch.Generator:

@@ -21,6 +21,33 @@ def train_threat_model(cfg: DictConfig) -> dict[str, Any] | None:
     return {"norm": str(pgd.get("norm", "linf")), "eps": float(pgd.eps)}
 
 
+def train_attack_record(cfg: DictConfig) -> dict[str, Any] | None:
+    """What the training attack was (callbacks.pgd; training/attacks.py), None without one: name, eps, steps, step
+    size, the half-width of its random start (noise, 0 without one), whether it projects onto the eps-ball, and
+    the GradAlign weight. A run written before the names existed trained with pgd."""
+    pgd = (cfg.get("callbacks") or {}).get("pgd")
+    if pgd is None:
+        return None
+    eps = float(pgd.eps)
+    random_start = bool(pgd.get("random_start", True))
+    noise = pgd.get("noise")
+    return {"name": str(pgd.get("name") or "pgd"), "eps": eps, "steps": int(pgd.steps),
+            "step_size": float(pgd.step_size), "random_start": random_start,
+            "noise": (eps if noise is None else float(noise)) if random_start else 0.0,
+            "project": bool(pgd.get("project", True)), "gradalign": float(pgd.get("gradalign") or 0.0)}
+
+
+def train_attack_label(record: dict[str, Any] | None) -> str | None:
+    """A short name of a training attack record for report rows: pgd10, fgsm_rs, nfgsm, fgsm_rs+gradalign0.2."""
+    if not record:
+        return None
+    name = str(record.get("name") or "pgd")
+    label = f"pgd{int(record.get('steps', 0))}" if name == "pgd" else name
+    if record.get("gradalign"):
+        label += f"+gradalign{float(record['gradalign']):g}"
+    return label
+
+
 # The capacity knobs of the model configs (conf/model/*.yaml): SmallCNN and the ResNets take `width` (channels of
 # the first stage), the Wide ResNet also `widen_factor`.
 WIDTH_KEYS = ("width", "widen_factor")
@@ -95,6 +122,7 @@ def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str
         "attacks": ev["attacks"],
         "threat_model": threat_model(cfg, ev["attacks"]),
         "train_threat_model": train_threat_model(cfg),
+        "train_attack": train_attack_record(cfg),
         "n_samples": ev["n_samples"],
         "eval_sq_ratio": 1.0,
         # The per-sample worst case at the threat model (evaluation/worstcase.py): robust_acc.worst_case and which

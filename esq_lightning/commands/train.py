@@ -249,6 +249,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         train_seconds = time.perf_counter() - start
         val_acc = trainer.callback_metrics.get("val/clean_acc")
         module.training_flags = collapse_monitor.flags(float(val_acc) if val_acc is not None else None)
+        # Catastrophic overfitting seen by the robust validation (training/callbacks/overfitting.py).
+        watch = getattr(module, "overfitting_monitor", None)
+        if watch is not None:
+            module.training_flags += watch.flags()
+            module.training_record = {"catastrophic_overfitting": watch.record()}
         final_ckpt = out / "checkpoints" / "final.ckpt"
         trainer.save_checkpoint(final_ckpt)
         results: dict[str, Any] = {}
@@ -281,7 +286,8 @@ def evaluate_and_record(
                             val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
                             logit_offset=offset, warnings=logit_offset_warnings(offset),
                             compression=compression_record(model, getattr(module, "compression", {}),
-                                                           cfg.get("compress_name"), cfg.get("budget")))
+                                                           cfg.get("compress_name"), cfg.get("budget")),
+                            **getattr(module, "training_record", {}))
     for warning in results["warnings"]:
         print(f"warning: {warning['name']}: {warning['message']}", flush=True)
     atomic_write_json(out / "results.json", results)

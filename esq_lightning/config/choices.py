@@ -50,3 +50,11 @@ CIFAR_FILES: dict[str, tuple[str, str]] = {
     "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
     "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python"),
 }
+
+# ---- training attacks (esq_lightning/training/attacks.py; conf/attack/*.yaml, docs/fast-training.md) ----------
+# pgd: k steps, random start in the eps-ball, projected (the paper's); fgsm: one step from x; fgsm_rs: one step
+# of 1.25 eps from a uniform start in the eps-ball, projected (Wong et al. 2020); nfgsm: one step of eps from
+# uniform noise in [-2 eps, 2 eps], not projected onto the eps-ball (de Jorge et al. 2022).
+TRAIN_ATTACKS: tuple[str, ...] = ("pgd", "fgsm", "fgsm_rs", "nfgsm")
+# Names whose attack is one gradient step.
+SINGLE_STEP_TRAIN_ATTACKS: tuple[str, ...] = ("fgsm", "fgsm_rs", "nfgsm")

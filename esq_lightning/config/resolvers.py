@@ -11,6 +11,9 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("int_mul"):
         # ${int_mul:${trainer.max_epochs},0.5} -> int(max_epochs * 0.5), for scheduler milestones.
         OmegaConf.register_new_resolver("int_mul", lambda a, b: int(float(a) * float(b)))
+    if not OmegaConf.has_resolver("mul"):
+        # ${mul:1.25,${.eps}} -> 1.25 * eps: the step sizes of conf/attack/*.yaml follow callbacks.pgd.eps.
+        OmegaConf.register_new_resolver("mul", lambda a, b: float(a) * float(b))
     if not OmegaConf.has_resolver("eval_frac"):
         # ${eval_frac:8/255} -> 0.031372..., so configs can state eps as the fraction papers use.
         OmegaConf.register_new_resolver("eval_frac", _frac)

@@ -37,6 +37,8 @@ from esq_lightning.config.choices import (
     PAIRING_DISTANCES,
     PAIRING_LOGITS_ONLY,
     QUANT_BITS,
+    SINGLE_STEP_TRAIN_ATTACKS,
+    TRAIN_ATTACKS,
     SQ_FUNCTIONS,
     SQ_VARIANTS,
 )
@@ -421,6 +423,15 @@ class PGDCallbackConfig(TargetModel):
     val_every_n_epochs: int = Field(ge=0, description="0 switches robust validation off")
     val_n_samples: Optional[int] = Field(ge=1)
     val_steps: Optional[int] = absent(ge=1)
+    # The training attack by name (esq_lightning/training/attacks.py, conf/attack/); absent keys read as PGD's.
+    name: Optional[Choice(*TRAIN_ATTACKS)] = absent()
+    noise: Optional[float] = absent(gt=0, description="the half-width of the random start; null: eps")
+    project: Optional[bool] = absent()
+    gradalign: Optional[float] = absent(ge=0, description="0 switches GradAlign off")
+    val_step_size: Optional[float] = absent(gt=0)
+    co_drop: Optional[float] = absent(gt=0, le=1)
+    co_fgsm_tolerance: Optional[float] = absent(ge=0, le=1)
+    co_stop: Optional[bool] = absent()
 
     @model_validator(mode="after")
     def _linf_radius(self) -> PGDCallbackConfig:
@@ -429,6 +440,26 @@ class PGDCallbackConfig(TargetModel):
                 v = getattr(self, sub)
                 if v > 1:
                     raise _rule(sub, f"{{value}} is out of range; allowed: 0 < {sub} <= 1 ({LINF_RADIUS})")
+        return self
+
+    @model_validator(mode="after")
+    def _attack_is_what_it_names(self) -> PGDCallbackConfig:
+        # A name whose keys say another attack would train something other than it names (docs/fast-training.md).
+        name, project = self.name or "pgd", self.project is not False
+        if name in SINGLE_STEP_TRAIN_ATTACKS and self.steps != 1:
+            raise _rule("steps", f"{{value}} with name={name}, a single-step attack; allowed: 1 (or name=pgd)")
+        wants = {"pgd": (None, True), "fgsm": (False, True), "fgsm_rs": (True, True), "nfgsm": (True, False)}[name]
+        if wants[0] is not None and self.random_start != wants[0]:
+            raise _rule("random_start", f"{{value}} with name={name}; allowed: {str(wants[0]).lower()} "
+                                        "(fgsm: none, fgsm_rs and nfgsm: a uniform start)")
+        if project != wants[1]:
+            raise _rule("project", f"{_show(project)} with name={name}; allowed: {str(wants[1]).lower()} "
+                                   "(only nfgsm leaves the eps-ball)")
+        if not project and self.norm != "linf":
+            raise _rule("project", f"false with norm={self.norm}; allowed: norm=linf (nfgsm is an L_inf attack)")
+        if self.noise is not None and project and self.noise > self.eps:
+            raise _rule("noise", f"{{value}} is larger than eps={_num(self.eps)} with project=true; allowed: "
+                                 "noise <= eps (or name=nfgsm, which does not project)")
         return self
 
 

@@ -47,6 +47,7 @@ FLAGS: dict[str, str] = {
     "clean_only_failure": WARN,
     "training_collapse": WARN,          # constant output on the validation split during training
     "accuracy_drop": WARN,              # the run ended far below the accuracy it started from
+    "catastrophic_overfitting": WARN,   # validation PGD accuracy collapsed while FGSM accuracy held (training)
 }
 
 

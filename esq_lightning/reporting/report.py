@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from esq_lightning.artifacts.results import train_attack_label
 from esq_lightning.artifacts.runs import iter_results, read_json_record, stored_training_config
 from esq_lightning.errors import ESQUserError, show_value
 from esq_lightning.reporting.curves import log_curves_wandb, write_curves
@@ -59,6 +60,10 @@ ABSENT = "(absent)"
 
 
 # Overrides whose effect the results.json record states (method, quant, and the pairing's layers, lambdas, distance).
+# Overrides that results.json train_attack states (the training attack's name, steps, step size, noise, ...).
+ATTACK_OVERRIDES = ("attack", "callbacks.pgd.name", "callbacks.pgd.steps", "callbacks.pgd.step_size",
+                    "callbacks.pgd.noise", "callbacks.pgd.project", "callbacks.pgd.random_start",
+                    "callbacks.pgd.gradalign")
 RECORDED_OVERRIDES = ("method", "quant", "pairing", "pairing.layers", "pairing.lambdas", "pairing.distance", "pairing.p")
 
 
@@ -115,8 +120,15 @@ def _variant(res: dict[str, Any], run_dir: Path) -> dict[str, str]:
         variant["lambdas"] = ",".join(f"{v:g}" for v in pairing.get("lambdas", []))
         # What the run trained with, from its record (relative_l2 is the paper's distance).
         variant["distance"] = str(pairing.get("distance") or "relative_l2")
+    # The training attack, from the record (results.json train_attack): rows of one setting trained with PGD-10
+    # and with FGSM-RS are two rows, `attack=pgd10` and `attack=fgsm_rs`.
+    attack = train_attack_label(res.get("train_attack"))
+    if attack is not None:
+        variant["attack"] = attack
     # Overrides of what the record states already would name a row twice (and by the spelling, not the value).
     recorded = RECORDED_OVERRIDES if res.get("method") == "esq" and pairing else ("method", "quant")
+    if attack is not None:
+        recorded = (*recorded, *ATTACK_OVERRIDES)
     variant.update({k: v for k, v in _overrides(run_dir).items() if k not in recorded})
     return variant
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from esq_lightning.training.attacks import gradalign_term
 from esq_lightning.training.objectives import Objective
 from esq_lightning.quant import draw_selection, full_quantization, quant_layers, sq_generator
 from esq_lightning.rng import Stream, step_generator
@@ -84,6 +85,13 @@ class ESQModule(pl.LightningModule):
         x = self._prepare(x)
         self.draw_sq_selection()
         out = self.objective(self.model, x, y, self.step_attack(), epoch=self.current_epoch)
+        weight = float(getattr(self.train_attack, "gradalign", 0.0) or 0.0) if self.objective.needs_attack else 0.0
+        if weight:
+            # GradAlign on top of any method's loss, under the step's one SQ selection (training/attacks.py).
+            gen = step_generator(self.seed, self.global_step, Stream.GRADALIGN)
+            align = gradalign_term(self.model, x, y, float(self.train_attack.eps), gen)
+            out.loss = out.loss + weight * align
+            out.terms["gradalign"] = align.detach()
         self.train_acc(out.logits.detach(), y)
         self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
