@@ -244,16 +244,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         plugins=[AtomicCheckpointIO()],
     )
     try:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         train_seconds = time.perf_counter() - start
+        # CPU time of the fit in this process: steadier than wall-clock on a shared CPU (benchmarks/).
+        module.training_record = {"train_cpu_seconds": time.process_time() - start_cpu}
         val_acc = trainer.callback_metrics.get("val/clean_acc")
         module.training_flags = collapse_monitor.flags(float(val_acc) if val_acc is not None else None)
         # Catastrophic overfitting seen by the robust validation (training/callbacks/overfitting.py).
         watch = getattr(module, "overfitting_monitor", None)
         if watch is not None:
             module.training_flags += watch.flags()
-            module.training_record = {"catastrophic_overfitting": watch.record()}
+            module.training_record["catastrophic_overfitting"] = watch.record()
         final_ckpt = out / "checkpoints" / "final.ckpt"
         trainer.save_checkpoint(final_ckpt)
         results: dict[str, Any] = {}
