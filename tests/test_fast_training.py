@@ -1,0 +1,200 @@
+"""Training attacks by name (training/attacks.py), GradAlign, and the catastrophic-overfitting watch
+(training/callbacks/overfitting.py): budgets, reproducibility from (seed, step), config errors, the flag."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from esq_lightning.errors import ESQUserError
+from esq_lightning.config.schema import validate_config
+from esq_lightning.models import MODELS
+from esq_lightning.quant import draw_selection, quantize_model, sq_generator
+from esq_lightning.quant.modules import set_sq_ratio
+from esq_lightning.training.attacks import TrainAttack, gradalign_term
+from esq_lightning.training.callbacks.overfitting import OverfittingDetector
+from esq_lightning.training.rng import Stream, step_generator
+from tests.hydra_utils import FAST, compose_config
+
+EPS = 0.2
+ATTACKS = {
+    "pgd": TrainAttack(EPS, 0.05, 10, name="pgd"),
+    "fgsm": TrainAttack(EPS, EPS, 1, random_start=False, name="fgsm"),
+    "fgsm_rs": TrainAttack(EPS, 1.25 * EPS, 1, name="fgsm_rs"),
+    "nfgsm": TrainAttack(EPS, EPS, 1, name="nfgsm", noise=2 * EPS, project=False),
+}
+
+
+def _sq_model() -> torch.nn.Module:
+    """The digits SmallCNN as BWN under SQ at ratio 0.6, with one selection drawn (as in a training step)."""
+    torch.manual_seed(0)
+    model = quantize_model(MODELS["small_cnn"](num_classes=10, in_channels=1), "bwn")
+    set_sq_ratio(model, 0.6)
+    draw_selection(model, sq_generator(0, 7))
+    return model.train()
+
+
+def _batch(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    # Pixels at 0 and 1 too: the clamp to the data range must hold where the ball leaves it.
+    x = torch.randint(0, 3, (n, 1, 8, 8), generator=g).float() / 2
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("name", ["pgd", "fgsm", "fgsm_rs"])
+def test_projected_training_attacks_stay_inside_the_eps_ball_and_the_data_range(name: str) -> None:
+    model, (x, y) = _sq_model(), _batch()
+    x_adv = ATTACKS[name](model, x, y, generator=step_generator(0, 3, Stream.ATTACK))
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (x_adv - x).abs().max() > 0.9 * EPS  # it moved: a no-op attack would pass the bound trivially
+
+
+def test_nfgsm_leaves_the_eps_ball_by_design_but_not_the_data_range() -> None:
+    # N-FGSM does not project (de Jorge et al. 2022): up to noise + step = 3 eps in L_inf, clamped to [0, 1].
+    # Only the training input: the evaluation's threat model stays eval.eps (test below).
+    model, (x, y) = _sq_model(), _batch()
+    x_adv = ATTACKS["nfgsm"](model, x, y, generator=step_generator(0, 3, Stream.ATTACK))
+    dist = (x_adv - x).abs().max()
+    assert EPS < dist <= 3 * EPS + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_training_attacks_reproduce_from_seed_and_step_inside_sq(name: str) -> None:
+    model, (x, y) = _sq_model(), _batch()
+    attack = ATTACKS[name]
+    a = attack(model, x, y, generator=step_generator(5, 11, Stream.ATTACK))
+    draw_selection(model, sq_generator(5, 12))  # another step's selection in between
+    draw_selection(model, sq_generator(0, 7))  # ... and this step's again
+    b = attack(model, x, y, generator=step_generator(5, 11, Stream.ATTACK))
+    assert torch.equal(a, b)
+    c = attack(model, x, y, generator=step_generator(5, 12, Stream.ATTACK))
+    assert torch.equal(a, c) == (not attack.random_start)  # another step, another start (none for fgsm)
+
+
+def test_gradalign_is_reproducible_bounded_and_trains_the_weights() -> None:
+    model, (x, y) = _sq_model(), _batch()
+    a = gradalign_term(model, x, y, EPS, step_generator(0, 4, Stream.GRADALIGN))
+    b = gradalign_term(model, x, y, EPS, step_generator(0, 4, Stream.GRADALIGN))
+    assert torch.equal(a, b) and 0 <= float(a.detach()) <= 2
+    model.zero_grad(set_to_none=True)
+    a.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert model.training  # the term runs BatchNorm in eval mode and gives the mode back
+
+
+def test_nfgsm_run_keeps_the_threat_model_and_records_its_attack(tmp_path: Path) -> None:
+    cfg = compose_config("train", [*FAST, "attack=nfgsm"], tmp_path)
+    assert cfg.callbacks.pgd.noise == pytest.approx(2 * cfg.data.attack.eps)
+    assert cfg.callbacks.pgd.step_size == pytest.approx(cfg.data.attack.eps)
+    assert cfg.eval.eps == pytest.approx(cfg.data.attack.eps)  # evaluation stays at eps
+    from esq_lightning.artifacts.results import train_attack_record
+
+    record = train_attack_record(cfg)
+    assert record == {"name": "nfgsm", "eps": pytest.approx(0.2), "steps": 1, "step_size": pytest.approx(0.2),
+                      "random_start": True, "noise": pytest.approx(0.4), "project": False, "gradalign": 0.0}
+
+
+def test_fgsm_rs_step_follows_an_eps_override(tmp_path: Path) -> None:
+    cfg = compose_config("train", [*FAST, "attack=fgsm_rs", "callbacks.pgd.eps=0.1"], tmp_path)
+    assert cfg.callbacks.pgd.step_size == pytest.approx(0.125)
+    assert cfg.callbacks.pgd.val_step_size == pytest.approx(0.025) and cfg.callbacks.pgd.val_steps == 10
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["callbacks.pgd.name=fgsmrs"], "callbacks.pgd.name: 'fgsmrs' is not allowed"),
+    (["attack=fgsm_rs", "callbacks.pgd.steps=3"], "callbacks.pgd.steps: 3 with name=fgsm_rs, a single-step attack"),
+    (["attack=nfgsm", "callbacks.pgd.project=true"], "callbacks.pgd.project: true with name=nfgsm"),
+    (["attack=fgsm_rs", "callbacks.pgd.project=false"], "callbacks.pgd.project: false with name=fgsm_rs"),
+    (["attack=fgsm_rs", "callbacks.pgd.random_start=false"], "callbacks.pgd.random_start: false with name=fgsm_rs"),
+    (["attack=fgsm_rs", "callbacks.pgd.noise=0.5"], "callbacks.pgd.noise: 0.5 is larger than eps=0.2"),
+    (["attack=gradalign", "callbacks.pgd.gradalign=-1"], "callbacks.pgd.gradalign: -1 is out of range"),
+    (["callbacks.pgd.co_drop=0"], "callbacks.pgd.co_drop: 0 is out of range"),
+])
+def test_bad_training_attack_configs_fail_in_one_line_naming_the_key(overrides: list[str], expected: str,
+                                                                     tmp_path: Path) -> None:
+    cfg = compose_config("train", overrides, tmp_path)
+    with pytest.raises(ESQUserError) as info:
+        validate_config(cfg)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+# ---- catastrophic overfitting -----------------------------------------------------------------------------
+# Validation (epoch, PGD-10 accuracy, FGSM accuracy) histories recorded by real digits runs (results.json
+# catastrophic_overfitting.history; 300 validation inputs, eps 0.2, threads=1):
+#   esq-train experiment=digits/AF attack=fgsm     (FGSM without random start: no collapse on digits in 20 epochs)
+FGSM_AF = [(0, .333, .457), (1, .363, .547), (2, .44, .633), (3, .44, .647), (4, .453, .673), (5, .477, .69),
+           (6, .473, .713), (7, .457, .703), (8, .467, .727), (9, .49, .727), (10, .507, .74), (11, .49, .71),
+           (12, .463, .747), (13, .507, .767), (14, .51, .76), (15, .517, .727), (16, .507, .793), (17, .51, .737),
+           (18, .493, .763), (19, .49, .75)]
+#   esq-train experiment=digits/AF attack=fgsm_rs
+FGSM_RS_AF = [(0, .367, .47), (1, .377, .523), (2, .453, .587), (3, .44, .657), (4, .48, .687), (5, .483, .687),
+              (6, .49, .707), (7, .49, .723), (8, .53, .71), (9, .55, .713), (10, .54, .753), (11, .52, .727),
+              (12, .523, .75), (13, .537, .757), (14, .517, .753), (15, .573, .78), (16, .57, .777),
+              (17, .517, .777), (18, .55, .77), (19, .55, .78)]
+# The shape of catastrophic overfitting (Wong et al. 2020, their figure 2): PGD accuracy climbs, then collapses
+# to about zero within an epoch while FGSM accuracy keeps rising.
+COLLAPSE = [(0, .30, .45), (1, .38, .52), (2, .42, .56), (3, .41, .60), (4, .05, .82), (5, .01, .90)]
+# Robustness lost on both attacks (a bad learning rate, say): not catastrophic overfitting.
+BOTH_FALL = [(0, .40, .60), (1, .45, .65), (2, .10, .20), (3, .05, .15)]
+
+
+def _feed(history: list[tuple[int, float, float]]) -> OverfittingDetector:
+    det = OverfittingDetector()
+    for epoch, pgd_acc, fgsm_acc in history:
+        det.update(epoch, pgd_acc, fgsm_acc)
+    return det
+
+
+def test_the_detector_fires_once_on_a_collapse_while_fgsm_holds() -> None:
+    det = _feed(COLLAPSE)
+    assert det.fired and det.fired_epoch == 4 and det.best_epoch == 2
+    rec = det.record()
+    assert rec["detected"] and rec["pgd_acc"] == pytest.approx(0.05) and rec["best_pgd_acc"] == pytest.approx(0.42)
+    assert len(rec["history"]) == len(COLLAPSE)
+
+
+@pytest.mark.parametrize("history", [FGSM_AF, FGSM_RS_AF, BOTH_FALL], ids=["fgsm_af", "fgsm_rs_af", "both_fall"])
+def test_the_detector_stays_quiet_without_catastrophic_overfitting(history: list[tuple[int, float, float]]) -> None:
+    assert not _feed(history).fired
+
+
+def test_a_collapsing_run_is_flagged_stopped_and_keeps_its_best_weights(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real esq-train run whose robust validation reports COLLAPSE (constructed): the flag reaches metrics,
+    results.json and the verdict; co_stop stops training and final.ckpt holds the best epoch's weights."""
+    from esq_lightning.training.callbacks.pgd import PGDCallback
+    from esq_lightning.training.train import train
+
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def scripted(self, trainer, pl_module):  # noqa: ANN001, ANN202
+        seen.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
+        _, pgd_acc, fgsm_acc = COLLAPSE[trainer.current_epoch]
+        return torch.tensor(0.9), torch.tensor(pgd_acc), torch.tensor(fgsm_acc)
+
+    monkeypatch.setattr(PGDCallback, "robust_validation", scripted)
+    cfg = compose_config("train", [*FAST, "attack=fgsm_rs", "trainer.max_epochs=6", "trainer.limit_train_batches=2",
+                                   "eval.n_samples=32", "method=adversarial", "quant=full"], tmp_path)
+    results, _ = train(cfg)
+    assert results["epochs"] == 5  # stopped after epoch 4 (0-based) of 6
+    co = results["catastrophic_overfitting"]
+    assert co["detected"] and co["epoch"] == 4 and co["restored_epoch"] == 2 and co["stop"]
+    assert "catastrophic_overfitting" in [f["name"] for f in results["audit"]["flags"]]
+    assert results["audit"]["verdict"] in ("warn", "fail")
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["catastrophic_overfitting"]["detected"]
+    final = torch.load(results["checkpoint"], weights_only=False)["state_dict"]
+    best = seen[2]
+    assert all(torch.equal(final[f"model.{k}"], v) for k, v in best.items())
+    assert not all(torch.equal(final[f"model.{k}"], v) for k, v in seen[4].items())
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        flags = [float(r["val/catastrophic_overfitting"]) for r in csv.DictReader(f)
+                 if r.get("val/catastrophic_overfitting")]
+    assert flags == [0, 0, 0, 0, 1]
