@@ -198,3 +198,22 @@ def test_a_collapsing_run_is_flagged_stopped_and_keeps_its_best_weights(tmp_path
         flags = [float(r["val/catastrophic_overfitting"]) for r in csv.DictReader(f)
                  if r.get("val/catastrophic_overfitting")]
     assert flags == [0, 0, 0, 0, 1]
+
+
+def test_report_rows_name_the_training_attack_from_the_record(tmp_path: Path) -> None:
+    from esq_lightning.artifacts.results import train_attack_label
+    from esq_lightning.reporting.report import make_report
+    from tests.test_report import row, write_result
+
+    pgd10 = {"name": "pgd", "eps": 0.2, "steps": 10, "step_size": 0.05, "random_start": True, "noise": 0.2,
+             "project": True, "gradalign": 0.0}
+    fgsm_rs = {**pgd10, "name": "fgsm_rs", "steps": 1, "step_size": 0.25}
+    assert train_attack_label({**fgsm_rs, "gradalign": 0.2}) == "fgsm_rs+gradalign0.2"
+    for i, (attack, overrides) in enumerate([(pgd10, []), (pgd10, []), (fgsm_rs, ["attack=fgsm_rs"])]):
+        write_result(tmp_path / str(i), "AEB", i, 0.9, 0.4, overrides=[*overrides, f"seed={i}"])
+        record = json.loads((tmp_path / str(i) / "results.json").read_text())
+        (tmp_path / str(i) / "results.json").write_text(json.dumps({**record, "train_attack": attack}))
+    md = make_report(tmp_path)["markdown"]
+    # The setting stays AEB; the attack, read from the record, names the row (the override is not named twice).
+    assert row(md, "AEB (attack=pgd10)")[1] == "2"
+    assert row(md, "AEB (attack=fgsm_rs)")[1] == "1"
