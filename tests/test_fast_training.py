@@ -77,6 +77,14 @@ def test_training_attacks_reproduce_from_seed_and_step_inside_sq(name: str) -> N
     assert torch.equal(a, c) == (not attack.random_start)  # another step, another start (none for fgsm)
 
 
+def test_the_validation_attack_of_a_single_step_run_is_multi_step() -> None:
+    from esq_lightning.training.callbacks import PGDCallback
+
+    cb = PGDCallback(eps=0.2, step_size=0.25, steps=1, name="fgsm_rs")
+    assert (cb.attack.steps, cb.val_attack.steps, cb.val_attack.step_size) == (1, 10, pytest.approx(0.05))
+    assert PGDCallback(eps=0.2, step_size=0.05, steps=10).val_attack.steps == 10
+
+
 def test_gradalign_is_reproducible_bounded_and_trains_the_weights() -> None:
     model, (x, y) = _sq_model(), _batch()
     a = gradalign_term(model, x, y, EPS, step_generator(0, 4, Stream.GRADALIGN))

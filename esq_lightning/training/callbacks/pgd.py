@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from esq_lightning.attacks import fgsm
+from esq_lightning.config.choices import SINGLE_STEP_TRAIN_ATTACKS
 from esq_lightning.quant import full_quantization
 from esq_lightning.rng import Stream, step_generator
 from esq_lightning.training.attacks import TrainAttack
@@ -55,6 +56,9 @@ class PGDCallback(pl.Callback):
         self.val_n_samples = val_n_samples
         # Robust validation: multi-step PGD at eps, the training attack's steps and step size unless told otherwise
         # (conf/attack/*.yaml for the single-step attacks set val_steps and val_step_size to the dataset's PGD).
+        # A single-step training attack is never its own watch: without val_steps, PGD-10 at eps/4 (the datasets' own).
+        if self.attack.name in SINGLE_STEP_TRAIN_ATTACKS and val_steps is None:
+            val_steps, val_step_size = 10, val_step_size or float(eps) / 4
         self.val_attack = TrainAttack(float(eps), float(val_step_size or step_size), int(val_steps or steps), norm, True)
         self.detector = OverfittingDetector(drop=float(co_drop), fgsm_tolerance=float(co_fgsm_tolerance))
         self.co_stop = bool(co_stop)
