@@ -228,3 +228,16 @@ def test_report_rows_name_the_training_attack_from_the_record(tmp_path: Path) ->
     # The setting stays AEB; the attack, read from the record, names the row (the override is not named twice).
     assert row(md, "AEB (attack=pgd10)")[1] == "2"
     assert row(md, "AEB (attack=fgsm_rs)")[1] == "1"
+
+
+@pytest.mark.parametrize("experiment", ["digits/AF", "digits/AEB", "digits/NEB", "cifar10/AEB", "cifar100/AAB"])
+@pytest.mark.parametrize("attack", ["fgsm_rs", "nfgsm", "gradalign"])
+def test_every_fast_preset_composes_with_the_settings_at_each_scale(experiment: str, attack: str,
+                                                                    tmp_path: Path) -> None:
+    overrides = [f"experiment={experiment}", f"attack={attack}"] + (["data.download=true"] if "cifar" in experiment else [])
+    cfg = compose_config("train", overrides, tmp_path)
+    validate_config(cfg)
+    eps = cfg.data.attack.eps
+    assert cfg.callbacks.pgd.steps == 1 and cfg.callbacks.pgd.val_steps == cfg.data.attack.steps
+    assert cfg.callbacks.pgd.step_size == pytest.approx(eps if attack == "nfgsm" else 1.25 * eps)
+    assert cfg.setting == experiment.split("/")[1]  # the label stays the setting's
