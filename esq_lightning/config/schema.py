@@ -458,7 +458,7 @@ class PGDCallbackConfig(TargetModel):
         if not project and self.norm != "linf":
             raise _rule("project", f"false with norm={self.norm}; allowed: norm=linf (nfgsm is an L_inf attack)")
         if self.noise is not None and project and self.noise > self.eps:
-            raise _rule("noise", f"{{value}} is larger than eps={_num(self.eps)} with project=true; allowed: "
+            raise _rule("noise", f"{{value}} is larger than eps={self.eps:g} with project=true; allowed: "
                                  "noise <= eps (or name=nfgsm, which does not project)")
         return self
 
