@@ -148,6 +148,7 @@ FGSM_RS_AF = [(0, .367, .47), (1, .377, .523), (2, .453, .587), (3, .44, .657), 
               (17, .517, .777), (18, .55, .77), (19, .55, .78)]
 #   python benchmarks/time_to_robustness.py --seeds 0 --attacks pgd fgsm_rs nfgsm (AF with PGD-10, every 5 epochs)
 PGD10_AF = [(4, .537, .667), (9, .62, .733), (14, .647, .787), (19, .707, .82)]
+PGD10_AEB = [(4, .2, .29), (9, .467, .573), (14, .507, .657), (19, .547, .65)]  # AEB from that AF, PGD-10
 # The shape of catastrophic overfitting (Wong et al. 2020, their figure 2): PGD accuracy climbs, then collapses
 # to about zero within an epoch while FGSM accuracy keeps rising.
 COLLAPSE = [(0, .30, .45), (1, .38, .52), (2, .42, .56), (3, .41, .60), (4, .05, .82), (5, .01, .90)]
@@ -170,8 +171,8 @@ def test_the_detector_fires_once_on_a_collapse_while_fgsm_holds() -> None:
     assert len(rec["history"]) == len(COLLAPSE)
 
 
-@pytest.mark.parametrize("history", [PGD10_AF, FGSM_AF, FGSM_RS_AF, BOTH_FALL],
-                         ids=["pgd10_af", "fgsm_af", "fgsm_rs_af", "both_fall"])
+@pytest.mark.parametrize("history", [PGD10_AF, PGD10_AEB, FGSM_AF, FGSM_RS_AF, BOTH_FALL],
+                         ids=["pgd10_af", "pgd10_aeb", "fgsm_af", "fgsm_rs_af", "both_fall"])
 def test_the_detector_stays_quiet_without_catastrophic_overfitting(history: list[tuple[int, float, float]]) -> None:
     assert not _feed(history).fired
 
