@@ -200,7 +200,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-samples", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--train-override", nargs="*", default=[], help="extra esq-train overrides for every run")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="only summarize the runs of these time_to_robustness.json records (e.g. seeds run as separate "
+                        "invocations); the floors use the median of their unit costs")
     a = p.parse_args(argv)
+    if a.merge:
+        records = [json.loads(path.read_text()) for path in a.merge]
+        rows = [r for rec in records for r in rec["runs"]]
+        u = {k: statistics.median(rec["unit_costs"][k] for rec in records) for k in records[0]["unit_costs"]}
+        merged = {"merged": [str(path) for path in a.merge], "unit_costs": u, "runs": rows, **summarize(rows, u)}
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "time_to_robustness.json").write_text(json.dumps(merged, indent=1))
+        table = markdown(summarize(rows, u), a.n_samples)
+        (a.out / "time_to_robustness.md").write_text(table + "\n")
+        print(table)
+        return 0
     if "pgd" not in a.attacks:
         p.error("--attacks must include pgd (the reference of every ratio)")
     a.out.mkdir(parents=True, exist_ok=True)
