@@ -165,8 +165,11 @@ def summarize(rows: list[dict[str, Any]], u: dict[str, float]) -> dict[str, Any]
                    "train_cpu_seconds": mean([r["train_cpu_seconds"] for r in runs if r.get("train_cpu_seconds")]),
                    "ratio": mean(ratios), "cpu_ratio": mean(cpu_ratios), "pipeline_ratio": mean(pipe), "worst_case_diff": mean(diffs),
                    "floor": floor(attack, setting, u) if u else None}
-            row["meets_target"] = (setting == "AEB" and attack != "pgd" and row["ratio"] is not None
-                                   and row["worst_case_diff"] >= -TARGET_POINTS and row["ratio"] <= TARGET_RATIO)
+            # The time side of the target is judged on CPU time when recorded: on a shared CPU the load changes
+            # between runs, which moves wall-clock ratios of runs made one after another (never the CPU time's).
+            judged = row["cpu_ratio"] if row["cpu_ratio"] is not None else row["ratio"]
+            row["meets_target"] = (setting == "AEB" and attack != "pgd" and judged is not None
+                                   and row["worst_case_diff"] >= -TARGET_POINTS and judged <= TARGET_RATIO)
             table.append(row)
     return {"rows": table}
 
@@ -186,7 +189,8 @@ def markdown(summary: dict[str, Any], n_samples: int) -> str:
                  "L_inf eps 0.2, eval mode, full quantization. Means over seeds; ratios per seed against PGD-10 of "
                  "the same seed, then averaged.")
     hits = [r for r in summary["rows"] if r["meets_target"]]
-    lines.append("Target (fast AEB within 2 points of PGD-10's worst case at <= 0.35 of its time): "
+    lines.append("Target (fast AEB within 2 points of PGD-10's worst case at <= 0.35 of its time, judged on CPU "
+                 "time): "
                  + ("met by " + ", ".join(r["attack"] for r in hits) if hits else "not met"))
     return "\n".join(lines)
 
