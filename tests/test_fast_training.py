@@ -177,6 +177,15 @@ def test_the_detector_stays_quiet_without_catastrophic_overfitting(history: list
     assert not _feed(history).fired
 
 
+def test_the_watch_state_survives_a_checkpoint_round_trip() -> None:
+    det = _feed(COLLAPSE[:3])
+    again = OverfittingDetector()
+    again.load_state_dict(json.loads(json.dumps(det.state_dict())))  # as a checkpoint stores it
+    for epoch, pgd_acc, fgsm_acc in COLLAPSE[3:]:
+        again.update(epoch, pgd_acc, fgsm_acc)
+    assert again.record() == _feed(COLLAPSE).record()
+
+
 def test_a_collapsing_run_is_flagged_stopped_and_keeps_its_best_weights(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A real esq-train run whose robust validation reports COLLAPSE (constructed): the flag reaches metrics,

@@ -49,6 +49,17 @@ class OverfittingDetector:
             return False, True
         return False, False
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_epoch": self.best_epoch, "best_pgd": self.best_pgd, "fgsm_at_best": self.fgsm_at_best,
+                "fired_epoch": self.fired_epoch, "at_fire": list(self.at_fire) if self.at_fire else None,
+                "history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_epoch, self.best_pgd = state["best_epoch"], float(state["best_pgd"])
+        self.fgsm_at_best, self.fired_epoch = float(state["fgsm_at_best"]), state["fired_epoch"]
+        self.at_fire = tuple(state["at_fire"]) if state["at_fire"] else None
+        self.history = [tuple(h) for h in state["history"]]
+
     def message(self) -> str:
         if self.at_fire is None:
             return "no catastrophic overfitting"

@@ -95,6 +95,16 @@ class PGDCallback(pl.Callback):
                 self.restore_best(pl_module)
                 trainer.should_stop = True
 
+    # A resume (ckpt_path=last) continues the watch: its history and best travel in the checkpoint. The best
+    # weights do not (they would double the file): after a resume co_stop keeps the best seen since.
+    def state_dict(self) -> dict[str, Any]:
+        return {"detector": self.detector.state_dict(), "restored_epoch": self.restored_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "detector" in state_dict:
+            self.detector.load_state_dict(state_dict["detector"])
+            self.restored_epoch = state_dict.get("restored_epoch")
+
     def restore_best(self, pl_module: pl.LightningModule) -> None:
         """Load the weights of the best robust validation into the module (they become final.ckpt)."""
         if self._best_state is None:
