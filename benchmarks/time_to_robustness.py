@@ -95,8 +95,8 @@ def unit_costs(threads: int, batch: int = 64, reps: int = 40) -> dict[str, float
 
     from benchmarks.common import Settings, build_base_model, make_data, quantized_copy
     from esq_lightning.attacks import pgd
-    from esq_lightning.training.attacks import gradalign_term
     from esq_lightning.rng import step_generator
+    from esq_lightning.training.attacks import gradalign_term
 
     torch.set_num_threads(threads)
     s = Settings(model="small_cnn", batch=batch, in_channels=1, image_size=8, eps=0.2, step_size=0.05)

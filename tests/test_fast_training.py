@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from esq_lightning.errors import ESQUserError
 from esq_lightning.commands.checks import validate_config
+from esq_lightning.errors import ESQUserError
 from esq_lightning.models import MODELS
 from esq_lightning.quant import draw_selection, quantize_model, sq_generator
 from esq_lightning.quant.modules import set_sq_ratio
+from esq_lightning.rng import Stream, step_generator
 from esq_lightning.training.attacks import TrainAttack, gradalign_term
 from esq_lightning.training.callbacks.overfitting import OverfittingDetector
-from esq_lightning.rng import Stream, step_generator
 from tests.hydra_utils import FAST, compose_config
 
 EPS = 0.2
@@ -190,12 +190,12 @@ def test_a_collapsing_run_is_flagged_stopped_and_keeps_its_best_weights(tmp_path
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A real esq-train run whose robust validation reports COLLAPSE (constructed): the flag reaches metrics,
     results.json and the verdict; co_stop stops training and final.ckpt holds the best epoch's weights."""
-    from esq_lightning.training.callbacks.pgd import PGDCallback
     from esq_lightning.commands.train import train
+    from esq_lightning.training.callbacks.pgd import PGDCallback
 
     seen: list[dict[str, torch.Tensor]] = []
 
-    def scripted(self, trainer, pl_module):  # noqa: ANN001, ANN202
+    def scripted(self, trainer, pl_module):
         seen.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
         _, pgd_acc, fgsm_acc = COLLAPSE[trainer.current_epoch]
         return torch.tensor(0.9), torch.tensor(pgd_acc), torch.tensor(fgsm_acc)

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from esq_lightning.training.attacks import gradalign_term
-from esq_lightning.training.objectives import Objective
 from esq_lightning.quant import draw_selection, full_quantization, quant_layers, sq_generator
 from esq_lightning.rng import Stream, step_generator
+from esq_lightning.training.attacks import gradalign_term
+from esq_lightning.training.objectives import Objective
 
 # Each kind of randomness in a training step has its own step_generator stream.
 
