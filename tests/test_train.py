@@ -44,7 +44,9 @@ def test_every_config_file_composes_and_resolves(group: str, option: str, tmp_pa
     override = f"{group}={option}"
     if group == "data" and option.startswith("cifar"):
         override = f"experiment={option}/NF" if (CONF / "experiment" / option / "NF.yaml").exists() else override
-    cfg = compose_config("train", [override], tmp_path)
+    # A compression preset reads the byte budgets of the front's experiment (conf/experiment/<scale>/compress.yaml).
+    extra = ["experiment=digits/compress"] if group == "compress" else []
+    cfg = compose_config("train", [*extra, override], tmp_path)
     container = OmegaConf.to_container(cfg, resolve=True)
     assert container["data"]["name"] and container["model"]["name"]
     assert container["eval"]["eps"] > 0
