@@ -34,6 +34,8 @@ FLAGS: dict[str, str] = {
     "randomized_forward": FAIL,         # two forward passes on one input differ
     "constant_output": FAIL,            # one prediction for every input
     "chance_accuracy": FAIL,            # clean accuracy at or below chance
+    "low_clean_accuracy": WARN,         # clean accuracy within a few times chance: too short a run, or it failed
+    "sq_schedule_incomplete": WARN,     # the SQ ratio never reached 1 in training: evaluated beyond what it trained
     "unattackable": FAIL,               # an attack refused to run (GradientCheckError)
     "loss_scale_sensitivity": WARN,     # CE-based PGD far above margin / DLR PGD
     "weak_attack_overstates": WARN,     # PGD-20 (etc.) far above the worst case
@@ -82,6 +84,7 @@ class Thresholds:
     monotone_tolerance: float = 0.02     # non_monotone_eps: a rise larger than this
     unbounded_margin: float = 0.1        # unbounded_budget: above chance (1 / classes) by more
     chance_margin: float = 0.02          # chance_accuracy: clean accuracy below chance + this
+    useful_clean_factor: float = 3.0     # low_clean_accuracy: clean accuracy below this many times chance
     weak_attacks: tuple[str, ...] = ("pgd20",)
 
     @classmethod
@@ -172,7 +175,21 @@ def probe_flags(probe: Mapping[str, Any], clean_acc: float, th: Thresholds) -> l
     if enough and k and clean_acc <= 1.0 / k + th.chance_margin:
         out.append(flag("chance_accuracy", f"clean accuracy {_pct(clean_acc)} is at chance ({_pct(1.0 / k)})",
                         clean_acc=clean_acc, chance=1.0 / k))
+    elif enough and k and clean_acc < th.useful_clean_factor / k:
+        out.append(flag("low_clean_accuracy", f"clean accuracy {_pct(clean_acc)} is below {th.useful_clean_factor:g}x "
+                        f"chance ({_pct(1.0 / k)}): the run is too short or failed to learn; its robust accuracies "
+                        "say little", clean_acc=clean_acc, chance=1.0 / k))
     return out
+
+
+def sq_schedule_flags(sq_ratio_final: float | None) -> list[dict[str, Any]]:
+    """sq_schedule_incomplete when the last training epoch quantized less than every weight (ratio < 1): the model is
+    evaluated at full quantization, which it never trained at (a run shorter than its SQ schedule)."""
+    if sq_ratio_final is None or sq_ratio_final >= 1.0:
+        return []
+    return [flag("sq_schedule_incomplete", f"the SQ ratio reached only {sq_ratio_final:g} on the last training epoch: "
+                 "the model never trained at the full quantization it is evaluated at; train longer "
+                 "(trainer.max_epochs) or quantize sooner (callbacks.quant_ratio)", sq_ratio_final=sq_ratio_final)]
 
 
 # ---- comparisons of the attacks of one evaluation -------------------------------------------------------------
