@@ -19,9 +19,10 @@ esq_lightning.commands (train, evaluate), the loading of a trained model in esq_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +87,24 @@ def compose(config_name: str, overrides: list[str], run_dir: str | Path | None =
     if run_dir is not None:
         overrides = [*overrides, f"hydra.run.dir={_value(str(Path(run_dir).resolve()))}"]
     GlobalHydra.instance().clear()
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors: unknown option, misspelt key, bad override
+        raise composition_error(config_name, overrides, exc) from None
     out = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).resolve()
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(out)
         cfg.hydra.job.num = 0
         cfg.hydra.job.override_dirname = ""
     HydraConfig.instance().set_config(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    # The run directory is claimed before anything is written into it (artifacts/rundir.py): a finished run's
+    # .hydra/ is never replaced by another run's.
+    from esq_lightning.artifacts.rundir import claim_run_dir
+
+    resume = OmegaConf.select(cfg, "ckpt_path", default=None) if config_name == "train" else None
+    claim_run_dir(out, str(OmegaConf.select(cfg, "task_name", default=config_name)),
+                  None if resume is None else str(resume))
     # What Hydra writes next to every run: esq-report reads the overrides of a run from here.
     hydra_dir = out / ".hydra"
     hydra_dir.mkdir(exist_ok=True)
@@ -104,19 +114,74 @@ def compose(config_name: str, overrides: list[str], run_dir: str | Path | None =
     return cfg
 
 
+def composition_error(config_name: str, overrides: list[str], exc: BaseException) -> ESQUserError:
+    """Hydra's composition error (unknown group option, misspelt key, bad override) as the CLI's one line, with the
+    "did you mean" hint."""
+    import re
+
+    from esq_lightning.errors import did_you_mean
+
+    text = str(exc)
+    missing = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if missing:
+        group, option = missing.group(1), missing.group(2)
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        return ESQUserError(f"{group}={option}: unknown option of group {group}{did_you_mean(option, options)}; "
+                            f"allowed: {', '.join(options) or '(none)'}")
+    override = re.search(r"Could not override '([^']+)'", text)
+    if override and "not in struct" in text:
+        key = override.group(1)
+        parent, _, leaf = key.rpartition(".")
+        siblings: list[str] = []
+        try:
+            from hydra import compose as hydra_compose
+            from hydra import initialize_config_module
+            from hydra.core.global_hydra import GlobalHydra
+            from omegaconf import OmegaConf
+
+            rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+            GlobalHydra.instance().clear()
+            with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+                base = hydra_compose(config_name, overrides=rest)
+            node = OmegaConf.select(base, parent) if parent else base
+            siblings = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
+        except Exception:  # noqa: BLE001 - the hint is optional
+            pass
+        where = f" of {parent}" if parent else ""
+        allowed = f"; allowed keys{where}: {', '.join(siblings)}" if siblings else "; add it with +" + key + "=..."
+        return ESQUserError(f"{key}: unknown key{did_you_mean(leaf, siblings)}{allowed}")
+    line = " ".join(text.split())
+    return ESQUserError(line or f"{type(exc).__name__} while composing the {config_name} config")
+
+
 def _quiet() -> None:
     quiet_library_notices()
+
+
+@contextlib.contextmanager
+def _claimed_run() -> Iterator[None]:
+    """The run directory compose() claims is released when the call ends; a refused run leaves no directory."""
+    from esq_lightning.artifacts import rundir
+
+    try:
+        yield
+    except ESQUserError:
+        rundir.forget_fresh_run_dir()
+        raise
+    finally:
+        rundir.release_all()
 
 
 # ---- the API -----------------------------------------------------------------------------------------------------
 def train(*, overrides: Iterable[str] = (), run_dir: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
     """esq-train: train and evaluate one run; returns its results record (results.json; `checkpoint` is its path)."""
     _quiet()
-    cfg = compose("train", to_overrides(kwargs, overrides), run_dir)
-    validate_train_config(cfg)  # phase 1, before torch is imported
-    from esq_lightning.commands.train import train as run  # torch and Lightning load here, after the check
+    with _claimed_run():
+        cfg = compose("train", to_overrides(kwargs, overrides), run_dir)
+        validate_train_config(cfg)  # phase 1, before torch is imported
+        from esq_lightning.commands.train import train as run  # torch and Lightning load here, after the check
 
-    results, _ = run(cfg)
+        results, _ = run(cfg)
     return results
 
 
@@ -132,28 +197,32 @@ def evaluate(ckpt_path: str | Path | None = None, *, ckpts: Iterable[str | Path]
         kwargs["ckpts"] = [str(c) for c in ckpts]
     if mode is not None:
         kwargs["mode"] = mode
-    cfg = compose("eval", to_overrides(kwargs, overrides), run_dir)
-    # As esq-eval: the eval config is checked once merged with the checkpoint's (before any data is read).
-    from esq_lightning.commands.evaluate import evaluate as run  # torch loads here: `import esq_lightning` stays cheap
+    with _claimed_run():
+        cfg = compose("eval", to_overrides(kwargs, overrides), run_dir)
+        # As esq-eval: the eval config is checked once merged with the checkpoint's (before any data is read).
+        from esq_lightning.commands.evaluate import evaluate as run  # torch loads here: `import esq_lightning` stays cheap
 
-    return run(cfg)
+        return run(cfg)
 
 
 def export(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True, format: str = "packed",
-           **onnx_options: Any) -> dict[str, Any]:
+           overwrite: bool = False, **onnx_options: Any) -> dict[str, Any]:
     """esq-export: write the packed (b-bit) file of a checkpoint; returns the size report (`path` is the file).
     format="onnx" (esq-export format=onnx): the ONNX file checked in onnxruntime, its record returned;
-    onnx_options are export_onnx's (n_samples, attack, eps, attack_params, rtol, threads, ...)."""
+    onnx_options are export_onnx's (n_samples, attack, eps, attack_params, rtol, threads, ...). An existing `out` is
+    replaced only with overwrite=True; the source never."""
     _quiet()
     if format == "onnx":
+        from esq_lightning.artifacts.export import check_export_target
         from esq_lightning.commands.onnx_export import export_onnx
 
+        check_export_target(Path(ckpt_path), Path(out) if out else Path(ckpt_path).with_suffix(".onnx"), overwrite)
         return export_onnx(ckpt_path, out, **onnx_options)
     if format != "packed" or onnx_options:
         raise ESQUserError(f"format={format}: allowed: packed, onnx (keyword options only with onnx)")
     from esq_lightning.artifacts.export import export_checkpoint  # torch loads here
 
-    return export_checkpoint(ckpt_path, out, verify=verify)
+    return export_checkpoint(ckpt_path, out, verify=verify, overwrite=overwrite)
 
 
 def load_model(path: str | Path, with_config: bool = False) -> Any:

@@ -42,11 +42,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dfd)
 
 
+class WriteFailed(OSError):
+    """A file could not be written (disk full, file-size limit, read-only place); the previous file is intact.
+
+    The CLI prints its message as one line (exit code 2): it names the file and says the old one is unchanged."""
+
+
+def _failed(path: Path, exc: OSError) -> WriteFailed:
+    had = "the previous file is unchanged" if path.exists() else "no file was left there"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return WriteFailed(exc.errno, f"could not write {path}: {reason}; {had}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], binary: bool = True) -> None:
-    """Call write(f) on a temporary file beside `path`, then make it `path` atomically and durably."""
+    """Call write(f) on a temporary file beside `path`, then make it `path` atomically and durably.
+
+    A failure to write (ENOSPC, EFBIG under RLIMIT_FSIZE, EROFS, EACCES) raises WriteFailed, one line naming the
+    file; the target keeps its previous content and no temporary file is left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _failed(path, exc) from None
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
@@ -55,10 +73,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], bina
         # mkstemp creates 0600; give the file the permissions an ordinary open() would (shared run folders).
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, WriteFailed):
+            raise
+        raise _failed(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def check_writable(path: str | os.PathLike, key: str) -> None:
+    """ESQUserError naming `key` when a file cannot be created at `path` (its folder cannot be made or written)."""
+    from esq_lightning.errors import ESQUserError
+
+    path = Path(path)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as exc:
+        raise ESQUserError(f"{key}: cannot write {path}: {exc.strerror or exc}; choose a writable place") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

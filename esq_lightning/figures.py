@@ -11,8 +11,11 @@ from matplotlib.figure import Figure
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write `fig` to `path` (folders created) and return the path."""
     # A Figure with its own Agg canvas: pyplot's global state (and the user's backend) is never touched.
+    from esq_lightning.atomic import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+    # Through the one atomic writer: a failed write leaves the previous figure intact.
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=150,
+                                             bbox_inches="tight"))
     return path

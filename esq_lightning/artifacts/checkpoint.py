@@ -135,10 +135,38 @@ def read_checkpoint(path: str | Path, trusted: bool | None = None) -> dict[str, 
     path = Path(path)
     if not path.is_file():
         raise ESQUserError(f"checkpoint not found: {path}")
+    kind = not_a_checkpoint(path)
+    if kind:
+        raise ESQUserError(f"{path} is {kind}, not a checkpoint; give the .ckpt file a run wrote "
+                           "(<run dir>/checkpoints/final.ckpt or last.ckpt)")
     ckpt = safe_torch_load(path, trusted=trusted)
     if not isinstance(ckpt, dict):
-        raise ESQUserError(f"{path} is not a checkpoint (expected a dict with a state_dict)")
+        raise ESQUserError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict with a "
+                           "state_dict)")
     return ckpt
+
+
+def not_a_checkpoint(path: str | Path) -> str | None:
+    """What a file that is certainly no torch checkpoint is ('a packed model (esq-export)', 'a JSON file (...)',
+    'an empty file', ...), from its first bytes; None for anything that may be one."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return None
+    if not head:
+        return "an empty file"
+    if head.startswith(b"ESQPACK\x00"):
+        return "a packed model written by esq-export (esq-eval and load_model read it; training cannot resume from it)"
+    if head.lstrip()[:1] in (b"{", b"["):
+        name = Path(path).name
+        return f"a JSON file ({'a results record' if name == 'results.json' else name})"
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        # torch.save writes a zip archive (PK) or, in the legacy format, a pickle (protocol byte 0x80).
+        return "neither a zip archive nor a pickle (a truncated or foreign file)"
+    return None
 
 
 def checkpoint_config(ckpt: dict[str, Any], path: str | Path) -> dict[str, Any]:
@@ -208,32 +236,88 @@ def resolve_resume_path(spec: str, run_dir: str | Path | None) -> Path:
     return path
 
 
-# What must match between the run being resumed and this one: resuming continues the same run. A
-# different run from those weights is `init_from=`.
-RESUME_IDENTITY = (("data", "name"), ("model", "name"), ("quant", "kind"), ("quant", "per_filter"),
-                   ("quant", "bits"), ("quant", "act_bits"), ("method", "name"), ("seed",))
+# A resume continues the same run: the resumed config must equal the stored one (the checkpoint's esq_config) in
+# every key, except those below, which change how the run is watched, logged, evaluated or computed, not what is
+# trained (docs/reliability.md lists them). A key and everything under it may change. A different run from those
+# weights is `init_from=`.
+RESUME_MAY_CHANGE = (
+    "logger", "threads", "trust_checkpoint", "ckpt_path", "tags", "optimized_metric", "paths", "eval",
+    "hparams_search", "channels_last", "compile", "init_seed",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.accelerator",
+    "data.data_dir", "data.num_workers",
+)
+# May grow (train on), never shrink; the cosine schedule's T_max follows trainer.max_epochs (conf/scheduler/cosine.yaml).
+RESUME_MAY_GROW = ("trainer.max_epochs", "scheduler.T_max")
+_ABSENT = object()
 
 
-def check_resume_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any]) -> None:
+def resume_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, stored value, this run's value) for every key a resume may not change (RESUME_MAY_CHANGE)."""
+    if prefix in RESUME_MAY_CHANGE:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in list(old) + [k for k in new if k not in old]:
+            found += resume_differences(old.get(key, _ABSENT), new.get(key, _ABSENT),
+                                        f"{prefix}.{key}" if prefix else str(key))
+        return found
+    if prefix in RESUME_MAY_GROW and isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        return [] if new >= old else [(prefix, old, new)]
+    return [] if old == new else [(prefix, old, new)]
+
+
+def _shown(value: Any) -> str:
+    from esq_lightning.errors import show_value
+
+    return "(absent)" if value is _ABSENT else show_value(value)
+
+
+def check_resume_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
     """Fail with one line naming the file unless `path` is a training checkpoint of this run's model and config.
 
     Lightning itself would raise deep inside `fit` with a traceback (an unpickling error, a missing
-    key, a state_dict mismatch) after the data is loaded.
+    key, a state_dict mismatch) after the data is loaded. Every key that changes what is trained must
+    equal the stored config's (RESUME_MAY_CHANGE lists the others); the refusal names each differing
+    key with both values. Returns the checkpoint's stored config.
     """
     ckpt = read_checkpoint(path)
     for key in ("state_dict", "optimizer_states", "loops", "epoch", "global_step"):
         if key not in ckpt:
-            raise ESQUserError(f"ckpt_path: {path} is not a Lightning training checkpoint (no {key}); to start from "
+            kind = "a plain state dict" if "state_dict" not in ckpt and ckpt and all(
+                isinstance(v, torch.Tensor) for v in ckpt.values()) else f"no {key}"
+            raise ESQUserError(f"ckpt_path: {path} is not a Lightning training checkpoint ({kind}); to start from "
                                f"its weights use init_from={path}")
     check_model_state(model, model_state_dict(ckpt), path)
     old = ckpt.get("esq_config") or {}
-    for keys in RESUME_IDENTITY:
-        was, now = _dig(old, keys), _dig(config, keys)
-        if was is not None and now is not None and was != now:
-            name = ".".join(keys)
-            raise ESQUserError(f"ckpt_path: {path} was written by a run with {name}={was}, this run has "
-                               f"{name}={now}; resume with the same config, or start a new run from its weights "
-                               f"with init_from={path}")
+    if old:
+        differences = resume_differences(old, config)
+        if differences:
+            shown = "; ".join(f"{key}={_shown(was)} there, {_shown(now)} here" for key, was, now in differences)
+            raise ESQUserError(
+                f"ckpt_path: {path} was written by another run than this config ({shown}); a resume continues the "
+                f"same run: resume with its config (only {', '.join(RESUME_MAY_CHANGE[:4])}, ..., and a larger "
+                f"trainer.max_epochs may change; docs/reliability.md), or start a new run from its weights with "
+                f"init_from={path}")
+    return old
+
+
+def check_something_left(run_dir: str | Path, config: dict[str, Any]) -> None:
+    """A finished run (results.json in run_dir) resumed without a larger trainer.max_epochs: nothing to train."""
+    import json
+
+    results = Path(run_dir) / "results.json"
+    if not results.is_file():
+        return
+    try:
+        record = json.loads(results.read_text())
+    except (OSError, ValueError):
+        return
+    done = record.get("epochs") if isinstance(record, dict) else None
+    want = (config.get("trainer") or {}).get("max_epochs")
+    if isinstance(done, int) and isinstance(want, int) and want <= done:
+        raise ESQUserError(
+            f"ckpt_path: {run_dir} holds a finished run that trained {done} epochs; trainer.max_epochs={want} leaves "
+            f"nothing to train, so its records stay as they are (set trainer.max_epochs above {done} to train on)")
 
 
 def _dig(d: Any, keys: tuple[str, ...]) -> Any:
@@ -258,3 +342,64 @@ def keep_metrics_of_interrupted_run(run_dir: str | Path) -> Path | None:
         k += 1
     os.replace(src, dst)
     return dst
+
+
+def _csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    import csv
+
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _epoch(row: dict[str, str]) -> float | None:
+    try:
+        return float(row.get("epoch") or "")
+    except ValueError:
+        return None
+
+
+def merge_resumed_metrics(run_dir: str | Path) -> Path | None:
+    """csv/metrics.csv as the whole run's history: the rows moved aside at each resume, then the resumed run's.
+
+    Each resumed part supersedes the earlier rows from its first epoch on (the epoch cut short by the interruption
+    appears once, as the resumed run logged it). Written atomically; the aside files are removed after. Called on
+    global rank 0 once the run's CSV logger has saved its rows; returns the merged file, or None with nothing to do.
+    """
+    import csv
+    import io
+
+    from esq_lightning.atomic import atomic_write_text
+
+    folder = Path(run_dir) / "csv"
+    current = folder / "metrics.csv"
+
+    def part(p: Path) -> int:
+        try:
+            return int(p.stem.rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            return 0
+
+    parts = sorted(folder.glob("metrics.before-resume-*.csv"), key=part)
+    if not parts:
+        return None
+    header: list[str] = []
+    rows: list[dict[str, str]] = []
+    for path in [*parts, *([current] if current.is_file() else [])]:
+        fields, new = _csv_rows(path)
+        header += [f for f in fields if f not in header]
+        starts = [e for e in map(_epoch, new) if e is not None]
+        if starts:
+            first = min(starts)
+            rows = [r for r in rows if (e := _epoch(r)) is not None and e < first]
+        rows += new
+    header = sorted(header)  # Lightning's CSV writer keeps its columns sorted and appends in that order
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(current, text.getvalue())
+    for path in parts:
+        path.unlink(missing_ok=True)
+    return current
+

@@ -33,8 +33,57 @@ def iter_results(root: str | Path, unreadable: list[tuple[Path, str]] | None = N
         return
     for path in sorted(root.rglob(RESULTS)):
         record = read_json_record(path, unreadable)
-        if record is not None:
-            yield path.parent, record
+        if record is None:
+            continue
+        problem = record_problem(record)
+        if problem is not None:
+            if unreadable is not None:
+                unreadable.append((path, problem))
+            continue
+        yield path.parent, record
+
+
+# The results record's schema (artifacts/results.py build_results writes it): the fields every record has, and the
+# type of each field a reader relies on wherever it is present. Numbers exclude booleans.
+_NUMBER, _INT, _STR, _DICT, _LIST, _NONE = "a number", "an integer", "a string", "an object", "a list", "null"
+RECORD_REQUIRED = ("dataset", "model", "seed", "clean_acc", "robust_acc")
+RECORD_FIELDS: dict[str, tuple[str, ...]] = {
+    "schema_version": (_INT,), "task": (_STR,), "setting": (_STR, _NONE), "dataset": (_STR,), "model": (_STR,),
+    "method": (_STR,), "quant": (_STR,), "bits": (_INT,), "act_bits": (_INT,), "seed": (_INT,),
+    "clean_acc": (_NUMBER,), "robust_acc": (_DICT,), "attacks": (_DICT,), "threat_model": (_DICT, _NONE),
+    "train_threat_model": (_DICT, _NONE), "n_samples": (_INT, _NONE), "pairing": (_DICT,), "epochs": (_INT,),
+    "train_seconds": (_NUMBER,), "checkpoint": (_STR, _NONE), "run_dir": (_STR,), "audit": (_DICT,),
+    "worst_case": (_DICT,), "warnings": (_LIST,), "model_width": (_DICT,), "sq_ratio_final": (_NUMBER,),
+    "eval_sq_ratio": (_NUMBER,), "init_from": (_STR, _NONE),
+}
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == _NUMBER:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, {_STR: str, _DICT: dict, _LIST: list, _NONE: type(None)}[kind])
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else {"bool": "a boolean", "str": "a string", "dict": "an object",
+                                        "list": "a list", "int": "an integer", "float": "a number"}.get(
+        type(value).__name__, type(value).__name__)
+
+
+def record_problem(record: dict[str, Any]) -> str | None:
+    """None for a record that fits the schema, else one phrase naming the first field that does not."""
+    for key in RECORD_REQUIRED:
+        if key not in record:
+            return f"field {key}: missing"
+    for key, kinds in RECORD_FIELDS.items():
+        if key in record and not any(_is(record[key], k) for k in kinds):
+            return f"field {key}: {_type_name(record[key])} where {' or '.join(kinds)} belongs"
+    for name, acc in record["robust_acc"].items():
+        if not _is(acc, _NUMBER):
+            return f"field robust_acc.{name}: {_type_name(acc)} where a number belongs"
+    return None
 
 
 def read_json_record(path: Path, unreadable: list[tuple[Path, str]] | None = None) -> dict[str, Any] | None:

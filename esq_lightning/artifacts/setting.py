@@ -65,4 +65,9 @@ def register_setting_resolver() -> None:
 
 
 def _setting(*, _root_: Any) -> str:
-    return derived_setting(_root_)
+    try:
+        return derived_setting(_root_)
+    except (TypeError, ValueError):
+        # A key the label derives from has a value of the wrong type (quant.bits=nine): the schema's check of
+        # that key names it; the label itself is then unknown.
+        return "unknown"

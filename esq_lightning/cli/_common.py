@@ -46,6 +46,9 @@ def user_errors_as_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ESQUserError as exc:
+            from esq_lightning.artifacts.rundir import forget_fresh_run_dir
+
+            forget_fresh_run_dir()  # a run refused before it starts leaves no directory behind
             print(f"error: {one_line(str(exc))}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         except EvaluationFailed as exc:
@@ -53,6 +56,11 @@ def user_errors_as_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
             print(one_line(str(exc)), file=sys.stderr, flush=True)
             raise SystemExit(3) from None
         except (OSError, RuntimeError) as exc:
+            from esq_lightning.atomic import WriteFailed
+
+            if isinstance(exc, WriteFailed):  # disk full, file-size limit, read-only: the old file is intact
+                print(f"error: {one_line(exc.strerror or str(exc))}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
             # Missing or corrupt dataset files surface inside Trainer.fit; they are the user's to fix.
             message = data_error_message(exc)
             if message is None:

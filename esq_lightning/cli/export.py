@@ -27,8 +27,15 @@ def _export(cfg: DictConfig) -> dict:
     if fmt not in FORMATS:
         raise ESQUserError(f"format={fmt}: unknown export format; allowed: {', '.join(FORMATS)}")
     if fmt == "packed":
-        return export_checkpoint(cfg.ckpt_path, cfg.out, verify=bool(cfg.verify))
+        return export_checkpoint(cfg.ckpt_path, cfg.out, verify=bool(cfg.verify), overwrite=bool(cfg.overwrite))
+    from pathlib import Path
+
+    from esq_lightning.artifacts.export import check_export_target
     from esq_lightning.commands.onnx_export import export_onnx, require_onnx
+
+    # Never over the source, an existing file only with overwrite=true (artifacts/export.py), before any work.
+    check_export_target(Path(cfg.ckpt_path), Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).with_suffix(".onnx"),
+                        bool(cfg.overwrite))
     from esq_lightning.utils import set_threads
 
     require_onnx("esq-export format=onnx")
@@ -46,6 +53,7 @@ def main(cfg: DictConfig) -> None:
     from esq_lightning.artifacts.checkpoint import with_checkpoint_trust
     from esq_lightning.commands.onnx_export import ONNXCheckFailed
 
+    check_export_config(cfg)
     # trust_checkpoint=true: the checkpoint is unpickled in full (checkpoint.py); by default weights_only.
     try:
         report = with_checkpoint_trust(_export)(cfg)
@@ -56,6 +64,31 @@ def main(cfg: DictConfig) -> None:
     if report.get("format") == "onnx":
         report = {k: v for k, v in report.items() if k != "config"}
     print(json.dumps(report, indent=2))
+
+
+EXPORT_KEYS = {"ckpt_path": "a checkpoint path", "format": "packed or onnx", "out": "a file path or null",
+               "verify": "true or false", "overwrite": "true or false", "trust_checkpoint": "true or false",
+               "threads": "an integer or null", "data": "data overrides", "onnx": "the format=onnx options"}
+
+
+def check_export_config(cfg: DictConfig) -> None:
+    """One line for a missing ckpt_path, an unknown key or a value of the wrong type, before anything is read."""
+    from omegaconf import OmegaConf
+
+    from esq_lightning.errors import ESQUserError, did_you_mean, show_value
+
+    for key in cfg:
+        if key not in EXPORT_KEYS:
+            raise ESQUserError(f"{key}: unknown key of esq-export{did_you_mean(key, EXPORT_KEYS)}; allowed: "
+                               f"{', '.join(EXPORT_KEYS)}")
+    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
+        raise ESQUserError("ckpt_path: missing; esq-export needs ckpt_path=path/to/final.ckpt")
+    for key in ("verify", "overwrite", "trust_checkpoint"):
+        if not isinstance(cfg.get(key), bool):
+            raise ESQUserError(f"{key}: {show_value(cfg.get(key))} is not a boolean; allowed: true, false")
+    for key in ("ckpt_path", "out"):
+        if cfg.get(key) is not None and not isinstance(cfg.get(key), str):
+            raise ESQUserError(f"{key}: {show_value(cfg.get(key))} is not a path; allowed: {EXPORT_KEYS[key]}")
 
 
 if __name__ == "__main__":

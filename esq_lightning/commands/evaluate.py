@@ -191,6 +191,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if mode not in MODES:
         raise ESQUserError(f"mode={mode}: unknown evaluation mode; allowed: {', '.join(MODES)}")
     out = output_dir()
+    # Never over a training record, never two evaluations at once in one directory (artifacts/rundir.py).
+    from esq_lightning.artifacts.rundir import claim_run_dir, release_run_dir
+
+    claimed = claim_run_dir(out, "eval")
+    try:
+        return _evaluate(cfg, mode, out)
+    finally:
+        if claimed:
+            release_run_dir(out)
+
+
+def _evaluate(cfg: DictConfig, mode: str, out: Path) -> dict[str, Any]:
     set_threads(cfg.get("threads"))
     check_eval_loggers(cfg)  # logger=wandb|tensorboard (commands/eval_loggers.py): a missing login fails here
     # Here, not at the top: commands/deployed.py (onnxruntime, an optional extra) imports this module.

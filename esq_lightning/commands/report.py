@@ -15,7 +15,8 @@ def report(opts: ReportOptions) -> dict[str, Any]:
                          digits=opts.digits, curve_x=opts.curve_x, wandb_project=opts.wandb,
                          wandb_mode=opts.wandb_mode)
     for path, why in result["unreadable"]:
-        print(f"esq-report: skipped {path}: cannot read it ({why})", file=sys.stderr, flush=True)
+        reason = why if why.startswith("field ") else f"cannot read it ({why})"
+        print(f"esq-report: skipped {path}: {reason}", file=sys.stderr, flush=True)
     if not opts.quiet:
         print(result["markdown"], flush=True)
     print(f"esq-report: {result['n_runs']} runs; wrote {len(result['files'])} files to {result['out']}",

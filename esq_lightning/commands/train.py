@@ -18,7 +18,9 @@ from torch import nn
 
 from esq_lightning.artifacts.checkpoint import (
     check_resume_checkpoint,
+    check_something_left,
     keep_metrics_of_interrupted_run,
+    merge_resumed_metrics,
     load_model_weights,
     resolve_resume_path,
     with_checkpoint_trust,
@@ -49,8 +51,11 @@ from esq_lightning.training.checkpoint_io import AtomicCheckpointIO
 from esq_lightning.training.loggers import log_results_table, restore_wandb_env, snapshot_wandb_env, wandb_logger_config
 from esq_lightning.training.module import ESQModule
 from esq_lightning.training.objectives import Objective
+from esq_lightning.artifacts.rundir import claim_run_dir, release_run_dir
 from esq_lightning.utils import set_threads
 
+# The named warning of a run whose quantization-ratio schedule ended below 1 (results.json warnings).
+SQ_SCHEDULE_SHORT = "sq_schedule_short"
 # Training inputs that calibrate the activation clipping ranges (quant.act_bits < 32).
 ACT_CALIBRATION_SAMPLES = 256
 
@@ -162,6 +167,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     out = output_dir()
     # Every config error fails here, in one line, before any data is read (docs/reliability.md).
     validate_config(cfg)
+    # The run directory belongs to this run while it works (artifacts/rundir.py); esq-train claimed it already.
+    claimed = claim_run_dir(out, "train", None if cfg.get("ckpt_path") is None else str(cfg.ckpt_path))
+    try:
+        return _train(cfg, out)
+    finally:
+        if claimed:
+            release_run_dir(out)
+
+
+def _train(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     set_threads(cfg.get("threads"))
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -209,6 +224,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         config["quant"]["budget_bytes"] = None
     if ckpt_path:
         check_resume_checkpoint(ckpt_path, model, config)
+        check_something_left(out, config)
         if pl.utilities.rank_zero_only.rank == 0:
             keep_metrics_of_interrupted_run(out)
     module = ESQModule(
@@ -260,11 +276,28 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         trainer.save_checkpoint(final_ckpt)
         results: dict[str, Any] = {}
         if trainer.is_global_zero:
+            keep_metrics_history(loggers, out)
             results = evaluate_and_record(cfg, module, datamodule, trainer, final_ckpt, train_seconds, out, loggers)
         return results, {"trainer": trainer, "module": module, "datamodule": datamodule}
     finally:
         _finish_wandb(loggers)
         restore_wandb_env(wandb_env)
+
+
+def keep_metrics_history(loggers: list[Any], out: Path) -> None:
+    """After a resume, csv/metrics.csv holds the whole run's rows again (checkpoint.merge_resumed_metrics)."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    csv_loggers = [lg for lg in loggers if isinstance(lg, CSVLogger)]
+    for lg in csv_loggers:
+        lg.save()
+    merged = merge_resumed_metrics(out)
+    if merged is not None:
+        header = merged.read_text().splitlines()[0].split(",")
+        for lg in csv_loggers:  # later rows (the test metrics) are appended under the merged header
+            lg.experiment.metrics_keys = sorted(set(header) | set(lg.experiment.metrics_keys))
+            if set(lg.experiment.metrics_keys) != set(header):
+                lg.experiment._rewrite_with_new_header(lg.experiment.metrics_keys)
 
 
 def evaluate_and_record(
@@ -286,7 +319,8 @@ def evaluate_and_record(
     results = build_results(cfg, ev, gradient_masking=ev.get("gradient_masking"), epochs=trainer.current_epoch, train_seconds=train_seconds,
                             checkpoint=str(final_ckpt), run_dir=str(out), **packed_size(model),
                             val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-                            logit_offset=offset, warnings=logit_offset_warnings(offset),
+                            logit_offset=offset, **sq_schedule_record(trainer, model),
+                            warnings=logit_offset_warnings(offset) + sq_schedule_warnings(trainer, model),
                             compression=compression_record(model, getattr(module, "compression", {}),
                                                            cfg.get("compress_name"), cfg.get("budget")),
                             **getattr(module, "training_record", {}))
@@ -328,6 +362,37 @@ def compression_record(model: nn.Module, done: dict[str, Any], preset: str | Non
         record["sparsity"] = sparsity
     record.update({k: v for k, v in done.items()})
     return record
+
+
+def _final_sq_ratio(trainer: pl.Trainer, model: nn.Module) -> float | None:
+    """The SQ ratio of the last training epoch (the quant_ratio callback's), None without quantized layers."""
+    from esq_lightning.quant import quant_layers
+    from esq_lightning.training.callbacks.quant_ratio import QuantRatioCallback
+
+    if not quant_layers(model):
+        return None
+    for cb in trainer.callbacks:
+        if isinstance(cb, QuantRatioCallback):
+            return float(cb.ratio)
+    return 1.0
+
+
+def sq_schedule_record(trainer: pl.Trainer, model: nn.Module) -> dict[str, Any]:
+    """results.json `sq_ratio_final` for a quantized run: the ratio its last training epoch used."""
+    ratio = _final_sq_ratio(trainer, model)
+    return {} if ratio is None else {"sq_ratio_final": ratio}
+
+
+def sq_schedule_warnings(trainer: pl.Trainer, model: nn.Module) -> list[dict[str, Any]]:
+    """The named warning SQ_SCHEDULE_SHORT when the schedule never reached ratio 1: the last epoch trained a partly
+    full-precision network, while every evaluation runs it fully quantized."""
+    ratio = _final_sq_ratio(trainer, model)
+    if ratio is None or ratio >= 1.0:
+        return []
+    return [{"name": SQ_SCHEDULE_SHORT, "sq_ratio_final": ratio,
+             "message": f"the SQ schedule ended at ratio {ratio:g} on the last training epoch, below 1: the network "
+                        "was never trained fully quantized (raise trainer.max_epochs, or lower "
+                        "callbacks.quant_ratio.every_n_epochs)"}]
 
 
 def raise_if_unattackable(results: dict[str, Any]) -> None:

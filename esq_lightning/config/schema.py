@@ -669,6 +669,12 @@ class TrainConfig(Model):
         if method == "esq" and not self.pairing.layers:
             raise _rule("pairing.layers", "[] pairs nothing, but method=esq needs at least one layer; "
                                           "allowed: module names of the model, e.g. [logits]")
+        if method == "esq" and self.pairing.lambdas and not any(self.pairing.lambdas):
+            raise _rule("pairing.lambdas", f"{self.pairing.lambdas} weighs the pairing term zero at every layer, so "
+                                           "method=esq would train the cross-entropy term alone (SQ without error "
+                                           "silencing) under the label of error-silenced training; allowed: a "
+                                           "positive lambda at one layer at least, or method=adversarial / natural "
+                                           "for a run without pairing")
         steps, random_start = getattr(pgd, "steps", None), getattr(pgd, "random_start", None)
         if method != "natural" and steps == 0 and random_start is False:
             what = "the pairing term is always zero" if method == "esq" else "it trains on the clean inputs"

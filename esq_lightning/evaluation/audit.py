@@ -22,6 +22,7 @@ from esq_lightning.attacks import ATTACKS, library_available
 from esq_lightning.config.threat import ThreatModel
 from esq_lightning.errors import ESQUserError
 from esq_lightning.evaluation.checks import (
+    flag,
     attack_flags,
     curve_flags,
     probe_flags,
@@ -73,6 +74,39 @@ def attack_set(budget: str) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in BUDGETS[budget].items() if library_available(ATTACKS[k])}
 
 
+def missing_attacks(budget: str) -> dict[str, str]:
+    """{attack: package} of the budget's attacks whose optional library is not installed."""
+    from esq_lightning.attacks import ATTACKS, library_available
+
+    return {k: str(ATTACKS[k].library) for k in BUDGETS[budget] if not library_available(ATTACKS[k])}
+
+
+def pack_mask(mask: Tensor) -> str:
+    """A per-sample bool mask as base64 of its bits (numpy.packbits order); unpack_mask reverses it."""
+    import base64
+
+    import numpy as np
+
+    return base64.b64encode(np.packbits(mask.detach().cpu().bool().numpy()).tobytes()).decode("ascii")
+
+
+def unpack_mask(text: str, n: int) -> Tensor:
+    import base64
+
+    import numpy as np
+
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n]
+    return torch.from_numpy(bits.astype(bool))
+
+
+def survival_table(clean_correct: Tensor, correct: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Which test inputs stayed correctly classified, clean and under each attack (input i = bit i, the order of the
+    test split): a worst case over any subset of attacks, or against another library's results, is the AND of
+    these masks, recomputed without attacking again (unpack_mask)."""
+    return {"n": int(len(clean_correct)), "encoding": "base64 numpy.packbits, input i = bit i",
+            "clean": pack_mask(clean_correct), "attacks": {k: pack_mask(v) for k, v in correct.items()}}
+
+
 def _merge(base: Mapping[str, Any], user: Mapping[str, Any] | None) -> dict[str, Any]:
     return {**base, **(user or {})}
 
@@ -94,6 +128,8 @@ def audit_model(
     start = time.perf_counter()
     chosen = attack_set(budget)
     names = list(settings.attacks) if settings.attacks else list(chosen)
+    # The budget's attacks whose package is missing: the audit says so and cannot end `pass`.
+    missing = {} if settings.attacks else missing_attacks(budget)
     # The audit's threat model decides every budget: an eps in eval.params is not used here.
     user = {k: {p: v for p, v in dict(val or {}).items() if p != "eps"} for k, val in (settings.params or {}).items()}
     run_params = {name: _merge(chosen.get(name, {}), user.get(name)) for name in names}
@@ -143,12 +179,17 @@ def audit_model(
         flags += curve_flags(curve["eps"], c["acc"], th, name)
     if unbounded:
         flags += unbounded_flags(unbounded["acc"], unbounded["eps"], probe["num_classes"], th, unbounded["attack"])
+    if missing:
+        flags.append(flag("attack_set_incomplete",
+                          f"the {budget} budget's {', '.join(missing)} did not run: "
+                          + "; ".join(f"{k} needs the {v} package" for k, v in missing.items())
+                          + "; the worst case is over the other attacks only", missing=missing))
     wc = worst_case(clean_correct, ev["correct"], ev["attacks"], "linf", eps)
-    return {
+    return {"missing_attacks": missing, "per_sample": survival_table(clean_correct, ev["correct"]),
         "budget": budget, "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "attacks": ev["attacks"],
         "worst_case": {k: v for k, v in wc.items() if k != "mask"}, "eps_curve": curve, "unbounded": unbounded,
         "probe": probe, "unattackable": ev["unattackable"], "gradient_masking": ev["gradient_masking"],
-        "verdict": verdict(flags), "flags": flags, "n_samples": n, "runtime_s": round(time.perf_counter() - start, 1),
+        "verdict": verdict(flags, attacked=bool(ev["attacks"])), "flags": flags, "n_samples": n, "runtime_s": round(time.perf_counter() - start, 1),
     }
 
 

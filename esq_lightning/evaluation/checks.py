@@ -50,7 +50,10 @@ FLAGS: dict[str, str] = {
     "training_collapse": WARN,          # constant output on the validation split during training
     "accuracy_drop": WARN,              # the run ended far below the accuracy it started from
     "catastrophic_overfitting": WARN,   # validation PGD accuracy collapsed while FGSM accuracy held (training)
+    "attack_set_incomplete": WARN,      # an attack of the audit's set did not run (its package is missing)
 }
+# The verdict of an evaluation that ran no attack: it says nothing of robustness (neither pass nor fail).
+NONE = "none"
 
 
 def is_ce_attack(name: str) -> bool:
@@ -105,9 +108,14 @@ def flag(name: str, message: str, **numbers: Any) -> dict[str, Any]:
     return {"name": name, "severity": FLAGS[name], "message": message, **numbers}
 
 
-def verdict(flags: Sequence[Mapping[str, Any]]) -> str:
+def verdict(flags: Sequence[Mapping[str, Any]], attacked: bool = True) -> str:
+    """fail / warn by the worst flag; without any attack (attacked=False) `none` instead of pass or warn."""
     severities = {f["severity"] for f in flags}
-    return FAIL if FAIL in severities else WARN if WARN in severities else "pass"
+    if FAIL in severities:
+        return FAIL
+    if not attacked:
+        return NONE
+    return WARN if WARN in severities else "pass"
 
 
 def _pct(v: float) -> str:
@@ -324,7 +332,8 @@ def evaluation_checks(
         view = {**ev, "robust_acc": {**ev["robust_acc"], MARGIN_PROBE: probes[MARGIN_PROBE]["acc"]},
                 "attacks": {**ev["attacks"], MARGIN_PROBE: {"norm": norm, "eps": float(eps)}}}
     flags += attack_flags(view, norm, eps, th)
-    return {"verdict": verdict(flags), "flags": flags, "probe": probe, "probes": probes}
+    return {"verdict": verdict(flags, attacked=bool(ev.get("attacks"))), "flags": flags, "probe": probe,
+            "probes": probes}
 
 
 def unattackable_verdict(audit: Mapping[str, Any]) -> str | None:

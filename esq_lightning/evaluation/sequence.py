@@ -65,5 +65,5 @@ def evaluate_model(
                                     batch_size=settings.batch_size, seed=settings.seed)
     if extra_flags is not None:
         ev["audit"]["flags"] += list(extra_flags)
-        ev["audit"]["verdict"] = verdict(ev["audit"]["flags"])
+        ev["audit"]["verdict"] = verdict(ev["audit"]["flags"], attacked=bool(ev.get("attacks")))
     return ev

@@ -4,8 +4,10 @@ reload; a code is stored as its index among its family's code values."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 import struct
 import sys
 import zlib
@@ -42,11 +44,14 @@ FORMAT_NAME = "esq-packed"
 # `bits`) have the same layout and still load. Version 3 adds pruned layers: an entry may carry `mask`
 # (a keep bitmask, 1 bit per weight) and then stores the codes / values of its kept weights only
 # (`kept` of them); versions 1 and 2 have no such entries and still load. The one constant that names the
-# version written: every change of this release's format lands in the same new version.
+# version written: every change of this release's format lands in the same new version. Version 3 also ends the
+# file with the SHA-256 of everything before it (header and payload; CHECKSUM_SINCE), checked on every load.
 FORMAT_VERSION = 3
 SUPPORTED_VERSIONS = (1, 2, 3)
+CHECKSUM_SINCE = 3
+CHECKSUM_BYTES = 32
 # File layout: MAGIC | u64 little-endian header length | zlib-compressed UTF-8 JSON header |
-# padding | data. Raw bytes plus one compressed header keep the overhead to a few dozen bytes per
+# padding | data | (version >= 3) SHA-256 of all the bytes before it. Raw bytes plus one compressed header keep the overhead to a few dozen bytes per
 # tensor (no pickle, so loading a file cannot run code) and make the on-disk size easy to account
 # for.
 _MAGIC = b"ESQPACK\x00"
@@ -228,14 +233,22 @@ def packed_size(model: nn.Module) -> dict[str, int]:
     return {"model_bytes": counts["payload_bytes"], "float32_model_bytes": counts["float32_model_bytes"]}
 
 
-def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | None = None) -> dict[str, Any]:
+# The sizes of the report that do not depend on the header, so they can be stored in it (esq-export's `sizes`).
+HEADER_FREE_SIZES = ("float32_model_bytes", "float32_quantized_bytes", "packed_quantized_bytes", "other_bytes",
+                     "ratio", "quantized_layers")
+
+
+def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | None = None,
+                  sizes_key: str | None = None) -> dict[str, Any]:
     """Write ``model`` to ``path`` with its quantized layers bit-packed and its pruned layers sparse; return a size report.
 
     Quantized layers (at ratio 1, whatever their SQ ratio) are stored as packed codes plus one
     alpha per filter (per layer for per_filter=False) in the weight's dtype; pruned layers as a keep
     bitmask plus the codes (or float values) of their kept weights; every other state_dict tensor is
     stored raw. ``meta`` (JSON-able, e.g. the model's construction config) is stored for load_packed to
-    rebuild the architecture. ``payload_bytes`` of the report is packed_size(model)["model_bytes"].
+    rebuild the architecture. ``payload_bytes`` of the report is packed_size(model)["model_bytes"]. With
+    ``sizes_key``, meta[sizes_key] also holds the HEADER_FREE_SIZES of the report: the file is written once,
+    complete, with its checksum.
     """
     if sys.byteorder != "little":
         raise RuntimeError("export_packed writes little-endian data and needs a little-endian host")
@@ -246,6 +259,13 @@ def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | N
         raise ValueError(f"meta must be JSON-serializable (OmegaConf: use to_container): {exc}") from exc
 
     quantized, tensors, blobs, counts = _encode(model)
+    if sizes_key is not None:
+        pq = counts["packed_quantized_bytes"]
+        sizes = {"float32_quantized_bytes": counts["float32_quantized_bytes"], "packed_quantized_bytes": pq,
+                 "ratio": counts["float32_quantized_bytes"] / pq if pq else float("nan"),
+                 "other_bytes": counts["other_bytes"], "float32_model_bytes": counts["float32_model_bytes"],
+                 "quantized_layers": len(quantized)}
+        meta = {**meta, sizes_key: {k: sizes[k] for k in HEADER_FREE_SIZES}}
     header = zlib.compress(
         json.dumps(
             {"format": FORMAT_NAME, "version": FORMAT_VERSION, "meta": meta,
@@ -259,13 +279,20 @@ def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | N
     path = Path(path)
 
     def write(fh: Any) -> None:
-        fh.write(_MAGIC)
-        fh.write(struct.pack("<Q", len(header)))
-        fh.write(header)
-        fh.write(b"\x00" * _pad(prefix))
+        digest = hashlib.sha256()
+
+        def put(chunk: bytes | memoryview) -> None:
+            digest.update(chunk)
+            fh.write(chunk)
+
+        put(_MAGIC)
+        put(struct.pack("<Q", len(header)))
+        put(header)
+        put(b"\x00" * _pad(prefix))
         for t in blobs:
-            fh.write(_raw(t))
-            fh.write(b"\x00" * _pad(_nbytes(t)))
+            put(_raw(t))
+            put(b"\x00" * _pad(_nbytes(t)))
+        fh.write(digest.digest())
 
     # The one atomic writer: an interrupted export never leaves a half file.
     atomic_write(path, write)
@@ -276,7 +303,7 @@ def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | N
     return {
         "packed_bytes": file_bytes,
         "file_bytes": file_bytes,
-        "payload_bytes": file_bytes - prefix - _pad(prefix),
+        "payload_bytes": file_bytes - prefix - _pad(prefix) - CHECKSUM_BYTES,
         "float32_quantized_bytes": counts["float32_quantized_bytes"],
         "packed_quantized_bytes": packed_quantized,
         "mask_bytes": counts["mask_bytes"],
@@ -305,8 +332,26 @@ def _read(path: Path) -> tuple[dict[str, Any], bytearray, int]:
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"{path}: esq packed format version {version} unsupported "
                          f"(need one of {', '.join(map(str, SUPPORTED_VERSIONS))})")
+    if version >= CHECKSUM_SINCE:
+        body, stored = bytes(data[:-CHECKSUM_BYTES]), bytes(data[-CHECKSUM_BYTES:])
+        if len(data) < start + hlen + CHECKSUM_BYTES or hashlib.sha256(body).digest() != stored:
+            raise PackedChecksumError(f"{path}: checksum mismatch: the packed model is corrupt or was modified "
+                                      "after esq-export wrote it; export it again from its checkpoint")
+        del data[-CHECKSUM_BYTES:]
+    else:
+        warnings.warn(UnverifiedPackedFile(f"{path}: esq packed format version {version} carries no checksum, so "
+                                           "its contents cannot be verified; export it again to get one"),
+                      stacklevel=3)
     base = start + hlen
     return header, data, base + _pad(base)
+
+
+class PackedChecksumError(ValueError):
+    """The packed file's bytes do not match the checksum it was written with."""
+
+
+class UnverifiedPackedFile(UserWarning):
+    """A packed file of a format version without a checksum (older than CHECKSUM_SINCE) was read."""
 
 
 def load_packed(

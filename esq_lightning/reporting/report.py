@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from esq_lightning.artifacts.results import train_attack_label
+from esq_lightning.atomic import atomic_write, atomic_write_text
 from esq_lightning.artifacts.runs import iter_results, read_json_record, stored_training_config
 from esq_lightning.errors import ESQUserError, show_value
 from esq_lightning.reporting.curves import log_curves_wandb, write_curves
@@ -339,7 +339,7 @@ def make_report(root: str | Path | Sequence[str | Path], out: str | Path | None 
     markdown = "\n".join(md_parts)
     files += _write(out, "report", markdown, "\n".join(tex_parts), fmt)
     csv_path = out / "whitebox.csv"
-    csv_path.write_text(tables_csv([t for ts in tables.values() for t in ts]))
+    atomic_write_text(csv_path, tables_csv([t for ts in tables.values() for t in ts]))
     files.append(csv_path)
     return {"markdown": markdown, "tables": tables, "files": files, "out": out,
             "n_runs": len(records), "extras": {k: [str(p) for p, _ in v] for k, v in extras.items()},
@@ -349,10 +349,10 @@ def make_report(root: str | Path | Sequence[str | Path], out: str | Path | None 
 def _write(out: Path, stem: str, md: str, tex: str, fmt: str) -> list[Path]:
     written = []
     if fmt in ("md", "both"):
-        (out / f"{stem}.md").write_text(md if md.endswith("\n") else md + "\n")
+        atomic_write_text(out / f"{stem}.md", md if md.endswith("\n") else md + "\n")
         written.append(out / f"{stem}.md")
     if fmt in ("latex", "both"):
-        (out / f"{stem}.tex").write_text(tex if tex.endswith("\n") else tex + "\n")
+        atomic_write_text(out / f"{stem}.tex", tex if tex.endswith("\n") else tex + "\n")
         written.append(out / f"{stem}.tex")
     return written
 
@@ -364,6 +364,6 @@ def _copy_figure(rec: dict[str, Any], path: Path, out: Path, stem: str) -> str |
     for fig in candidates:
         if fig.is_file():
             target = out / f"{stem}.png"
-            shutil.copyfile(fig, target)
+            atomic_write(target, lambda f, fig=fig: f.write(fig.read_bytes()))
             return target.name
     return None
