@@ -129,7 +129,7 @@ def composition_error(config_name: str, overrides: list[str], exc: BaseException
         return ESQUserError(f"{group}={option}: unknown option of group {group}{did_you_mean(option, options)}; "
                             f"allowed: {', '.join(options) or '(none)'}")
     override = re.search(r"Could not override '([^']+)'", text)
-    if override and "not in struct" in text:
+    if override and ("not in struct" in f"{text} {exc.__cause__}" or "To append to your config" in text):
         key = override.group(1)
         parent, _, leaf = key.rpartition(".")
         siblings: list[str] = []

@@ -21,12 +21,12 @@ from esq_lightning.errors import ESQUserError, show_value
 RESULTS = "results.json"
 
 
-def iter_results(root: str | Path, unreadable: list[tuple[Path, str]] | None = None
-                 ) -> Iterator[tuple[Path, dict[str, Any]]]:
+def iter_results(root: str | Path, unreadable: list[tuple[Path, str]] | None = None,
+                 required: tuple[str, ...] = ()) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Every readable results.json under root (a run or multirun directory), as (run_dir, results).
 
-    The others (a run that is still writing, a corrupt or foreign file) are skipped; with `unreadable`,
-    each is appended to it as (path, why).
+    The others (a run that is still writing, a corrupt or foreign file, a record with a field of the wrong type or
+    without a `required` field: record_problem) are skipped; with `unreadable`, each is appended to it as (path, why).
     """
     root = Path(root)
     if not root.exists():
@@ -35,7 +35,7 @@ def iter_results(root: str | Path, unreadable: list[tuple[Path, str]] | None = N
         record = read_json_record(path, unreadable)
         if record is None:
             continue
-        problem = record_problem(record)
+        problem = record_problem(record, required)
         if problem is not None:
             if unreadable is not None:
                 unreadable.append((path, problem))
@@ -72,15 +72,15 @@ def _type_name(value: Any) -> str:
         type(value).__name__, type(value).__name__)
 
 
-def record_problem(record: dict[str, Any]) -> str | None:
+def record_problem(record: dict[str, Any], required: tuple[str, ...] = RECORD_REQUIRED) -> str | None:
     """None for a record that fits the schema, else one phrase naming the first field that does not."""
-    for key in RECORD_REQUIRED:
+    for key in required:
         if key not in record:
             return f"field {key}: missing"
     for key, kinds in RECORD_FIELDS.items():
         if key in record and not any(_is(record[key], k) for k in kinds):
             return f"field {key}: {_type_name(record[key])} where {' or '.join(kinds)} belongs"
-    for name, acc in record["robust_acc"].items():
+    for name, acc in (record.get("robust_acc") or {}).items():
         if not _is(acc, _NUMBER):
             return f"field robust_acc.{name}: {_type_name(acc)} where a number belongs"
     return None

@@ -15,7 +15,7 @@ from typing import Any
 
 from esq_lightning.artifacts.results import train_attack_label
 from esq_lightning.atomic import atomic_write, atomic_write_text
-from esq_lightning.artifacts.runs import iter_results, read_json_record, stored_training_config
+from esq_lightning.artifacts.runs import RECORD_REQUIRED, iter_results, read_json_record, stored_training_config
 from esq_lightning.errors import ESQUserError, show_value
 from esq_lightning.reporting.curves import log_curves_wandb, write_curves
 from esq_lightning.reporting.front import log_fronts_wandb, write_fronts
@@ -269,7 +269,7 @@ def make_report(root: str | Path | Sequence[str | Path], out: str | Path | None 
     unreadable: list[tuple[Path, str]] = []
     records, extras, seen = [], {}, set()
     for r in roots:
-        for d, rec in iter_results(r, unreadable):
+        for d, rec in iter_results(r, unreadable, required=RECORD_REQUIRED):
             if out.resolve() not in d.resolve().parents and d.resolve() not in seen:
                 seen.add(d.resolve())
                 records.append((d, rec))
