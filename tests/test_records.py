@@ -290,3 +290,22 @@ def test_the_api_raises_one_line_user_errors_for_composition_errors(tmp_path: Pa
     with pytest.raises(ESQUserError, match="^trainer.max_epoch: unknown key \\(did you mean 'max_epochs'\\?\\)"):
         api.train(trainer__max_epoch=1, run_dir=tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---- every job validated before the first one runs -------------------------------------------------------------
+def test_a_multirun_checks_every_job_before_the_first(tmp_path: Path) -> None:
+    proc = run_cli("train", ["-m", "threads=1", "seed=0,1", "quant.bits=1,nine", f"hydra.sweep.dir={tmp_path / 'm'}"],
+                   tmp_path)
+    assert proc.returncode == 2
+    assert error_lines(proc.stderr) == ["error: job 1 of 4 (seed=0 quant.bits=nine): quant.bits: 'nine' is not "
+                                        "allowed; allowed: 1, 2, 3, 4, 5, 6, 7, 8, 32; no job was started"]
+    assert not list((tmp_path / "m").rglob("results.json")) and not list((tmp_path / "m").rglob(".hydra"))
+
+
+def test_reproduce_checks_every_stage_before_the_first(capsys) -> None:
+    from esq_lightning.cli.reproduce import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["dry_run=true", "stages=[pretrain,quantize]", "seeds=[0]", "train=[quant.bits=nine]"])
+    assert info.value.code == 2
+    assert "error: job 0 of 2 (experiment=digits/NF): quant.bits: 'nine' is not allowed" in capsys.readouterr().err

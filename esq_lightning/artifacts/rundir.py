@@ -225,5 +225,23 @@ class RunDirGuard(_Callback):  # type: ignore[misc]
             print(f"error: {one_line(str(exc))}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        """esq-train -m: every job's config is checked before the first job runs (config/jobs.py)."""
+        import sys
+
+        from omegaconf import OmegaConf
+
+        if is_secondary_rank() or str(OmegaConf.select(config, "task_name", default="")) != "train":
+            return
+        from esq_lightning.config.jobs import check_jobs
+
+        try:
+            check_jobs(str(config.hydra.job.config_name), list(config.hydra.overrides.task))
+        except ESQUserError as exc:
+            from esq_lightning.cli._common import one_line
+
+            print(f"error: {one_line(str(exc))}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
     def on_run_end(self, config: Any, **kwargs: Any) -> None:
         release_all()

@@ -169,6 +169,18 @@ def estimate_digits_seconds(opts: dict[str, Any]) -> float:
     return total
 
 
+def check_stages(steps: Sequence[Step], eval_extra: Sequence[str]) -> None:
+    """Every training job of every stage, and the evaluation overrides, validated before the first stage runs
+    (also with dry_run=true): a bad override fails in one line, not after hours of earlier stages."""
+    from esq_lightning.config.jobs import check_jobs
+
+    for step in steps:
+        if step.tool == "esq-train":
+            check_jobs("train", [a for a in step.build(True) if a not in ("-m", "--multirun")])
+    if eval_extra:
+        check_jobs("eval", list(eval_extra))
+
+
 def command_text(step: Step, argv: Sequence[str]) -> str:
     return shlex.join([step.tool, *argv])
 
@@ -188,6 +200,7 @@ def run_pipeline(opts: dict[str, Any], train_extra: Sequence[str], eval_extra: S
     if str(opts["threads"]) == "1":
         # One torch/OpenMP thread per job: the jobs, not the threads, use the cores.
         env["OMP_NUM_THREADS"] = "1"
+    check_stages(steps, eval_extra)
     for i, step in enumerate(steps, start=1):
         argv = step.build(dry)
         echo(f"# [{i}/{len(steps)}] {step.stage}: {step.note}")

@@ -1,0 +1,110 @@
+"""Every job of a sweep validated before the first one runs (esq-train -m, esq-reproduce's training stages).
+
+Hydra's basic sweeper composes each job's config only when the job starts, so a bad value in the fifth job of a
+sweep (or a sweep preset's hydra.sweeper.params) would fail after four jobs trained. check_jobs expands the sweep
+the way the basic sweeper does (the command line's comma lists and the preset's params, as a Cartesian product),
+composes every job's config and runs the schema's phase-1 check on it (config/schema.py): the first error stops
+everything in one line naming the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from esq_lightning.errors import ESQUserError
+
+CONFIG_MODULE = "esq_lightning.conf"
+# A sweep larger than this is checked on its first MAX_CHECKED jobs (composing takes a few milliseconds a job).
+MAX_CHECKED = 512
+
+
+@contextlib.contextmanager
+def _hydra() -> Iterator[None]:
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        yield
+
+
+def _compose(config_name: str, overrides: list[str]) -> Any:
+    from hydra import compose
+
+    try:
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
+    except ESQUserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors, as one line
+        from esq_lightning.api import composition_error
+
+        raise composition_error(config_name, overrides, exc) from None
+
+
+def expand_jobs(config_name: str, overrides: Sequence[str]) -> list[list[str]]:
+    """The override lists of the sweep's jobs, in the basic sweeper's order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(list(overrides))
+    except Exception as exc:  # noqa: BLE001 - an override Hydra's grammar refuses
+        raise ESQUserError(" ".join(str(exc).split())) from None
+    choices: list[list[str]] = []
+    keys = set()
+    for o in parsed:
+        key = o.get_key_element()
+        keys.add(key.lstrip("+~"))
+        if o.is_sweep_override():
+            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([o.input_line])
+    # The sweep preset's own params (conf/sweep/*.yaml: hydra.sweeper.params), read from the first job's config.
+    first = [c[0] for c in choices]
+    cfg = _compose(config_name, first)
+    sweeper = cfg.hydra.get("sweeper") or {}
+    # Another sweeper (Optuna: hparams_search=) draws its own values: its jobs are checked at their base config.
+    basic = "BasicSweeper" in str(sweeper.get("_target_", "BasicSweeper"))
+    params = (sweeper.get("params") or {}) if basic else {}
+    for key, value in params.items():
+        if str(key) in keys:
+            continue  # the command line's value wins
+        [o] = parser.parse_overrides([f"{key}={value}"])
+        choices.append([f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+                       else [o.input_line])
+    return [list(job) for job in itertools.islice(itertools.product(*choices), MAX_CHECKED)]
+
+
+def check_jobs(config_name: str, overrides: Sequence[str]) -> int:
+    """Compose and validate every job of the sweep (phase 1); ESQUserError naming the first bad job. Returns the
+    number of jobs checked."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from esq_lightning.config.schema import validate_config
+
+    saved = HydraConfig.instance().cfg
+    try:
+        with _hydra():
+            jobs = expand_jobs(config_name, overrides)
+            for i, job in enumerate(jobs):
+                cfg = _compose(config_name, job)
+                with open_dict(cfg):
+                    cfg.hydra.runtime.output_dir = "<job dir>"
+                    cfg.hydra.job.num = i
+                HydraConfig.instance().set_config(cfg)
+                try:
+                    validate_config(cfg, code_checks=False)
+                except ESQUserError as exc:
+                    swept = [o for o in job if o not in overrides] or job
+                    raise ESQUserError(f"job {i} of {len(jobs)} ({' '.join(swept)}): {exc}; no job was "
+                                       "started") from None
+    finally:
+        if saved is not None:
+            HydraConfig.instance().cfg = saved
+    return len(jobs)
