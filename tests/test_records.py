@@ -64,7 +64,7 @@ def test_a_second_run_into_a_finished_run_directory_is_refused_and_changes_nothi
     assert f"{run} holds a finished run" in line
     assert snapshot(run) == before  # results.json, checkpoints and .hydra/ of the finished run: byte-identical
     # Resuming it with nothing left to train says so instead of re-recording.
-    with pytest.raises(ESQUserError, match="finished run that trained 1 epochs; trainer.max_epochs=1 leaves nothing"):
+    with pytest.raises(ESQUserError, match="finished run that trained 1 epoch; trainer.max_epochs=1 leaves nothing"):
         train(compose_config("train", [*TINY, "ckpt_path=last"], run))
     assert snapshot(run) == before
 

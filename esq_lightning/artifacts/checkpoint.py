@@ -316,7 +316,8 @@ def check_something_left(run_dir: str | Path, config: dict[str, Any]) -> None:
     want = (config.get("trainer") or {}).get("max_epochs")
     if isinstance(done, int) and isinstance(want, int) and want <= done:
         raise ESQUserError(
-            f"ckpt_path: {run_dir} holds a finished run that trained {done} epochs; trainer.max_epochs={want} leaves "
+            f"ckpt_path: {run_dir} holds a finished run that trained {done} epoch{'' if done == 1 else 's'}; "
+            f"trainer.max_epochs={want} leaves "
             f"nothing to train, so its records stay as they are (set trainer.max_epochs above {done} to train on)")
 
 
