@@ -137,6 +137,13 @@ def test_export_never_writes_over_its_source_or_an_existing_file(finished, tmp_p
     with pytest.raises(ESQUserError, match="exists; esq-export does not replace a file unless overwrite=true"):
         export_checkpoint(ckpt, out)
     assert out.read_bytes() == b"keep me"
+    from esq_lightning import api
+
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"keep me too")
+    with pytest.raises(ESQUserError, match="model.onnx exists; esq-export does not replace a file unless overwrite"):
+        api.export(ckpt, onnx, format="onnx")
+    assert onnx.read_bytes() == b"keep me too"
     report = export_checkpoint(ckpt, out, overwrite=True)
     assert report["identical_logits"] and out.read_bytes() != b"keep me"
     proc = run_cli("export", [f"ckpt_path={ckpt}", "out=/proc/nope/model.esq"], tmp_path)
