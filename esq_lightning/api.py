@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 import esq_lightning.config.resolvers  # noqa: F401  (registers the configs' resolvers)
 from esq_lightning.artifacts.runs import iter_results
 from esq_lightning.config.schema import validate_train_config
+from esq_lightning.config.jobs import composition_error
 from esq_lightning.errors import ESQUserError
 from esq_lightning.notices import quiet_library_notices
 
@@ -112,46 +113,6 @@ def compose(config_name: str, overrides: list[str], run_dir: str | Path | None =
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     OmegaConf.save(job_cfg, hydra_dir / "config.yaml")
     return cfg
-
-
-def composition_error(config_name: str, overrides: list[str], exc: BaseException) -> ESQUserError:
-    """Hydra's composition error (unknown group option, misspelt key, bad override) as the CLI's one line, with the
-    "did you mean" hint."""
-    import re
-
-    from esq_lightning.errors import did_you_mean
-
-    text = str(exc)
-    missing = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
-    if missing:
-        group, option = missing.group(1), missing.group(2)
-        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
-        return ESQUserError(f"{group}={option}: unknown option of group {group}{did_you_mean(option, options)}; "
-                            f"allowed: {', '.join(options) or '(none)'}")
-    override = re.search(r"Could not override '([^']+)'", text)
-    if override and ("not in struct" in f"{text} {exc.__cause__}" or "To append to your config" in text):
-        key = override.group(1)
-        parent, _, leaf = key.rpartition(".")
-        siblings: list[str] = []
-        try:
-            from hydra import compose as hydra_compose
-            from hydra import initialize_config_module
-            from hydra.core.global_hydra import GlobalHydra
-            from omegaconf import OmegaConf
-
-            rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
-            GlobalHydra.instance().clear()
-            with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-                base = hydra_compose(config_name, overrides=rest)
-            node = OmegaConf.select(base, parent) if parent else base
-            siblings = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
-        except Exception:  # noqa: BLE001 - the hint is optional
-            pass
-        where = f" of {parent}" if parent else ""
-        allowed = f"; allowed keys{where}: {', '.join(siblings)}" if siblings else "; add it with +" + key + "=..."
-        return ESQUserError(f"{key}: unknown key{did_you_mean(leaf, siblings)}{allowed}")
-    line = " ".join(text.split())
-    return ESQUserError(line or f"{type(exc).__name__} while composing the {config_name} config")
 
 
 def _quiet() -> None:

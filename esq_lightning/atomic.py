@@ -84,20 +84,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], bina
     _fsync_dir(path.parent)
 
 
-def check_writable(path: str | os.PathLike, key: str) -> None:
-    """ESQUserError naming `key` when a file cannot be created at `path` (its folder cannot be made or written)."""
-    from esq_lightning.errors import ESQUserError
-
-    path = Path(path)
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
-    except OSError as exc:
-        raise ESQUserError(f"{key}: cannot write {path}: {exc.strerror or exc}; choose a writable place") from None
-    os.close(fd)
-    os.unlink(tmp)
-
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)

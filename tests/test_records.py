@@ -265,11 +265,11 @@ def test_a_short_sq_schedule_is_recorded_and_shown(finished) -> None:
 
 
 def test_lambdas_of_zero_at_every_layer_are_refused(tmp_path: Path) -> None:
-    from esq_lightning.config.schema import validate_config
+    from esq_lightning.config.schema import validate_train_config
 
     cfg = compose_config("train", [*TINY, "pairing.lambdas=[0]"], tmp_path)
     with pytest.raises(ESQUserError, match="pairing.lambdas: .* zero at every layer, so method=esq"):
-        validate_config(cfg, code_checks=False)
+        validate_train_config(cfg)
 
 
 def test_no_attack_gives_no_verdict_and_a_lost_attack_no_pass(monkeypatch) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,20 @@ def check_export_target(source: Path, out: Path, overwrite: bool) -> None:
         raise ESQUserError(f"out: {out} is a directory; give the packed file's path, e.g. out={out / 'model.esq'}")
     if out.exists() and not overwrite:
         raise ESQUserError(f"out: {out} exists; esq-export does not replace a file unless overwrite=true")
-    from esq_lightning.atomic import check_writable
-
     check_writable(out, "out")
+
+
+def check_writable(path: str | os.PathLike, key: str) -> None:
+    """ESQUserError naming `key` when a file cannot be created at `path` (its folder cannot be made or written)."""
+    path = Path(path)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as exc:
+        raise ESQUserError(f"{key}: cannot write {path}: {exc.strerror or exc}; choose a writable place") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def _json_safe(value: Any) -> Any:

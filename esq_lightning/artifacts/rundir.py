@@ -219,10 +219,8 @@ class RunDirGuard(_Callback):  # type: ignore[misc]
         try:
             claim_run_dir(Path(str(run_dir)), task, None if resume is None else str(resume))
         except ESQUserError as exc:
-            from esq_lightning.cli._common import one_line
-
             forget_fresh_run_dir()
-            print(f"error: {one_line(str(exc))}", file=sys.stderr, flush=True)
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
@@ -238,9 +236,7 @@ class RunDirGuard(_Callback):  # type: ignore[misc]
         try:
             check_jobs(str(config.hydra.job.config_name), list(config.hydra.overrides.task))
         except ESQUserError as exc:
-            from esq_lightning.cli._common import one_line
-
-            print(f"error: {one_line(str(exc))}", file=sys.stderr, flush=True)
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
     def on_run_end(self, config: Any, **kwargs: Any) -> None:

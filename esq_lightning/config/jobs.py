@@ -21,6 +21,46 @@ CONFIG_MODULE = "esq_lightning.conf"
 MAX_CHECKED = 512
 
 
+def composition_error(config_name: str, overrides: list[str], exc: BaseException) -> ESQUserError:
+    """Hydra's composition error (unknown group option, misspelt key, bad override) as the CLI's one line, with the
+    "did you mean" hint."""
+    import re
+
+    from esq_lightning.errors import did_you_mean
+
+    text = str(exc)
+    missing = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if missing:
+        group, option = missing.group(1), missing.group(2)
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        return ESQUserError(f"{group}={option}: unknown option of group {group}{did_you_mean(option, options)}; "
+                            f"allowed: {', '.join(options) or '(none)'}")
+    override = re.search(r"Could not override '([^']+)'", text)
+    if override and ("not in struct" in f"{text} {exc.__cause__}" or "To append to your config" in text):
+        key = override.group(1)
+        parent, _, leaf = key.rpartition(".")
+        siblings: list[str] = []
+        try:
+            from hydra import compose as hydra_compose
+            from hydra import initialize_config_module
+            from hydra.core.global_hydra import GlobalHydra
+            from omegaconf import OmegaConf
+
+            rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+            GlobalHydra.instance().clear()
+            with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+                base = hydra_compose(config_name, overrides=rest)
+            node = OmegaConf.select(base, parent) if parent else base
+            siblings = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
+        except Exception:  # noqa: BLE001 - the hint is optional
+            pass
+        where = f" of {parent}" if parent else ""
+        allowed = f"; allowed keys{where}: {', '.join(siblings)}" if siblings else "; add it with +" + key + "=..."
+        return ESQUserError(f"{key}: unknown key{did_you_mean(leaf, siblings)}{allowed}")
+    line = " ".join(text.split())
+    return ESQUserError(line or f"{type(exc).__name__} while composing the {config_name} config")
+
+
 @contextlib.contextmanager
 def _hydra() -> Iterator[None]:
     from hydra import initialize_config_module
@@ -41,8 +81,6 @@ def _compose(config_name: str, overrides: list[str]) -> Any:
     except ESQUserError:
         raise
     except Exception as exc:  # noqa: BLE001 - Hydra's composition errors, as one line
-        from esq_lightning.api import composition_error
-
         raise composition_error(config_name, overrides, exc) from None
 
 
@@ -86,7 +124,7 @@ def check_jobs(config_name: str, overrides: Sequence[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from esq_lightning.config.schema import validate_config
+    from esq_lightning.config.schema import validate_train_config
 
     saved = HydraConfig.instance().cfg
     try:
@@ -101,7 +139,7 @@ def check_jobs(config_name: str, overrides: Sequence[str]) -> int:
                 if config_name != "train":
                     continue  # esq-eval's keys are validated once merged with the checkpoint's config
                 try:
-                    validate_config(cfg, code_checks=False)
+                    validate_train_config(cfg)
                 except ESQUserError as exc:
                     swept = [o for o in job if o not in overrides] or job
                     raise ESQUserError(f"job {i} of {len(jobs)} ({' '.join(swept)}): {exc}; no job was "
