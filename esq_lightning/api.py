@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import esq_lightning.config.resolvers  # noqa: F401  (registers the configs' resolvers)
 from esq_lightning.artifacts.runs import iter_results
-from esq_lightning.config.schema import validate_train_config
 from esq_lightning.config.jobs import composition_error
+from esq_lightning.config.schema import validate_train_config
 from esq_lightning.errors import ESQUserError
 from esq_lightning.notices import quiet_library_notices
 
@@ -91,7 +91,7 @@ def compose(config_name: str, overrides: list[str], run_dir: str | Path | None =
     try:
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
             cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
-    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors: unknown option, misspelt key, bad override
+    except Exception as exc:
         raise composition_error(config_name, overrides, exc) from None
     out = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).resolve()
     with open_dict(cfg):
@@ -161,7 +161,9 @@ def evaluate(ckpt_path: str | Path | None = None, *, ckpts: Iterable[str | Path]
     with _claimed_run():
         cfg = compose("eval", to_overrides(kwargs, overrides), run_dir)
         # As esq-eval: the eval config is checked once merged with the checkpoint's (before any data is read).
-        from esq_lightning.commands.evaluate import evaluate as run  # torch loads here: `import esq_lightning` stays cheap
+        from esq_lightning.commands.evaluate import (
+            evaluate as run,  # torch loads here: `import esq_lightning` stays cheap
+        )
 
         return run(cfg)
 

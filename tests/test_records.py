@@ -19,10 +19,10 @@ from esq_lightning.artifacts.checkpoint import (
     read_checkpoint,
 )
 from esq_lightning.artifacts.export import export_checkpoint
-from esq_lightning.artifacts.rundir import LOCK_NAME
-from esq_lightning.errors import ESQUserError
 from esq_lightning.artifacts.loading import build_network, load_packed_for_eval
+from esq_lightning.artifacts.rundir import LOCK_NAME
 from esq_lightning.commands.train import SQ_SCHEDULE_SHORT, train
+from esq_lightning.errors import ESQUserError
 from tests.hydra_utils import FAST, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -212,7 +212,7 @@ class RunDirGuard(_Callback):  # type: ignore[misc]
             run_dir = OmegaConf.select(config, "hydra.run.dir")
             task = str(OmegaConf.select(config, "task_name", default="train"))
             resume = OmegaConf.select(config, "ckpt_path", default=None) if task == "train" else None
-        except Exception:  # noqa: BLE001 - a config error: the task's validation reports it in one line
+        except Exception:
             return
         if run_dir is None:
             return

@@ -20,8 +20,8 @@ from esq_lightning.artifacts.checkpoint import (
     check_resume_checkpoint,
     check_something_left,
     keep_metrics_of_interrupted_run,
-    merge_resumed_metrics,
     load_model_weights,
+    merge_resumed_metrics,
     resolve_resume_path,
     with_checkpoint_trust,
 )
@@ -33,6 +33,7 @@ from esq_lightning.artifacts.results import (
     print_results,
     train_threat_model,
 )
+from esq_lightning.artifacts.rundir import claim_run_dir, release_run_dir
 from esq_lightning.artifacts.runs import resolve_init_from
 from esq_lightning.atomic import atomic_write_json
 from esq_lightning.attacks import frozen_eval
@@ -51,7 +52,6 @@ from esq_lightning.training.checkpoint_io import AtomicCheckpointIO
 from esq_lightning.training.loggers import log_results_table, restore_wandb_env, snapshot_wandb_env, wandb_logger_config
 from esq_lightning.training.module import ESQModule
 from esq_lightning.training.objectives import Objective
-from esq_lightning.artifacts.rundir import claim_run_dir, release_run_dir
 from esq_lightning.utils import set_threads
 
 # The named warning of a run whose quantization-ratio schedule ended below 1 (results.json warnings).

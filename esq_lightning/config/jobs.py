@@ -51,8 +51,8 @@ def composition_error(config_name: str, overrides: list[str], exc: BaseException
             with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
                 base = hydra_compose(config_name, overrides=rest)
             node = OmegaConf.select(base, parent) if parent else base
-            siblings = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
-        except Exception:  # noqa: BLE001 - the hint is optional
+            siblings = [str(k) for k in node] if hasattr(node, "keys") else []
+        except Exception:
             pass
         where = f" of {parent}" if parent else ""
         allowed = f"; allowed keys{where}: {', '.join(siblings)}" if siblings else "; add it with +" + key + "=..."
@@ -80,7 +80,7 @@ def _compose(config_name: str, overrides: list[str]) -> Any:
         return compose(config_name, overrides=overrides, return_hydra_config=True)
     except ESQUserError:
         raise
-    except Exception as exc:  # noqa: BLE001 - Hydra's composition errors, as one line
+    except Exception as exc:
         raise composition_error(config_name, overrides, exc) from None
 
 
@@ -91,7 +91,7 @@ def expand_jobs(config_name: str, overrides: Sequence[str]) -> list[list[str]]:
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(list(overrides))
-    except Exception as exc:  # noqa: BLE001 - an override Hydra's grammar refuses
+    except Exception as exc:
         raise ESQUserError(" ".join(str(exc).split())) from None
     choices: list[list[str]] = []
     keys = set()
