@@ -27,6 +27,6 @@ def test_clean_accuracy_within_three_times_chance_is_named() -> None:
 
 def test_an_sq_schedule_that_ended_below_ratio_one_is_named() -> None:
     (flag,) = sq_schedule_flags(0.4)
-    assert flag["name"] == "sq_schedule_incomplete" and flag["severity"] == "warn" and flag["sq_ratio_final"] == 0.4
+    assert flag["name"] == "sq_schedule_short" and flag["severity"] == "warn" and flag["sq_ratio_final"] == 0.4
     assert "0.4" in flag["message"] and "trainer.max_epochs" in flag["message"]
     assert sq_schedule_flags(1.0) == [] and sq_schedule_flags(None) == []

@@ -82,6 +82,8 @@ def test_default_experiment_writes_results_json(tmp_path: Path) -> None:
     assert results["train_config"]["trainer.max_epochs"] == 2 and results["train_config"]["quant.kind"] == "bwn"
     assert not any(k.startswith(("paths.", "eval.", "logger")) for k in results["train_config"])
     assert results["audit"]["verdict"] in ("pass", "warn", "fail")
+    # 2 epochs of a schedule that quantizes 0.2 more every 4: the verdict names the short schedule
+    assert results["sq_ratio_final"] < 1 and "sq_schedule_short" in [f["name"] for f in results["audit"]["flags"]]
     assert results["threat_model"]["norm"] == "linf" and results["threat_model"]["eps"] > 0
     assert results["epochs"] == 2 and results["train_seconds"] > 0
     assert Path(results["checkpoint"]).is_file()

@@ -176,7 +176,7 @@ def format_table(results: dict[str, Any]) -> str:
                                                          if audit.get("flags") else "")))
     if results.get("sq_ratio_final") is not None:
         ratio = float(results["sq_ratio_final"])
-        rows.append(("sq_ratio_final", f"{ratio:g}" + ("" if ratio >= 1 else " (below 1: warning sq_schedule_short)")))
+        rows.append(("sq_ratio_final", f"{ratio:g}" + ("" if ratio >= 1 else " (below 1: flag sq_schedule_short)")))
     for key in ("epochs", "train_seconds", "checkpoint"):
         if key in results:
             value = results[key]

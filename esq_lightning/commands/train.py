@@ -41,7 +41,7 @@ from esq_lightning.commands.checks import validate_config
 from esq_lightning.config.threat import ThreatModel
 from esq_lightning.data import build_datamodule
 from esq_lightning.errors import ESQUserError, EvaluationFailed
-from esq_lightning.evaluation.checks import format_verdict, unattackable_verdict
+from esq_lightning.evaluation.checks import format_verdict, sq_schedule_flags, unattackable_verdict
 from esq_lightning.evaluation.sequence import EvalSettings, evaluate_model
 from esq_lightning.notices import quiet_wandb_logger
 from esq_lightning.pairing import check_pairing_names, logit_offset_stats, resolve_distance
@@ -55,7 +55,6 @@ from esq_lightning.training.objectives import Objective
 from esq_lightning.utils import set_threads
 
 # The named warning of a run whose quantization-ratio schedule ended below 1 (results.json warnings).
-SQ_SCHEDULE_SHORT = "sq_schedule_short"
 # Training inputs that calibrate the activation clipping ranges (quant.act_bits < 32).
 ACT_CALIBRATION_SAMPLES = 256
 
@@ -312,15 +311,17 @@ def evaluate_and_record(
     # the training monitors; pgd_pairing at this run's own pairing.
     threat = ThreatModel.from_config(cfg)
     settings = EvalSettings.from_config(cfg, OmegaConf.to_container(cfg, resolve=True), int(cfg.seed))
+    # A run shorter than its SQ schedule says so in its verdict (sq_schedule_short).
     ev = evaluate_model(model, x, y, threat, settings, device=module.device,
-                        extra_flags=getattr(module, "training_flags", []))
+                        extra_flags=[*getattr(module, "training_flags", []),
+                                     *sq_schedule_flags(_final_sq_ratio(trainer, model))])
     # The logit offset against the centred logits on the test inputs, and its named warning (docs/pairing.md).
     offset = measure_logit_offset(model, x[: cfg.eval.n_samples] if cfg.eval.n_samples else x, module.device)
     results = build_results(cfg, ev, gradient_masking=ev.get("gradient_masking"), epochs=trainer.current_epoch, train_seconds=train_seconds,
                             checkpoint=str(final_ckpt), run_dir=str(out), **packed_size(model),
                             val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
                             logit_offset=offset, **sq_schedule_record(trainer, model),
-                            warnings=logit_offset_warnings(offset) + sq_schedule_warnings(trainer, model),
+                            warnings=logit_offset_warnings(offset),
                             compression=compression_record(model, getattr(module, "compression", {}),
                                                            cfg.get("compress_name"), cfg.get("budget")),
                             **getattr(module, "training_record", {}))
@@ -381,18 +382,6 @@ def sq_schedule_record(trainer: pl.Trainer, model: nn.Module) -> dict[str, Any]:
     """results.json `sq_ratio_final` for a quantized run: the ratio its last training epoch used."""
     ratio = _final_sq_ratio(trainer, model)
     return {} if ratio is None else {"sq_ratio_final": ratio}
-
-
-def sq_schedule_warnings(trainer: pl.Trainer, model: nn.Module) -> list[dict[str, Any]]:
-    """The named warning SQ_SCHEDULE_SHORT when the schedule never reached ratio 1: the last epoch trained a partly
-    full-precision network, while every evaluation runs it fully quantized."""
-    ratio = _final_sq_ratio(trainer, model)
-    if ratio is None or ratio >= 1.0:
-        return []
-    return [{"name": SQ_SCHEDULE_SHORT, "sq_ratio_final": ratio,
-             "message": f"the SQ schedule ended at ratio {ratio:g} on the last training epoch, below 1: the network "
-                        "was never trained fully quantized (raise trainer.max_epochs, or lower "
-                        "callbacks.quant_ratio.every_n_epochs)"}]
 
 
 def raise_if_unattackable(results: dict[str, Any]) -> None:

@@ -26,6 +26,8 @@ from esq_lightning.evaluation.worstcase import WORST_CASE, same_threat
 from esq_lightning.quant import full_quantization
 
 WARN, FAIL = "warn", "fail"
+# The flag of a run that ended before its SQ schedule reached ratio 1 (results.json sq_ratio_final < 1).
+SQ_SCHEDULE_SHORT = "sq_schedule_short"
 
 # name -> severity. Model probes first (cheap), then comparisons of attacks, then the eps curve.
 FLAGS: dict[str, str] = {
@@ -35,7 +37,7 @@ FLAGS: dict[str, str] = {
     "constant_output": FAIL,            # one prediction for every input
     "chance_accuracy": FAIL,            # clean accuracy at or below chance
     "low_clean_accuracy": WARN,         # clean accuracy within a few times chance: too short a run, or it failed
-    "sq_schedule_incomplete": WARN,     # the SQ ratio never reached 1 in training: evaluated beyond what it trained
+    "sq_schedule_short": WARN,          # the SQ ratio never reached 1 in training: evaluated beyond what it trained
     "unattackable": FAIL,               # an attack refused to run (GradientCheckError)
     "loss_scale_sensitivity": WARN,     # CE-based PGD far above margin / DLR PGD
     "weak_attack_overstates": WARN,     # PGD-20 (etc.) far above the worst case
@@ -191,13 +193,13 @@ def probe_flags(probe: Mapping[str, Any], clean_acc: float, th: Thresholds) -> l
 
 
 def sq_schedule_flags(sq_ratio_final: float | None) -> list[dict[str, Any]]:
-    """sq_schedule_incomplete when the last training epoch quantized less than every weight (ratio < 1): the model is
+    """SQ_SCHEDULE_SHORT when the last training epoch quantized less than every weight (ratio < 1): the model is
     evaluated at full quantization, which it never trained at (a run shorter than its SQ schedule)."""
     if sq_ratio_final is None or sq_ratio_final >= 1.0:
         return []
-    return [flag("sq_schedule_incomplete", f"the SQ ratio reached only {sq_ratio_final:g} on the last training epoch: "
-                 "the model never trained at the full quantization it is evaluated at; train longer "
-                 "(trainer.max_epochs) or quantize sooner (callbacks.quant_ratio)", sq_ratio_final=sq_ratio_final)]
+    return [flag(SQ_SCHEDULE_SHORT, f"the SQ schedule ended at ratio {sq_ratio_final:g} on the last training epoch, "
+                 "below 1: the network was never trained at the full quantization it is evaluated at (raise "
+                 "trainer.max_epochs, or lower callbacks.quant_ratio.every_n_epochs)", sq_ratio_final=sq_ratio_final)]
 
 
 # ---- comparisons of the attacks of one evaluation -------------------------------------------------------------
