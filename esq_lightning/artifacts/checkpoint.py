@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from esq_lightning.artifacts.results import NOT_TRAINING_KEYS
 from esq_lightning.errors import ESQUserError
 
 # ---- safe loading --------------------------------------------------------------------------------------
@@ -237,15 +238,11 @@ def resolve_resume_path(spec: str, run_dir: str | Path | None) -> Path:
 
 
 # A resume continues the same run: the resumed config must equal the stored one (the checkpoint's esq_config) in
-# every key, except those below, which change how the run is watched, logged, evaluated or computed, not what is
-# trained (docs/reliability.md lists them). A key and everything under it may change. A different run from those
+# every key, except those that change how the run is watched, logged, evaluated, computed or where it writes, not
+# what is trained: the keys that are no part of a run's training config (artifacts/results.py NOT_TRAINING_KEYS, the
+# same list that tells finished runs apart; docs/reliability.md lists them). A key and everything under it may change. A different run from those
 # weights is `init_from=`.
-RESUME_MAY_CHANGE = (
-    "logger", "threads", "trust_checkpoint", "ckpt_path", "tags", "optimized_metric", "paths", "eval",
-    "hparams_search", "channels_last", "compile", "init_seed",
-    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.accelerator",
-    "data.data_dir", "data.num_workers",
-)
+RESUME_MAY_CHANGE = NOT_TRAINING_KEYS
 # May grow (train on), never shrink; the cosine schedule's T_max follows trainer.max_epochs (conf/scheduler/cosine.yaml).
 RESUME_MAY_GROW = ("trainer.max_epochs", "scheduler.T_max")
 _ABSENT = object()

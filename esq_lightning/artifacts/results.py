@@ -67,6 +67,7 @@ NOT_TRAINING_KEYS = (
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.accelerator",
     "data.data_dir", "data.num_workers", "hydra", "callbacks.checkpoint",
 )
+# NOT_TRAINING_KEYS are also what a resume may change (artifacts/checkpoint.py RESUME_MAY_CHANGE).
 
 
 def flatten(tree: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> dict[str, Any]:
