@@ -249,7 +249,7 @@ def plot_audit(records: Sequence[Mapping[str, Any]], path: str | Path, title: st
         pts = [(e, 100 * v) for e, v in zip(curve["eps"], curve["worst_case"]) if v is not None]
         if pts:
             line = ax2.plot([0.0] + [p[0] for p in pts], [100 * rec["clean_acc"]] + [p[1] for p in pts], marker="o",
-                            label=f"{rec['label']} worst case")[0]
+                            label=f"{rec['label']} worst case of the curve attacks")[0]
             fgsm = (curve["attacks"].get("fgsm") or {}).get("acc")
             if fgsm:
                 ax2.plot([0.0, *curve["eps"]], [100 * rec["clean_acc"], *[100 * v for v in fgsm]], linestyle="--",
@@ -258,10 +258,16 @@ def plot_audit(records: Sequence[Mapping[str, Any]], path: str | Path, title: st
     ax1.set_ylabel("accuracy (%)")
     ax1.set_ylim(0, 100)
     ax1.legend(fontsize=7)
+    # The two panels' worst cases are over different attack sets: say which.
+    ax1.set_title("at the threat model; worst_case = over every attack of the bars", fontsize=8)
+    curve_attacks = sorted({a for rec in records for a in (rec.get("eps_curve") or {}).get("attacks", {})})
+    ax2.set_title(f"accuracy vs eps; worst case over {', '.join(curve_attacks) or 'the curve attacks'} only",
+                  fontsize=8)
     ax2.set_xlabel("L_inf eps")
     ax2.set_ylabel("accuracy (%): worst case (solid), FGSM (dashed)")
     ax2.set_ylim(0, 100)
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(top=0.84, bottom=0.22)
     return save_figure(fig, path)

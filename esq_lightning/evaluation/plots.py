@@ -33,7 +33,7 @@ def plot_amplification(curves: Sequence[Mapping[str, Any]], path: str | Path, ti
 
 def plot_blackbox(curves: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None) -> Path:
     """Accuracy vs L2 budget, one curve per (model, attack) with its query budget in the legend (Figure 3)."""
-    fig = Figure(figsize=(6.4, 4.0))
+    fig = Figure(figsize=(9.6, 4.0))
     ax = fig.add_subplot()
     # One colour per model, one line style per attack (AttackSpec.plot_style): quantized vs full precision reads
     # across colours.
@@ -49,5 +49,7 @@ def plot_blackbox(curves: Sequence[Mapping[str, Any]], path: str | Path, title: 
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    # The legend beside the axes: inside, it hides the curves that fall to the lower left.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    fig.subplots_adjust(right=0.62)
     return save_figure(fig, path)
