@@ -319,3 +319,22 @@ def test_reproduce_checks_every_stage_before_the_first(capsys) -> None:
         main(["dry_run=true", "stages=[pretrain,quantize]", "seeds=[0]", "train=[quant.bits=nine]"])
     assert info.value.code == 2
     assert "error: job 0 of 2 (experiment=digits/NF): quant.bits: 'nine' is not allowed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("command", "args", "message"), [
+    ("train", ["quant=bwm"], "error: quant=bwm: unknown option of group quant (did you mean 'bwn'?); allowed: "),
+    ("train", ["trainer.max_epoch=3"], "error: trainer.max_epoch: unknown key (did you mean 'max_epochs'?)"),
+    ("evaluate", ["ckpt_path=x.ckpt", "eval=defualt"], "error: eval=defualt: unknown option of group eval"),
+    ("export", ["ckpt_path=x.ckpt", "+fromat=onnx"], None),
+])
+def test_cli_composition_errors_are_one_line_exit_2(tmp_path: Path, command: str, args: list[str],
+                                                     message: str | None) -> None:
+    """Hydra's own composition errors (unknown group option, misspelt key) on the command line: one line, exit 2."""
+    proc = subprocess.run([sys.executable, "-m", f"esq_lightning.cli.{command}", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    if message is None:  # a key added with + composes; the schema refuses it afterwards, in one line too
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+        return
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "outputs").exists()  # refused before anything was written

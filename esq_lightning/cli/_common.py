@@ -88,3 +88,29 @@ def run_hydra_command(command: str, hydra_main: Callable[[], Any], argv: Sequenc
         hydra_main()
     finally:
         sys.argv = saved
+
+
+def composition_in_one_line(config_name: str) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
+    """Compose `config_name` with the command line's overrides before Hydra does, so an unknown group option
+    (`quant=bwm`) or a misspelt key is one line with the "did you mean" hint and exit code 2 instead of Hydra's
+    message and exit code 1. Command lines with Hydra flags (-m, --cfg, --help, ...) go to Hydra as they are:
+    `esq-train -m` checks every job itself (config/jobs.py)."""
+
+    def decorate(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
+        @functools.wraps(hydra_main)
+        def run() -> Any:
+            args = sys.argv[1:]
+            if args and not any(a.startswith("-") for a in args):
+                from esq_lightning.config.jobs import _compose, _hydra
+
+                try:
+                    with _hydra():
+                        _compose(config_name, list(args))
+                except ESQUserError as exc:
+                    print(f"error: {one_line(str(exc))}", file=sys.stderr, flush=True)
+                    raise SystemExit(2) from None
+            return hydra_main()
+
+        return run
+
+    return decorate

@@ -6,9 +6,10 @@ import hydra
 from omegaconf import DictConfig
 
 import esq_lightning.config.resolvers  # noqa: F401  (registers resolvers)
-from esq_lightning.cli._common import CONFIG_PATH, user_errors_as_one_line
+from esq_lightning.cli._common import CONFIG_PATH, composition_in_one_line, user_errors_as_one_line
 
 
+@composition_in_one_line("eval")
 @hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> float | None:

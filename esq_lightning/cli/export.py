@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import esq_lightning.config.resolvers  # noqa: F401  (registers resolvers)
-from esq_lightning.cli._common import CONFIG_PATH, one_line, user_errors_as_one_line
+from esq_lightning.cli._common import CONFIG_PATH, composition_in_one_line, one_line, user_errors_as_one_line
 
 FORMATS = ("packed", "onnx")
 
@@ -46,6 +46,7 @@ def _export(cfg: DictConfig) -> dict:
                        batch_size=int(o.batch_size), rtol=float(o.rtol), threads=cfg.get("threads"))
 
 
+@composition_in_one_line("export")
 @hydra.main(config_path=CONFIG_PATH, config_name="export", version_base="1.3")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
