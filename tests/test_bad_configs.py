@@ -186,7 +186,8 @@ IN_PROCESS: list[tuple[list[str], str]] = [
     (["init_seed=-1"], "init_seed: -1 is out of range"),
     (["pairing.warmup_epochs=-1"], "pairing.warmup_epochs: -1 is out of range"),
     (["optimized_metric=robust_acc.pgd100"],
-     "optimized_metric: robust_acc.pgd100 names an attack that eval.attacks does not run (fgsm, pgd20)"),
+     "optimized_metric: robust_acc.pgd100 names an attack that eval.attacks does not run (fgsm, pgd20, pgd_margin, "
+     "pgd_dlr, pgd_mt, pgd_pp, pgd_pairing)"),
     (["init_from=missing.ckpt"],
      "init_from: 'missing.ckpt' is not a file; allowed: a checkpoint file, or setting:NAME"),
     (["++eval.params.pgd20.steps=0"], "eval.params.pgd20.steps: 0 is out of range; allowed: 1 <= steps"),

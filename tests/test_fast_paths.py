@@ -87,6 +87,7 @@ class _Loader:
 
 
 def _fit_losses(channels_last: bool, steps: int = 4) -> tuple[list[float], torch.nn.Module]:
+    torch.manual_seed(0)  # the same initial weights for both memory formats, whatever ran before
     model = quantized(SmallCNN(width=8))
     module = ESQModule(model, Objective("esq"), num_classes=10, seed=0, channels_last=channels_last,
                        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9))
