@@ -13,6 +13,11 @@ lists and None are written as Hydra reads them ([a,b], null). `overrides=[...]` 
 one esq-train/esq-eval would use, under paths.runs_root). Config errors raise ESQUserError before torch is imported,
 as on the command line.
 
+train, evaluate and export return their record and print nothing: no tables, no bars, no library set-up lines
+(the record's `warnings` and `audit` hold what the command would print; Python warnings still show). Asked with
+`verbose=True` or `progress=True`, they print what the command prints; `progress` (the config key of every command)
+sets the bars and defaults to `verbose`: `verbose=True, progress=False` prints one line per epoch instead of a bar.
+
 Note: `esq_lightning.train`, `.evaluate` and `.export` are these functions; what the commands do lives in
 esq_lightning.commands (train, evaluate), the loading of a trained model in esq_lightning.artifacts.loading.
 """
@@ -20,7 +25,9 @@ esq_lightning.commands (train, evaluate), the loading of a trained model in esq_
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -133,25 +140,61 @@ def _claimed_run() -> Iterator[None]:
         rundir.release_all()
 
 
+# Lightning's loggers write their INFO lines (device, seed, fit stopped) through a handler of their own.
+LIBRARY_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric")
+
+
+@contextlib.contextmanager
+def _output(verbose: bool) -> Iterator[None]:
+    """Nothing printed unless `verbose`: stdout kept, the libraries' INFO lines dropped (their warnings still show)."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _with_progress(kwargs: dict[str, Any], overrides: Iterable[str], progress: bool | None, verbose: bool) -> None:
+    """The config key `progress`: the argument, else an override that sets it, else `verbose`."""
+    if progress is not None:
+        kwargs["progress"] = bool(progress)
+    elif not any(str(o).lstrip("+~").startswith("progress=") for o in overrides) and "progress" not in kwargs:
+        kwargs["progress"] = bool(verbose)
+
+
 # ---- the API -----------------------------------------------------------------------------------------------------
-def train(*, overrides: Iterable[str] = (), run_dir: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
-    """esq-train: train and evaluate one run; returns its results record (results.json; `checkpoint` is its path)."""
+def train(*, overrides: Iterable[str] = (), run_dir: str | Path | None = None, verbose: bool = False,
+          progress: bool | None = None, **kwargs: Any) -> dict[str, Any]:
+    """esq-train: train and evaluate one run; returns its results record (results.json; `checkpoint` is its path).
+    Prints nothing unless verbose=True or progress=True (then what esq-train prints; progress: the bars)."""
     _quiet()
+    _with_progress(kwargs, overrides, progress, verbose)
     with _claimed_run():
         cfg = compose("train", to_overrides(kwargs, overrides), run_dir)
         validate_train_config(cfg)  # phase 1, before torch is imported
         from esq_lightning.commands.train import train as run  # torch and Lightning load here, after the check
 
-        results, _ = run(cfg)
+        with _output(verbose or bool(progress)):
+            results, _ = run(cfg)
     return results
 
 
 def evaluate(ckpt_path: str | Path | None = None, *, ckpts: Iterable[str | Path] | None = None,
              mode: str | None = None, overrides: Iterable[str] = (), run_dir: str | Path | None = None,
-             **kwargs: Any) -> dict[str, Any]:
+             verbose: bool = False, progress: bool | None = None, **kwargs: Any) -> dict[str, Any]:
     """esq-eval: mode=whitebox on `ckpt_path` (a checkpoint or a packed .esq file), or mode=transfer|amplification|
-    blackbox on `ckpts`; returns the record the mode wrote (results.json, transfer.json, ...)."""
+    blackbox on `ckpts`; returns the record the mode wrote (results.json, transfer.json, ...). Prints nothing unless
+    verbose=True or progress=True (then what esq-eval prints; progress: the bars)."""
     _quiet()
+    _with_progress(kwargs, overrides, progress, verbose)
     if ckpt_path is not None:
         kwargs["ckpt_path"] = str(ckpt_path)
     if ckpts is not None:
@@ -165,27 +208,33 @@ def evaluate(ckpt_path: str | Path | None = None, *, ckpts: Iterable[str | Path]
             evaluate as run,  # torch loads here: `import esq_lightning` stays cheap
         )
 
-        return run(cfg)
+        with _output(verbose or bool(progress)):
+            return run(cfg)
 
 
 def export(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True, format: str = "packed",
-           overwrite: bool = False, **onnx_options: Any) -> dict[str, Any]:
+           overwrite: bool = False, verbose: bool = False, progress: bool | None = None,
+           **onnx_options: Any) -> dict[str, Any]:
     """esq-export: write the packed (b-bit) file of a checkpoint; returns the size report (`path` is the file).
     format="onnx" (esq-export format=onnx): the ONNX file checked in onnxruntime, its record returned;
     onnx_options are export_onnx's (n_samples, attack, eps, attack_params, rtol, threads, ...). An existing `out` is
-    replaced only with overwrite=True; the source never."""
+    replaced only with overwrite=True; the source never. Prints nothing unless verbose=True or progress=True
+    (format=onnx: the attack's bar)."""
     _quiet()
+    show_bars = bool(verbose if progress is None else progress)
     if format == "onnx":
         from esq_lightning.artifacts.export import check_export_target
         from esq_lightning.commands.onnx_export import export_onnx
 
         check_export_target(Path(ckpt_path), Path(out) if out else Path(ckpt_path).with_suffix(".onnx"), overwrite)
-        return export_onnx(ckpt_path, out, **onnx_options)
+        with _output(verbose or show_bars):
+            return export_onnx(ckpt_path, out, progress=show_bars, **onnx_options)
     if format != "packed" or onnx_options:
         raise ESQUserError(f"format={format}: allowed: packed, onnx (keyword options only with onnx)")
     from esq_lightning.artifacts.export import export_checkpoint  # torch loads here
 
-    return export_checkpoint(ckpt_path, out, verify=verify, overwrite=overwrite)
+    with _output(verbose or show_bars):
+        return export_checkpoint(ckpt_path, out, verify=verify, overwrite=overwrite)
 
 
 def load_model(path: str | Path, with_config: bool = False) -> Any:

@@ -12,6 +12,8 @@ from esq_lightning.errors import ESQUserError, EvaluationFailed
 from esq_lightning.notices import quiet_library_notices
 
 CONFIG_PATH = "pkg://esq_lightning.conf"
+# At import, before hydra.main runs: a sweeper (Optuna) logs its set-up lines before the first job starts.
+quiet_library_notices()
 
 
 def data_error_message(exc: BaseException) -> str | None:

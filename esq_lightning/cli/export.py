@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import esq_lightning.config.resolvers  # noqa: F401  (registers resolvers)
 from esq_lightning.cli._common import CONFIG_PATH, composition_in_one_line, one_line, user_errors_as_one_line
+from esq_lightning.config.schema import validate_export_config
 
 FORMATS = ("packed", "onnx")
 
@@ -43,13 +44,16 @@ def _export(cfg: DictConfig) -> dict:
     o = cfg.onnx
     return export_onnx(cfg.ckpt_path, cfg.out, n_samples=o.n_samples, attack=o.attack, eps=o.eps,
                        attack_params=_plain(o.get("params")), data=_plain(cfg.get("data")),
-                       batch_size=int(o.batch_size), rtol=float(o.rtol), threads=cfg.get("threads"))
+                       batch_size=int(o.batch_size), rtol=float(o.rtol), threads=cfg.get("threads"),
+                       progress=bool(cfg.get("progress", True)))
 
 
 @composition_in_one_line("export")
 @hydra.main(config_path=CONFIG_PATH, config_name="export", version_base="1.3")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
+    # Types and values of every key, in one line naming the key, before torch is imported.
+    validate_export_config(cfg)
     # Imported here, not at the top: `esq-export --help` and Hydra's own errors need no torch.
     from esq_lightning.artifacts.checkpoint import with_checkpoint_trust
     from esq_lightning.commands.onnx_export import ONNXCheckFailed

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 import esq_lightning.config.resolvers  # noqa: F401  (registers resolvers)
 from esq_lightning.cli._common import CONFIG_PATH, composition_in_one_line, user_errors_as_one_line
 from esq_lightning.config.schema import validate_train_config
-from esq_lightning.errors import ESQUserError
+from esq_lightning.errors import ESQUserError, EvaluationFailed
 
 
 @composition_in_one_line("train")
@@ -24,8 +24,12 @@ def main(cfg: DictConfig) -> float | None:
     from esq_lightning.commands.train import raise_if_unattackable, train
 
     results, _ = train(cfg)
-    if HydraConfig.get().mode != RunMode.MULTIRUN:
+    try:
         raise_if_unattackable(results)  # verdict fail: results.json is written; one line, exit code 3
+    except EvaluationFailed as exc:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        print(exc, flush=True)  # in a sweep, one result of the sweep: said once, the sweep goes on
     # The value an Optuna sweep optimizes, named by optimized_metric.
     return metric_value(results, str(cfg.optimized_metric)) if cfg.get("optimized_metric") else None
 

@@ -639,6 +639,8 @@ class TrainConfig(Model):
     threads: Threads
     channels_last: bool
     compile: bool
+    # Progress bars, or one line per epoch (training/callbacks/progress.py); trainer.enable_progress_bar follows it.
+    progress: bool
     tags: list[str]
     # A compression preset (conf/compress/*.yaml) and its budget level (the index into the preset's knob values).
     compress_name: Optional[str] = absent()
@@ -730,6 +732,38 @@ class EvalRunConfig(Model):
     logger: Optional[LoggersConfig]  # logger=wandb|tensorboard (esq_lightning/commands/eval_loggers.py)
     eval: Mapping  # checked as EvalConfig once merged with the checkpoint's config
     paths: PathsConfig
+
+
+class ExportOnnxConfig(Model):
+    """conf/export.yaml `onnx` (esq_lightning/commands/onnx_export.py)."""
+
+    n_samples: Optional[int] = Field(ge=1)
+    rtol: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    attack: Optional[str]
+    eps: Optional[float] = Field(ge=0, le=1)
+    params: Mapping
+
+
+class ExportConfig(Model):
+    """conf/export.yaml (esq-export)."""
+
+    ckpt_path: str
+    trust_checkpoint: bool
+    format: Choice("packed", "onnx")
+    out: Optional[str]
+    verify: bool
+    progress: bool
+    threads: Threads
+    data: Mapping
+    onnx: ExportOnnxConfig
+
+
+def validate_export_config(cfg: DictConfig) -> ExportConfig:
+    """esq-export's config check (structure, types, ranges): one line naming the key, before torch is imported."""
+    run, _ = _validate(ExportConfig, cfg, root="esq-export")
+    assert isinstance(run, ExportConfig)
+    return run
 
 
 # ---- phase 2: checks that need the code or the disk ---------------------------------------------

@@ -280,10 +280,11 @@ def unbounded_flags(acc: float, eps: float, num_classes: int, th: Thresholds, at
 
 
 def format_verdict(verdict_: str, flags: Sequence[Mapping[str, Any]]) -> str:
-    """The lines printed after the results table."""
+    """The lines printed after the results table: the checks that fired, one a line. The verdict itself is the
+    table's row (artifacts/results.py format_table), printed once; `verdict_` is not repeated here."""
     if not flags:
-        return f"verdict: {verdict_} (no check fired)"
-    lines = [f"verdict: {verdict_.upper()}: {len(flags)} check(s) fired (docs/evaluation.md, 'Checks and the verdict')"]
+        return "checks: none fired"
+    lines = [f"checks: {len(flags)} fired (docs/evaluation.md, 'Checks and the verdict')"]
     lines += [f"  - [{f['severity']}] {f['name']}: {f['message']}" for f in flags]
     return "\n".join(lines)
 
