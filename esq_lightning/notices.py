@@ -36,6 +36,8 @@ VERBOSE_MESSAGES = {
     "hydra_plugins.hydra_optuna_sweeper._impl": ("Study name:", "Storage:", "Sampler:", "Directions:"),
     "optuna.storages._in_memory": ("A new study created",),
     "optuna.storages._rdb.storage": ("A new study created",),
+    # optuna imports alembic, which logs one line per plugin it registers.
+    "alembic.runtime.plugins": ("setup plugin",),
 }
 
 

@@ -23,7 +23,7 @@ BIN = Path(sys.executable).parent
 
 # Appended to every command of a quick block that starts with the key; the README's Tests section names them.
 SHORTEN = {
-    "esq-train": "trainer.max_epochs=1 eval.n_samples=20 threads=1 trainer.enable_progress_bar=false",
+    "esq-train": "trainer.max_epochs=1 eval.n_samples=20 threads=1 progress=false",
     "esq-eval": "eval.n_samples=20 threads=1 progress=false",
 }
 

@@ -98,7 +98,7 @@ def plan(opts: dict[str, Any], train_extra: Sequence[str], eval_extra: Sequence[
     root = opts["runs_root"]
     seeds = ",".join(str(s) for s in opts["seeds"])
     threads = [f"threads={opts['threads']}"] if opts["threads"] is not None else []
-    common = [f"seed={seeds}", f"paths.runs_root={root}", *threads, "trainer.enable_progress_bar=false",
+    common = [f"seed={seeds}", f"paths.runs_root={root}", *threads, "progress=false",
               *_launcher_args(opts)]
     steps: list[Step] = []
     models = dict(SCALES[opts["scale"]])
