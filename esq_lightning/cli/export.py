@@ -11,7 +11,6 @@ from omegaconf import DictConfig, OmegaConf
 
 import esq_lightning.config.resolvers  # noqa: F401  (registers resolvers)
 from esq_lightning.cli._common import CONFIG_PATH, composition_in_one_line, one_line, user_errors_as_one_line
-from esq_lightning.config.schema import validate_export_config
 
 FORMATS = ("packed", "onnx")
 
@@ -52,8 +51,6 @@ def _export(cfg: DictConfig) -> dict:
 @hydra.main(config_path=CONFIG_PATH, config_name="export", version_base="1.3")
 @user_errors_as_one_line
 def main(cfg: DictConfig) -> None:
-    # Types and values of every key, in one line naming the key, before torch is imported.
-    validate_export_config(cfg)
     # Imported here, not at the top: `esq-export --help` and Hydra's own errors need no torch.
     from esq_lightning.artifacts.checkpoint import with_checkpoint_trust
     from esq_lightning.commands.onnx_export import ONNXCheckFailed
@@ -73,6 +70,7 @@ def main(cfg: DictConfig) -> None:
 
 EXPORT_KEYS = {"ckpt_path": "a checkpoint path", "format": "packed or onnx", "out": "a file path or null",
                "verify": "true or false", "overwrite": "true or false", "trust_checkpoint": "true or false",
+               "progress": "true or false",
                "threads": "an integer or null", "data": "data overrides", "onnx": "the format=onnx options"}
 
 
@@ -88,7 +86,7 @@ def check_export_config(cfg: DictConfig) -> None:
                                f"{', '.join(EXPORT_KEYS)}")
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
         raise ESQUserError("ckpt_path: missing; esq-export needs ckpt_path=path/to/final.ckpt")
-    for key in ("verify", "overwrite", "trust_checkpoint"):
+    for key in ("verify", "overwrite", "trust_checkpoint", "progress"):
         if not isinstance(cfg.get(key), bool):
             raise ESQUserError(f"{key}: {show_value(cfg.get(key))} is not a boolean; allowed: true, false")
     for key in ("ckpt_path", "out"):

@@ -734,38 +734,6 @@ class EvalRunConfig(Model):
     paths: PathsConfig
 
 
-class ExportOnnxConfig(Model):
-    """conf/export.yaml `onnx` (esq_lightning/commands/onnx_export.py)."""
-
-    n_samples: Optional[int] = Field(ge=1)
-    rtol: float = Field(gt=0)
-    batch_size: int = Field(ge=1)
-    attack: Optional[str]
-    eps: Optional[float] = Field(ge=0, le=1)
-    params: Mapping
-
-
-class ExportConfig(Model):
-    """conf/export.yaml (esq-export)."""
-
-    ckpt_path: str
-    trust_checkpoint: bool
-    format: Choice("packed", "onnx")
-    out: Optional[str]
-    verify: bool
-    progress: bool
-    threads: Threads
-    data: Mapping
-    onnx: ExportOnnxConfig
-
-
-def validate_export_config(cfg: DictConfig) -> ExportConfig:
-    """esq-export's config check (structure, types, ranges): one line naming the key, before torch is imported."""
-    run, _ = _validate(ExportConfig, cfg, root="esq-export")
-    assert isinstance(run, ExportConfig)
-    return run
-
-
 # ---- phase 2: checks that need the code or the disk ---------------------------------------------
 def _targets(node: Any, key: str) -> list[tuple[str, BaseModel]]:
     """(key, model) of every validated node with a `_target_`, in config order."""
