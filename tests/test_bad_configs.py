@@ -120,10 +120,11 @@ def test_bad_configs_fail_through_esq_train_in_one_line(tmp_path: Path) -> None:
     assert not [p for p in problems if p], "\n".join(p for p in problems if p)
 
 
-def test_a_real_esq_train_process_exits_2_or_1_without_traceback(tmp_path: Path) -> None:
+def test_a_real_esq_train_process_exits_2_without_traceback(tmp_path: Path) -> None:
     cases = [
         (["+quant.bitz=1"], 2, ["error: quant.bitz: unknown key"]),
-        (["quant=bwm"], 1, ["quant/bwm", "Available options in 'quant'", "bwn"]),  # Hydra's own composition error
+        # Hydra's own composition error, composed before Hydra does (cli/_common.py): one line too
+        (["quant=bwm"], 2, ["error: quant=bwm: unknown option of group quant (did you mean 'bwn'?)"]),
     ]
     runs = [[*c[0], f"hydra.run.dir={tmp_path / f'r{i}'}"] for i, c in enumerate(cases)]
     with ThreadPoolExecutor(max_workers=2) as pool:
