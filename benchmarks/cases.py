@@ -22,14 +22,13 @@ from benchmarks.common import (
     quiet_lightning,
 )
 from esq_lightning.attacks import pgd
-from esq_lightning.training.callbacks import PGDCallback, QuantRatioCallback, TrainAttack
 from esq_lightning.data import CropFlip, TensorDataModule
-from esq_lightning.training.module import ESQModule
-from esq_lightning.rng import Stream
-from esq_lightning.training.objectives import Objective
 from esq_lightning.pairing import forward_with_activations
 from esq_lightning.quant import draw_selection, quant_layers, sq_generator
-from esq_lightning.rng import step_generator
+from esq_lightning.rng import Stream, step_generator
+from esq_lightning.training.callbacks import PGDCallback, QuantRatioCallback, TrainAttack
+from esq_lightning.training.module import ESQModule
+from esq_lightning.training.objectives import Objective
 
 Batches = list[tuple[Tensor, Tensor]]
 
@@ -147,7 +146,7 @@ class _Batches:
     def __init__(self, batches: Batches) -> None:
         self.batches = batches
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         return iter(self.batches)
 
     def __len__(self) -> int:

@@ -17,8 +17,8 @@ from torch import nn
 
 from esq_lightning.models import MODELS
 from esq_lightning.quant import draw_selection, quantize_model, set_sq_ratio
-from esq_lightning.utils import physical_cores
 from esq_lightning.rng import step_generator
+from esq_lightning.utils import physical_cores
 
 
 @dataclass

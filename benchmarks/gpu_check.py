@@ -148,15 +148,14 @@ class _Step(nn.Module):
 
 
 def _ddp_worker(rank: int, world: int, backend: str, init: str, s: Settings, tiny: bool, result_file: str) -> None:
+    from datetime import timedelta
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from benchmarks.cases import sgd_factory
-    from esq_lightning.rng import Stream
     from esq_lightning.quant import draw_selection, sq_generator
-    from esq_lightning.rng import step_generator
-
-    from datetime import timedelta
+    from esq_lightning.rng import Stream, step_generator
 
     torch.set_num_threads(1)
     # A rendezvous or collective that cannot complete fails after 2 minutes instead of hanging.

@@ -17,7 +17,7 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/run.py` works as well as `python -m benchmarks.run`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     FULL,
     SMOKE,
     Clock,
@@ -272,7 +272,7 @@ def format_report(result: dict[str, Any]) -> str:
         "",
         f"{'ratio':<58} {'measured':>9} {'target':>8}  {'met':<4} {'numerator':>11} {'denominator':>11}  per round",
     ]
-    for key, r in result["ratios"].items():
+    for r in result["ratios"].values():
         if r.get("value") is None:
             lines.append(f"{r['title']:<58} {'-':>9} {r['target_op'] + ' ' + format(r['target'], '.2f'):>8}  "
                          f"skip  {r.get('note', '')}")

@@ -13,11 +13,11 @@ import sys
 
 import torch
 
-from esq_lightning.attacks import pgd
 from esq_lightning.artifacts.checkpoint import model_state_dict, read_checkpoint
+from esq_lightning.artifacts.loading import build_network
+from esq_lightning.attacks import pgd
 from esq_lightning.data.digits import DigitsDataModule
 from esq_lightning.pairing import forward_with_activations, pairing_distance
-from esq_lightning.artifacts.loading import build_network
 
 
 def main(ckpt: str) -> None:

@@ -8,7 +8,6 @@ from typing import Any
 
 from esq_lightning.artifacts.setting import register_setting_resolver
 from esq_lightning.config.resolvers import register_resolvers
-
 from esq_lightning.versions import __version__  # noqa: F401  (the package's version, pyproject.toml's)
 
 # The configs use ${eval_frac:8/255} and ${int_mul:...}; registering here makes them resolvable wherever

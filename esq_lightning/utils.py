@@ -7,10 +7,12 @@ import os
 
 import torch
 
+
 def _cgroup_cpu_limit() -> int | None:
     # A container's CPU quota (cgroup v2 cpu.max "quota period") is invisible to os.cpu_count().
     try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        with open("/sys/fs/cgroup/cpu.max") as fh:
+            quota, period = fh.read().split()[:2]
     except (OSError, ValueError):
         return None
     if quota == "max":
@@ -30,7 +32,8 @@ def physical_cores() -> int:
     per_core = 1
     try:
         # e.g. "0,64" or "0-1": the hardware threads that share core 0.
-        siblings = open("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read().strip()
+        with open("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list") as fh:
+            siblings = fh.read().strip()
         per_core = 0
         for part in siblings.split(","):
             lo, _, hi = part.partition("-")

@@ -6,6 +6,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)

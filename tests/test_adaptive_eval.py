@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from esq_lightning.attacks import ATTACKS, pgd, run_attack
-from esq_lightning.evaluation import evaluate_robustness
 from esq_lightning.config.threat import ThreatModel
+from esq_lightning.evaluation import evaluate_robustness
 from esq_lightning.evaluation.audit import audit_model
-from esq_lightning.evaluation.sequence import EvalSettings
 from esq_lightning.evaluation.checks import FLAGS, Thresholds, curve_flags, evaluation_checks, verdict
+from esq_lightning.evaluation.sequence import EvalSettings
 from esq_lightning.evaluation.whitebox import attack_budget
 from esq_lightning.evaluation.worstcase import worst_case
 
@@ -262,9 +262,8 @@ def test_audit_mode_writes_audit_files_and_verdict(tiny_run, tmp_path):
 
 def test_unattackable_training_run_writes_results_and_fails_in_one_line(tmp_path, monkeypatch):
     """A model whose input gradients are zero (input rounding without STE) is a result: verdict fail, exit 3."""
-    import json
-
     import importlib
+    import json
 
     from esq_lightning.errors import EvaluationFailed
     from tests.hydra_utils import compose_config

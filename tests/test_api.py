@@ -84,8 +84,10 @@ def test_the_api_functions_share_no_name_with_a_module() -> None:
     import esq_lightning
     from esq_lightning import api
     from esq_lightning.artifacts.export import export_checkpoint  # noqa: F401  (loads every module behind the API)
-    from esq_lightning.artifacts.loading import load_trained_model  # noqa: F401
-    from esq_lightning.artifacts.loading import build_network  # noqa: F401
+    from esq_lightning.artifacts.loading import (
+        build_network,  # noqa: F401
+        load_trained_model,  # noqa: F401
+    )
 
     for name in esq_lightning.API:
         assert getattr(esq_lightning, name) is getattr(api, name), name

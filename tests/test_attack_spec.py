@@ -67,8 +67,8 @@ EVAL = ["threads=1", "progress=false", "eval.n_samples=30", "eval.batch_size=30"
 def test_a_registered_attack_runs_everywhere_without_other_edits(toy: AttackSpec, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from esq_lightning.commands.evaluate import evaluate
-    from esq_lightning.reporting.report import make_report
     from esq_lightning.commands.train import train
+    from esq_lightning.reporting.report import make_report
 
     results, _ = train(compose_config("train", TINY, tmp_path / "train"))
     ckpt = results["checkpoint"]

@@ -13,14 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esq_lightning.quant.masks import MASK, SCORES, pruned_weight
+from esq_lightning.commands.checks import validate_config
 from esq_lightning.compress.mixed import allocate_bits, resolve_layer_bits
 from esq_lightning.compress.pruning import add_pruning, init_pruning, prunable_layers, set_score_phase, sparsity_report
-from esq_lightning.commands.checks import validate_config
 from esq_lightning.errors import ESQUserError
 from esq_lightning.models.small_cnn import SmallCNN
-from esq_lightning.quant import draw_selection, export_packed, full_quantization, load_packed, quant_layers, \
-    quantize_model, sample_selection, set_sq_ratio
+from esq_lightning.quant import (
+    draw_selection,
+    export_packed,
+    full_quantization,
+    load_packed,
+    quant_layers,
+    quantize_model,
+    sample_selection,
+    set_sq_ratio,
+)
+from esq_lightning.quant.masks import MASK, SCORES, pruned_weight
 from esq_lightning.quant.packing import packed_size
 from esq_lightning.training.objectives import Objective
 from tests.hydra_utils import compose_config

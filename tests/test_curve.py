@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from esq_lightning.artifacts.runs import iter_results
 from esq_lightning.reporting.curves import build_curves, robust_metric
 from esq_lightning.reporting.report import make_report
-from esq_lightning.artifacts.runs import iter_results
 
 
 def write(run_dir: Path, method: str, bits: int, seed: int, clean: float, robust: dict[str, float], *,

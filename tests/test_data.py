@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from fakes import make_fake_cifar, write_corrupt_cifar
 from hydra import compose, initialize_config_module
 
 import esq_lightning.data.cifar as cifar_mod
@@ -27,7 +28,6 @@ from esq_lightning.data import (
     random_crop_flip,
 )
 from esq_lightning.models import SmallCNN
-from fakes import make_fake_cifar, write_corrupt_cifar
 
 # ---------------------------------------------------------------------------------------------
 # digits

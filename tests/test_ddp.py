@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 
-from esq_lightning.quant import selection_state
 from esq_lightning.commands.checks import validate_config
+from esq_lightning.quant import selection_state
 from tests.hydra_utils import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from esq_lightning.errors import ESQUserError
 from esq_lightning.commands.evaluate import evaluate
-from esq_lightning.config.threat import ThreatModel
-from esq_lightning.evaluation import evaluate_robustness
-from esq_lightning.evaluation.sequence import EvalSettings
-from esq_lightning.evaluation.distributed import Shard
-from esq_lightning.evaluation.store import STATE_DIR, EvalStore, batch_bounds, batch_seed, run_in_batches
 from esq_lightning.commands.train import train
+from esq_lightning.config.threat import ThreatModel
+from esq_lightning.errors import ESQUserError
+from esq_lightning.evaluation import evaluate_robustness
+from esq_lightning.evaluation.distributed import Shard
+from esq_lightning.evaluation.sequence import EvalSettings
+from esq_lightning.evaluation.store import STATE_DIR, EvalStore, batch_bounds, batch_seed, run_in_batches
 from tests.hydra_utils import FAST, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from esq_lightning.attacks import ATTACKS, perturbation_norms
-from esq_lightning.errors import ESQUserError
 from esq_lightning.artifacts.loading import load_trained_model
+from esq_lightning.attacks import ATTACKS, perturbation_norms
 from esq_lightning.commands.evaluate import evaluate, load_test_split, run_config_with_eval
+from esq_lightning.commands.train import train
 from esq_lightning.config.threat import ThreatModel
+from esq_lightning.errors import ESQUserError
 from esq_lightning.evaluation import (
     amplification_curve,
     attack_in_batches,
@@ -25,7 +26,6 @@ from esq_lightning.evaluation import (
 )
 from esq_lightning.evaluation.sequence import EvalSettings
 from esq_lightning.quant import full_quantization
-from esq_lightning.commands.train import train
 from tests.hydra_utils import FAST, compose_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

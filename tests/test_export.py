@@ -158,7 +158,7 @@ def test_export_size_and_identical_logits(
         assert torch.equal(rebuilt(x), expected)
     # The rebuilt weights are the quantized values: at most 2 (BWN) or 3 (TWN) per filter.
     levels = 2 if kind == "bwn" else 3
-    for name, layer in quant_layers(model):
+    for name, _layer in quant_layers(model):
         w = rebuilt.get_submodule(name).weight
         assert all(row.unique().numel() <= levels for row in w.reshape(w.shape[0], -1))
     if keep_first_last:

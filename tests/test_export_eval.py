@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from esq_lightning.errors import ESQUserError
 from esq_lightning.artifacts.export import export_checkpoint
 from esq_lightning.artifacts.loading import is_packed_file, load_exported
+from esq_lightning.errors import ESQUserError
 from esq_lightning.quant import quant_layers
 from tests.test_evaluation import EPS, ckpts, run_eval  # noqa: F401  (ckpts: the session fixture)
 

@@ -12,17 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from esq_lightning.attacks import pgd
-from esq_lightning.training.callbacks import PGDCallback, QuantRatioCallback
+from esq_lightning.commands.train import compile_model
 from esq_lightning.data import TensorBatchLoader
 from esq_lightning.models import SmallCNN, resnet20
-from esq_lightning.training.module import ESQModule
-from esq_lightning.training.objectives import Objective
 from esq_lightning.pairing import forward_with_activations
 from esq_lightning.quant import draw_selection, quant_layers, quantize_model, sample_selection, set_sq_ratio
 from esq_lightning.quant.modules import frozen_quant_weights
-from esq_lightning.commands.train import compile_model
-from esq_lightning.utils import auto_threads, set_threads
 from esq_lightning.rng import step_generator
+from esq_lightning.training.callbacks import PGDCallback, QuantRatioCallback
+from esq_lightning.training.module import ESQModule
+from esq_lightning.training.objectives import Objective
+from esq_lightning.utils import auto_threads, set_threads
 
 CL = torch.channels_last
 
@@ -71,7 +71,7 @@ class _LossRecorder(pl.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
 
 
@@ -79,7 +79,7 @@ class _Loader:
     def __init__(self, batches: list) -> None:
         self.batches = batches
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         return iter(self.batches)
 
     def __len__(self) -> int:
@@ -228,7 +228,7 @@ def test_pgd_under_bf16_autocast_follows_float32_gradients() -> None:
 
 # ---- threads --------------------------------------------------------------------------------------------
 @pytest.fixture
-def restore_threads():  # noqa: ANN201
+def restore_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra_utils import compose_config
 
-from esq_lightning.errors import ESQUserError
+from esq_lightning.artifacts.runs import resolve_init_from
 from esq_lightning.artifacts.setting import start_of
 from esq_lightning.config.labels import derive_setting, start_from_setting
-from esq_lightning.artifacts.runs import resolve_init_from
-from hydra_utils import compose_config
+from esq_lightning.errors import ESQUserError
 
 
 @pytest.mark.parametrize(("method", "quant", "bits", "start", "label"), [

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esq_lightning.training.callbacks import TrainAttack
 from esq_lightning.models import SmallCNN
+from esq_lightning.quant import QUANTIZERS, Quantizer, quant_layers, quantize_model, set_sq_ratio
+from esq_lightning.training.callbacks import TrainAttack
 from esq_lightning.training.module import ESQModule
 from esq_lightning.training.objectives import Objective
-from esq_lightning.quant import QUANTIZERS, Quantizer, quant_layers, quantize_model, set_sq_ratio
 
 
 def _module(method: str = "esq", steps: int = 3, quantizer: Quantizer = QUANTIZERS[0]) -> ESQModule:

@@ -19,15 +19,15 @@ from esq_lightning.quant import calibrate_act_quant, quant_layers, quantize_acti
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from esq_lightning.commands.onnx_export import (  # noqa: E402
+from esq_lightning.commands.onnx_export import (
     ONNXCheckFailed,
     build_onnx,
-    has_qdq_form,
     check_onnx,
+    has_qdq_form,
     layout_record,
     require_onnx,
 )
-from tests.test_evaluation import ckpts, run_eval  # noqa: E402,F401  (ckpts: the session fixture)
+from tests.test_evaluation import ckpts, run_eval  # noqa: F401  (ckpts: the session fixture)
 
 # Each family at a tiny size on 8x8 inputs (the real configs are conf/model/*.yaml).
 FAMILIES = {

@@ -8,13 +8,13 @@ import logging
 import re
 import subprocess
 import sys
-import tomllib
 import warnings
 import zipfile
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,8 +87,8 @@ def test_library_notices_are_filtered_precisely(caplog: pytest.LogCaptureFixture
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         filter_warnings()  # catch_warnings reset the filters; these go on top of "always"
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
-        warnings.warn("a warning of our own", UserWarning)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
+        warnings.warn("a warning of our own", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["a warning of our own"]
     logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     with caplog.at_level(logging.INFO, logger=logger.name):

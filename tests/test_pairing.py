@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esq_lightning.training.objectives import Objective
 from esq_lightning.pairing import capture_activations, check_pairing_names, forward_with_activations, pairing_distance
+from esq_lightning.training.objectives import Objective
 
 
 class TwoBlock(nn.Module):
@@ -51,10 +51,9 @@ def test_capture_hooks_are_removed_and_capture_named_outputs() -> None:
     assert torch.equal(acts["block2"], model.block2(model.block1(x)))
     assert torch.equal(acts["logits"], logits)
     assert len(model.block2._forward_hooks) == 0
-    with pytest.raises(RuntimeError):
-        with capture_activations(model, ["block1"]):
-            assert len(model.block1._forward_hooks) == 1
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), capture_activations(model, ["block1"]):
+        assert len(model.block1._forward_hooks) == 1
+        raise RuntimeError("boom")
     assert len(model.block1._forward_hooks) == 0
 
 

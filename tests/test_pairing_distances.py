@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from esq_lightning.artifacts.results import LOGIT_OFFSET_WARNING, OFFSET_WARN_RATIO, logit_offset_warnings
+from esq_lightning.commands.checks import validate_config
 from esq_lightning.errors import ESQUserError
-from esq_lightning.training.objectives import Objective
 from esq_lightning.pairing import (
     DISTANCES,
     check_distance_for_layers,
@@ -19,8 +20,7 @@ from esq_lightning.pairing import (
     pairing_distance,
     resolve_distance,
 )
-from esq_lightning.artifacts.results import LOGIT_OFFSET_WARNING, OFFSET_WARN_RATIO, logit_offset_warnings
-from esq_lightning.commands.checks import validate_config
+from esq_lightning.training.objectives import Objective
 from tests.hydra_utils import FAST, compose_config
 
 SHIFT_INVARIANT = [n for n, d in DISTANCES.items() if d.shift_invariant]

@@ -12,8 +12,8 @@ from torch import nn
 
 from esq_lightning.quant import (
     QUANTIZERS,
-    Quantizer,
     QuantConv2d,
+    Quantizer,
     QuantLinear,
     bwn,
     bwn_codes,

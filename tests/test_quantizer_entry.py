@@ -73,9 +73,9 @@ def test_a_registered_quantizer_trains_exports_labels_and_reports_without_other_
                                                                                       tmp_path: Path) -> None:
     from esq_lightning.artifacts.export import export_checkpoint
     from esq_lightning.artifacts.loading import load_exported, load_trained_model
+    from esq_lightning.commands.train import train
     from esq_lightning.evaluation.robustbench import model_info
     from esq_lightning.reporting.report import make_report
-    from esq_lightning.commands.train import train
 
     # The config check, the kind resolver and the setting label read the entry.
     assert QUANT_BITS[TOY] == (1,) and derive_setting("esq", TOY, 1, "N") == "NEM"

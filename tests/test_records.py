@@ -22,8 +22,8 @@ from esq_lightning.artifacts.export import export_checkpoint
 from esq_lightning.artifacts.loading import build_network, load_packed_for_eval
 from esq_lightning.artifacts.rundir import LOCK_NAME
 from esq_lightning.commands.train import train
-from esq_lightning.evaluation.checks import SQ_SCHEDULE_SHORT
 from esq_lightning.errors import ESQUserError
+from esq_lightning.evaluation.checks import SQ_SCHEDULE_SHORT
 from tests.hydra_utils import FAST, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,12 +16,12 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from esq_lightning.training.callbacks.finite_loss import FiniteLossCallback, NonFiniteLossError
 from esq_lightning.artifacts.checkpoint import check_resume_checkpoint, resolve_resume_path
 from esq_lightning.cli._common import user_errors_as_one_line
-from esq_lightning.errors import ESQUserError
-from esq_lightning.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from esq_lightning.commands.train import train
+from esq_lightning.errors import ESQUserError
+from esq_lightning.training.callbacks.finite_loss import FiniteLossCallback, NonFiniteLossError
+from esq_lightning.training.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from tests.fakes import write_corrupt_cifar
 from tests.hydra_utils import FAST, compose_config
 
@@ -249,7 +249,7 @@ def test_cli_turns_data_errors_into_one_line(tmp_path: Path, capsys) -> None:
 
     @user_errors_as_one_line
     def unrelated() -> None:
-        open(tmp_path / "not-data.txt")
+        open(tmp_path / "not-data.txt")  # noqa: SIM115 - the call must fail; nothing is ever opened
 
     with pytest.raises(FileNotFoundError):  # not the data layer's: a bug keeps its traceback
         unrelated()

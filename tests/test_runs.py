@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from esq_lightning.errors import ESQUserError
 from esq_lightning.artifacts.runs import resolve_checkpoint, resolve_init_from
+from esq_lightning.errors import ESQUserError
 
 
 def _run(root: Path, name: str, setting: str, seed: int, mtime: float, dataset: str = "digits", task: str = "train",

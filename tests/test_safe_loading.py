@@ -14,10 +14,10 @@ import torch
 
 from esq_lightning.artifacts.checkpoint import read_checkpoint, trusting_checkpoints
 from esq_lightning.cli._common import user_errors_as_one_line
-from esq_lightning.errors import ESQUserError
 from esq_lightning.commands.evaluate import evaluate
-from esq_lightning.training.checkpoint_io import AtomicCheckpointIO
 from esq_lightning.commands.train import train
+from esq_lightning.errors import ESQUserError
+from esq_lightning.training.checkpoint_io import AtomicCheckpointIO
 from tests.hydra_utils import FAST, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -81,7 +81,7 @@ def _disallowed_globals(path: str | Path, exc: BaseException) -> list[str]:
         try:
             with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
                 names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # noqa: BLE001 - not a zip checkpoint: the error message is all there is
+        except Exception:
             names = []
     return list(dict.fromkeys(names))
 
@@ -123,7 +123,7 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", trusted: bool |
         raise ESQUserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     except ESQUserError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means the same thing to the user
+    except Exception as exc:
         raise ESQUserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     finally:
         if opener is not None and hasattr(source, "close"):

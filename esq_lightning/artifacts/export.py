@@ -16,7 +16,6 @@ from esq_lightning.quant import export_packed, full_quantization, quant_layers
 from esq_lightning.quant.packing import HEADER_FREE_SIZES
 from esq_lightning.utils import file_digest
 
-
 # Sizes of the export report that do not depend on the header, so they are stored in it (meta["sizes"]).
 SIZE_KEYS = HEADER_FREE_SIZES
 

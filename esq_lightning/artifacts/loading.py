@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from esq_lightning.artifacts.checkpoint import checkpoint_config, load_model_weights, read_checkpoint
-from esq_lightning.errors import ESQUserError
 from esq_lightning.compress.mixed import resolve_layer_bits
 from esq_lightning.compress.pruning import add_pruning
+from esq_lightning.errors import ESQUserError
 from esq_lightning.models import build_model
 from esq_lightning.quant import load_packed, quantize_activations, quantize_model
 

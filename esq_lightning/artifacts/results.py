@@ -6,8 +6,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from esq_lightning.versions import __version__, package_versions
 from esq_lightning.config.threat import threat_model
+from esq_lightning.versions import __version__, package_versions
 
 SCHEMA_VERSION = 1
 

@@ -29,7 +29,7 @@ def _start_of_checkpoint(path: str, mtime: float) -> str:
         try:
             cfg = OmegaConf.load(hydra_config)
             return start_from_setting(setting_of_config(cfg, None))
-        except Exception:  # noqa: BLE001 - an unreadable side file: look inside the checkpoint instead
+        except Exception:
             pass
     # torch loads only here, when a checkpoint must be opened: composing a config stays torch-free.
     from esq_lightning.artifacts.checkpoint import read_checkpoint

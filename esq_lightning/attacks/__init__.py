@@ -1,8 +1,10 @@
 """Adversarial attacks: in-house PGD/FGSM for training, and a registry of evaluation attacks."""
 
+from esq_lightning.attacks.adaptive import ADAPTIVE_ATTACKS, pairing_attack_params
+from esq_lightning.attacks.curves import accuracy_at_budgets, accuracy_curve
 from esq_lightning.attacks.nattack import nattack
+from esq_lightning.attacks.params import check_attack_names, check_attack_params
 from esq_lightning.attacks.pgd import fgsm, pgd
-from esq_lightning.attacks.spec import Attack, AttackOutput, AttackSpec, ParamRange
 from esq_lightning.attacks.registry import (
     ATTACKS,
     attack_spec,
@@ -12,9 +14,7 @@ from esq_lightning.attacks.registry import (
     run_attack,
     unregister_attack,
 )
-from esq_lightning.attacks.params import check_attack_names, check_attack_params
-from esq_lightning.attacks.curves import accuracy_at_budgets, accuracy_curve
-from esq_lightning.attacks.adaptive import ADAPTIVE_ATTACKS, pairing_attack_params
+from esq_lightning.attacks.spec import Attack, AttackOutput, AttackSpec, ParamRange
 from esq_lightning.attacks.utils import (
     GradientCheckError,
     check_gradients,

@@ -32,7 +32,7 @@ def check_attack_params(params: Any, key: str, budgeted: bool = True) -> None:
     if not isinstance(params, Mapping):
         raise ESQUserError(f"{key}: {show(params)} is not a mapping; allowed: attack name -> parameters")
     names = list(ATTACKS)
-    for name in params.keys():
+    for name in params:
         pkey = f"{key}.{name}"
         if name not in ATTACKS:
             raise ESQUserError(f"{pkey}: {str(name)!r} is not an attack{did_you_mean(str(name), names)}; "
@@ -44,7 +44,7 @@ def check_attack_params(params: Any, key: str, budgeted: bool = True) -> None:
         if not isinstance(entry, Mapping):
             raise ESQUserError(f"{pkey}: {show(entry)} is not a mapping; allowed: parameters of {name}")
         allowed = ["eps", *spec.defaults] if budgeted else list(spec.defaults)
-        for p in entry.keys():
+        for p in entry:
             p = str(p)
             if p not in allowed:
                 raise ESQUserError(f"{pkey}.{p}: unknown parameter of {name}{did_you_mean(p, allowed)}; "

@@ -173,7 +173,7 @@ def _check_model_and_pairing(cfg: DictConfig) -> None:
             model = build_network(cfg.model)
     except ESQUserError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a constructor refusing its arguments is a config error
+    except Exception as exc:
         # Hydra wraps the constructor's exception; its own message is the useful one.
         cause = exc.__cause__ or exc
         raise ESQUserError(f"model: {cfg.model.name} cannot be built from its config: "

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from esq_lightning.artifacts.results import build_results, print_results
 from esq_lightning.atomic import atomic_write_json
+from esq_lightning.commands.evaluate import load_test_split, run_config_with_eval
 from esq_lightning.commands.onnx_export import (
     OnnxRuntimeClassifier,
     adversarial_path,
@@ -26,10 +27,9 @@ from esq_lightning.commands.onnx_export import (
     require_onnx,
     session,
 )
-from esq_lightning.commands.evaluate import load_test_split, run_config_with_eval
+from esq_lightning.errors import ESQUserError
 from esq_lightning.evaluation.whitebox import attack_budget, attack_in_batches, predict
 from esq_lightning.evaluation.worstcase import add_worst_case, worst_case
-from esq_lightning.errors import ESQUserError
 
 QUERY_ATTACK = "square"
 

@@ -85,11 +85,11 @@ class _ActQDQ(torch.autograd.Function):
     """k-bit activation quantization exported as QuantizeLinear -> Clip -> DequantizeLinear (uint8)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: float, levels: int) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, x: Tensor, scale: float, levels: int) -> Tensor:
         return torch.clamp(torch.round(x / scale), 0, levels) * scale
 
     @staticmethod
-    def symbolic(g: Any, x: Any, scale: float, levels: int) -> Any:  # noqa: D102
+    def symbolic(g: Any, x: Any, scale: float, levels: int) -> Any:
         s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
         zero = g.op("Constant", value_t=torch.tensor(0, dtype=torch.uint8))
         top = g.op("Constant", value_t=torch.tensor(levels, dtype=torch.uint8))
@@ -339,7 +339,7 @@ class OnnxRuntimeClassifier(nn.Module):
         self.input_name = sess.get_inputs()[0].name
         self.queries = 0
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor) -> Tensor:
         self.queries += len(x)
         out = self.session.run([OUTPUT_NAME], {self.input_name: x.detach().cpu().float().numpy()})[0]
         return torch.from_numpy(out).to(x.device)

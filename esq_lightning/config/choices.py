@@ -10,14 +10,15 @@ registry these tables view.
 from __future__ import annotations
 
 # ---- quantizers (one QuantizerSpec per family: esq_lightning/config/quantizers.py) -------------------
-# Live read-only views of the quantizer registry: a family registered later appears in them.
+# Live read-only views of the quantizer registry: a family registered later appears in them. Re-exported here
+# (`X as X`), where the code that implements the names reads them.
 from esq_lightning.config.quantizers import (
     FULL_BITS,
-    QUANT_BITS,
-    QUANT_DEFAULT_KIND,
-    QUANT_FAMILIES,
-    UNIFORM_BITS,
 )
+from esq_lightning.config.quantizers import QUANT_BITS as QUANT_BITS
+from esq_lightning.config.quantizers import QUANT_DEFAULT_KIND as QUANT_DEFAULT_KIND
+from esq_lightning.config.quantizers import QUANT_FAMILIES as QUANT_FAMILIES
+from esq_lightning.config.quantizers import UNIFORM_BITS as UNIFORM_BITS
 
 # quant.act_bits: unsigned activation codes after the ReLUs (quant/modules.py quantize_activations; 32 = off).
 ACT_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, FULL_BITS)

@@ -69,7 +69,7 @@ class LiveChoices:
         return tuple(self.values())
 
 
-def LiveChoice(values: Callable[[], Iterable[Any]]) -> Any:  # noqa: N802 - a type
+def LiveChoice(values: Callable[[], Iterable[Any]]) -> Any:
     """One of ``values()`` at check time, so a registered entry (a quantizer family) is a choice too.
 
     Checks and words errors like Choice: the value's type must be the choice's (true is not 1, '1' not 1).
@@ -84,7 +84,7 @@ def LiveChoice(values: Callable[[], Iterable[Any]]) -> Any:  # noqa: N802 - a ty
     return Annotated[Any, choices, BeforeValidator(check)]
 
 
-def Choice(*values: Any) -> Any:  # noqa: N802 - a type
+def Choice(*values: Any) -> Any:
     """One of `values` (true/false are not 1/0 here)."""
 
     def no_bool(value: Any) -> Any:
@@ -111,7 +111,7 @@ def plain(node: Any, key: str) -> Any:
     """The config as plain containers, resolved key by key (a failing interpolation becomes Unresolved)."""
     if isinstance(node, DictConfig):
         out = {}
-        for k in node.keys():
+        for k in node:
             k = str(k)
             if key == "" and k == "hydra":
                 continue  # Hydra's own node (there when composed with return_hydra_config=True)
@@ -329,9 +329,7 @@ def _num(v: float) -> str:
 
 def at(data: Any, path: Iterable[Any]) -> Any:
     for part in path:
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+        if isinstance(data, dict) and part in data or isinstance(data, list) and isinstance(part, int) and part < len(data):
             data = data[part]
         else:
             return None

@@ -38,10 +38,11 @@ from esq_lightning.config.choices import (
     PAIRING_LOGITS_ONLY,
     QUANT_BITS,
     SINGLE_STEP_TRAIN_ATTACKS,
-    TRAIN_ATTACKS,
     SQ_FUNCTIONS,
     SQ_VARIANTS,
+    TRAIN_ATTACKS,
 )
+
 # The one error-message layer of the config models (config/messages.py); the short names below are the ones
 # the models and the phase-2 checks use.
 from esq_lightning.config.messages import Choice, LiveChoice
@@ -758,7 +759,7 @@ def _check_target(key: str, node: BaseModel, raw: dict) -> None:
     target = node.target  # type: ignore[attr-defined]
     try:
         obj = get_method(target)
-    except Exception as exc:  # noqa: BLE001 - an unimportable target is the user's typo
+    except Exception as exc:
         raise ESQUserError(f"{key}._target_: cannot import {target!r}: {_first_line(exc)}") from None
     try:
         params = inspect.signature(obj).parameters

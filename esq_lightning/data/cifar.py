@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from esq_lightning.atomic import atomic_write
 from esq_lightning.config.choices import CIFAR_FILES
 from esq_lightning.data.augment import CropFlip
 from esq_lightning.data.base import TensorDataModule
 from esq_lightning.data.loader import AugmentFn
-from esq_lightning.atomic import atomic_write
 from esq_lightning.utils import file_digest
 
 
@@ -119,7 +119,7 @@ def _parse_batch(raw: bytes, label_key: str, num_classes: int, where: str) -> tu
         d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
         data = np.asarray(d["data"], dtype=np.uint8)
         labels = np.asarray(d[label_key], dtype=np.int64)
-    except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable file
+    except Exception as exc:
         raise CorruptArchiveError(f"corrupt CIFAR batch {where}: {_one_line(exc)}") from exc
     if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
         raise CorruptArchiveError(

@@ -10,8 +10,8 @@ audit.md, audit.png and a results.json per checkpoint (audit.verdict, audit.flag
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +22,18 @@ from esq_lightning.attacks import ATTACKS, library_available
 from esq_lightning.config.threat import ThreatModel
 from esq_lightning.errors import ESQUserError
 from esq_lightning.evaluation.checks import (
-    flag,
     attack_flags,
     curve_flags,
+    flag,
     probe_flags,
     probe_model,
     unbounded_flags,
     verdict,
 )
-from esq_lightning.figures import save_figure
 from esq_lightning.evaluation.sequence import EvalSettings
 from esq_lightning.evaluation.whitebox import attack_in_batches, evaluate_robustness
 from esq_lightning.evaluation.worstcase import worst_case
+from esq_lightning.figures import save_figure
 from esq_lightning.quant import full_quantization
 
 # The attack sets of eval.budget (docs/evaluation.md). Steps, restarts, targets and queries per attack; every

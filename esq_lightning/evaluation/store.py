@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from esq_lightning.atomic import atomic_write_json
 from esq_lightning.errors import ESQUserError
 from esq_lightning.utils import file_digest
-from esq_lightning.atomic import atomic_write_json
 
 STATE_DIR = "eval_state"
 FORMAT = 1

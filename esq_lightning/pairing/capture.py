@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from esq_lightning.pairing.distances import LOGITS, pairing_distance
 
+
 def valid_pairing_names(model: nn.Module) -> list[str]:
     """Names that can be paired: `logits`, the model's residual modules, then every other named module."""
     residual = list(model.residual_module_names()) if hasattr(model, "residual_module_names") else []

@@ -1,6 +1,5 @@
 """Weight quantization: BWN/TWN/k-bit uniform quantizers (a registry by width), Stochastic Quantization selection, layers, export."""
 
-from .packing import FORMAT_NAME, FORMAT_VERSION, export_packed, load_packed, pack_codes, unpack_codes
 from .functional import (
     KINDS,
     TWN_DELTA_FACTOR,
@@ -23,22 +22,23 @@ from .modules import (
     ACT_ALPHA_INIT,
     ACT_CALIBRATION_QUANTILE,
     ActQuant,
-    calibrate_act_quant,
-    act_quant_layers,
-    quantize_activations,
     QuantConv2d,
     QuantLinear,
     QuantMixin,
     StraightThroughQuantize,
+    act_quant_layers,
+    calibrate_act_quant,
     clear_selection,
     draw_selection,
     full_quantization,
     get_sq_ratio,
     quant_layers,
+    quantize_activations,
     quantize_model,
     selection_state,
     set_sq_ratio,
 )
+from .packing import FORMAT_NAME, FORMAT_VERSION, export_packed, load_packed, pack_codes, unpack_codes
 from .registry import (
     FAMILIES,
     QUANTIZERS,

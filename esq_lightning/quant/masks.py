@@ -37,11 +37,11 @@ class TopKMask(torch.autograd.Function):
     """Forward: the float top-k mask of |scores|; backward: the gradient passes unchanged to the scores (HYDRA)."""
 
     @staticmethod
-    def forward(ctx: Any, scores: Tensor, k: int) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, scores: Tensor, k: int) -> Tensor:
         return topk_mask(scores, k).to(scores.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
 
 
@@ -84,12 +84,12 @@ def pruned_weight(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
 class PrunedConv2d(nn.Conv2d):
     """nn.Conv2d computing with pruned_weight (state_dict: nn.Conv2d's plus `prune_mask`)."""
 
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Conv2d's name
+    def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, pruned_weight(self)[0], self.bias)
 
 
 class PrunedLinear(nn.Linear):
     """nn.Linear computing with pruned_weight (state_dict: nn.Linear's plus `prune_mask`)."""
 
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's name
+    def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, pruned_weight(self)[0], self.bias)

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .masks import pruned_weight
-
 from .functional import act_quantize, relative_error
+from .masks import pruned_weight
 from .registry import Quantizer, get, resolve_kind
 from .selection import SELECTION_FUNCTIONS, VARIANTS, sample_selection
 
@@ -49,12 +48,12 @@ class StraightThroughQuantize(torch.autograd.Function):
     """Forward: exactly quantizer(w, per_filter, mask); backward: the gradient at Q, unchanged, to W."""
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, quantizer: Quantizer, per_filter: bool,  # noqa: D102
+    def forward(ctx: Any, w: Tensor, quantizer: Quantizer, per_filter: bool,
                 mask: Tensor | None = None) -> Tensor:
         return quantizer(w, per_filter, mask)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: D102
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         return grad, None, None, None
 
 
@@ -78,7 +77,7 @@ class QuantMixin:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self._init_quant(kind, per_filter, sq_variant, sq_f, bits=bits)
 
-    def extra_repr(self) -> str:  # noqa: D102
+    def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self._quant_repr()  # type: ignore[misc]
 
     def _init_quant(
@@ -116,7 +115,7 @@ class QuantMixin:
     @sq_ratio.setter
     def sq_ratio(self, ratio: float) -> None:
         ratio = float(ratio)
-        if ratio != ratio:
+        if math.isnan(ratio):
             raise ValueError("SQ ratio is NaN")
         # A mask drawn for another ratio has the wrong number of quantized filters.
         if ratio != self._sq_ratio:
@@ -171,14 +170,14 @@ class QuantMixin:
 class QuantConv2d(QuantMixin, nn.Conv2d):
     """nn.Conv2d whose forward uses quantized (BWN/TWN/k-bit) weights (state_dict identical to nn.Conv2d)."""
 
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Conv2d's name
+    def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.effective_weight(), self.bias)
 
 
 class QuantLinear(QuantMixin, nn.Linear):
     """nn.Linear whose forward uses quantized (BWN/TWN/k-bit) weights (state_dict identical to nn.Linear)."""
 
-    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's name
+    def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.effective_weight(), self.bias)
 
 
@@ -378,10 +377,10 @@ class ActQuant(nn.Module):
         self.bits = int(bits)
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor) -> Tensor:
         return act_quantize(x, self.alpha.to(x.dtype), self.bits)
 
-    def extra_repr(self) -> str:  # noqa: D102
+    def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
 
@@ -442,7 +441,7 @@ def calibrate_act_quant(model: nn.Module, x: Tensor, quantile: float = ACT_CALIB
     try:
         for name, aq in found:
             seen: list[Tensor] = []
-            handle = aq.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+            handle = aq.register_forward_pre_hook(lambda mod, args, seen=seen: seen.append(args[0].detach()))
             try:
                 with full_quantization(model):
                     model(x)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 import struct
 import sys
+import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from esq_lightning.atomic import atomic_write
+from esq_lightning.config.quantizers import quantizer_spec
+
 from .functional import dequantize
+from .masks import MASK, SCORES
 from .modules import QuantMixin
 from .registry import resolve_kind
-
-from esq_lightning.atomic import atomic_write
-from .masks import MASK, SCORES
-from esq_lightning.config.quantizers import quantizer_spec
 
 __all__ = [
     "FORMAT_NAME",

@@ -8,7 +8,6 @@ worst case over the evaluation's attacks) where every run has it, else the stron
 from __future__ import annotations
 
 import json
-
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field

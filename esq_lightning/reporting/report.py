@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from esq_lightning.artifacts.results import train_attack_label
-from esq_lightning.atomic import atomic_write, atomic_write_text
 from esq_lightning.artifacts.runs import RECORD_REQUIRED, iter_results, read_json_record, stored_training_config
+from esq_lightning.atomic import atomic_write, atomic_write_text
 from esq_lightning.errors import ESQUserError, show_value
 from esq_lightning.reporting.curves import log_curves_wandb, write_curves
-from esq_lightning.reporting.front import log_fronts_wandb, write_fronts
 from esq_lightning.reporting.formats import (
     _title,
     amplification_latex,
@@ -32,6 +31,7 @@ from esq_lightning.reporting.formats import (
     transfer_latex,
     transfer_markdown,
 )
+from esq_lightning.reporting.front import log_fronts_wandb, write_fronts
 from esq_lightning.reporting.tables import Cell, Row, Table
 
 __all__ = [
