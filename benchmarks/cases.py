@@ -108,7 +108,9 @@ class _StepStamps(pl.Callback):
         self.clock = clock
         self.stamps: list[float] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.stamps.append(self.clock.now())
 
 
@@ -159,8 +161,12 @@ class LightningRun:
     def __init__(self, model: nn.Module, s: Settings, data: str = "tensors", method: str = "esq") -> None:
         self.s, self.data = s, data
         self.module = _BenchESQModule(
-            model=model, objective=Objective(method), num_classes=s.num_classes, optimizer=sgd_factory(),
-            seed=s.seed, channels_last=s.channels_last,
+            model=model,
+            objective=Objective(method),
+            num_classes=s.num_classes,
+            optimizer=sgd_factory(),
+            seed=s.seed,
+            channels_last=s.channels_last,
         )
         self.clock = Clock(device_of(s), s.clock)
 
@@ -177,10 +183,19 @@ class LightningRun:
         # Progress bar, logger, checkpointing and model summary are off: they print or write per N steps or per
         # epoch, not per step, and would only add noise. Everything the module does per step stays on.
         return pl.Trainer(
-            accelerator=accelerator, devices=devices, max_epochs=1, precision=lightning_precision(self.s),
-            limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-            use_distributed_sampler=False, callbacks=callbacks,
+            accelerator=accelerator,
+            devices=devices,
+            max_epochs=1,
+            precision=lightning_precision(self.s),
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            inference_mode=False,
+            use_distributed_sampler=False,
+            callbacks=callbacks,
         )
 
     def run(self, batches: Batches, total: int) -> list[float]:
@@ -213,8 +228,15 @@ class PGDRun:
         with autocast(self.s):
             if self.library == "torchattacks":
                 return self.atk(x, y)
-            return pgd(self.model, x, y, eps=self.s.eps, step_size=self.s.step_size, steps=self.s.pgd_steps,
-                       generator=step_generator(self.s.seed, i, Stream.ATTACK))
+            return pgd(
+                self.model,
+                x,
+                y,
+                eps=self.s.eps,
+                step_size=self.s.step_size,
+                steps=self.s.pgd_steps,
+                generator=step_generator(self.s.seed, i, Stream.ATTACK),
+            )
 
     def run(self, batches: Batches, total: int) -> list[float]:
         stamps = []

@@ -45,12 +45,28 @@ VARIANTS = (  # name, precision, channels_last, compile
     ("bf16+channels_last", "bf16", True, False),
     ("bf16+channels_last+compile", "bf16", True, True),
 )
-GPU = {"models": ("wrn28_10", "resnet152"), "batch": 128, "image_size": 32, "steps": 5, "warmup": 2,
-       "pgd_steps": 10, "compile_backend": "inductor", "ddp_model": "resnet20"}
+GPU = {
+    "models": ("wrn28_10", "resnet152"),
+    "batch": 128,
+    "image_size": 32,
+    "steps": 5,
+    "warmup": 2,
+    "pgd_steps": 10,
+    "compile_backend": "inductor",
+    "ddp_model": "resnet20",
+}
 # Tiny versions of the same architectures (WideResNet 10-1, bottleneck ResNet [1,1,1,1] of width 8) on 16x16
 # inputs: every code path of the GPU run (autocast, channels_last, dynamo tracing, DDP) in seconds on a CPU.
-CPU = {"models": ("wrn28_10", "resnet152"), "batch": 4, "image_size": 16, "steps": 2, "warmup": 1, "pgd_steps": 2,
-       "compile_backend": "eager", "ddp_model": "resnet20"}
+CPU = {
+    "models": ("wrn28_10", "resnet152"),
+    "batch": 4,
+    "image_size": 16,
+    "steps": 2,
+    "warmup": 1,
+    "pgd_steps": 2,
+    "compile_backend": "eager",
+    "ddp_model": "resnet20",
+}
 TINY_KWARGS = {"wrn28_10": {"depth": 10, "widen_factor": 1}, "resnet152": {"num_blocks": (1, 1, 1, 1), "width": 8}}
 NUM_CLASSES = {"wrn28_10": 10, "resnet152": 100}
 DDP_TIMEOUT_S = 240
@@ -101,13 +117,17 @@ def time_variant(base: nn.Module, s: Settings, compile_backend: str | None) -> d
         loop = HandLoop(model, method, s, time_attack=method == "adversarial")
         peak_reset(device)
         t0 = time.perf_counter()
-        durations = loop.run(batches, s.warmup + s.steps)[s.warmup:]
+        durations = loop.run(batches, s.warmup + s.steps)[s.warmup :]
         step = median(durations)
         key = "madry" if method == "adversarial" else "esq"
-        out[key] = {"step_s": step, "images_per_s": s.batch / step, "peak_mb": peak_mb(device),
-                    "wall_s": time.perf_counter() - t0}
+        out[key] = {
+            "step_s": step,
+            "images_per_s": s.batch / step,
+            "peak_mb": peak_mb(device),
+            "wall_s": time.perf_counter() - t0,
+        }
         if method == "adversarial":
-            out["madry_loss_fwd_bwd_s"] = median(loop.loss_times[s.warmup:])
+            out["madry_loss_fwd_bwd_s"] = median(loop.loss_times[s.warmup :])
     out["esq_over_madry"] = out["esq"]["step_s"] / out["madry"]["step_s"]
     out["floor"] = 1 + out["madry_loss_fwd_bwd_s"] / out["madry"]["step_s"]
     out["over_floor"] = out["esq_over_madry"] / out["floor"]
@@ -125,9 +145,13 @@ def bf16_agreement(base: nn.Module, s: Settings) -> dict[str, Any]:
         with torch.autocast(device_type=torch.device(s.device).type, dtype=torch.bfloat16):
             z16 = model(x).float()
     rel = ((z16 - z32).norm() / z32.norm().clamp_min(1e-12)).item()
-    return {"rel_l2_error": rel, "max_abs_diff": (z16 - z32).abs().max().item(),
-            "top1_agreement": (z16.argmax(1) == z32.argmax(1)).float().mean().item(), "tolerance": BF16_REL_TOL,
-            "agree": rel <= BF16_REL_TOL}
+    return {
+        "rel_l2_error": rel,
+        "max_abs_diff": (z16 - z32).abs().max().item(),
+        "top1_agreement": (z16.argmax(1) == z32.argmax(1)).float().mean().item(),
+        "tolerance": BF16_REL_TOL,
+        "agree": rel <= BF16_REL_TOL,
+    }
 
 
 # ---- DDP --------------------------------------------------------------------------------------------------------
@@ -188,8 +212,9 @@ def _ddp_worker(rank: int, world: int, backend: str, init: str, s: Settings, tin
         dist.all_gather(gathered, flat)
         if rank == 0:
             diff = max((g - gathered[0]).abs().max().item() for g in gathered[1:])
-            Path(result_file).write_text(json.dumps({"max_param_diff": diff, "loss": loss.item(), "step_s": seconds,
-                                                     "device": str(device)}))
+            Path(result_file).write_text(
+                json.dumps({"max_param_diff": diff, "loss": loss.item(), "step_s": seconds, "device": str(device)})
+            )
         dist.barrier()
     finally:
         # The DDP wrapper (its reducer holds the process group) goes first: freed after destroy_process_group, one
@@ -204,8 +229,7 @@ def ddp_check(s: Settings, tiny: bool) -> dict[str, Any]:
 
     n_gpu = torch.cuda.device_count() if s.device == "cuda" else 0
     backend = "nccl" if n_gpu >= 2 else "gloo"
-    where = (f"{backend}, 2 GPUs" if n_gpu >= 2 else "gloo, both processes on the one GPU" if n_gpu == 1
-             else "gloo, CPU")
+    where = f"{backend}, 2 GPUs" if n_gpu >= 2 else "gloo, both processes on the one GPU" if n_gpu == 1 else "gloo, CPU"
     # One node: gloo talks over the loopback interface (a host name that resolves to an unreachable address, common
     # on machines without a network, would stall its connect).
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -232,8 +256,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (after warm-up)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     p.add_argument("--no-ddp", action="store_true")
-    p.add_argument("--budget", type=float, default=420.0,
-                   help="seconds: variants that would start after this are skipped (the whole check stays < 8 min)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=420.0,
+        help="seconds: variants that would start after this are skipped (the whole check stays < 8 min)",
+    )
     p.add_argument("--out", type=Path, default=Path("outputs/gpu_check.json"))
     return p.parse_args(argv)
 
@@ -254,18 +282,31 @@ def run(argv: list[str] | None = None) -> int:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 (TF32 would change the numbers)
         torch.backends.cudnn.allow_tf32 = False
-    base_s = Settings(device=device, batch=args.batch or cfg["batch"], image_size=cfg["image_size"],
-                      steps=args.steps or cfg["steps"], warmup=cfg["warmup"], pgd_steps=cfg["pgd_steps"], rounds=1)
+    base_s = Settings(
+        device=device,
+        batch=args.batch or cfg["batch"],
+        image_size=cfg["image_size"],
+        steps=args.steps or cfg["steps"],
+        warmup=cfg["warmup"],
+        pgd_steps=cfg["pgd_steps"],
+        rounds=1,
+    )
     info = machine_info(base_s)
-    log(f"esq-lightning GPU check ({'CPU form, tiny shapes' if args.cpu else 'GPU'}): "
-        f"{info.get('cuda_device') or info['cpu_model']}, torch {info['torch']}, CUDA {info.get('cuda', '-')}")
-    log(f"BWN at SQ ratio {base_s.ratio}, PGD-{base_s.pgd_steps} training attack, batch {base_s.batch}, "
+    log(
+        f"esq-lightning GPU check ({'CPU form, tiny shapes' if args.cpu else 'GPU'}): "
+        f"{info.get('cuda_device') or info['cpu_model']}, torch {info['torch']}, CUDA {info.get('cuda', '-')}"
+    )
+    log(
+        f"BWN at SQ ratio {base_s.ratio}, PGD-{base_s.pgd_steps} training attack, batch {base_s.batch}, "
         f"3x{base_s.image_size}x{base_s.image_size} random data; {base_s.steps} timed steps after {base_s.warmup} "
-        f"warm-up, medians; TF32 off\n")
+        f"warm-up, medians; TF32 off\n"
+    )
     result: dict[str, Any] = {"machine": info, "settings": {**cfg, "batch": base_s.batch}, "models": {}}
     failures = []
-    header = (f"{'model':<10} {'variant':<27} {'ESQ img/s':>10} {'Madry img/s':>12} {'ESQ peak':>12} "
-              f"{'Madry peak':>12} {'ESQ/Madry':>10} {'floor':>7}")
+    header = (
+        f"{'model':<10} {'variant':<27} {'ESQ img/s':>10} {'Madry img/s':>12} {'ESQ peak':>12} "
+        f"{'Madry peak':>12} {'ESQ/Madry':>10} {'floor':>7}"
+    )
 
     def save() -> None:
         # After every section, so a run stopped by the 8-minute limit still leaves what it measured.
@@ -288,9 +329,11 @@ def run(argv: list[str] | None = None) -> int:
             failures.append(f"{name} {label}")
             return
         rows[label] = r
-        log(f"{name:<10} {label:<27} {r['esq']['images_per_s']:10.1f} {r['madry']['images_per_s']:12.1f} "
+        log(
+            f"{name:<10} {label:<27} {r['esq']['images_per_s']:10.1f} {r['madry']['images_per_s']:12.1f} "
             f"{_fmt_mem(r['esq']['peak_mb'])} {_fmt_mem(r['madry']['peak_mb'])} {r['esq_over_madry']:10.3f} "
-            f"{r['floor']:7.3f}")
+            f"{r['floor']:7.3f}"
+        )
         save()
 
     log(header)
@@ -304,9 +347,11 @@ def run(argv: list[str] | None = None) -> int:
                 variant(name, base, s0, label, precision, cl, comp)
         agree = bf16_agreement(base.to(memory_format=torch.contiguous_format), s0)
         result["models"][name]["bf16_vs_float32"] = agree
-        log(f"{name:<10} bf16 vs float32 logits: relative L2 error {agree['rel_l2_error']:.4f} (tolerance "
+        log(
+            f"{name:<10} bf16 vs float32 logits: relative L2 error {agree['rel_l2_error']:.4f} (tolerance "
             f"{BF16_REL_TOL}), top-1 agreement {agree['top1_agreement']:.3f}: "
-            f"{'agree' if agree['agree'] else 'DO NOT AGREE'}")
+            f"{'agree' if agree['agree'] else 'DO NOT AGREE'}"
+        )
         if not agree["agree"]:
             failures.append(f"{name} bf16 vs float32")
         save()
@@ -315,9 +360,11 @@ def run(argv: list[str] | None = None) -> int:
         try:
             d = ddp_check(s, args.cpu)
             result["ddp"] = d
-            log(f"DDP: 2 processes ({d['where']}), one ESQ step of {s.model} (batch {s.batch} per process) in "
+            log(
+                f"DDP: 2 processes ({d['where']}), one ESQ step of {s.model} (batch {s.batch} per process) in "
                 f"{d['step_s']:.2f} s, loss {d['loss']:.4f}; weights identical on both ranks: "
-                f"{'yes' if d['identical'] else 'NO'} (max difference {d['max_param_diff']:.3g})")
+                f"{'yes' if d['identical'] else 'NO'} (max difference {d['max_param_diff']:.3g})"
+            )
             if not d["identical"]:
                 failures.append("DDP weights differ across ranks")
         except Exception as exc:
@@ -332,13 +379,17 @@ def run(argv: list[str] | None = None) -> int:
             for label, precision, cl, comp in VARIANTS:
                 if comp:
                     variant(name, base, s0, label, precision, cl, comp)
-    log("\nESQ/Madry: the error-silenced step over Madry's; floor = 1 + (Madry's loss forward/backward) / (Madry "
+    log(
+        "\nESQ/Madry: the error-silenced step over Madry's; floor = 1 + (Madry's loss forward/backward) / (Madry "
         "step), the ratio the extra clean pass alone implies (measured/floor ~ 1: no overhead beyond the arithmetic). "
-        "Peak: torch.cuda.max_memory_allocated over the steps.")
+        "Peak: torch.cuda.max_memory_allocated over the steps."
+    )
     result["seconds"] = time.perf_counter() - start
     save()
-    log(f"\n{'all checks passed' if not failures else 'FAILED: ' + '; '.join(failures)} in {result['seconds']:.0f} s;"
-        f" JSON: {args.out}")
+    log(
+        f"\n{'all checks passed' if not failures else 'FAILED: ' + '; '.join(failures)} in {result['seconds']:.0f} s;"
+        f" JSON: {args.out}"
+    )
     return 1 if failures else 0
 
 

@@ -49,16 +49,47 @@ class Ratio:
 
 
 RATIOS: tuple[Ratio, ...] = (
-    Ratio("framework_overhead", "Lightning ESQ step / hand-written PyTorch step", "lightning_esq", "hand_esq", 1.03,
-          meaning="ESQModule under a real pl.Trainer against the same arithmetic in a plain loop"),
-    Ratio("esq_vs_madry", "error-silenced step / Madry adversarial step", "hand_esq", "hand_madry", 1.10,
-          meaning="ESQ adds one clean forward/backward to PGD + adversarial forward/backward"),
-    Ratio("sq_overhead", "quantized step (SQ ratio r) / full-precision step", "hand_esq", "hand_esq_fp", 1.05,
-          meaning="per-step SQ draw + quantizing weights in every forward, ESQ objective both sides"),
-    Ratio("pgd_vs_torchattacks", "PGD throughput: ours / torchattacks", "pgd_torchattacks", "pgd_ours", 1.0,
-          higher_is_better=True, meaning="time of torchattacks.PGD over ours, same model, batch, eps, steps"),
-    Ratio("data_pipeline", "Lightning step with datamodule / with pre-loaded tensors", "lightning_esq_datamodule",
-          "lightning_esq", 1.02, meaning="TensorDataModule (shuffle, batched crop/flip) against ready batches"),
+    Ratio(
+        "framework_overhead",
+        "Lightning ESQ step / hand-written PyTorch step",
+        "lightning_esq",
+        "hand_esq",
+        1.03,
+        meaning="ESQModule under a real pl.Trainer against the same arithmetic in a plain loop",
+    ),
+    Ratio(
+        "esq_vs_madry",
+        "error-silenced step / Madry adversarial step",
+        "hand_esq",
+        "hand_madry",
+        1.10,
+        meaning="ESQ adds one clean forward/backward to PGD + adversarial forward/backward",
+    ),
+    Ratio(
+        "sq_overhead",
+        "quantized step (SQ ratio r) / full-precision step",
+        "hand_esq",
+        "hand_esq_fp",
+        1.05,
+        meaning="per-step SQ draw + quantizing weights in every forward, ESQ objective both sides",
+    ),
+    Ratio(
+        "pgd_vs_torchattacks",
+        "PGD throughput: ours / torchattacks",
+        "pgd_torchattacks",
+        "pgd_ours",
+        1.0,
+        higher_is_better=True,
+        meaning="time of torchattacks.PGD over ours, same model, batch, eps, steps",
+    ),
+    Ratio(
+        "data_pipeline",
+        "Lightning step with datamodule / with pre-loaded tensors",
+        "lightning_esq_datamodule",
+        "lightning_esq",
+        1.02,
+        meaning="TensorDataModule (shuffle, batched crop/flip) against ready batches",
+    ),
 )
 RATIO_KEYS = tuple(r.key for r in RATIOS)
 
@@ -75,7 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-channels", type=int, help="input channels (default: 3, smoke 1)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default 1)")
-    p.add_argument("--precision", choices=["32", "bf16"], help="float32, or bf16 autocast as trainer.precision=bf16-mixed")
+    p.add_argument(
+        "--precision", choices=["32", "bf16"], help="float32, or bf16 autocast as trainer.precision=bf16-mixed"
+    )
     p.add_argument("--channels-last", action="store_true", help="channels_last model and inputs in every variant")
     p.add_argument("--quant", choices=["bwn", "twn"], help="quantizer of the quantized variants (default bwn)")
     p.add_argument("--ratio", type=float, help=f"SQ ratio of the quantized variants (default {FULL.ratio})")
@@ -83,8 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help=f"timed steps per variant and round (default {FULL.steps})")
     p.add_argument("--warmup", type=int, help=f"untimed steps at the start of every run (default {FULL.warmup})")
     p.add_argument("--rounds", type=int, help=f"rounds; each runs both sides of every ratio (default {FULL.rounds})")
-    p.add_argument("--clock", choices=["wall", "process"],
-                   help="wall time (default), or this process's CPU time: steadier on a shared CPU at 1 thread")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "process"],
+        help="wall time (default), or this process's CPU time: steadier on a shared CPU at 1 thread",
+    )
     p.add_argument("--only", help=f"comma-separated subset of: {', '.join(RATIO_KEYS)}, memory")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     return p.parse_args(argv)
@@ -93,10 +129,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> Settings:
     s = SMOKE if args.smoke else FULL
     overrides = {
-        "model": args.model, "batch": args.batch, "image_size": args.image_size, "in_channels": args.in_channels,
-        "device": args.device, "threads": args.threads, "precision": args.precision, "quant": args.quant,
-        "ratio": args.ratio, "pgd_steps": args.pgd_steps, "steps": args.steps, "warmup": args.warmup,
-        "rounds": args.rounds, "clock": args.clock,
+        "model": args.model,
+        "batch": args.batch,
+        "image_size": args.image_size,
+        "in_channels": args.in_channels,
+        "device": args.device,
+        "threads": args.threads,
+        "precision": args.precision,
+        "quant": args.quant,
+        "ratio": args.ratio,
+        "pgd_steps": args.pgd_steps,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "clock": args.clock,
     }
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
     if args.channels_last:
@@ -143,8 +189,9 @@ def build_variants(s: Settings, ratios: list[Ratio]) -> dict[str, Any]:
     return {name: makers[name]() for name in makers if name in needed}
 
 
-def time_pairs(s: Settings, ratios: list[Ratio], variants: dict[str, Any], log: Callable[[str], None]
-               ) -> tuple[dict[str, dict[str, list[list[float]]]], dict[str, list[float]]]:
+def time_pairs(
+    s: Settings, ratios: list[Ratio], variants: dict[str, Any], log: Callable[[str], None]
+) -> tuple[dict[str, dict[str, list[list[float]]]], dict[str, list[float]]]:
     """Per ratio, per side and per round, the timed step durations (warm-up steps dropped); and, from the
     variant that times its parts (hand_madry), the attack and the loss forward/backward inside its steps.
 
@@ -157,16 +204,18 @@ def time_pairs(s: Settings, ratios: list[Ratio], variants: dict[str, Any], log: 
     parts: dict[str, list[float]] = {}
     for rnd in range(s.rounds):
         for r in ratios:
-            for name in ((r.den, r.num) if rnd % 2 == 0 else (r.num, r.den)):
+            for name in (r.den, r.num) if rnd % 2 == 0 else (r.num, r.den):
                 t0 = time.perf_counter()
                 variant = variants[name]
-                durations = variant.run(batches, total)[s.warmup:]
+                durations = variant.run(batches, total)[s.warmup :]
                 times[r.key][name].append(durations)
                 if getattr(variant, "time_attack", False):
-                    parts.setdefault(f"{name}/attack", []).extend(variant.attack_times[s.warmup:])
-                    parts.setdefault(f"{name}/loss_forward_backward", []).extend(variant.loss_times[s.warmup:])
-                log(f"  round {rnd + 1}/{s.rounds} {r.key:<20} {name:<25} median {median(durations):8.4f} s/step"
-                    f"  ({time.perf_counter() - t0:5.1f} s)")
+                    parts.setdefault(f"{name}/attack", []).extend(variant.attack_times[s.warmup :])
+                    parts.setdefault(f"{name}/loss_forward_backward", []).extend(variant.loss_times[s.warmup :])
+                log(
+                    f"  round {rnd + 1}/{s.rounds} {r.key:<20} {name:<25} median {median(durations):8.4f} s/step"
+                    f"  ({time.perf_counter() - t0:5.1f} s)"
+                )
     return times, parts
 
 
@@ -178,15 +227,24 @@ def ratio_result(r: Ratio, times: dict[str, list[list[float]]]) -> dict[str, Any
     value = median(per_round)
     meets = value >= r.target if r.higher_is_better else value <= r.target
     return {
-        "title": r.title, "value": value, "target": r.target, "target_op": ">=" if r.higher_is_better else "<=",
-        "meets_target": bool(meets), "numerator": r.num, "denominator": r.den,
-        "numerator_median_s": num, "denominator_median_s": den, "ratio_of_pooled_medians": num / den,
-        "per_round": per_round, "meaning": r.meaning,
+        "title": r.title,
+        "value": value,
+        "target": r.target,
+        "target_op": ">=" if r.higher_is_better else "<=",
+        "meets_target": bool(meets),
+        "numerator": r.num,
+        "denominator": r.den,
+        "numerator_median_s": num,
+        "denominator_median_s": den,
+        "ratio_of_pooled_medians": num / den,
+        "per_round": per_round,
+        "meaning": r.meaning,
     }
 
 
-def esq_madry_floor(ratios: dict[str, dict[str, Any]], parts: dict[str, list[float]], pgd_steps: int
-                    ) -> dict[str, float] | None:
+def esq_madry_floor(
+    ratios: dict[str, dict[str, Any]], parts: dict[str, list[float]], pgd_steps: int
+) -> dict[str, float] | None:
     """The ESQ/Madry ratio that the arithmetic alone implies, from timings taken inside the Madry steps.
 
     ESQ does what Madry does plus one more training forward/backward (the clean pass), so
@@ -200,9 +258,13 @@ def esq_madry_floor(ratios: dict[str, dict[str, Any]], parts: dict[str, list[flo
     t_madry = madry["denominator_median_s"]
     t_attack, t_loss = median(parts["hand_madry/attack"]), median(parts["hand_madry/loss_forward_backward"])
     floor = 1 + t_loss / t_madry
-    return {"floor": floor, "measured_over_floor": madry["value"] / floor, "attack_median_s": t_attack,
-            "loss_forward_backward_median_s": t_loss,
-            "pgd_step_over_training_step": t_attack / max(1, pgd_steps) / max(t_loss, 1e-12)}
+    return {
+        "floor": floor,
+        "measured_over_floor": madry["value"] / floor,
+        "attack_median_s": t_attack,
+        "loss_forward_backward_median_s": t_loss,
+        "pgd_step_over_training_step": t_attack / max(1, pgd_steps) / max(t_loss, 1e-12),
+    }
 
 
 def diagnostics(s: Settings) -> dict[str, float]:
@@ -226,8 +288,11 @@ def diagnostics(s: Settings) -> dict[str, float]:
     with torch.no_grad():
         quantize = timed(lambda: [layer.effective_weight() for layer in layers])
     draw = timed(lambda: draw_selection(model, step_generator(s.seed, 0, 0)))
-    return {"sq_draw_selection_ms": draw * 1e3, "effective_weights_all_layers_ms": quantize * 1e3,
-            "quant_layers": len(layers)}
+    return {
+        "sq_draw_selection_ms": draw * 1e3,
+        "effective_weights_all_layers_ms": quantize * 1e3,
+        "quant_layers": len(layers),
+    }
 
 
 def memory_section(s: Settings) -> dict[str, Any]:
@@ -240,12 +305,16 @@ def memory_section(s: Settings) -> dict[str, Any]:
     logits = esq_memory(model, batch, s, ["logits"])
     many = esq_memory(model, batch, s, ["logits", *pairing])
     extra = many["saved_activation_bytes"] - logits["saved_activation_bytes"]
-    out = {"logits": logits, "many": many, "paired_modules": len(pairing),
-           "ratio_many_over_logits": many["saved_activation_bytes"] / max(1, logits["saved_activation_bytes"]),
-           "extra_bytes": extra,
-           # 1.0 = each paired module keeps exactly one more activation-sized tensor (the difference
-           # F(x) - F(x_adv) that the norm's backward needs); more would mean something is kept alive needlessly.
-           "extra_per_paired_output_byte": extra / max(1, many["paired_output_bytes"])}
+    out = {
+        "logits": logits,
+        "many": many,
+        "paired_modules": len(pairing),
+        "ratio_many_over_logits": many["saved_activation_bytes"] / max(1, logits["saved_activation_bytes"]),
+        "extra_bytes": extra,
+        # 1.0 = each paired module keeps exactly one more activation-sized tensor (the difference
+        # F(x) - F(x_adv) that the norm's backward needs); more would mean something is kept alive needlessly.
+        "extra_per_paired_output_byte": extra / max(1, many["paired_output_bytes"]),
+    }
     if "cuda_peak_bytes" in logits:
         out["cuda_peak_ratio"] = many["cuda_peak_bytes"] / max(1, logits["cuda_peak_bytes"])
     return out
@@ -274,8 +343,10 @@ def format_report(result: dict[str, Any]) -> str:
     ]
     for r in result["ratios"].values():
         if r.get("value") is None:
-            lines.append(f"{r['title']:<58} {'-':>9} {r['target_op'] + ' ' + format(r['target'], '.2f'):>8}  "
-                         f"skip  {r.get('note', '')}")
+            lines.append(
+                f"{r['title']:<58} {'-':>9} {r['target_op'] + ' ' + format(r['target'], '.2f'):>8}  "
+                f"skip  {r.get('note', '')}"
+            )
             continue
         rounds = ", ".join(f"{v:.3f}" for v in r["per_round"])
         lines.append(
@@ -285,9 +356,12 @@ def format_report(result: dict[str, Any]) -> str:
         )
     floor = result.get("esq_vs_madry_floor")
     if floor:
-        lines += ["", f"ESQ / Madry floor from the arithmetic: 1 + t_loss_fwd_bwd / t_madry = {floor['floor']:.3f} "
-                      f"(one PGD step costs {floor['pgd_step_over_training_step']:.2f} x a training step); "
-                      f"measured / floor = {floor['measured_over_floor']:.3f}"]
+        lines += [
+            "",
+            f"ESQ / Madry floor from the arithmetic: 1 + t_loss_fwd_bwd / t_madry = {floor['floor']:.3f} "
+            f"(one PGD step costs {floor['pgd_step_over_training_step']:.2f} x a training step); "
+            f"measured / floor = {floor['measured_over_floor']:.3f}",
+        ]
     mem = result.get("memory")
     if mem:
         lines += [
@@ -299,16 +373,24 @@ def format_report(result: dict[str, Any]) -> str:
             f"({_mb(mem['many']['paired_output_bytes'])}; 1.00 = one extra tensor per paired module)",
         ]
         if "cuda_peak_ratio" in mem:
-            lines.append(f"  CUDA peak of a whole step: logits {_mb(mem['logits']['cuda_peak_bytes'])}, "
-                         f"many {_mb(mem['many']['cuda_peak_bytes'])} (x{mem['cuda_peak_ratio']:.2f})")
+            lines.append(
+                f"  CUDA peak of a whole step: logits {_mb(mem['logits']['cuda_peak_bytes'])}, "
+                f"many {_mb(mem['many']['cuda_peak_bytes'])} (x{mem['cuda_peak_ratio']:.2f})"
+            )
     d = result.get("diagnostics")
     if d:
-        lines += ["", f"per step: SQ draw_selection {d['sq_draw_selection_ms']:.2f} ms over {d['quant_layers']} layers; "
-                      f"effective weights of all layers (once per forward) {d['effective_weights_all_layers_ms']:.2f} ms"]
+        lines += [
+            "",
+            f"per step: SQ draw_selection {d['sq_draw_selection_ms']:.2f} ms over {d['quant_layers']} layers; "
+            f"effective weights of all layers (once per forward) {d['effective_weights_all_layers_ms']:.2f} ms",
+        ]
     busy = m.get("load_average_start")
     if busy and m.get("usable_cpus") and busy[0] > 0.5 * m["usable_cpus"]:
-        lines += ["", f"note: load average {busy[0]} on {m['usable_cpus']} CPUs: other processes were running, "
-                      "so timings are noisy; compare ratios from a quiet machine"]
+        lines += [
+            "",
+            f"note: load average {busy[0]} on {m['usable_cpus']} CPUs: other processes were running, "
+            "so timings are noisy; compare ratios from a quiet machine",
+        ]
     lines.append(f"\nJSON: {result['out']}")
     return "\n".join(lines)
 
@@ -322,8 +404,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    result: dict[str, Any] = {"smoke": bool(args.smoke), "settings": settings_dict(s), "machine": machine_info(s),
-                              "ratios": {}, "out": str(args.out)}
+    result: dict[str, Any] = {
+        "smoke": bool(args.smoke),
+        "settings": settings_dict(s),
+        "machine": machine_info(s),
+        "ratios": {},
+        "out": str(args.out),
+    }
     chosen = [r for r in RATIOS if r.key in want]
     skipped: dict[str, str] = {}
     if any(r.key == "pgd_vs_torchattacks" for r in chosen) and not torchattacks_available():
@@ -339,8 +426,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             result["ratios"][r.key] = ratio_result(r, times[r.key])
     for r in RATIOS:
         if r.key in skipped:
-            result["ratios"][r.key] = {"title": r.title, "value": None, "target": r.target,
-                                       "target_op": ">=" if r.higher_is_better else "<=", "note": skipped[r.key]}
+            result["ratios"][r.key] = {
+                "title": r.title,
+                "value": None,
+                "target": r.target,
+                "target_op": ">=" if r.higher_is_better else "<=",
+                "note": skipped[r.key],
+            }
     floor = esq_madry_floor(result["ratios"], result.get("madry_step_parts_s", {}), s.pgd_steps)
     if floor:
         result["esq_vs_madry_floor"] = floor

@@ -67,24 +67,54 @@ def train_and_audit(out: Path, attack: str, setting: str, seed: int, a: argparse
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     tag = f"{setting}_{attack}_seed{seed}"
-    common = [f"threads={a.threads}", f"paths.runs_root={root}", "logger=none", "trainer.enable_progress_bar=false",
-              f"eval.n_samples={a.n_samples}"]
-    train = [_bin("esq-train"), f"experiment=digits/{setting}", f"attack={attack}", f"seed={seed}", *common,
-             *a.train_override]
+    common = [
+        f"threads={a.threads}",
+        f"paths.runs_root={root}",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        f"eval.n_samples={a.n_samples}",
+    ]
+    train = [
+        _bin("esq-train"),
+        f"experiment=digits/{setting}",
+        f"attack={attack}",
+        f"seed={seed}",
+        *common,
+        *a.train_override,
+    ]
     process_seconds = run(train, logs / f"train_{tag}.log")
     res = newest_results(root, setting, seed)
     audit_dir = out / "audit" / tag
-    audit = [_bin("esq-eval"), "mode=audit", "eval.budget=quick", f"ckpt_path={res['checkpoint']}",
-             f"eval.n_samples={a.n_samples}", f"threads={a.threads}", f"hydra.run.dir={audit_dir}", "logger=none"]
+    audit = [
+        _bin("esq-eval"),
+        "mode=audit",
+        "eval.budget=quick",
+        f"ckpt_path={res['checkpoint']}",
+        f"eval.n_samples={a.n_samples}",
+        f"threads={a.threads}",
+        f"hydra.run.dir={audit_dir}",
+        "logger=none",
+    ]
     run(audit, logs / f"audit_{tag}.log")
     aud = json.loads((audit_dir / "results.json").read_text())
     co = res.get("catastrophic_overfitting") or {}
-    return {"setting": setting, "attack": attack, "seed": seed, "train_seconds": res["train_seconds"],
-            "train_cpu_seconds": res.get("train_cpu_seconds"),
-            "process_seconds": process_seconds, "worst_case": aud["robust_acc"]["worst_case"],
-            "clean_acc": aud["clean_acc"], "n_samples": aud["n_samples"], "verdict": aud.get("audit", {}).get("verdict"),
-            "catastrophic_overfitting": bool(co.get("detected")), "restored_epoch": co.get("restored_epoch"),
-            "train_attack": res.get("train_attack"), "run_dir": res["run_dir"], "audit_dir": str(audit_dir)}
+    return {
+        "setting": setting,
+        "attack": attack,
+        "seed": seed,
+        "train_seconds": res["train_seconds"],
+        "train_cpu_seconds": res.get("train_cpu_seconds"),
+        "process_seconds": process_seconds,
+        "worst_case": aud["robust_acc"]["worst_case"],
+        "clean_acc": aud["clean_acc"],
+        "n_samples": aud["n_samples"],
+        "verdict": aud.get("audit", {}).get("verdict"),
+        "catastrophic_overfitting": bool(co.get("detected")),
+        "restored_epoch": co.get("restored_epoch"),
+        "train_attack": res.get("train_attack"),
+        "run_dir": res["run_dir"],
+        "audit_dir": str(audit_dir),
+    }
 
 
 def unit_costs(threads: int, batch: int = 64, reps: int = 40) -> dict[str, float]:
@@ -123,8 +153,13 @@ def unit_costs(threads: int, batch: int = 64, reps: int = 40) -> dict[str, float
 
     t1 = timed(lambda: pgd(model, x, y, eps=s.eps, step_size=s.step_size, steps=1))
     t10 = timed(lambda: pgd(model, x, y, eps=s.eps, step_size=s.step_size, steps=10))
-    return {"attack_step": (t10 - t1) / 9, "attack_1": t1, "attack_10": t10, "train_pass": timed(train_pass),
-            "gradalign": timed(align)}
+    return {
+        "attack_step": (t10 - t1) / 9,
+        "attack_1": t1,
+        "attack_10": t10,
+        "train_pass": timed(train_pass),
+        "gradalign": timed(align),
+    }
 
 
 def floor(attack: str, setting: str, u: dict[str, float]) -> float:
@@ -154,46 +189,70 @@ def summarize(rows: list[dict[str, Any]], u: dict[str, float]) -> dict[str, Any]
                     af, af_ref = by.get(("AF", attack, r["seed"])), by.get(("AF", "pgd", r["seed"]))
                     if af and af_ref:
                         # CPU time when every run of the chain recorded it (module docstring), else wall-clock.
-                        key = ("train_cpu_seconds" if all(x.get("train_cpu_seconds") for x in (af, af_ref, r, ref))
-                               else "train_seconds")
+                        key = (
+                            "train_cpu_seconds"
+                            if all(x.get("train_cpu_seconds") for x in (af, af_ref, r, ref))
+                            else "train_seconds"
+                        )
                         pipe.append((af[key] + r[key]) / (af_ref[key] + ref[key]))
             mean = lambda v: statistics.fmean(v) if v else None  # noqa: E731
             sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
             wc = [100 * r["worst_case"] for r in runs]
-            row = {"setting": setting, "attack": attack, "seeds": [r["seed"] for r in runs],
-                   "train_seconds": mean([r["train_seconds"] for r in runs]), "worst_case": mean(wc),
-                   "worst_case_sd": sd(wc), "clean": mean([100 * r["clean_acc"] for r in runs]),
-                   "co_runs": sum(r["catastrophic_overfitting"] for r in runs),
-                   "train_cpu_seconds": mean([r["train_cpu_seconds"] for r in runs if r.get("train_cpu_seconds")]),
-                   "ratio": mean(ratios), "cpu_ratio": mean(cpu_ratios), "pipeline_ratio": mean(pipe), "worst_case_diff": mean(diffs),
-                   "floor": floor(attack, setting, u) if u else None}
+            row = {
+                "setting": setting,
+                "attack": attack,
+                "seeds": [r["seed"] for r in runs],
+                "train_seconds": mean([r["train_seconds"] for r in runs]),
+                "worst_case": mean(wc),
+                "worst_case_sd": sd(wc),
+                "clean": mean([100 * r["clean_acc"] for r in runs]),
+                "co_runs": sum(r["catastrophic_overfitting"] for r in runs),
+                "train_cpu_seconds": mean([r["train_cpu_seconds"] for r in runs if r.get("train_cpu_seconds")]),
+                "ratio": mean(ratios),
+                "cpu_ratio": mean(cpu_ratios),
+                "pipeline_ratio": mean(pipe),
+                "worst_case_diff": mean(diffs),
+                "floor": floor(attack, setting, u) if u else None,
+            }
             # The time side of the target is judged on CPU time when recorded: on a shared CPU the load changes
             # between runs, which moves wall-clock ratios of runs made one after another (never the CPU time's).
             judged = row["cpu_ratio"] if row["cpu_ratio"] is not None else row["ratio"]
-            row["meets_target"] = (setting == "AEB" and attack != "pgd" and judged is not None
-                                   and row["worst_case_diff"] >= -TARGET_POINTS and judged <= TARGET_RATIO)
+            row["meets_target"] = (
+                setting == "AEB"
+                and attack != "pgd"
+                and judged is not None
+                and row["worst_case_diff"] >= -TARGET_POINTS
+                and judged <= TARGET_RATIO
+            )
             table.append(row)
     return {"rows": table}
 
 
 def markdown(summary: dict[str, Any], n_samples: int) -> str:
     f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-    lines = ["| setting | training attack | seeds | train s | audited worst case % | clean % | CO flags | "
-             "time / PGD-10 | CPU time / PGD-10 | floor | worst case - PGD-10 (points) | AF+AEB CPU time / PGD-10 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | training attack | seeds | train s | audited worst case % | clean % | CO flags | "
+        "time / PGD-10 | CPU time / PGD-10 | floor | worst case - PGD-10 (points) | AF+AEB CPU time / PGD-10 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in summary["rows"]:
-        lines.append(f"| {r['setting']} | {r['attack']} | {len(r['seeds'])} | {f(r['train_seconds'])} | "
-                     f"{f(r['worst_case'])} ± {f(r['worst_case_sd'])} | {f(r['clean'])} | {r['co_runs']} | "
-                     f"{f(r['ratio'], 2)} | {f(r['cpu_ratio'], 2)} | {f(r['floor'], 2)} | {f(r['worst_case_diff'])} | "
-                     f"{f(r['pipeline_ratio'], 2)} |")
+        lines.append(
+            f"| {r['setting']} | {r['attack']} | {len(r['seeds'])} | {f(r['train_seconds'])} | "
+            f"{f(r['worst_case'])} ± {f(r['worst_case_sd'])} | {f(r['clean'])} | {r['co_runs']} | "
+            f"{f(r['ratio'], 2)} | {f(r['cpu_ratio'], 2)} | {f(r['floor'], 2)} | {f(r['worst_case_diff'])} | "
+            f"{f(r['pipeline_ratio'], 2)} |"
+        )
     lines.append("")
-    lines.append(f"Audit: esq-eval mode=audit eval.budget=quick, per-sample worst case on {n_samples} test inputs, "
-                 "L_inf eps 0.2, eval mode, full quantization. Means over seeds; ratios per seed against PGD-10 of "
-                 "the same seed, then averaged.")
+    lines.append(
+        f"Audit: esq-eval mode=audit eval.budget=quick, per-sample worst case on {n_samples} test inputs, "
+        "L_inf eps 0.2, eval mode, full quantization. Means over seeds; ratios per seed against PGD-10 of "
+        "the same seed, then averaged."
+    )
     hits = [r for r in summary["rows"] if r["meets_target"]]
-    lines.append("Target (fast AEB within 2 points of PGD-10's worst case at <= 0.35 of its time, judged on CPU "
-                 "time): "
-                 + ("met by " + ", ".join(r["attack"] for r in hits) if hits else "not met"))
+    lines.append(
+        "Target (fast AEB within 2 points of PGD-10's worst case at <= 0.35 of its time, judged on CPU "
+        "time): " + ("met by " + ", ".join(r["attack"] for r in hits) if hits else "not met")
+    )
     return "\n".join(lines)
 
 
@@ -206,9 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-samples", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--train-override", nargs="*", default=[], help="extra esq-train overrides for every run")
-    p.add_argument("--merge", type=Path, nargs="+", default=None,
-                   help="only summarize the runs of these time_to_robustness.json records (e.g. seeds run as separate "
-                        "invocations); the floors use the median of their unit costs")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="only summarize the runs of these time_to_robustness.json records (e.g. seeds run as separate "
+        "invocations); the floors use the median of their unit costs",
+    )
     a = p.parse_args(argv)
     if a.merge:
         records = [json.loads(path.read_text()) for path in a.merge]
@@ -233,11 +297,18 @@ def main(argv: list[str] | None = None) -> int:
             for setting in a.settings:
                 row = train_and_audit(a.out, attack, setting, seed, a)
                 rows.append(row)
-                print(f"{setting} {attack} seed {seed}: train {row['train_seconds']:.1f}s worst case "
-                      f"{100 * row['worst_case']:.1f}% clean {100 * row['clean_acc']:.1f}% "
-                      f"CO {row['catastrophic_overfitting']}", flush=True)
-                record = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-                          "unit_costs": u, "runs": rows, **summarize(rows, u)}
+                print(
+                    f"{setting} {attack} seed {seed}: train {row['train_seconds']:.1f}s worst case "
+                    f"{100 * row['worst_case']:.1f}% clean {100 * row['clean_acc']:.1f}% "
+                    f"CO {row['catastrophic_overfitting']}",
+                    flush=True,
+                )
+                record = {
+                    "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+                    "unit_costs": u,
+                    "runs": rows,
+                    **summarize(rows, u),
+                }
                 record_path.write_text(json.dumps(record, indent=1))
     table = markdown(summarize(rows, u), a.n_samples)
     (a.out / "time_to_robustness.md").write_text(table + "\n")

@@ -41,8 +41,17 @@ def main(ckpt: str) -> None:
             for i in range(0, len(x_train), 256):
                 model(x_train[i : i + 256])
             model.eval()
-        x_adv = pgd(model, x, y, eps=0.2, step_size=0.05, steps=20, norm="linf", random_start=True,
-                    generator=torch.Generator().manual_seed(0))
+        x_adv = pgd(
+            model,
+            x,
+            y,
+            eps=0.2,
+            step_size=0.05,
+            steps=20,
+            norm="linf",
+            random_start=True,
+            generator=torch.Generator().manual_seed(0),
+        )
         with torch.no_grad():
             z, acts = forward_with_activations(model, x, ["block1"])
             z_adv, acts_adv = forward_with_activations(model, x_adv, ["block1"])

@@ -63,8 +63,9 @@ def _value(value: Any) -> str:
         return "[" + ",".join(_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
         return "{" + ",".join(f"{k}:{_value(v)}" for k, v in value.items()) + "}"
-    raise ESQUserError(f"{value!r}: a keyword argument must be a str, number, bool, None, list or dict "
-                       f"(got {type(value).__name__})")
+    raise ESQUserError(
+        f"{value!r}: a keyword argument must be a str, number, bool, None, list or dict (got {type(value).__name__})"
+    )
 
 
 def to_overrides(kwargs: Mapping[str, Any], overrides: Iterable[str] = ()) -> list[str]:
@@ -111,8 +112,9 @@ def compose(config_name: str, overrides: list[str], run_dir: str | Path | None =
     from esq_lightning.artifacts.rundir import claim_run_dir
 
     resume = OmegaConf.select(cfg, "ckpt_path", default=None) if config_name == "train" else None
-    claim_run_dir(out, str(OmegaConf.select(cfg, "task_name", default=config_name)),
-                  None if resume is None else str(resume))
+    claim_run_dir(
+        out, str(OmegaConf.select(cfg, "task_name", default=config_name)), None if resume is None else str(resume)
+    )
     # What Hydra writes next to every run: esq-report reads the overrides of a run from here.
     hydra_dir = out / ".hydra"
     hydra_dir.mkdir(exist_ok=True)
@@ -171,8 +173,14 @@ def _with_progress(kwargs: dict[str, Any], overrides: Iterable[str], progress: b
 
 
 # ---- the API -----------------------------------------------------------------------------------------------------
-def train(*, overrides: Iterable[str] = (), run_dir: str | Path | None = None, verbose: bool = False,
-          progress: bool | None = None, **kwargs: Any) -> dict[str, Any]:
+def train(
+    *,
+    overrides: Iterable[str] = (),
+    run_dir: str | Path | None = None,
+    verbose: bool = False,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """esq-train: train and evaluate one run; returns its results record (results.json; `checkpoint` is its path).
     Prints nothing unless verbose=True or progress=True (then what esq-train prints; progress: the bars)."""
     _quiet()
@@ -187,9 +195,17 @@ def train(*, overrides: Iterable[str] = (), run_dir: str | Path | None = None, v
     return results
 
 
-def evaluate(ckpt_path: str | Path | None = None, *, ckpts: Iterable[str | Path] | None = None,
-             mode: str | None = None, overrides: Iterable[str] = (), run_dir: str | Path | None = None,
-             verbose: bool = False, progress: bool | None = None, **kwargs: Any) -> dict[str, Any]:
+def evaluate(
+    ckpt_path: str | Path | None = None,
+    *,
+    ckpts: Iterable[str | Path] | None = None,
+    mode: str | None = None,
+    overrides: Iterable[str] = (),
+    run_dir: str | Path | None = None,
+    verbose: bool = False,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """esq-eval: mode=whitebox on `ckpt_path` (a checkpoint or a packed .esq file), or mode=transfer|amplification|
     blackbox on `ckpts`; returns the record the mode wrote (results.json, transfer.json, ...). Prints nothing unless
     verbose=True or progress=True (then what esq-eval prints; progress: the bars)."""
@@ -212,9 +228,16 @@ def evaluate(ckpt_path: str | Path | None = None, *, ckpts: Iterable[str | Path]
             return run(cfg)
 
 
-def export(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True, format: str = "packed",
-           overwrite: bool = False, verbose: bool = False, progress: bool | None = None,
-           **onnx_options: Any) -> dict[str, Any]:
+def export(
+    ckpt_path: str | Path,
+    out: str | Path | None = None,
+    verify: bool = True,
+    format: str = "packed",
+    overwrite: bool = False,
+    verbose: bool = False,
+    progress: bool | None = None,
+    **onnx_options: Any,
+) -> dict[str, Any]:
     """esq-export: write the packed (b-bit) file of a checkpoint; returns the size report (`path` is the file).
     format="onnx" (esq-export format=onnx): the ONNX file checked in onnxruntime, its record returned;
     onnx_options are export_onnx's (n_samples, attack, eps, attack_params, rtol, threads, ...). An existing `out` is

@@ -84,7 +84,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], bina
     _fsync_dir(path.parent)
 
 
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
 

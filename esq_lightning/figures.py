@@ -16,6 +16,5 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     FigureCanvasAgg(fig)
     # Through the one atomic writer: a failed write leaves the previous figure intact.
-    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=150,
-                                             bbox_inches="tight"))
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=150, bbox_inches="tight"))
     return path

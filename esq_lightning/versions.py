@@ -11,8 +11,18 @@ __version__ = "0.1.0"
 
 # The distributions whose versions can change a number: the numerics, the training loop, the configs, the
 # attack libraries, and the logger that records it. constraints.txt pins all of them (make lock).
-KEY_PACKAGES = ("torch", "pytorch-lightning", "numpy", "hydra-core", "omegaconf", "torchmetrics", "scikit-learn",
-                "foolbox", "pyautoattack", "wandb")
+KEY_PACKAGES = (
+    "torch",
+    "pytorch-lightning",
+    "numpy",
+    "hydra-core",
+    "omegaconf",
+    "torchmetrics",
+    "scikit-learn",
+    "foolbox",
+    "pyautoattack",
+    "wandb",
+)
 
 
 def package_versions() -> dict[str, str | None]:

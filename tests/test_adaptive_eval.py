@@ -47,8 +47,15 @@ class Noisy(nn.Module):
 
 
 def _cnn() -> nn.Sequential:
-    return nn.Sequential(Normalize(), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 10))
+    return nn.Sequential(
+        Normalize(),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 16, 10),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +83,11 @@ def acc(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **params)
 def test_each_new_attack_lowers_accuracy(trained, name):
     model, x, y = trained
     clean = (model(x).argmax(1) == y).float().mean().item()
-    params = {"steps": 10, "restarts": 1, "step_fractions": [0.25], "losses": ["margin"]} if name == "pgd_schedule" \
+    params = (
+        {"steps": 10, "restarts": 1, "step_fractions": [0.25], "losses": ["margin"]}
+        if name == "pgd_schedule"
         else dict(FAST)
+    )
     out = run_attack(name, model, x, y, eps=EPS, **params)
     assert out.correct.float().mean().item() < clean - 0.1
     assert out.norms.max() <= EPS * (1 + 1e-5) and out.params["eps"] == EPS
@@ -109,8 +119,13 @@ def test_pgd_keep_best_never_returns_a_worse_point_and_default_is_last_iterate(t
 def test_worst_case_is_at_most_every_attack_and_ignores_other_threat_models(trained):
     model, x, y = trained
     attacks = ["fgsm", "pgd20", "pgd_margin", "ddn"] if "ddn" in ATTACKS else ["fgsm", "pgd20", "pgd_margin"]
-    ev = evaluate_robustness(model, x, y, ThreatModel("linf", EPS, fgsm_factor=2.0),
-                             EvalSettings(["fgsm", "pgd20", "pgd_margin"], params={"pgd_margin": FAST}, progress=False))
+    ev = evaluate_robustness(
+        model,
+        x,
+        y,
+        ThreatModel("linf", EPS, fgsm_factor=2.0),
+        EvalSettings(["fgsm", "pgd20", "pgd_margin"], params={"pgd_margin": FAST}, progress=False),
+    )
     wc = ev["robust_acc"]["worst_case"]
     assert list(ev["robust_acc"])[0] == "worst_case"
     # FGSM ran at 2 x eps: its own threat model, outside the worst case.
@@ -141,8 +156,14 @@ def _flag_names(audit: dict) -> set[str]:
 
 def test_normal_model_passes_every_check(trained):
     model, x, y = trained
-    rec = audit_model(model, x, y, ThreatModel("linf", EPS), EvalSettings(
-        ["pgd20", "pgd_margin", "pgd_dlr"], params={"pgd_margin": FAST, "pgd_dlr": FAST}, progress=False), budget="quick")
+    rec = audit_model(
+        model,
+        x,
+        y,
+        ThreatModel("linf", EPS),
+        EvalSettings(["pgd20", "pgd_margin", "pgd_dlr"], params={"pgd_margin": FAST, "pgd_dlr": FAST}, progress=False),
+        budget="quick",
+    )
     assert rec["verdict"] == "pass", rec["flags"]
     assert rec["worst_case"]["acc"] <= min(v for k, v in rec["robust_acc"].items() if k != "worst_case")
     assert len(rec["eps_curve"]["worst_case"]) == 5 and rec["unbounded"]["acc"] <= 0.2
@@ -151,9 +172,16 @@ def test_normal_model_passes_every_check(trained):
 def test_scaled_logits_are_flagged_and_margin_pgd_still_measures(trained):
     model, x, y = trained
     big = scaled(model)
-    rec = audit_model(big, x, y, ThreatModel("linf", EPS), EvalSettings(
-        ["fgsm", "pgd20", "pgd_margin", "pgd_dlr"], params={"pgd_margin": FAST, "pgd_dlr": FAST}, progress=False),
-        budget="quick")
+    rec = audit_model(
+        big,
+        x,
+        y,
+        ThreatModel("linf", EPS),
+        EvalSettings(
+            ["fgsm", "pgd20", "pgd_margin", "pgd_dlr"], params={"pgd_margin": FAST, "pgd_dlr": FAST}, progress=False
+        ),
+        budget="quick",
+    )
     names = _flag_names(rec)
     assert rec["verdict"] != "pass"
     assert {"loss_scale_sensitivity", "weak_attack_overstates", "saturated_gradients"} <= names
@@ -167,15 +195,19 @@ def test_scaled_logits_are_flagged_and_margin_pgd_still_measures(trained):
 def test_rounding_without_ste_is_a_failed_verdict_not_a_crash(trained):
     model, x, y = trained
     rounded = nn.Sequential(RoundInput(), model)
-    ev = evaluate_robustness(rounded, x, y, ThreatModel("linf", EPS), EvalSettings(["pgd20"], progress=False),
-                             on_gradient_error="record")
+    ev = evaluate_robustness(
+        rounded, x, y, ThreatModel("linf", EPS), EvalSettings(["pgd20"], progress=False), on_gradient_error="record"
+    )
     assert "pgd20" in ev["unattackable"] and "pgd20" not in ev["robust_acc"]
     audit = evaluation_checks(rounded, x, y, ev, "linf", EPS)
     assert audit["verdict"] == "fail" and {"zero_gradients", "unattackable"} <= _flag_names(audit)
     # Square (gradient-free) against a gradient attack that found nothing; the unbounded probe cannot run without
     # gradients, so the zero-gradient flag is the reason given.
-    ev2 = {"clean_acc": 0.9, "robust_acc": {"pgd20": 0.9, "square": 0.5},
-           "attacks": {"pgd20": {"norm": "linf", "eps": EPS}, "square": {"norm": "linf", "eps": EPS}}}
+    ev2 = {
+        "clean_acc": 0.9,
+        "robust_acc": {"pgd20": 0.9, "square": 0.5},
+        "attacks": {"pgd20": {"norm": "linf", "eps": EPS}, "square": {"norm": "linf", "eps": EPS}},
+    }
     from esq_lightning.evaluation.checks import attack_flags, unbounded_flags
 
     assert "gradient_free_beats_gradient" in {f["name"] for f in attack_flags(ev2, "linf", EPS, Thresholds())}
@@ -197,8 +229,9 @@ def test_constant_output_and_curve_checks():
         constant[1].weight.zero_()
         constant[1].bias.copy_(torch.arange(10.0))
     x, y = torch.rand(60, 1, 8, 8), torch.arange(60) % 10
-    ev = evaluate_robustness(constant, x, y, ThreatModel("linf", EPS), EvalSettings(["pgd20"], progress=False),
-                             on_gradient_error="record")
+    ev = evaluate_robustness(
+        constant, x, y, ThreatModel("linf", EPS), EvalSettings(["pgd20"], progress=False), on_gradient_error="record"
+    )
     names = _flag_names(evaluation_checks(constant, x, y, ev, "linf", EPS))
     assert {"constant_output", "chance_accuracy", "zero_gradients"} <= names
     rising = curve_flags([0.1, 0.2, 0.4], [0.5, 0.3, 0.45], Thresholds(), "pgd_margin")
@@ -209,9 +242,19 @@ def test_constant_output_and_curve_checks():
 
 # --- end to end: esq-train's verdict, the threat model, esq-eval mode=audit ---------------------------------------
 
-TRAIN = ["threads=1", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu", "method=natural",
-         "trainer.max_epochs=2", "trainer.limit_train_batches=10", "callbacks.pgd.val_every_n_epochs=0",
-         "callbacks.quant_ratio.start=1.0", "quant=full", "eval.n_samples=40", "logger=none"]
+TRAIN = [
+    "threads=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
+    "method=natural",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=10",
+    "callbacks.pgd.val_every_n_epochs=0",
+    "callbacks.quant_ratio.start=1.0",
+    "quant=full",
+    "eval.n_samples=40",
+    "logger=none",
+]
 
 
 @pytest.fixture(scope="module")
@@ -244,10 +287,22 @@ def test_audit_mode_writes_audit_files_and_verdict(tiny_run, tmp_path):
     from esq_lightning.commands.evaluate import evaluate
     from tests.hydra_utils import compose_config
 
-    cfg = compose_config("eval", ["threads=1", "progress=false", "mode=audit", f"ckpt_path={tiny_run['checkpoint']}",
-                                  "eval.budget=quick", "eval.n_samples=30", "eval.eps=0.1",
-                                  "eval.audit.attacks=[pgd20,pgd_margin]", "eval.audit.eps_factors=[0.5,1,2]",
-                                  "++eval.params.pgd_margin.steps=5"], tmp_path)
+    cfg = compose_config(
+        "eval",
+        [
+            "threads=1",
+            "progress=false",
+            "mode=audit",
+            f"ckpt_path={tiny_run['checkpoint']}",
+            "eval.budget=quick",
+            "eval.n_samples=30",
+            "eval.eps=0.1",
+            "eval.audit.attacks=[pgd20,pgd_margin]",
+            "eval.audit.eps_factors=[0.5,1,2]",
+            "++eval.params.pgd_margin.steps=5",
+        ],
+        tmp_path,
+    )
     record = evaluate(cfg)
     for name in ("audit.json", "audit.md", "audit.png", "results.json"):
         assert (tmp_path / name).is_file(), name

@@ -29,8 +29,9 @@ def readme_example() -> str:
 
 
 def run_python(code: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_readme_api_example_is_valid_python_using_the_api() -> None:
@@ -48,31 +49,52 @@ def test_readme_api_example_runs_as_written(tmp_path: Path) -> None:
     proc = run_python(code, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"clean \d\.\d{3}, PGD-20 \d\.\d{3}, file \d+\.\dx smaller than float32, \d+ results\.json", last), last
+    assert re.fullmatch(
+        r"clean \d\.\d{3}, PGD-20 \d\.\d{3}, file \d+\.\dx smaller than float32, \d+ results\.json", last
+    ), last
     (results,) = (tmp_path / "outputs" / "runs").rglob("results.json")
     record = json.loads(results.read_text())
     assert record["task"] == "train" and Path(record["checkpoint"]).with_suffix(".esq").is_file()
     # Hydra's files are written next to the run, as esq-train does (esq-report reads the overrides).
-    assert (results.parent / ".hydra" / "config.yaml").is_file() and (results.parent / ".hydra" / "overrides.yaml").is_file()
+    assert (results.parent / ".hydra" / "config.yaml").is_file() and (
+        results.parent / ".hydra" / "overrides.yaml"
+    ).is_file()
 
 
 def test_keyword_arguments_are_the_cli_overrides() -> None:
-    assert to_overrides({"quant": "twn", "trainer__max_epochs": 2, "eval": {"attacks": ["fgsm", "pgd20"], "eps": 0.1},
-                         "init_from": None, "compile": False, "tags": ["a b", "c"]},
-                        ["+trainer.limit_val_batches=2"]) == [
-        "+trainer.limit_val_batches=2", "quant=twn", "trainer.max_epochs=2", "eval.attacks=[fgsm,pgd20]",
-        "eval.eps=0.1", "init_from=null", "compile=false", "tags=['a b',c]"]
+    assert to_overrides(
+        {
+            "quant": "twn",
+            "trainer__max_epochs": 2,
+            "eval": {"attacks": ["fgsm", "pgd20"], "eps": 0.1},
+            "init_from": None,
+            "compile": False,
+            "tags": ["a b", "c"],
+        },
+        ["+trainer.limit_val_batches=2"],
+    ) == [
+        "+trainer.limit_val_batches=2",
+        "quant=twn",
+        "trainer.max_epochs=2",
+        "eval.attacks=[fgsm,pgd20]",
+        "eval.eps=0.1",
+        "init_from=null",
+        "compile=false",
+        "tags=['a b',c]",
+    ]
     assert to_overrides({"ckpt_path": "runs/a=b,c.ckpt"}) == ["ckpt_path='runs/a=b,c.ckpt'"]
     with pytest.raises(ESQUserError, match="must be a str, number"):
         to_overrides({"seed": object()})
 
 
 def test_import_is_cheap_and_a_config_error_fails_before_torch(tmp_path: Path) -> None:
-    code = ("import sys\nfrom esq_lightning import train, evaluate, export, load_model, load_results\n"
-            "assert 'torch' not in sys.modules, 'import pulled in torch'\n"
-            "from esq_lightning.errors import ESQUserError\n"
-            "try:\n    train(callbacks__quant_ratio__start=0)\nexcept ESQUserError as exc:\n    print('error:', exc)\n"
-            "print('torch imported:', 'torch' in sys.modules)\n")
+    code = (
+        "import sys\nfrom esq_lightning import train, evaluate, export, load_model, load_results\n"
+        "assert 'torch' not in sys.modules, 'import pulled in torch'\n"
+        "from esq_lightning.errors import ESQUserError\n"
+        "try:\n    train(callbacks__quant_ratio__start=0)\nexcept ESQUserError as exc:\n    print('error:', exc)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
     proc = run_python(code, tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "error: callbacks.quant_ratio.start: 0 is out of range" in proc.stdout

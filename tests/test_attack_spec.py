@@ -41,11 +41,19 @@ def _run_toy(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: dict[
 
 def toy_spec(name: str = TOY) -> AttackSpec:
     return AttackSpec(
-        name=name, kind=BUDGETED, norm="linf", library="esq_lightning", gradient_based=True, default_eps=8 / 255,
-        defaults={"norm": "linf", "scale": 1.0}, runner=_run_toy,
+        name=name,
+        kind=BUDGETED,
+        norm="linf",
+        library="esq_lightning",
+        gradient_based=True,
+        default_eps=8 / 255,
+        defaults={"norm": "linf", "scale": 1.0},
+        runner=_run_toy,
         description="A one-step sign attack of scale x eps (the test's toy attack).",
-        family=SINGLE_STEP, loss=CE, title="Toy-Sign", ranges={"scale": ParamRange(float, gt=0, le=1,
-                                                                                 note="a fraction of eps")},
+        family=SINGLE_STEP,
+        loss=CE,
+        title="Toy-Sign",
+        ranges={"scale": ParamRange(float, gt=0, le=1, note="a fraction of eps")},
     )
 
 
@@ -56,16 +64,31 @@ def toy() -> Any:
     unregister_attack(TOY)
 
 
-TINY = [*FAST, "method=natural", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
-        "callbacks.pgd.val_every_n_epochs=0", "callbacks.quant_ratio.start=1.0", "eval.attacks=[fgsm]",
-        "eval.n_samples=16"]
+TINY = [
+    *FAST,
+    "method=natural",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=6",
+    "callbacks.pgd.val_every_n_epochs=0",
+    "callbacks.quant_ratio.start=1.0",
+    "eval.attacks=[fgsm]",
+    "eval.n_samples=16",
+]
 # pgd20 and the toy attack at the threat model (eps 0.1): the masking report compares the single step with PGD.
-EVAL = ["threads=1", "progress=false", "eval.n_samples=30", "eval.batch_size=30", "eval.eps=0.1",
-        f"eval.attacks=[{TOY},pgd20]", "++eval.params.pgd20.steps=5"]
+EVAL = [
+    "threads=1",
+    "progress=false",
+    "eval.n_samples=30",
+    "eval.batch_size=30",
+    "eval.eps=0.1",
+    f"eval.attacks=[{TOY},pgd20]",
+    "++eval.params.pgd20.steps=5",
+]
 
 
-def test_a_registered_attack_runs_everywhere_without_other_edits(toy: AttackSpec, tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_registered_attack_runs_everywhere_without_other_edits(
+    toy: AttackSpec, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from esq_lightning.commands.evaluate import evaluate
     from esq_lightning.commands.train import train
     from esq_lightning.reporting.report import make_report
@@ -102,7 +125,9 @@ def test_a_parameter_out_of_its_declared_range_fails_in_one_line(toy: AttackSpec
 
     with pytest.raises(ESQUserError) as err:
         check_attack_params(OmegaConf.create({TOY: {"scale": 2}}), "eval.params")
-    assert str(err.value) == "eval.params.toy_sign.scale: 2 is out of range; allowed: 0 < scale <= 1 (a fraction of eps)"
+    assert (
+        str(err.value) == "eval.params.toy_sign.scale: 2 is out of range; allowed: 0 < scale <= 1 (a fraction of eps)"
+    )
     with pytest.raises(ESQUserError, match=r"^eval\.params\.toy_sign\.scale: 'big' is not a number; allowed: 0 < "):
         check_attack_params({TOY: {"scale": "big"}}, "eval.params")
     with pytest.raises(ESQUserError, match=r"unknown parameter of toy_sign \(did you mean 'scale'\?\); allowed: eps"):
@@ -116,7 +141,9 @@ def test_the_declared_range_fails_an_eval_config_before_any_attack(toy: AttackSp
     cfg = compose_config("train", [*FAST, f"eval.attacks=[{TOY}]", f"++eval.params.{TOY}.scale=0"], tmp_path)
     with pytest.raises(ESQUserError) as err:
         validate_config(cfg)
-    assert str(err.value) == "eval.params.toy_sign.scale: 0 is out of range; allowed: 0 < scale <= 1 (a fraction of eps)"
+    assert (
+        str(err.value) == "eval.params.toy_sign.scale: 0 is out of range; allowed: 0 < scale <= 1 (a fraction of eps)"
+    )
 
 
 def test_registration_is_checked_and_undone() -> None:
@@ -139,8 +166,15 @@ def test_registration_is_checked_and_undone() -> None:
 
 
 def test_a_spec_contradicting_itself_is_refused() -> None:
-    base = dict(name="bad", kind=BUDGETED, norm="linf", library="esq_lightning", defaults={"steps": 1},
-                runner=_run_toy, description="")
+    base = dict(
+        name="bad",
+        kind=BUDGETED,
+        norm="linf",
+        library="esq_lightning",
+        defaults={"steps": 1},
+        runner=_run_toy,
+        description="",
+    )
     with pytest.raises(TypeError, match="family"):
         AttackSpec(**base, gradient_based=True)  # no default family: every attack says what it is
     with pytest.raises(ValueError, match="family 'gradient-free' contradicts gradient_based=True"):
@@ -163,7 +197,12 @@ def test_the_builtin_families_titles_and_budgets_are_the_registry_s() -> None:
     assert [n for n, s in ATTACKS.items() if s.query_budget is not None] == ["boundary", "nattack", "square"]
     assert ATTACKS["nattack"].query_budget({"max_iter": 10, "population": 20})["max_queries"] == 1 + 10 * 21
     assert [attack_title(n) for n in ("pgd20", "cw", "nattack", "pgd_pp", "unknown")] == [
-        "PGD-20", "C&W", "N Attack", "PGD++", "unknown"]
+        "PGD-20",
+        "C&W",
+        "N Attack",
+        "PGD++",
+        "unknown",
+    ]
 
 
 def test_the_masking_report_follows_a_registered_family(toy: AttackSpec) -> None:

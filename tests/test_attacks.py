@@ -198,11 +198,22 @@ def test_pgd_honours_loss_fn_for_trades(tiny):
             return kl(model(x_adv), y).item()
 
     start = pgd(
-        model, x, y[:128], eps=0.1, step_size=0.025, steps=0,
+        model,
+        x,
+        y[:128],
+        eps=0.1,
+        step_size=0.025,
+        steps=0,
         generator=torch.Generator().manual_seed(0),
     )
     attacked = pgd(
-        model, x, y[:128], eps=0.1, step_size=0.025, steps=10, loss_fn=kl,
+        model,
+        x,
+        y[:128],
+        eps=0.1,
+        step_size=0.025,
+        steps=10,
+        loss_fn=kl,
         generator=torch.Generator().manual_seed(0),
     )
     assert kl_at(attacked) > 5 * kl_at(start)
@@ -297,7 +308,7 @@ def test_registry_attack_contract(tiny, name):
     assert out.correct.dtype == torch.bool and out.correct.shape == y.shape
     assert out.norms.shape == y.shape
     model.eval()
-    clean = (model(x).argmax(1) == y)
+    clean = model(x).argmax(1) == y
     assert torch.equal(out.clean_correct, clean)
     assert out.correct.float().mean() <= clean.float().mean()
     assert not (out.correct & ~clean).any()

@@ -46,18 +46,31 @@ CLI_CASES: list[tuple[list[str], list[str]]] = [
     (["optimizer.lr=-0.1"], ["optimizer.lr", "-0.1", "0 < lr"]),
     # Phase 2 (imports torch, still before any data is read)
     (["eval.attacks=[fgsm,pgd21]"], ["eval.attacks[1]", "'pgd21'", "pgd20"]),
-    (["pairing.layers=[logits,nope]", "pairing.lambdas=[1,1]", "pairing.distance=relative_l2"],
-     ["pairing.layers", "'nope'", "block1"]),
-    (["pairing.layers=[block3,logits]", "pairing.lambdas=[1,1]"], ["pairing.distance", "kl", "logits only", "relative_l2"]),
-    (["data=cifar10", "model=resnet20", "data.data_dir=no_such_dir"],
-     ["data.data_dir", "no_such_dir", "download=true"]),
+    (
+        ["pairing.layers=[logits,nope]", "pairing.lambdas=[1,1]", "pairing.distance=relative_l2"],
+        ["pairing.layers", "'nope'", "block1"],
+    ),
+    (
+        ["pairing.layers=[block3,logits]", "pairing.lambdas=[1,1]"],
+        ["pairing.distance", "kl", "logits only", "relative_l2"],
+    ),
+    (
+        ["data=cifar10", "model=resnet20", "data.data_dir=no_such_dir"],
+        ["data.data_dir", "no_such_dir", "download=true"],
+    ),
     (["ckpt_path=last"], ["ckpt_path=last", "hydra.run.dir"]),
 ]
 
 
 def _run_cli(args: list[str], cwd: Path) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "esq_lightning.cli.train", *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "esq_lightning.cli.train", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc.returncode, proc.stderr
 
 
@@ -87,8 +100,9 @@ print(json.dumps(out))
 
 
 def _run_in_one_process(cases: list[list[str]], cwd: Path) -> list[tuple[int, str]]:
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases)], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(cases)], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
 
@@ -108,15 +122,18 @@ def test_bad_configs_fail_through_esq_train_in_one_line(tmp_path: Path) -> None:
     extra = tmp_path / "extra_conf"
     (extra / "experiment").mkdir(parents=True)
     (extra / "experiment" / "typo.yaml").write_text("# @package _global_\ntrainer:\n  max_epoch: 3\n")
-    runs = [[*case[0], "threads=1", f"hydra.searchpath=[file://{extra}]", f"hydra.run.dir={tmp_path / f'r{i}'}"]
-            for i, case in enumerate(CLI_CASES)]
+    runs = [
+        [*case[0], "threads=1", f"hydra.searchpath=[file://{extra}]", f"hydra.run.dir={tmp_path / f'r{i}'}"]
+        for i, case in enumerate(CLI_CASES)
+    ]
     halves = [runs[0::2], runs[1::2]]
     with ThreadPoolExecutor(max_workers=2) as pool:
         first, second = pool.map(lambda h: _run_in_one_process(h, tmp_path), halves)
     outcomes = [None] * len(runs)
     outcomes[0::2], outcomes[1::2] = first, second
-    problems = [_problem(CLI_CASES[i][0], CLI_CASES[i][1], rc, err, tmp_path / f"r{i}")
-                for i, (rc, err) in enumerate(outcomes)]
+    problems = [
+        _problem(CLI_CASES[i][0], CLI_CASES[i][1], rc, err, tmp_path / f"r{i}") for i, (rc, err) in enumerate(outcomes)
+    ]
     assert not [p for p in problems if p], "\n".join(p for p in problems if p)
 
 
@@ -148,8 +165,10 @@ IN_PROCESS: list[tuple[list[str], str]] = [
     (["callbacks.quant_ratio.start=1.5"], "callbacks.quant_ratio.start: 1.5 is out of range"),
     (["callbacks.pgd.step_size=0"], "callbacks.pgd.step_size: 0 is out of range"),
     (["callbacks.pgd.norm=l3"], "callbacks.pgd.norm: 'l3' is not allowed"),
-    (["+callbacks.checkpoint.every_n_epoch=1"],
-     "callbacks.checkpoint.every_n_epoch: unknown key (did you mean 'every_n_epochs'?)"),
+    (
+        ["+callbacks.checkpoint.every_n_epoch=1"],
+        "callbacks.checkpoint.every_n_epoch: unknown key (did you mean 'every_n_epochs'?)",
+    ),
     (["+callbacks.foo.x=1"], "callbacks.foo: no _target_"),
     (["callbacks.pgd=null"], "callbacks.pgd: null, but method=esq trains on x_adv"),
     (["method=alp", "+method.trades_beta=1"], "method.trades_beta: only used by method=trades"),
@@ -177,20 +196,28 @@ IN_PROCESS: list[tuple[list[str], str]] = [
     (["seed=-1"], "seed: -1 is out of range"),
     (["threads=0"], "threads: 0 is not allowed"),
     (["init_from=setting:"], "init_from: 'setting:' is not allowed"),
-    (["callbacks.pgd.steps=0", "callbacks.pgd.random_start=false"],
-     "callbacks.pgd.steps: 0 with random_start=false makes x_adv = x, so method=esq would train something other "
-     "than it names (the pairing term is always zero)"),
-    (["method=adversarial", "callbacks.pgd.steps=0", "callbacks.pgd.random_start=false"],
-     "method=adversarial would train something other than it names (it trains on the clean inputs)"),
+    (
+        ["callbacks.pgd.steps=0", "callbacks.pgd.random_start=false"],
+        "callbacks.pgd.steps: 0 with random_start=false makes x_adv = x, so method=esq would train something other "
+        "than it names (the pairing term is always zero)",
+    ),
+    (
+        ["method=adversarial", "callbacks.pgd.steps=0", "callbacks.pgd.random_start=false"],
+        "method=adversarial would train something other than it names (it trains on the clean inputs)",
+    ),
     (["setting=NEB"], "setting: 'NEB' contradicts the run, which is 'EB'"),
     (["quant=twn", "setting=EB"], "setting: 'EB' contradicts the run, which is 'ET'"),
     (["init_seed=-1"], "init_seed: -1 is out of range"),
     (["pairing.warmup_epochs=-1"], "pairing.warmup_epochs: -1 is out of range"),
-    (["optimized_metric=robust_acc.pgd100"],
-     "optimized_metric: robust_acc.pgd100 names an attack that eval.attacks does not run (fgsm, pgd20, pgd_margin, "
-     "pgd_dlr, pgd_mt, pgd_pp, pgd_pairing)"),
-    (["init_from=missing.ckpt"],
-     "init_from: 'missing.ckpt' is not a file; allowed: a checkpoint file, or setting:NAME"),
+    (
+        ["optimized_metric=robust_acc.pgd100"],
+        "optimized_metric: robust_acc.pgd100 names an attack that eval.attacks does not run (fgsm, pgd20, pgd_margin, "
+        "pgd_dlr, pgd_mt, pgd_pp, pgd_pairing)",
+    ),
+    (
+        ["init_from=missing.ckpt"],
+        "init_from: 'missing.ckpt' is not a file; allowed: a checkpoint file, or setting:NAME",
+    ),
     (["++eval.params.pgd20.steps=0"], "eval.params.pgd20.steps: 0 is out of range; allowed: 1 <= steps"),
     (["experiment_name=${nope}"], "experiment_name: cannot resolve its value"),
     (["eval.attacks=[pgd]"], "eval.attacks[0]: 'pgd' is not an attack (did you mean 'pgd20'?)"),
@@ -253,26 +280,35 @@ def test_eval_config_is_validated_against_the_checkpoint_config(tmp_path: Path) 
     train_config.pop("hydra")
     good = compose_config("eval", ["ckpt_path=x.ckpt"], tmp_path / "e")
     assert run_config_with_eval(train_config, good).eval.eps == train_config["eval"]["eps"]
-    for overrides, expected in [(["eval.attacks=[pgd21]"], "eval.attacks[0]: 'pgd21' is not an attack"),
-                                (["+data.batch_sizee=3"], "data.batch_sizee: unknown key"),
-                                (["+eval.bogus=1"], "eval.bogus: unknown key"),
-                                (["mode=whitebx"], "mode: 'whitebx' is not allowed")]:
+    for overrides, expected in [
+        (["eval.attacks=[pgd21]"], "eval.attacks[0]: 'pgd21' is not an attack"),
+        (["+data.batch_sizee=3"], "data.batch_sizee: unknown key"),
+        (["+eval.bogus=1"], "eval.bogus: unknown key"),
+        (["mode=whitebx"], "mode: 'whitebx' is not allowed"),
+    ]:
         cfg = compose_config("eval", ["ckpt_path=x.ckpt", *overrides], tmp_path / "e")
         with pytest.raises(ESQUserError, match=expected.replace("[", r"\[").replace("]", r"\]")):
             run_config_with_eval(train_config, cfg)
 
 
 # ---- trainer.* is checked against the installed Lightning, not against a copy of its lists ---------------
-@pytest.mark.parametrize(("overrides", "expected"), [
-    (["+trainer.strategy=ddpp"], "trainer.strategy: 'ddpp' is not allowed; allowed: 'auto', 'ddp'"),
-    (["trainer.precision=15"], "trainer.precision: 15 is not allowed; allowed: null, 64, 32, 16"),
-    (["trainer.precision=bf16-mixd"], "trainer.precision: 'bf16-mixd' is not allowed"),
-    (["trainer.accelerator=gpux"], "trainer.accelerator: 'gpux' is not allowed; allowed: 'auto', 'gpu'"),
-    (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key (did you mean 'max_epochs'?); allowed keys of "
-                               "trainer: the arguments of pytorch_lightning.Trainer"),
-])
-def test_bad_trainer_arguments_fail_in_one_line_naming_the_key(overrides: list[str], expected: str,
-                                                              tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["+trainer.strategy=ddpp"], "trainer.strategy: 'ddpp' is not allowed; allowed: 'auto', 'ddp'"),
+        (["trainer.precision=15"], "trainer.precision: 15 is not allowed; allowed: null, 64, 32, 16"),
+        (["trainer.precision=bf16-mixd"], "trainer.precision: 'bf16-mixd' is not allowed"),
+        (["trainer.accelerator=gpux"], "trainer.accelerator: 'gpux' is not allowed; allowed: 'auto', 'gpu'"),
+        (
+            ["+trainer.max_epoch=3"],
+            "trainer.max_epoch: unknown key (did you mean 'max_epochs'?); allowed keys of "
+            "trainer: the arguments of pytorch_lightning.Trainer",
+        ),
+    ],
+)
+def test_bad_trainer_arguments_fail_in_one_line_naming_the_key(
+    overrides: list[str], expected: str, tmp_path: Path
+) -> None:
     cfg = compose_config("train", overrides, tmp_path)
     with pytest.raises(ESQUserError) as info:
         validate_config(cfg)
@@ -311,17 +347,24 @@ def test_phase_one_reads_the_codes_own_tables() -> None:
 
 
 # ---- pydantic's errors as one line: values Hydra's overrides cannot produce ---------------------------------------
-@pytest.mark.parametrize(("key", "value", "expected"), [
-    ("data.batch_size", "???", "data.batch_size: ??? (no value given); set it, e.g. data.batch_size=..."),
-    ("pairing.layers", ["logits", "${nope}"], "pairing.layers[1]: cannot resolve its value"),
-    ("callbacks.pgd", 3, "callbacks.pgd: 3 is not a mapping; allowed: a callback config with _target_"),
-    ("data.attack", None, "data.attack: null is not a mapping"),
-    ("quant.bits", True, "quant.bits: true is not allowed; allowed: 1, 2, 3, 4, 5, 6, 7, 8, 32"),
-    ("seed", 1.5, "seed: 1.5 is not an integer"),
-    ("eval.blackbox.budgets", [0, -1], "eval.blackbox.budgets: [0, -1] (item -1) is out of range; allowed: 0 <= budgets"),
-    ("data.mean", [0.1, 0.2], "data.mean: 2 values for in_channels=1; allowed: one value per input channel"),
-    ("quant.variant", None, "quant.variant: null is not allowed; allowed: 'paper', 'reference'"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("data.batch_size", "???", "data.batch_size: ??? (no value given); set it, e.g. data.batch_size=..."),
+        ("pairing.layers", ["logits", "${nope}"], "pairing.layers[1]: cannot resolve its value"),
+        ("callbacks.pgd", 3, "callbacks.pgd: 3 is not a mapping; allowed: a callback config with _target_"),
+        ("data.attack", None, "data.attack: null is not a mapping"),
+        ("quant.bits", True, "quant.bits: true is not allowed; allowed: 1, 2, 3, 4, 5, 6, 7, 8, 32"),
+        ("seed", 1.5, "seed: 1.5 is not an integer"),
+        (
+            "eval.blackbox.budgets",
+            [0, -1],
+            "eval.blackbox.budgets: [0, -1] (item -1) is out of range; allowed: 0 <= budgets",
+        ),
+        ("data.mean", [0.1, 0.2], "data.mean: 2 values for in_channels=1; allowed: one value per input channel"),
+        ("quant.variant", None, "quant.variant: null is not allowed; allowed: 'paper', 'reference'"),
+    ],
+)
 def test_phase_one_errors_name_the_key_in_one_line(key: str, value: object, expected: str, tmp_path: Path) -> None:
     cfg = compose_config("train", [], tmp_path)
     OmegaConf.update(cfg, key, value, merge=False)

@@ -21,7 +21,11 @@ def run_benchmark(args: list[str], tmp_path: Path) -> tuple[subprocess.Completed
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", *args, "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
@@ -73,8 +77,14 @@ def test_cli_settings_and_subsets() -> None:
 def _gpu_check_cpu_form(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu", "--steps", "1", "--out", str(out),
-                           *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu", "--steps", "1", "--out", str(out), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["failures"] == [] and "all checks passed" in proc.stdout
@@ -109,15 +119,28 @@ def test_gpu_check_cpu_form_ddp_step_leaves_identical_weights(tmp_path: Path) ->
 def test_gpu_check_without_a_gpu_says_so(tmp_path: Path) -> None:
     if importlib.util.find_spec("torch") and __import__("torch").cuda.is_available():
         pytest.skip("a GPU is present")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path / "x.json")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path / "x.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "no CUDA device: run with --cpu" in proc.stdout
 
 
 # ---- benchmarks/time_to_robustness.py -----------------------------------------------------------------------
 def _ttr_row(setting: str, attack: str, seed: int, seconds: float, worst: float) -> dict:
-    return {"setting": setting, "attack": attack, "seed": seed, "train_seconds": seconds,
-            "train_cpu_seconds": seconds / 2, "worst_case": worst, "clean_acc": 0.98, "catastrophic_overfitting": False}
+    return {
+        "setting": setting,
+        "attack": attack,
+        "seed": seed,
+        "train_seconds": seconds,
+        "train_cpu_seconds": seconds / 2,
+        "worst_case": worst,
+        "clean_acc": 0.98,
+        "catastrophic_overfitting": False,
+    }
 
 
 def test_time_to_robustness_ratios_floor_and_target_arithmetic() -> None:
@@ -129,9 +152,14 @@ def test_time_to_robustness_ratios_floor_and_target_arithmetic() -> None:
     assert floor("nfgsm", "AF", u) == pytest.approx(1.6 / 7)
     assert floor("gradalign", "AEB", u) == pytest.approx(4.6 / 8)
     assert floor("pgd", "AEB", u) == pytest.approx(1.0)
-    rows = [_ttr_row("AF", "pgd", 0, 100, 0.60), _ttr_row("AEB", "pgd", 0, 200, 0.50),
-            _ttr_row("AF", "fgsm_rs", 0, 30, 0.55), _ttr_row("AEB", "fgsm_rs", 0, 60, 0.49),
-            _ttr_row("AF", "nfgsm", 0, 30, 0.50), _ttr_row("AEB", "nfgsm", 0, 80, 0.40)]
+    rows = [
+        _ttr_row("AF", "pgd", 0, 100, 0.60),
+        _ttr_row("AEB", "pgd", 0, 200, 0.50),
+        _ttr_row("AF", "fgsm_rs", 0, 30, 0.55),
+        _ttr_row("AEB", "fgsm_rs", 0, 60, 0.49),
+        _ttr_row("AF", "nfgsm", 0, 30, 0.50),
+        _ttr_row("AEB", "nfgsm", 0, 80, 0.40),
+    ]
     by = {(r["setting"], r["attack"]): r for r in summarize(rows, u)["rows"]}
     fast = by[("AEB", "fgsm_rs")]
     assert fast["ratio"] == pytest.approx(0.3) and fast["cpu_ratio"] == pytest.approx(0.3)
@@ -147,14 +175,32 @@ def test_time_to_robustness_ratios_floor_and_target_arithmetic() -> None:
 @pytest.mark.slow
 def test_time_to_robustness_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "ttr"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "time_to_robustness.py"), "--out", str(out),
-                           "--seeds", "0", "--attacks", "pgd", "fgsm_rs", "--n-samples", "20", "--train-override",
-                           "trainer.max_epochs=1", "trainer.limit_train_batches=2"],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "time_to_robustness.py"),
+            "--out",
+            str(out),
+            "--seeds",
+            "0",
+            "--attacks",
+            "pgd",
+            "fgsm_rs",
+            "--n-samples",
+            "20",
+            "--train-override",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     record = json.loads((out / "time_to_robustness.json").read_text())
     assert len(record["runs"]) == 4 and all(r["train_attack"]["name"] in ("pgd", "fgsm_rs") for r in record["runs"])
-    assert {(r["setting"], r["attack"]) for r in record["rows"]} == {(s, a) for s in ("AF", "AEB")
-                                                                     for a in ("pgd", "fgsm_rs")}
+    assert {(r["setting"], r["attack"]) for r in record["rows"]} == {
+        (s, a) for s in ("AF", "AEB") for a in ("pgd", "fgsm_rs")
+    }
     assert all(0 < r["floor"] <= 1 for r in record["rows"])
     assert (out / "time_to_robustness.md").read_text().count("\n| AEB |") == 2

@@ -125,8 +125,9 @@ def test_registry_kinds_and_widths() -> None:
 @pytest.mark.parametrize("quantizer", QUANTIZERS, ids=lambda q: q.name)
 def test_quantized_layer_forward_uses_the_registry_quantizer(quantizer) -> None:
     torch.manual_seed(3)
-    model = quantize_model(nn.Sequential(nn.Conv2d(3, 6, 3), nn.Flatten(), nn.Linear(6 * 4, 5)), quantizer.kind,
-                           bits=quantizer.bits)
+    model = quantize_model(
+        nn.Sequential(nn.Conv2d(3, 6, 3), nn.Flatten(), nn.Linear(6 * 4, 5)), quantizer.kind, bits=quantizer.bits
+    )
     conv = model[0]
     assert conv.kind == quantizer.kind and conv.bits == quantizer.bits and f"bits={quantizer.bits}" in repr(conv)
     x = torch.randn(2, 3, 6, 6)
@@ -247,8 +248,12 @@ def test_width_knob_of_every_model_family() -> None:
     def params(m: nn.Module) -> int:
         return sum(p.numel() for p in m.parameters())
 
-    for name, extra in (("small_cnn", {"in_channels": 1, "mean": [0.3], "std": [0.4]}), ("resnet20", {}),
-                        ("preact_resnet18", {}), ("wrn28_10", {"depth": 10, "widen_factor": 1})):
+    for name, extra in (
+        ("small_cnn", {"in_channels": 1, "mean": [0.3], "std": [0.4]}),
+        ("resnet20", {}),
+        ("preact_resnet18", {}),
+        ("wrn28_10", {"depth": 10, "widen_factor": 1}),
+    ):
         narrow = build_model({"name": name, "width": 8, **extra})
         wide = build_model({"name": name, "width": 16, **extra})
         # Twice the channels: about four times the conv weights.
@@ -258,16 +263,39 @@ def test_width_knob_of_every_model_family() -> None:
 
 
 # ---------------------------------------------------------------- esq-train
-TINY = ["threads=1", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "eval.n_samples=32",
-        "callbacks.pgd.steps=1", "callbacks.pgd.val_n_samples=32", "trainer.enable_progress_bar=false",
-        "trainer.accelerator=cpu", "eval.attacks=[fgsm]", "logger=none"]
+TINY = [
+    "threads=1",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "eval.n_samples=32",
+    "callbacks.pgd.steps=1",
+    "callbacks.pgd.val_n_samples=32",
+    "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
+    "eval.attacks=[fgsm]",
+    "logger=none",
+]
 
 
 def _multirun(tmp_path: Path, overrides: list[str]) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "esq_lightning.cli.train", "-m", *overrides, *TINY,
-                           f"paths.runs_root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "esq_lightning.cli.train",
+            "-m",
+            *overrides,
+            *TINY,
+            f"paths.runs_root={tmp_path}",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     paths = sorted((tmp_path / "sweep").rglob("results.json"), key=lambda p: int(p.parent.name))
     return [json.loads(p.read_text()) for p in paths]

@@ -34,20 +34,30 @@ def test_the_yaml_holds_every_option_and_the_model_none_of_the_defaults(command:
     validate_options(command, values)  # the defaults pass their own checks
 
 
-@pytest.mark.parametrize(("text", "items"), [
-    ("trainer.max_epochs=2", ["trainer.max_epochs=2"]),
-    ("trainer.max_epochs=2,quant=bwn,twn", ["trainer.max_epochs=2", "quant=bwn,twn"]),
-    ("eval.attacks=[fgsm,pgd20],+x.y=1,~z", ["eval.attacks=[fgsm,pgd20]", "+x.y=1", "~z"]),
-    ("'a=1,b',hydra/launcher=slurm", ["'a=1,b'", "hydra/launcher=slurm"]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    ("text", "items"),
+    [
+        ("trainer.max_epochs=2", ["trainer.max_epochs=2"]),
+        ("trainer.max_epochs=2,quant=bwn,twn", ["trainer.max_epochs=2", "quant=bwn,twn"]),
+        ("eval.attacks=[fgsm,pgd20],+x.y=1,~z", ["eval.attacks=[fgsm,pgd20]", "+x.y=1", "~z"]),
+        ("'a=1,b',hydra/launcher=slurm", ["'a=1,b'", "hydra/launcher=slurm"]),
+        ("", []),
+    ],
+)
 def test_pass_through_items_split_where_an_override_starts(text: str, items: list[str]) -> None:
     assert split_overrides(text) == items
 
 
 def test_pass_through_lists_are_quoted_for_hydra_and_parse_back_as_written() -> None:
-    argv = quote_pass_through(["train=[trainer.max_epochs=2,quant=bwn,twn,eval.attacks=[fgsm]]", "scale=digits",
-                               "evaluate=[eval.n_samples=32]", "runs_root=x"], ["train", "evaluate"])
+    argv = quote_pass_through(
+        [
+            "train=[trainer.max_epochs=2,quant=bwn,twn,eval.attacks=[fgsm]]",
+            "scale=digits",
+            "evaluate=[eval.n_samples=32]",
+            "runs_root=x",
+        ],
+        ["train", "evaluate"],
+    )
     assert argv[1] == "scale=digits" and argv[3] == "runs_root=x"
     values = composed("esq-reproduce", *argv)
     assert values["train"] == ["trainer.max_epochs=2", "quant=bwn,twn", "eval.attacks=[fgsm]"]
@@ -60,13 +70,19 @@ def test_paths_are_quoted_only_when_hydra_needs_it() -> None:
     assert composed("esq-report", f"runs={hydra_value('my runs,2')}")["runs"] == "my runs,2"
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["runz=x"], "runz: unknown key (did you mean 'runs'?); allowed keys of esq-report: runs, out, format, digits, "
-                 "quiet, curve_x, wandb, wandb_mode"),
-    (["runs=a,b"], "runs=a,b: esq-report runs once (a comma would make a sweep); give a list as runs=[a,b]"),
-    (["--out", "x"], "--out: esq-report takes options as key=value, e.g. out=...; see esq-report --help"),
-    (["--multirun"], "--multirun: esq-report runs once"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["runz=x"],
+            "runz: unknown key (did you mean 'runs'?); allowed keys of esq-report: runs, out, format, digits, "
+            "quiet, curve_x, wandb, wandb_mode",
+        ),
+        (["runs=a,b"], "runs=a,b: esq-report runs once (a comma would make a sweep); give a list as runs=[a,b]"),
+        (["--out", "x"], "--out: esq-report takes options as key=value, e.g. out=...; see esq-report --help"),
+        (["--multirun"], "--multirun: esq-report runs once"),
+    ],
+)
 def test_command_line_mistakes_are_one_line(argv: list[str], message: str) -> None:
     with pytest.raises(ESQUserError) as err:
         check_command_line("esq-report", argv)

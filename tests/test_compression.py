@@ -51,18 +51,26 @@ def fgsm_attack(model: nn.Module, eps: float = 0.2):
         xa = x.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(F.cross_entropy(model(xa), y), xa)
         return (x + eps * g.sign()).clamp(0, 1).detach()
+
     return attack
 
 
-def pruned(kind: str | None, method: str, sparsity: float = 0.7, scope: str = "layer", bits: int | None = None,
-           layer_bits: dict[str, int] | None = None) -> nn.Module:
+def pruned(
+    kind: str | None,
+    method: str,
+    sparsity: float = 0.7,
+    scope: str = "layer",
+    bits: int | None = None,
+    layer_bits: dict[str, int] | None = None,
+) -> nn.Module:
     model = net()
     if kind is not None:
         quantize_model(model, kind, bits=bits, layer_bits=layer_bits)
     add_pruning(model, method)
     if method != "none":
-        init_pruning(model, {"method": method, "sparsity": sparsity, "scope": scope, "score_epochs": 1,
-                             "budget_bytes": None})
+        init_pruning(
+            model, {"method": method, "sparsity": sparsity, "scope": scope, "score_epochs": 1, "budget_bytes": None}
+        )
     return model
 
 
@@ -82,8 +90,9 @@ def pruned_entries_zero(model: nn.Module) -> bool:
     return all(bool((layer.weight[~layer._buffers[MASK]] == 0).all()) for _, layer in prunable_layers(model))
 
 
-@pytest.mark.parametrize(("kind", "bits", "method"), [(None, None, "magnitude"), ("bwn", None, "hydra"),
-                                                      ("uniform", 4, "magnitude")])
+@pytest.mark.parametrize(
+    ("kind", "bits", "method"), [(None, None, "magnitude"), ("bwn", None, "hydra"), ("uniform", 4, "magnitude")]
+)
 def test_pruned_weights_stay_zero_through_training_export_and_reload(tmp_path: Path, kind, bits, method) -> None:
     model = pruned(kind, method, bits=bits)
     if method == "hydra":
@@ -117,7 +126,9 @@ def test_sparsity_is_what_was_asked_per_layer_or_globally(sparsity: float) -> No
         # magnitude: what is kept are the largest |W| of the start
         kept = layer.weight[layer._buffers[MASK]].abs()
         if kept.numel() < n:
-            assert float(kept.detach().min()) >= float(net().state_dict()[f"{name}.weight"].abs()[~layer._buffers[MASK]].max())
+            assert float(kept.detach().min()) >= float(
+                net().state_dict()[f"{name}.weight"].abs()[~layer._buffers[MASK]].max()
+            )
     glob = sparsity_report(pruned(None, "magnitude", sparsity, scope="global"))
     # one ranking over all layers; a layer it would empty keeps its single largest weight
     extra = glob["kept"] - (glob["total"] - round(sparsity * glob["total"]))
@@ -191,14 +202,14 @@ def test_layer_bits_mapping_and_first_last_rule() -> None:
     bits = resolve_layer_bits(model, {"first_last_bits": 8, "layer_bits": {"block2.0": 2}})
     assert bits == {"block1.0": 8, "fc": 8, "block2.0": 2}
     quantize_model(model, "bwn", layer_bits=bits)
-    assert {n: layer.bits for n, layer in quant_layers(model)} == {"block1.0": 8, "block2.0": 2, "block3.0": 1,
-                                                                    "fc": 8}
+    assert {n: layer.bits for n, layer in quant_layers(model)} == {"block1.0": 8, "block2.0": 2, "block3.0": 1, "fc": 8}
     with pytest.raises(ValueError, match="block9: not a Conv2d/Linear"):
         resolve_layer_bits(model, {"layer_bits": {"block9": 4}})
 
 
-@pytest.mark.parametrize("case", ["uniform1", "uniform4", "mixed", "magnitude_fp", "hydra_bwn", "twn_global",
-                                  "full_first_last8"])
+@pytest.mark.parametrize(
+    "case", ["uniform1", "uniform4", "mixed", "magnitude_fp", "hydra_bwn", "twn_global", "full_first_last8"]
+)
 def test_model_bytes_equals_the_exported_payload_for_every_method(tmp_path: Path, case: str) -> None:
     model = {
         "uniform1": lambda: pruned("bwn", "none"),
@@ -239,18 +250,26 @@ def test_older_format_versions_still_load(tmp_path: Path, monkeypatch: pytest.Mo
         assert torch.equal(rebuilt(x), model.eval()(x))
 
 
-@pytest.mark.parametrize(("overrides", "expected"), [
-    (["prune=magnitude", "prune.sparsity=1.5"], "prune.sparsity: 1.5 is out of range"),
-    (["prune=magnitude", "prune.budget_bytes=20000"], "prune.sparsity: 0.8 with budget_bytes=20000"),
-    (["prune=hydra", "prune.score_epochs=30"], "prune.score_epochs: 30 leaves no epoch"),
-    (["quant.layer_bits={block9: 4}"], "quant.layer_bits names block9: not a Conv2d/Linear of the model; allowed: "
-                                     "block1.0, block2.0, block3.0, fc"),
-    (["quant.layer_bits={fc: 9}"], "quant.layer_bits.fc: 9 is not allowed"),
-    (["quant.budget_bytes=20000", "quant.first_last_bits=8"], "quant.budget_bytes: 20000 allocates"),
-    (["prune=magnitude", "quant.budget_bytes=20000"], "quant.budget_bytes: 20000 with prune.method=magnitude"),
-    (["experiment=digits/compress", "compress=mixed", "budget=5"],
-     "budget: 5 has no value in this compression preset; allowed: 0..2"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["prune=magnitude", "prune.sparsity=1.5"], "prune.sparsity: 1.5 is out of range"),
+        (["prune=magnitude", "prune.budget_bytes=20000"], "prune.sparsity: 0.8 with budget_bytes=20000"),
+        (["prune=hydra", "prune.score_epochs=30"], "prune.score_epochs: 30 leaves no epoch"),
+        (
+            ["quant.layer_bits={block9: 4}"],
+            "quant.layer_bits names block9: not a Conv2d/Linear of the model; allowed: "
+            "block1.0, block2.0, block3.0, fc",
+        ),
+        (["quant.layer_bits={fc: 9}"], "quant.layer_bits.fc: 9 is not allowed"),
+        (["quant.budget_bytes=20000", "quant.first_last_bits=8"], "quant.budget_bytes: 20000 allocates"),
+        (["prune=magnitude", "quant.budget_bytes=20000"], "quant.budget_bytes: 20000 with prune.method=magnitude"),
+        (
+            ["experiment=digits/compress", "compress=mixed", "budget=5"],
+            "budget: 5 has no value in this compression preset; allowed: 0..2",
+        ),
+    ],
+)
 def test_compression_config_errors_are_one_line(tmp_path: Path, overrides: list[str], expected: str) -> None:
     cfg = compose_config("train", overrides, tmp_path)
     with pytest.raises(ESQUserError) as info:
@@ -262,19 +281,42 @@ def test_esq_train_hydra_with_sq_from_a_start_then_export_reloads(tmp_path: Path
     """A tiny front preset from a full-precision start (init_from): scores then fine-tune in one run, results.json
     as asked, the export's payload = model_bytes, the checkpoint rebuilds with its masks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    tiny = ["threads=1", "trainer.limit_train_batches=2", "eval.n_samples=16", "callbacks.pgd.steps=1",
-            "callbacks.pgd.val_n_samples=16", "trainer.enable_progress_bar=false", "eval.attacks=[fgsm]", "logger=none",
-            f"paths.runs_root={tmp_path}"]
+    tiny = [
+        "threads=1",
+        "trainer.limit_train_batches=2",
+        "eval.n_samples=16",
+        "callbacks.pgd.steps=1",
+        "callbacks.pgd.val_n_samples=16",
+        "trainer.enable_progress_bar=false",
+        "eval.attacks=[fgsm]",
+        "logger=none",
+        f"paths.runs_root={tmp_path}",
+    ]
 
     def train(args: list[str], run: Path) -> dict:
-        proc = subprocess.run([sys.executable, "-m", "esq_lightning.cli.train", *args, *tiny, f"hydra.run.dir={run}"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "esq_lightning.cli.train", *args, *tiny, f"hydra.run.dir={run}"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads((run / "results.json").read_text())
 
     start = train(["quant=full", "method=natural", "trainer.max_epochs=1"], tmp_path / "start")
-    res = train(["experiment=digits/compress", "compress=hydra_u4", "budget=1", f"init_from={start['checkpoint']}",
-                 "prune.score_epochs=1", "trainer.max_epochs=2"], tmp_path / "run")
+    res = train(
+        [
+            "experiment=digits/compress",
+            "compress=hydra_u4",
+            "budget=1",
+            f"init_from={start['checkpoint']}",
+            "prune.score_epochs=1",
+            "trainer.max_epochs=2",
+        ],
+        tmp_path / "run",
+    )
     comp = res["compression"]
     assert res["setting"] == "NEU4-PH" and comp["preset"] == "hydra_u4" and comp["budget"] == 1
     assert comp["prune"]["budget_bytes"] == 30000 and res["model_bytes"] <= 30000

@@ -14,15 +14,40 @@ from esq_lightning.reporting.curves import build_curves, robust_metric
 from esq_lightning.reporting.report import make_report
 
 
-def write(run_dir: Path, method: str, bits: int, seed: int, clean: float, robust: dict[str, float], *,
-          width: int = 32, init_from: str | None = "setting:AF", model_bytes: int | None = None,
-          distance: str = "relative_l2", lambdas: tuple[float, ...] = (1.0,), config: dict | None = None) -> None:
+def write(
+    run_dir: Path,
+    method: str,
+    bits: int,
+    seed: int,
+    clean: float,
+    robust: dict[str, float],
+    *,
+    width: int = 32,
+    init_from: str | None = "setting:AF",
+    model_bytes: int | None = None,
+    distance: str = "relative_l2",
+    lambdas: tuple[float, ...] = (1.0,),
+    config: dict | None = None,
+) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    rec = {"task": "train", "setting": f"A{method[0].upper()}{bits}", "dataset": "digits", "model": "small_cnn",
-           "method": method, "quant": "uniform", "bits": bits, "act_bits": 32, "model_width": {"width": width},
-           "seed": seed, "clean_acc": clean, "robust_acc": robust, "threat_model": {"norm": "linf", "eps": 0.2},
-           "n_samples": 300, "init_from": init_from, "pairing": {"layers": ["logits"], "lambdas": list(lambdas), "p": 2,
-                                                                 "distance": distance}}
+    rec = {
+        "task": "train",
+        "setting": f"A{method[0].upper()}{bits}",
+        "dataset": "digits",
+        "model": "small_cnn",
+        "method": method,
+        "quant": "uniform",
+        "bits": bits,
+        "act_bits": 32,
+        "model_width": {"width": width},
+        "seed": seed,
+        "clean_acc": clean,
+        "robust_acc": robust,
+        "threat_model": {"norm": "linf", "eps": 0.2},
+        "n_samples": 300,
+        "init_from": init_from,
+        "pairing": {"layers": ["logits"], "lambdas": list(lambdas), "p": 2, "distance": distance},
+    }
     if model_bytes is not None:
         rec["model_bytes"] = model_bytes
     if config is not None:
@@ -36,7 +61,7 @@ def test_points_are_mean_and_std_over_seeds_one_line_per_method(tmp_path: Path) 
     for method in ("natural", "esq"):
         for bits in (1, 4, 32):
             for seed in (0, 1):
-                clean, pgd = 0.9 - 0.01 * seed, 0.1 * bits ** 0.5 + 0.02 * seed + (0.1 if method == "esq" else 0)
+                clean, pgd = 0.9 - 0.01 * seed, 0.1 * bits**0.5 + 0.02 * seed + (0.1 if method == "esq" else 0)
                 values.setdefault((method, bits), []).append(pgd)
                 write(tmp_path / str(i), method, bits, seed, clean, {"fgsm": pgd + 0.1, "pgd20": pgd})
                 i += 1
@@ -48,8 +73,9 @@ def test_points_are_mean_and_std_over_seeds_one_line_per_method(tmp_path: Path) 
     assert set(curve.lines) == {"vanilla (natural)", "error-silenced (ESQ) (relative_l2, lambda 1)"}
     esq = curve.lines["error-silenced (ESQ) (relative_l2, lambda 1)"]
     assert [p.bits for p in esq] == [1, 4, 32]
-    assert [statistics.fmean(p.robust) for p in esq] == pytest.approx([statistics.fmean(values[("esq", b)])
-                                                                      for b in (1, 4, 32)])
+    assert [statistics.fmean(p.robust) for p in esq] == pytest.approx(
+        [statistics.fmean(values[("esq", b)]) for b in (1, 4, 32)]
+    )
     assert all(sorted(p.seeds) == [0, 1] for p in esq)
 
     report = make_report(tmp_path, out=tmp_path / "report")
@@ -63,8 +89,9 @@ def test_points_are_mean_and_std_over_seeds_one_line_per_method(tmp_path: Path) 
 
 def test_worst_case_is_preferred_and_bytes_axis(tmp_path: Path) -> None:
     for i, bits in enumerate((1, 2, 8)):
-        write(tmp_path / str(i), "adversarial", bits, 0, 0.9, {"pgd20": 0.5, "worst_case": 0.4},
-              model_bytes=1000 * bits)
+        write(
+            tmp_path / str(i), "adversarial", bits, 0, 0.9, {"pgd20": 0.5, "worst_case": 0.4}, model_bytes=1000 * bits
+        )
     write(tmp_path / "old", "adversarial", 4, 0, 0.9, {"pgd20": 0.5, "worst_case": 0.4})  # no model_bytes
     records = list(iter_results(tmp_path))
     assert robust_metric([r for _, r in records]) == "worst_case"
@@ -81,8 +108,10 @@ def test_widths_are_separate_lines(tmp_path: Path) -> None:
     for i, (width, bits) in enumerate([(32, 1), (32, 32), (64, 1), (64, 32)]):
         write(tmp_path / str(i), "esq", bits, 0, 0.9, {"pgd20": 0.3}, width=width)
     (curve,) = build_curves(iter_results(tmp_path))
-    assert set(curve.lines) == {"error-silenced (ESQ) (relative_l2, lambda 1; width 32)",
-                                "error-silenced (ESQ) (relative_l2, lambda 1; width 64)"}
+    assert set(curve.lines) == {
+        "error-silenced (ESQ) (relative_l2, lambda 1; width 32)",
+        "error-silenced (ESQ) (relative_l2, lambda 1; width 64)",
+    }
 
 
 def test_one_width_only_gives_no_curve(tmp_path: Path) -> None:
@@ -117,23 +146,42 @@ def test_error_silenced_runs_of_different_pairings_are_separate_lines(tmp_path: 
     # Two distances of one method at the same bit widths: two lines named by what each run trained with.
     for i, (distance, lam, gain) in enumerate([("kl", 1.0, 0.2), ("relative_l2", 10.0, 0.0)]):
         for bits in (1, 2):
-            write(tmp_path / f"{i}-{bits}", "esq", bits, 0, 0.9, {"pgd20": 0.1 * bits + gain}, distance=distance,
-                  lambdas=(lam,))
+            write(
+                tmp_path / f"{i}-{bits}",
+                "esq",
+                bits,
+                0,
+                0.9,
+                {"pgd20": 0.1 * bits + gain},
+                distance=distance,
+                lambdas=(lam,),
+            )
     (curve,) = build_curves(iter_results(tmp_path))
     assert set(curve.lines) == {"error-silenced (ESQ) (kl, lambda 1)", "error-silenced (ESQ) (relative_l2, lambda 10)"}
-    assert [p.robust for p in curve.lines["error-silenced (ESQ) (kl, lambda 1)"]] == [[pytest.approx(0.3)],
-                                                                                      [pytest.approx(0.4)]]
+    assert [p.robust for p in curve.lines["error-silenced (ESQ) (kl, lambda 1)"]] == [
+        [pytest.approx(0.3)],
+        [pytest.approx(0.4)],
+    ]
 
 
 def test_runs_of_different_schedules_are_separate_lines_named_by_the_key(tmp_path: Path) -> None:
     """A 30-epoch and a 2-epoch sweep never join into one curve."""
     for epochs in (2, 30):
         for bits in (1, 4):
-            write(tmp_path / f"{epochs}_{bits}", "esq", bits, 0, 0.9, {"pgd20": 0.01 * epochs + 0.01 * bits},
-                  config={"trainer.max_epochs": epochs, "method.name": "esq"})
+            write(
+                tmp_path / f"{epochs}_{bits}",
+                "esq",
+                bits,
+                0,
+                0.9,
+                {"pgd20": 0.01 * epochs + 0.01 * bits},
+                config={"trainer.max_epochs": epochs, "method.name": "esq"},
+            )
     (curve,) = build_curves(iter_results(tmp_path))
-    assert set(curve.lines) == {"error-silenced (ESQ) (relative_l2, lambda 1; trainer.max_epochs=2)",
-                                "error-silenced (ESQ) (relative_l2, lambda 1; trainer.max_epochs=30)"}
+    assert set(curve.lines) == {
+        "error-silenced (ESQ) (relative_l2, lambda 1; trainer.max_epochs=2)",
+        "error-silenced (ESQ) (relative_l2, lambda 1; trainer.max_epochs=30)",
+    }
     short = curve.lines["error-silenced (ESQ) (relative_l2, lambda 1; trainer.max_epochs=2)"]
     assert [statistics.fmean(p.robust) for p in short] == pytest.approx([0.03, 0.06])
 
@@ -182,8 +230,11 @@ def test_figure_joins_only_neighbouring_widths_and_clips_error_bars(tmp_path: Pa
     robust = drawn[-1][1]
     esq_label = "error-silenced (ESQ) (relative_l2, lambda 1)"
     assert esq_label in [t.get_text() for t in robust.get_legend().get_texts()]
-    segments = [tuple(line.get_xdata()) for line in robust.get_lines() if len(line.get_xdata()) == 2
-                and line.get_linestyle() == "-"]
+    segments = [
+        tuple(line.get_xdata())
+        for line in robust.get_lines()
+        if len(line.get_xdata()) == 2 and line.get_linestyle() == "-"
+    ]
     # ESQ ran at 1, 4 and 32 bits and the figure's widths are 1, 2, 4, 32: 1-4 crosses 2, so only 4-32 is joined
     assert (4.0, 32.0) in segments and (1.0, 4.0) not in segments
     # the 4-bit point: mean 99.75 with std 0.35 is clipped at 100
@@ -194,16 +245,36 @@ def test_figure_joins_only_neighbouring_widths_and_clips_error_bars(tmp_path: Pa
 
 
 # ---------------------------------------------------------------- the robustness-vs-bytes front (reporting/front.py)
-def write_front(run_dir: Path, preset: str, method: str, budget: int, seed: int, model_bytes: int, clean: float,
-                worst: float, budget_bytes: int | None = None) -> None:
+def write_front(
+    run_dir: Path,
+    preset: str,
+    method: str,
+    budget: int,
+    seed: int,
+    model_bytes: int,
+    clean: float,
+    worst: float,
+    budget_bytes: int | None = None,
+) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     comp: dict = {"layer_bits": {}, "preset": preset, "budget": budget}
     if budget_bytes is not None:
         comp["prune"] = {"method": "hydra", "budget_bytes": budget_bytes}
-    rec = {"task": "train", "setting": "AAF-PH", "dataset": "digits", "model": "small_cnn", "method": method,
-           "quant": "full", "bits": 32, "seed": seed, "clean_acc": clean,
-           "robust_acc": {"fgsm": worst + 0.1, "pgd20": worst, "worst_case": worst},
-           "threat_model": {"norm": "linf", "eps": 0.2}, "model_bytes": model_bytes, "compression": comp}
+    rec = {
+        "task": "train",
+        "setting": "AAF-PH",
+        "dataset": "digits",
+        "model": "small_cnn",
+        "method": method,
+        "quant": "full",
+        "bits": 32,
+        "seed": seed,
+        "clean_acc": clean,
+        "robust_acc": {"fgsm": worst + 0.1, "pgd20": worst, "worst_case": worst},
+        "threat_model": {"norm": "linf", "eps": 0.2},
+        "model_bytes": model_bytes,
+        "compression": comp,
+    }
     (run_dir / "results.json").write_text(json.dumps(rec))
 
 
@@ -213,10 +284,12 @@ def test_front_lines_pareto_and_best_method_per_budget(tmp_path: Path, monkeypat
     i = 0
     # uniform: 17k -> 0.20, 30k -> 0.30; hydra: 20k -> 0.35 (dominates uniform 30k), 30k -> 0.33 (dominated)
     for seed in (0, 1):
-        for preset, method, budget, size, worst, bb in [("uniform", "esq", 0, 17000, 0.20, None),
-                                                         ("uniform", "esq", 1, 30000, 0.30, None),
-                                                         ("hydra", "adversarial", 0, 19990, 0.35, 20000),
-                                                         ("hydra", "adversarial", 1, 29990, 0.33, 30000)]:
+        for preset, method, budget, size, worst, bb in [
+            ("uniform", "esq", 0, 17000, 0.20, None),
+            ("uniform", "esq", 1, 30000, 0.30, None),
+            ("hydra", "adversarial", 0, 19990, 0.35, 20000),
+            ("hydra", "adversarial", 1, 29990, 0.33, 30000),
+        ]:
             write_front(tmp_path / str(i), preset, method, budget, seed, size + seed, 0.9, worst + 0.01 * seed, bb)
             i += 1
     # a one-width run of the bits curve stays out of the front, and the front's runs out of the bits curve

@@ -18,8 +18,15 @@ from tests.hydra_utils import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-TINY = ["threads=1", "trainer.enable_progress_bar=false", "callbacks.pgd.steps=2", "callbacks.pgd.val_n_samples=32",
-        "callbacks.quant_ratio.every_n_epochs=1", "eval.n_samples=128", "eval.attacks=[fgsm]"]
+TINY = [
+    "threads=1",
+    "trainer.enable_progress_bar=false",
+    "callbacks.pgd.steps=2",
+    "callbacks.pgd.val_n_samples=32",
+    "callbacks.quant_ratio.every_n_epochs=1",
+    "eval.n_samples=128",
+    "eval.attacks=[fgsm]",
+]
 
 
 class SQHashProbe(pl.Callback):
@@ -43,24 +50,43 @@ class SQHashProbe(pl.Callback):
 
 def esq_train(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     # cwd = the repository root so that both ranks can import this module's probe.
-    return subprocess.run([sys.executable, "-m", "esq_lightning.cli.train", *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "esq_lightning.cli.train", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-@pytest.mark.parametrize("quant", [
-    pytest.param([], id="bwn"),
-    # 3-bit uniform weights and 4-bit activations: calibrated clipping ranges must also be rank-identical.
-    pytest.param(["quant.bits=3", "quant.act_bits=4"], id="w3a4", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "quant",
+    [
+        pytest.param([], id="bwn"),
+        # 3-bit uniform weights and 4-bit activations: calibrated clipping ranges must also be rank-identical.
+        pytest.param(["quant.bits=3", "quant.act_bits=4"], id="w3a4", marks=pytest.mark.slow),
+    ],
+)
 def test_ddp_cpu_ranks_draw_identical_sq_masks(tmp_path: Path, quant: list[str]) -> None:
     probe = tmp_path / "probe"
-    proc = esq_train([*TINY, *quant, "trainer=ddp_cpu", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
-                      "+callbacks.sq_probe._target_=tests.test_ddp.SQHashProbe", f"+callbacks.sq_probe.out_dir={probe}",
-                      f"hydra.run.dir={tmp_path / 'run'}"])
+    proc = esq_train(
+        [
+            *TINY,
+            *quant,
+            "trainer=ddp_cpu",
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=3",
+            "+callbacks.sq_probe._target_=tests.test_ddp.SQHashProbe",
+            f"+callbacks.sq_probe.out_dir={probe}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     # Six steps of ESQ from scratch may leave a constant output: esq-train then exits 3 after writing
     # results.json, with one line (the verdict of evaluation/checks.py); anything else is a failure.
-    assert proc.returncode == 0 or (proc.returncode == 3 and "cannot be attacked honestly" in proc.stderr), \
-        proc.stderr[-3000:]
+    assert proc.returncode == 0 or (proc.returncode == 3 and "cannot be attacked honestly" in proc.stderr), proc.stderr[
+        -3000:
+    ]
     rank0 = (probe / "rank0.txt").read_text().splitlines()
     rank1 = (probe / "rank1.txt").read_text().splitlines()
     assert len(rank0) == 6  # 2 epochs x 3 batches on each rank
@@ -76,8 +102,13 @@ def test_ddp_cpu_accuracy_matches_one_process_within_noise(tmp_path: Path) -> No
     # as one process with 64; what differs is BatchNorm statistics per rank and the PGD random starts.
     # Measured (digits, 10 epochs, BWN natural, 300 test images): one process 0.987 / 0.980 (seeds 0 / 1),
     # ddp_cpu 0.967 / 0.973.
-    common = [*TINY, "trainer.max_epochs=10", "method=natural", "callbacks.quant_ratio.every_n_epochs=2",
-              "eval.n_samples=null"]
+    common = [
+        *TINY,
+        "trainer.max_epochs=10",
+        "method=natural",
+        "callbacks.quant_ratio.every_n_epochs=2",
+        "eval.n_samples=null",
+    ]
     single = esq_train([*common, "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path / 'one'}"])
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = esq_train([*common, "trainer=ddp_cpu", "data.batch_size=32", f"hydra.run.dir={tmp_path / 'ddp'}"])
@@ -88,12 +119,15 @@ def test_ddp_cpu_accuracy_matches_one_process_within_noise(tmp_path: Path) -> No
     assert abs(one["clean_acc"] - two["clean_acc"]) <= 0.04, (one["clean_acc"], two["clean_acc"])
 
 
-@pytest.mark.parametrize("overrides", [
-    ["trainer=ddp_cpu"],
-    ["trainer=ddp"],
-    ["trainer=ddp", "trainer.devices=8", "trainer.num_nodes=4"],
-    ["trainer=ddp", "trainer.devices=[0,1]", "trainer.sync_batchnorm=true", "trainer.precision=32-true"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer=ddp_cpu"],
+        ["trainer=ddp"],
+        ["trainer=ddp", "trainer.devices=8", "trainer.num_nodes=4"],
+        ["trainer=ddp", "trainer.devices=[0,1]", "trainer.sync_batchnorm=true", "trainer.precision=32-true"],
+    ],
+)
 def test_ddp_configs_compose_and_validate(overrides: list[str], tmp_path: Path) -> None:
     cfg = compose_config("train", overrides, tmp_path)
     validate_config(cfg)

@@ -93,18 +93,24 @@ def broken_links(path: Path) -> list[str]:
 
 
 def test_anchor_rule_matches_github() -> None:
-    assert github_anchor("Error-silenced training and the paper's settings") == \
-        "error-silenced-training-and-the-papers-settings"
+    assert (
+        github_anchor("Error-silenced training and the paper's settings")
+        == "error-silenced-training-and-the-papers-settings"
+    )
     assert github_anchor("Worst case and audit (seed 0)") == "worst-case-and-audit-seed-0"
     assert github_anchor("W&B") == "wb"
     assert github_anchor("4. Data parallel") == "4-data-parallel"
-    assert github_anchor("Threat model: `eval.eps` decides every L_inf budget") == \
-        "threat-model-evaleps-decides-every-l_inf-budget"
+    assert (
+        github_anchor("Threat model: `eval.eps` decides every L_inf budget")
+        == "threat-model-evaleps-decides-every-l_inf-budget"
+    )
 
 
 def test_link_checker_finds_a_broken_link(tmp_path: Path) -> None:
-    (tmp_path / "a.md").write_text("# Title\n\n## Part one\n\nsee [b](b.md#nowhere), [one](#part-one), [x](x.md)\n"
-                                   "```\n[in code](ignored.md)\n```\n")
+    (tmp_path / "a.md").write_text(
+        "# Title\n\n## Part one\n\nsee [b](b.md#nowhere), [one](#part-one), [x](x.md)\n"
+        "```\n[in code](ignored.md)\n```\n"
+    )
     (tmp_path / "b.md").write_text("# B\n")
     assert [b.split(" ")[0] for b in broken_links(tmp_path / "a.md")] == ["b.md#nowhere", "x.md"]
 
@@ -132,10 +138,16 @@ def shortened(block: str) -> str:
 
 
 def run_block(block: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
-           "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.run(["bash", "-c", shortened(block)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+    }
+    return subprocess.run(
+        ["bash", "-c", shortened(block)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def outputs_table() -> dict[str, tuple[str, str]]:
@@ -154,8 +166,11 @@ def test_quick_blocks_are_found_and_shortened() -> None:
     blocks = quick_blocks(README.read_text())
     assert len(blocks) >= 2, "README.md lost its quick blocks"
     script = shortened("esq-train   # a comment\nesq-eval ckpt_path=a \\\n  mode=audit\nls\n")
-    assert script.splitlines()[1:] == [f"esq-train {SHORTEN['esq-train']}",
-                                       f"esq-eval ckpt_path=a    mode=audit {SHORTEN['esq-eval']}", "ls"]
+    assert script.splitlines()[1:] == [
+        f"esq-train {SHORTEN['esq-train']}",
+        f"esq-eval ckpt_path=a    mode=audit {SHORTEN['esq-eval']}",
+        "ls",
+    ]
 
 
 def _place(cell: str, **values: str) -> str:
@@ -175,11 +190,30 @@ def test_readme_outputs_block_runs_and_writes_where_the_table_says(tmp_path: Pat
 
     where, what = table["esq-train"]
     (run,) = tmp_path.glob(_place(where, data="digits", model="small_cnn", setting="EB", seed="0"))
-    for item in ("results.json", "checkpoints/final.ckpt", "checkpoints/last.ckpt", "checkpoints/epochNNN.ckpt",
-                 "csv/metrics.csv", ".hydra/", "config.yaml", "overrides.yaml", "hydra.yaml", "train.log"):
+    for item in (
+        "results.json",
+        "checkpoints/final.ckpt",
+        "checkpoints/last.ckpt",
+        "checkpoints/epochNNN.ckpt",
+        "csv/metrics.csv",
+        ".hydra/",
+        "config.yaml",
+        "overrides.yaml",
+        "hydra.yaml",
+        "train.log",
+    ):
         assert f"`{item}`" in what, f"the esq-train row does not name {item}"
-    for item in ("results.json", "checkpoints/final.ckpt", "checkpoints/last.ckpt", "checkpoints/epoch000.ckpt",
-                 "csv/metrics.csv", ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "train.log"):
+    for item in (
+        "results.json",
+        "checkpoints/final.ckpt",
+        "checkpoints/last.ckpt",
+        "checkpoints/epoch000.ckpt",
+        "csv/metrics.csv",
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        ".hydra/hydra.yaml",
+        "train.log",
+    ):
         assert (run / item).is_file(), f"{item} missing in {run}"
 
     where, what = table["esq-eval"]
@@ -199,8 +233,9 @@ def test_readme_outputs_block_runs_and_writes_where_the_table_says(tmp_path: Pat
     # paths.runs_root=X: the run goes under X/runs/, the table's esq-train path with outputs/ replaced by X/
     where, _ = table["esq-train"]
     assert "`X/runs/...`" in README.read_text()
-    (moved,) = tmp_path.glob(_place(where, data="digits", model="small_cnn", setting="EB", seed="0")
-                             .replace("outputs/", "scratch/", 1))
+    (moved,) = tmp_path.glob(
+        _place(where, data="digits", model="small_cnn", setting="EB", seed="0").replace("outputs/", "scratch/", 1)
+    )
     assert (moved / "results.json").is_file()
 
 
@@ -226,6 +261,8 @@ def test_docs_quick_blocks_run_from_an_empty_directory(path: Path, tmp_path: Pat
 
 def test_outputs_table_has_a_row_per_command() -> None:
     rows = outputs_table()
-    assert {"esq-train", "esq-eval", "esq-export ckpt_path=C", "esq-report runs=DIR", "esq-reproduce scale=S"} <= set(rows)
+    assert {"esq-train", "esq-eval", "esq-export ckpt_path=C", "esq-report runs=DIR", "esq-reproduce scale=S"} <= set(
+        rows
+    )
     assert any(key.startswith("esq-train -m") for key in rows) and any(key.startswith("esq-eval -m") for key in rows)
     assert _place(rows["esq-train"][0], data="d", model="m", setting="S", seed="0") == "outputs/runs/d-m-S/*_seed0/"

@@ -31,13 +31,13 @@ def wandb_records(run_dir: Path) -> list[Any]:
         if left < 7:  # the block's tail is padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             pos += left
             continue
         if pos + 7 + length > len(data):  # a record still being written
             break
-        chunks += data[pos + 7:pos + 7 + length]
+        chunks += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
             rec = wandb_internal_pb2.Record()
@@ -63,16 +63,28 @@ def read_offline_run(eval_dir: Path) -> dict[str, Any]:
             for item in r.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     media = run_dir / "files" / "media"
-    tables = {str(p.relative_to(media / "table")).rsplit("_", 2)[0]: json.loads(p.read_text())
-              for p in media.rglob("*.table.json") if "table" in p.relative_to(media).parts[0]}
+    tables = {
+        str(p.relative_to(media / "table")).rsplit("_", 2)[0]: json.loads(p.read_text())
+        for p in media.rglob("*.table.json")
+        if "table" in p.relative_to(media).parts[0]
+    }
     images = sorted(p for p in (media / "images").rglob("*.png")) if (media / "images").is_dir() else []
     return {"run": runs[0], "summary": summary, "tables": tables, "images": images}
 
 
 def test_whitebox_eval_on_wandb_is_an_eval_run_in_the_training_group(ckpts, tmp_path):
     out = tmp_path / "wb"
-    results = run_eval(out, [f"ckpt_path={ckpts['bwn']}", "eval.attacks=[fgsm]", "eval.n_samples=32",
-                             f"eval.eps={EPS}", "logger=wandb", "tags=[dashboard]"])
+    results = run_eval(
+        out,
+        [
+            f"ckpt_path={ckpts['bwn']}",
+            "eval.attacks=[fgsm]",
+            "eval.n_samples=32",
+            f"eval.eps={EPS}",
+            "logger=wandb",
+            "tags=[dashboard]",
+        ],
+    )
     train_config = load_trained_model(ckpts["bwn"]).config
     run = read_offline_run(out)
     assert run["run"].job_type == "eval"
@@ -93,8 +105,10 @@ def test_whitebox_eval_on_wandb_is_an_eval_run_in_the_training_group(ckpts, tmp_
 
 def test_transfer_and_amplification_on_wandb(ckpts, tmp_path):
     pair = f"ckpts=[{ckpts['full']},{ckpts['bwn']}]"
-    record = run_eval(tmp_path / "tr", ["mode=transfer", pair, "eval.n_samples=24", f"eval.eps={EPS}",
-                                        "eval.transfer.attack=fgsm", "logger=wandb"])
+    record = run_eval(
+        tmp_path / "tr",
+        ["mode=transfer", pair, "eval.n_samples=24", f"eval.eps={EPS}", "eval.transfer.attack=fgsm", "logger=wandb"],
+    )
     run = read_offline_run(tmp_path / "tr")
     assert run["run"].job_type == "eval" and "eval:transfer" in run["run"].tags
     # Two experiments (NF, VB): a shared group of the dataset and mode.
@@ -105,8 +119,17 @@ def test_transfer_and_amplification_on_wandb(ckpts, tmp_path):
     assert run["summary"]["eval/white_box_acc/VB (bwn)"] == record["matrix"][1][1]
     assert len(run["images"]) == 1  # the heatmap
 
-    record = run_eval(tmp_path / "amp", ["mode=amplification", pair, "eval.n_samples=12", "eval.batch_size=12",
-                                         "eval.amplification.steps=2", "logger=wandb"])
+    record = run_eval(
+        tmp_path / "amp",
+        [
+            "mode=amplification",
+            pair,
+            "eval.n_samples=12",
+            "eval.batch_size=12",
+            "eval.amplification.steps=2",
+            "logger=wandb",
+        ],
+    )
     run = read_offline_run(tmp_path / "amp")
     assert run["run"].job_type == "eval"
     rows = run["tables"]["eval/amplification"]["data"]
@@ -120,10 +143,19 @@ def test_transfer_and_amplification_on_wandb(ckpts, tmp_path):
 def test_blackbox_on_wandb_and_tensorboard(ckpts, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    record = run_eval(tmp_path, ["mode=blackbox", f"ckpts=[{ckpts['bwn']}]", "eval.blackbox.attacks=[nattack]",
-                                 "eval.blackbox.budgets=[0,2]", "eval.blackbox.n_samples=4",
-                                 "++eval.blackbox.params.nattack.max_iter=5", "++eval.blackbox.params.nattack.population=10",
-                                 "logger=[wandb,tensorboard]"])
+    record = run_eval(
+        tmp_path,
+        [
+            "mode=blackbox",
+            f"ckpts=[{ckpts['bwn']}]",
+            "eval.blackbox.attacks=[nattack]",
+            "eval.blackbox.budgets=[0,2]",
+            "eval.blackbox.n_samples=4",
+            "++eval.blackbox.params.nattack.max_iter=5",
+            "++eval.blackbox.params.nattack.population=10",
+            "logger=[wandb,tensorboard]",
+        ],
+    )
     run = read_offline_run(tmp_path)
     assert run["run"].job_type == "eval" and run["run"].run_group.startswith("digits-small_cnn")
     rows = run["tables"]["eval/blackbox"]["data"]

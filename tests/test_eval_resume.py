@@ -26,13 +26,28 @@ from tests.hydra_utils import FAST, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-TINY = [*FAST, "method=natural", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
-        "callbacks.pgd.val_every_n_epochs=0", "callbacks.quant_ratio.start=1.0", "eval.attacks=[fgsm]",
-        "eval.n_samples=16"]
+TINY = [
+    *FAST,
+    "method=natural",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=6",
+    "callbacks.pgd.val_every_n_epochs=0",
+    "callbacks.quant_ratio.start=1.0",
+    "eval.attacks=[fgsm]",
+    "eval.n_samples=16",
+]
 # 45 inputs (odd) in batches of 10: 5 batches, the last one of 5. eps below the digits default keeps some
 # inputs robust, so the masks are not all zeros.
-EVAL = ["threads=1", "progress=false", "eval.n_samples=45", "eval.batch_size=10", "eval.eps=0.05",
-        "eval.attacks=[fgsm,pgd20]", "++eval.params.pgd20.steps=5", "++eval.params.pgd20.step_size=0.0125"]
+EVAL = [
+    "threads=1",
+    "progress=false",
+    "eval.n_samples=45",
+    "eval.batch_size=10",
+    "eval.eps=0.05",
+    "eval.attacks=[fgsm,pgd20]",
+    "++eval.params.pgd20.steps=5",
+    "++eval.params.pgd20.step_size=0.0125",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +58,14 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def esq_eval(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "esq_lightning.cli.evaluate", *args], cwd=cwd, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "esq_lightning.cli.evaluate", *args],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def comparable(results: dict) -> dict:
@@ -53,8 +74,10 @@ def comparable(results: dict) -> dict:
     drop = {"run_dir", "attacks", "processes"}
     out = {**{k: v for k, v in results.items() if k not in drop}, "attacks": attacks}
     if "audit" in results:  # the checks' probe attacks record their time too
-        probes = {n: {k: v for k, v in rec.items() if k != "runtime_s"}
-                  for n, rec in (results["audit"].get("probes") or {}).items()}
+        probes = {
+            n: {k: v for k, v in rec.items() if k != "runtime_s"}
+            for n, rec in (results["audit"].get("probes") or {}).items()
+        }
         out["audit"] = {**results["audit"], "probes": probes}
     return out
 
@@ -110,11 +133,13 @@ def test_another_config_refuses_to_resume_in_one_line(ckpt: Path, tmp_path: Path
     assert (again["clean_acc"], again["robust_acc"]) == (first["clean_acc"], first["robust_acc"])
     other_ckpt = tmp_path / "other.ckpt"
     other_ckpt.write_bytes(ckpt.read_bytes() + b"\0")  # same weights, another file
-    for change, what in [("eval.eps=0.1", "eval.eps=0.05 there, 0.1 here"),
-                         ("eval.attacks=[fgsm]", "eval.attacks="),
-                         ("eval.n_samples=44", "other test inputs"),
-                         ("++eval.params.pgd20.steps=6", "eval.params="),
-                         (f"ckpt_path={other_ckpt}", "another checkpoint")]:
+    for change, what in [
+        ("eval.eps=0.1", "eval.eps=0.05 there, 0.1 here"),
+        ("eval.attacks=[fgsm]", "eval.attacks="),
+        ("eval.n_samples=44", "other test inputs"),
+        ("++eval.params.pgd20.steps=6", "eval.params="),
+        (f"ckpt_path={other_ckpt}", "another checkpoint"),
+    ]:
         overrides = [*EVAL, f"ckpt_path={ckpt}", change]
         with pytest.raises(ESQUserError, match="holds a partial evaluation of another config") as info:
             evaluate(compose_config("eval", overrides, run))

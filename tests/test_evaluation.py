@@ -30,9 +30,16 @@ from tests.hydra_utils import FAST, compose_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Tiny natural training; 3 epochs of 10 batches give a usable model (about 95% clean) in a few seconds.
-TRAIN = [*FAST, "method=natural", "trainer.max_epochs=3", "trainer.limit_train_batches=10",
-         "callbacks.pgd.val_every_n_epochs=0", "callbacks.quant_ratio.start=1.0", "eval.attacks=[fgsm]",
-         "eval.n_samples=32"]
+TRAIN = [
+    *FAST,
+    "method=natural",
+    "trainer.max_epochs=3",
+    "trainer.limit_train_batches=10",
+    "callbacks.pgd.val_every_n_epochs=0",
+    "callbacks.quant_ratio.start=1.0",
+    "eval.attacks=[fgsm]",
+    "eval.n_samples=32",
+]
 EPS = 0.05  # below the digits default (0.2), where the tiny models keep some robust accuracy
 # Fast settings for every registry attack (few steps and queries); AutoAttack at a budget that ends it early.
 FAST_PARAMS = {
@@ -64,9 +71,10 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpts")
     out = {}
     # Labels are derived: natural full precision is NF, natural BWN from scratch is VB.
-    for quant, extra in (("full", ["callbacks.amplification.every_n_epochs=1",
-                                   "callbacks.amplification.n_samples=32"]),
-                         ("bwn", [])):
+    for quant, extra in (
+        ("full", ["callbacks.amplification.every_n_epochs=1", "callbacks.amplification.n_samples=32"]),
+        ("bwn", []),
+    ):
         run_dir = root / quant
         cfg = compose_config("train", [*TRAIN, f"quant={quant}", *extra], run_dir)
         results, _ = train(cfg)
@@ -90,8 +98,16 @@ def split_of(ckpt: Path, n: int, tmp_path: Path) -> tuple[torch.Tensor, torch.Te
 
 
 def test_whitebox_every_attack_records_params_and_never_beats_clean(ckpts, tmp_path):
-    results = run_eval(tmp_path, [f"ckpt_path={ckpts['bwn']}", "eval.n_samples=12", f"eval.eps={EPS}",
-                                  f"eval.attacks=[{','.join(ATTACKS)}]", *overrides_for(FAST_PARAMS)])
+    results = run_eval(
+        tmp_path,
+        [
+            f"ckpt_path={ckpts['bwn']}",
+            "eval.n_samples=12",
+            f"eval.eps={EPS}",
+            f"eval.attacks=[{','.join(ATTACKS)}]",
+            *overrides_for(FAST_PARAMS),
+        ],
+    )
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert on_disk["task"] == "eval" and on_disk["mode"] == "whitebox" and on_disk["n_samples"] == 12
@@ -125,8 +141,9 @@ def test_attacks_on_a_trained_checkpoint_respect_budget_and_box(ckpts, tmp_path)
         clean = predict(model, x) == y
         for name, eps in (("fgsm", EPS), ("pgd20", EPS), ("square", EPS), ("nattack", 1.0), ("ddn", None)):
             params = {k: v for k, v in FAST_PARAMS[name].items() if k != "eps"}
-            correct, x_adv, record = attack_in_batches(name, model, x, y, eps, params, batch_size=4, progress=False,
-                                                       keep_adv=True)
+            correct, x_adv, record = attack_in_batches(
+                name, model, x, y, eps, params, batch_size=4, progress=False, keep_adv=True
+            )
             assert x_adv is not None and x_adv.shape == x.shape
             assert x_adv.min() >= 0 and x_adv.max() <= 1, name
             norms = perturbation_norms(x_adv, x, record["norm"])
@@ -161,8 +178,10 @@ def test_transfer_matrix_diagonal_is_whitebox_pgd(ckpts, tmp_path):
 
 
 def test_amplification_curves_json_and_png(ckpts, tmp_path):
-    record = run_eval(tmp_path, ["mode=amplification", f"ckpts=[{ckpts['full']},{ckpts['bwn']}]",
-                                 "eval.n_samples=24", "eval.batch_size=10"])
+    record = run_eval(
+        tmp_path,
+        ["mode=amplification", f"ckpts=[{ckpts['full']},{ckpts['bwn']}]", "eval.n_samples=24", "eval.batch_size=10"],
+    )
     on_disk = json.loads((tmp_path / "amplification.json").read_text())
     assert on_disk["mode"] == "amplification" and len(on_disk["curves"]) == 2
     model = load_trained_model(ckpts["bwn"]).model
@@ -228,12 +247,19 @@ def test_amplification_callback_sends_a_wandb_line_plot():
 
 def test_blackbox_curves_start_at_clean_accuracy_and_never_rise(ckpts, tmp_path):
     budgets = [0, 0.5, 1, 2, 4]
-    record = run_eval(tmp_path, [
-        "mode=blackbox", f"ckpts=[{ckpts['full']},{ckpts['bwn']}]", "eval.blackbox.n_samples=6",
-        f"eval.blackbox.budgets=[{','.join(map(str, budgets))}]",
-        *overrides_for({"boundary": FAST_PARAMS["boundary"], "nattack": {"max_iter": 10, "population": 20}},
-                       "eval.blackbox.params"),
-    ])
+    record = run_eval(
+        tmp_path,
+        [
+            "mode=blackbox",
+            f"ckpts=[{ckpts['full']},{ckpts['bwn']}]",
+            "eval.blackbox.n_samples=6",
+            f"eval.blackbox.budgets=[{','.join(map(str, budgets))}]",
+            *overrides_for(
+                {"boundary": FAST_PARAMS["boundary"], "nattack": {"max_iter": 10, "population": 20}},
+                "eval.blackbox.params",
+            ),
+        ],
+    )
     on_disk = json.loads((tmp_path / "blackbox.json").read_text())
     assert on_disk["budgets"] == budgets and len(on_disk["curves"]) == 4
     assert (tmp_path / "blackbox.png").read_bytes()[:8] == PNG_MAGIC
@@ -271,18 +297,39 @@ def _records(**eps_by_attack: tuple[str, float | None]) -> dict[str, dict]:
     return out
 
 
-THREATS = _records(fgsm=("linf", 0.03), pgd20=("linf", 0.03), pgd100=("linf", 0.03), autoattack=("linf", 0.03),
-                   square=("linf", 0.03), ddn=("l2", 1.0), cw=("l2", 1.0), nattack=("l2", 1.0),
-                   boundary=("l2", 1.0))
+THREATS = _records(
+    fgsm=("linf", 0.03),
+    pgd20=("linf", 0.03),
+    pgd100=("linf", 0.03),
+    autoattack=("linf", 0.03),
+    square=("linf", 0.03),
+    ddn=("l2", 1.0),
+    cw=("l2", 1.0),
+    nattack=("l2", 1.0),
+    boundary=("l2", 1.0),
+)
 
 
 def test_masking_report_flags_the_clear_signs():
     # A model with masked gradients: single step beats PGD, more PGD steps help it, black-box beats white-box.
-    robust = {"fgsm": 0.30, "pgd20": 0.50, "pgd100": 0.55, "autoattack": 0.45, "square": 0.10, "ddn": 0.6,
-              "cw": 0.7, "nattack": 0.2, "boundary": 0.65}
+    robust = {
+        "fgsm": 0.30,
+        "pgd20": 0.50,
+        "pgd100": 0.55,
+        "autoattack": 0.45,
+        "square": 0.10,
+        "ddn": 0.6,
+        "cw": 0.7,
+        "nattack": 0.2,
+        "boundary": 0.65,
+    }
     report = gradient_masking_report(0.9, robust, THREATS)
-    flagged = {(c, x["weaker"], x["stronger"]) for c, items in report["checks"].items() for x in items
-               if x.get("flagged") and "weaker" in x}
+    flagged = {
+        (c, x["weaker"], x["stronger"])
+        for c, items in report["checks"].items()
+        for x in items
+        if x.get("flagged") and "weaker" in x
+    }
     assert ("single_step_beats_iterative", "fgsm", "pgd20") in flagged
     assert ("more_iterations_raise_accuracy", "pgd20", "pgd100") in flagged
     assert ("blackbox_beats_whitebox", "square", "autoattack") in flagged
@@ -297,8 +344,17 @@ def test_masking_report_flags_the_clear_signs():
 
 
 def test_masking_report_passes_a_healthy_model_and_compares_only_equal_threats():
-    robust = {"fgsm": 0.40, "pgd20": 0.30, "pgd100": 0.28, "autoattack": 0.25, "square": 0.35, "ddn": 0.1,
-              "cw": 0.2, "nattack": 0.3, "boundary": 0.15}
+    robust = {
+        "fgsm": 0.40,
+        "pgd20": 0.30,
+        "pgd100": 0.28,
+        "autoattack": 0.25,
+        "square": 0.35,
+        "ddn": 0.1,
+        "cw": 0.2,
+        "nattack": 0.3,
+        "boundary": 0.15,
+    }
     report = gradient_masking_report(0.9, robust, THREATS)
     assert report["flags"] == []
     assert "no sign found" in format_flags(report)
@@ -315,14 +371,30 @@ def test_masking_report_end_to_end(ckpts, tmp_path):
     model = load_trained_model(ckpts["full"]).model
     x, y = split_of(ckpts["full"], 48, tmp_path)
     # Healthy: FGSM, PGD-20 and a stronger PGD at one eps rank as they should.
-    ev = evaluate_robustness(model, x, y, ThreatModel("linf", EPS), EvalSettings(
-        ["fgsm", "pgd20", "pgd100"], progress=False,
-        params={"fgsm": {"eps": EPS}, "pgd20": {"step_size": EPS / 4},
-                "pgd100": {"steps": 40, "restarts": 2, "step_size": EPS / 4}}))
+    ev = evaluate_robustness(
+        model,
+        x,
+        y,
+        ThreatModel("linf", EPS),
+        EvalSettings(
+            ["fgsm", "pgd20", "pgd100"],
+            progress=False,
+            params={
+                "fgsm": {"eps": EPS},
+                "pgd20": {"step_size": EPS / 4},
+                "pgd100": {"steps": 40, "restarts": 2, "step_size": EPS / 4},
+            },
+        ),
+    )
     assert ev["gradient_masking"]["flags"] == [], ev["robust_acc"]
     # Broken on purpose: a "PGD" that never moves (no steps, no random start) leaves clean accuracy.
-    ev = evaluate_robustness(model, x, y, ThreatModel("linf", EPS), EvalSettings(
-        ["pgd20"], progress=False, params={"pgd20": {"steps": 0, "random_start": False}}))
+    ev = evaluate_robustness(
+        model,
+        x,
+        y,
+        ThreatModel("linf", EPS),
+        EvalSettings(["pgd20"], progress=False, params={"pgd20": {"steps": 0, "random_start": False}}),
+    )
     assert ev["robust_acc"]["pgd20"] == ev["clean_acc"]
     assert any(f.startswith("clean_only_failure: pgd20") for f in ev["gradient_masking"]["flags"])
 
@@ -354,5 +426,6 @@ def test_unknown_mode_is_one_line_on_stderr(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         user_errors_as_one_line(evaluate)(cfg)  # what esq-eval wraps its main in
     assert info.value.code == 2
-    assert capsys.readouterr().err == ("error: mode=attackall: unknown evaluation mode; allowed: whitebox, "
-                                       "transfer, amplification, blackbox, audit\n")
+    assert capsys.readouterr().err == (
+        "error: mode=attackall: unknown evaluation mode; allowed: whitebox, transfer, amplification, blackbox, audit\n"
+    )

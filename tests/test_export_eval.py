@@ -37,8 +37,13 @@ def test_export_records_source_and_sizes(ckpts, packed):
 
 
 def test_whitebox_on_the_packed_file_equals_the_checkpoint(ckpts, packed, tmp_path):
-    common = ["eval.attacks=[fgsm,pgd20]", "eval.n_samples=48", f"eval.eps={EPS}", f"eval.params.pgd20.step_size={EPS / 4}",
-              "eval.batch_size=20"]
+    common = [
+        "eval.attacks=[fgsm,pgd20]",
+        "eval.n_samples=48",
+        f"eval.eps={EPS}",
+        f"eval.params.pgd20.step_size={EPS / 4}",
+        "eval.batch_size=20",
+    ]
     from_ckpt = run_eval(tmp_path / "ckpt", [f"ckpt_path={ckpts['bwn']}", *common])
     from_file = run_eval(tmp_path / "file", [f"ckpt_path={packed[0]}", *common])
     assert from_file["clean_acc"] == from_ckpt["clean_acc"]
@@ -56,8 +61,14 @@ def test_multi_model_modes_on_the_packed_file_equal_the_checkpoint(ckpts, packed
     a = run_eval(tmp_path / "tr", [*tr, f"ckpts=[{ckpts['full']},{packed[0]}]"])
     b = run_eval(tmp_path / "tr2", [*tr, f"ckpts=[{ckpts['full']},{ckpts['bwn']}]"])
     assert a["matrix"] == b["matrix"] and a["labels"] == b["labels"]
-    bb = ["mode=blackbox", "eval.blackbox.attacks=[nattack]", "eval.blackbox.budgets=[0,2]", "eval.blackbox.n_samples=4",
-          "++eval.blackbox.params.nattack.max_iter=5", "++eval.blackbox.params.nattack.population=10"]
+    bb = [
+        "mode=blackbox",
+        "eval.blackbox.attacks=[nattack]",
+        "eval.blackbox.budgets=[0,2]",
+        "eval.blackbox.n_samples=4",
+        "++eval.blackbox.params.nattack.max_iter=5",
+        "++eval.blackbox.params.nattack.population=10",
+    ]
     a = run_eval(tmp_path / "bb", [*bb, f"ckpts=[{packed[0]}]"])
     b = run_eval(tmp_path / "bb2", [*bb, f"ckpts=[{ckpts['bwn']}]"])
     assert [c["accuracy"] for c in a["curves"]] == [c["accuracy"] for c in b["curves"]]
@@ -75,9 +86,22 @@ def test_a_packed_file_without_config_is_one_line(ckpts, tmp_path):
 
 
 def test_esq_eval_cli_on_an_exported_file(packed, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "esq_lightning.cli.evaluate", f"ckpt_path={packed[0]}", "threads=1",
-                           "progress=false", "eval.attacks=[fgsm]", "eval.n_samples=16", f"hydra.run.dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                            "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "esq_lightning.cli.evaluate",
+            f"ckpt_path={packed[0]}",
+            "threads=1",
+            "progress=false",
+            "eval.attacks=[fgsm]",
+            "eval.n_samples=16",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "results.json").is_file() and "fgsm acc" in proc.stdout

@@ -89,14 +89,30 @@ class _Loader:
 def _fit_losses(channels_last: bool, steps: int = 4) -> tuple[list[float], torch.nn.Module]:
     torch.manual_seed(0)  # the same initial weights for both memory formats, whatever ran before
     model = quantized(SmallCNN(width=8))
-    module = ESQModule(model, Objective("esq"), num_classes=10, seed=0, channels_last=channels_last,
-                       optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+    module = ESQModule(
+        model,
+        Objective("esq"),
+        num_classes=10,
+        seed=0,
+        channels_last=channels_last,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+    )
     recorder = _LossRecorder()
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, inference_mode=False, use_distributed_sampler=False,
-        callbacks=[PGDCallback(eps=0.1, step_size=0.025, steps=2, val_every_n_epochs=0),
-                   QuantRatioCallback(start=0.6, step=0.2, every_n_epochs=1000), recorder],
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        inference_mode=False,
+        use_distributed_sampler=False,
+        callbacks=[
+            PGDCallback(eps=0.1, step_size=0.025, steps=2, val_every_n_epochs=0),
+            QuantRatioCallback(start=0.6, step=0.2, every_n_epochs=1000),
+            recorder,
+        ],
     )
     trainer.fit(module, train_dataloaders=_Loader(digits_batches(steps)))
     return recorder.losses, module.model
@@ -155,7 +171,9 @@ def test_compile_model_guards_hooks_only_when_pairing_inner_modules(monkeypatch:
 
 # ---- attacks reuse quantized weights ---------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["bwn", "twn"])
-def test_cached_quantized_weights_give_identical_adversarial_examples(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_quantized_weights_give_identical_adversarial_examples(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import contextlib
     import importlib
 

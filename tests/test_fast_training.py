@@ -105,8 +105,16 @@ def test_nfgsm_run_keeps_the_threat_model_and_records_its_attack(tmp_path: Path)
     from esq_lightning.artifacts.results import train_attack_record
 
     record = train_attack_record(cfg)
-    assert record == {"name": "nfgsm", "eps": pytest.approx(0.2), "steps": 1, "step_size": pytest.approx(0.2),
-                      "random_start": True, "noise": pytest.approx(0.4), "project": False, "gradalign": 0.0}
+    assert record == {
+        "name": "nfgsm",
+        "eps": pytest.approx(0.2),
+        "steps": 1,
+        "step_size": pytest.approx(0.2),
+        "random_start": True,
+        "noise": pytest.approx(0.4),
+        "project": False,
+        "gradalign": 0.0,
+    }
 
 
 def test_fgsm_rs_step_follows_an_eps_override(tmp_path: Path) -> None:
@@ -115,18 +123,22 @@ def test_fgsm_rs_step_follows_an_eps_override(tmp_path: Path) -> None:
     assert cfg.callbacks.pgd.val_step_size == pytest.approx(0.025) and cfg.callbacks.pgd.val_steps == 10
 
 
-@pytest.mark.parametrize(("overrides", "expected"), [
-    (["callbacks.pgd.name=fgsmrs"], "callbacks.pgd.name: 'fgsmrs' is not allowed"),
-    (["attack=fgsm_rs", "callbacks.pgd.steps=3"], "callbacks.pgd.steps: 3 with name=fgsm_rs, a single-step attack"),
-    (["attack=nfgsm", "callbacks.pgd.project=true"], "callbacks.pgd.project: true with name=nfgsm"),
-    (["attack=fgsm_rs", "callbacks.pgd.project=false"], "callbacks.pgd.project: false with name=fgsm_rs"),
-    (["attack=fgsm_rs", "callbacks.pgd.random_start=false"], "callbacks.pgd.random_start: false with name=fgsm_rs"),
-    (["attack=fgsm_rs", "callbacks.pgd.noise=0.5"], "callbacks.pgd.noise: 0.5 is larger than eps=0.2"),
-    (["attack=gradalign", "callbacks.pgd.gradalign=-1"], "callbacks.pgd.gradalign: -1 is out of range"),
-    (["callbacks.pgd.co_drop=0"], "callbacks.pgd.co_drop: 0 is out of range"),
-])
-def test_bad_training_attack_configs_fail_in_one_line_naming_the_key(overrides: list[str], expected: str,
-                                                                     tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["callbacks.pgd.name=fgsmrs"], "callbacks.pgd.name: 'fgsmrs' is not allowed"),
+        (["attack=fgsm_rs", "callbacks.pgd.steps=3"], "callbacks.pgd.steps: 3 with name=fgsm_rs, a single-step attack"),
+        (["attack=nfgsm", "callbacks.pgd.project=true"], "callbacks.pgd.project: true with name=nfgsm"),
+        (["attack=fgsm_rs", "callbacks.pgd.project=false"], "callbacks.pgd.project: false with name=fgsm_rs"),
+        (["attack=fgsm_rs", "callbacks.pgd.random_start=false"], "callbacks.pgd.random_start: false with name=fgsm_rs"),
+        (["attack=fgsm_rs", "callbacks.pgd.noise=0.5"], "callbacks.pgd.noise: 0.5 is larger than eps=0.2"),
+        (["attack=gradalign", "callbacks.pgd.gradalign=-1"], "callbacks.pgd.gradalign: -1 is out of range"),
+        (["callbacks.pgd.co_drop=0"], "callbacks.pgd.co_drop: 0 is out of range"),
+    ],
+)
+def test_bad_training_attack_configs_fail_in_one_line_naming_the_key(
+    overrides: list[str], expected: str, tmp_path: Path
+) -> None:
     cfg = compose_config("train", overrides, tmp_path)
     with pytest.raises(ESQUserError) as info:
         validate_config(cfg)
@@ -137,23 +149,59 @@ def test_bad_training_attack_configs_fail_in_one_line_naming_the_key(overrides: 
 # Validation (epoch, PGD-10 accuracy, FGSM accuracy) histories recorded by real digits runs (results.json
 # catastrophic_overfitting.history; 300 validation inputs, eps 0.2, threads=1):
 #   esq-train experiment=digits/AF attack=fgsm     (FGSM without random start: no collapse on digits in 20 epochs)
-FGSM_AF = [(0, .333, .457), (1, .363, .547), (2, .44, .633), (3, .44, .647), (4, .453, .673), (5, .477, .69),
-           (6, .473, .713), (7, .457, .703), (8, .467, .727), (9, .49, .727), (10, .507, .74), (11, .49, .71),
-           (12, .463, .747), (13, .507, .767), (14, .51, .76), (15, .517, .727), (16, .507, .793), (17, .51, .737),
-           (18, .493, .763), (19, .49, .75)]
+FGSM_AF = [
+    (0, 0.333, 0.457),
+    (1, 0.363, 0.547),
+    (2, 0.44, 0.633),
+    (3, 0.44, 0.647),
+    (4, 0.453, 0.673),
+    (5, 0.477, 0.69),
+    (6, 0.473, 0.713),
+    (7, 0.457, 0.703),
+    (8, 0.467, 0.727),
+    (9, 0.49, 0.727),
+    (10, 0.507, 0.74),
+    (11, 0.49, 0.71),
+    (12, 0.463, 0.747),
+    (13, 0.507, 0.767),
+    (14, 0.51, 0.76),
+    (15, 0.517, 0.727),
+    (16, 0.507, 0.793),
+    (17, 0.51, 0.737),
+    (18, 0.493, 0.763),
+    (19, 0.49, 0.75),
+]
 #   esq-train experiment=digits/AF attack=fgsm_rs
-FGSM_RS_AF = [(0, .367, .47), (1, .377, .523), (2, .453, .587), (3, .44, .657), (4, .48, .687), (5, .483, .687),
-              (6, .49, .707), (7, .49, .723), (8, .53, .71), (9, .55, .713), (10, .54, .753), (11, .52, .727),
-              (12, .523, .75), (13, .537, .757), (14, .517, .753), (15, .573, .78), (16, .57, .777),
-              (17, .517, .777), (18, .55, .77), (19, .55, .78)]
+FGSM_RS_AF = [
+    (0, 0.367, 0.47),
+    (1, 0.377, 0.523),
+    (2, 0.453, 0.587),
+    (3, 0.44, 0.657),
+    (4, 0.48, 0.687),
+    (5, 0.483, 0.687),
+    (6, 0.49, 0.707),
+    (7, 0.49, 0.723),
+    (8, 0.53, 0.71),
+    (9, 0.55, 0.713),
+    (10, 0.54, 0.753),
+    (11, 0.52, 0.727),
+    (12, 0.523, 0.75),
+    (13, 0.537, 0.757),
+    (14, 0.517, 0.753),
+    (15, 0.573, 0.78),
+    (16, 0.57, 0.777),
+    (17, 0.517, 0.777),
+    (18, 0.55, 0.77),
+    (19, 0.55, 0.78),
+]
 #   python benchmarks/time_to_robustness.py --seeds 0 --attacks pgd fgsm_rs nfgsm (AF with PGD-10, every 5 epochs)
-PGD10_AF = [(4, .537, .667), (9, .62, .733), (14, .647, .787), (19, .707, .82)]
-PGD10_AEB = [(4, .2, .29), (9, .467, .573), (14, .507, .657), (19, .547, .65)]  # AEB from that AF, PGD-10
+PGD10_AF = [(4, 0.537, 0.667), (9, 0.62, 0.733), (14, 0.647, 0.787), (19, 0.707, 0.82)]
+PGD10_AEB = [(4, 0.2, 0.29), (9, 0.467, 0.573), (14, 0.507, 0.657), (19, 0.547, 0.65)]  # AEB from that AF, PGD-10
 # The shape of catastrophic overfitting (Wong et al. 2020, their figure 2): PGD accuracy climbs, then collapses
 # to about zero within an epoch while FGSM accuracy keeps rising.
-COLLAPSE = [(0, .30, .45), (1, .38, .52), (2, .42, .56), (3, .41, .60), (4, .05, .82), (5, .01, .90)]
+COLLAPSE = [(0, 0.30, 0.45), (1, 0.38, 0.52), (2, 0.42, 0.56), (3, 0.41, 0.60), (4, 0.05, 0.82), (5, 0.01, 0.90)]
 # Robustness lost on both attacks (a bad learning rate, say): not catastrophic overfitting.
-BOTH_FALL = [(0, .40, .60), (1, .45, .65), (2, .10, .20), (3, .05, .15)]
+BOTH_FALL = [(0, 0.40, 0.60), (1, 0.45, 0.65), (2, 0.10, 0.20), (3, 0.05, 0.15)]
 
 
 def _feed(history: list[tuple[int, float, float]]) -> OverfittingDetector:
@@ -171,8 +219,11 @@ def test_the_detector_fires_once_on_a_collapse_while_fgsm_holds() -> None:
     assert len(rec["history"]) == len(COLLAPSE)
 
 
-@pytest.mark.parametrize("history", [PGD10_AF, PGD10_AEB, FGSM_AF, FGSM_RS_AF, BOTH_FALL],
-                         ids=["pgd10_af", "pgd10_aeb", "fgsm_af", "fgsm_rs_af", "both_fall"])
+@pytest.mark.parametrize(
+    "history",
+    [PGD10_AF, PGD10_AEB, FGSM_AF, FGSM_RS_AF, BOTH_FALL],
+    ids=["pgd10_af", "pgd10_aeb", "fgsm_af", "fgsm_rs_af", "both_fall"],
+)
 def test_the_detector_stays_quiet_without_catastrophic_overfitting(history: list[tuple[int, float, float]]) -> None:
     assert not _feed(history).fired
 
@@ -186,8 +237,9 @@ def test_the_watch_state_survives_a_checkpoint_round_trip() -> None:
     assert again.record() == _feed(COLLAPSE).record()
 
 
-def test_a_collapsing_run_is_flagged_stopped_and_keeps_its_best_weights(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_collapsing_run_is_flagged_stopped_and_keeps_its_best_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A real esq-train run whose robust validation reports COLLAPSE (constructed): the flag reaches metrics,
     results.json and the verdict; co_stop stops training and final.ckpt holds the best epoch's weights."""
     from esq_lightning.commands.train import train
@@ -201,8 +253,19 @@ def test_a_collapsing_run_is_flagged_stopped_and_keeps_its_best_weights(tmp_path
         return torch.tensor(0.9), torch.tensor(pgd_acc), torch.tensor(fgsm_acc)
 
     monkeypatch.setattr(PGDCallback, "robust_validation", scripted)
-    cfg = compose_config("train", [*FAST, "attack=fgsm_rs", "trainer.max_epochs=6", "trainer.limit_train_batches=2",
-                                   "eval.n_samples=32", "method=adversarial", "quant=full"], tmp_path)
+    cfg = compose_config(
+        "train",
+        [
+            *FAST,
+            "attack=fgsm_rs",
+            "trainer.max_epochs=6",
+            "trainer.limit_train_batches=2",
+            "eval.n_samples=32",
+            "method=adversarial",
+            "quant=full",
+        ],
+        tmp_path,
+    )
     results, _ = train(cfg)
     assert results["epochs"] == 5  # stopped after epoch 4 (0-based) of 6
     co = results["catastrophic_overfitting"]
@@ -216,8 +279,9 @@ def test_a_collapsing_run_is_flagged_stopped_and_keeps_its_best_weights(tmp_path
     assert all(torch.equal(final[f"model.{k}"], v) for k, v in best.items())
     assert not all(torch.equal(final[f"model.{k}"], v) for k, v in seen[4].items())
     with open(tmp_path / "csv" / "metrics.csv") as f:
-        flags = [float(r["val/catastrophic_overfitting"]) for r in csv.DictReader(f)
-                 if r.get("val/catastrophic_overfitting")]
+        flags = [
+            float(r["val/catastrophic_overfitting"]) for r in csv.DictReader(f) if r.get("val/catastrophic_overfitting")
+        ]
     assert flags == [0, 0, 0, 0, 1]
 
 
@@ -226,8 +290,16 @@ def test_report_rows_name_the_training_attack_from_the_record(tmp_path: Path) ->
     from esq_lightning.reporting.report import make_report
     from tests.test_report import row, write_result
 
-    pgd10 = {"name": "pgd", "eps": 0.2, "steps": 10, "step_size": 0.05, "random_start": True, "noise": 0.2,
-             "project": True, "gradalign": 0.0}
+    pgd10 = {
+        "name": "pgd",
+        "eps": 0.2,
+        "steps": 10,
+        "step_size": 0.05,
+        "random_start": True,
+        "noise": 0.2,
+        "project": True,
+        "gradalign": 0.0,
+    }
     fgsm_rs = {**pgd10, "name": "fgsm_rs", "steps": 1, "step_size": 0.25}
     assert train_attack_label({**fgsm_rs, "gradalign": 0.2}) == "fgsm_rs+gradalign0.2"
     for i, (attack, overrides) in enumerate([(pgd10, []), (pgd10, []), (fgsm_rs, ["attack=fgsm_rs"])]):
@@ -242,9 +314,12 @@ def test_report_rows_name_the_training_attack_from_the_record(tmp_path: Path) ->
 
 @pytest.mark.parametrize("experiment", ["digits/AF", "digits/AEB", "digits/NEB", "cifar10/AEB", "cifar100/AAB"])
 @pytest.mark.parametrize("attack", ["fgsm_rs", "nfgsm", "gradalign"])
-def test_every_fast_preset_composes_with_the_settings_at_each_scale(experiment: str, attack: str,
-                                                                    tmp_path: Path) -> None:
-    overrides = [f"experiment={experiment}", f"attack={attack}"] + (["data.download=true"] if "cifar" in experiment else [])
+def test_every_fast_preset_composes_with_the_settings_at_each_scale(
+    experiment: str, attack: str, tmp_path: Path
+) -> None:
+    overrides = [f"experiment={experiment}", f"attack={attack}"] + (
+        ["data.download=true"] if "cifar" in experiment else []
+    )
     cfg = compose_config("train", overrides, tmp_path)
     validate_config(cfg)
     eps = cfg.data.attack.eps

@@ -43,24 +43,40 @@ class Root(BaseModel):
     quant: Quant
 
 
-GOOD: dict[str, Any] = {"kind": "twn", "bits": 2, "ratio": 0.5, "flag": True, "name": "x", "weights": [0.5, 1.0],
-                        "stages": ["eval"], "width": 4}
+GOOD: dict[str, Any] = {
+    "kind": "twn",
+    "bits": 2,
+    "ratio": 0.5,
+    "flag": True,
+    "name": "x",
+    "weights": [0.5, 1.0],
+    "stages": ["eval"],
+    "width": 4,
+}
 DROP = object()
 
 # (change to a good quant node, pydantic's error type, the one line)
 CASES = [
-    ({"kind": "twm"}, "literal_error",
-     "quant.kind: 'twm' is not allowed; allowed: 'bwn', 'twn', null (did you mean 'twn'?)"),
+    (
+        {"kind": "twm"},
+        "literal_error",
+        "quant.kind: 'twm' is not allowed; allowed: 'bwn', 'twn', null (did you mean 'twn'?)",
+    ),
     ({"kind": True}, "literal_error", "quant.kind: true is not allowed; allowed: 'bwn', 'twn', null"),
     ({"bits": 0}, "greater_than_equal", "quant.bits: 0 is out of range; allowed: 1 <= bits <= 8"),
     ({"bits": 9}, "less_than_equal", "quant.bits: 9 is out of range; allowed: 1 <= bits <= 8"),
     ({"ratio": 0}, "greater_than", "quant.ratio: 0 is out of range; allowed: 0 < ratio < 1 (a fraction of the layer)"),
-    ({"ratio": 1.0}, "less_than",
-     "quant.ratio: 1.0 is out of range; allowed: 0 < ratio < 1 (a fraction of the layer)"),
-    ({"ratio": float("nan")}, "finite_number",
-     "quant.ratio: nan is out of range; allowed: 0 < ratio < 1 (a fraction of the layer)"),
-    ({"weights": [0.5, -1.0]}, "greater_than_equal",
-     "quant.weights: [0.5, -1.0] (item -1.0) is out of range; allowed: 0 <= weights"),
+    ({"ratio": 1.0}, "less_than", "quant.ratio: 1.0 is out of range; allowed: 0 < ratio < 1 (a fraction of the layer)"),
+    (
+        {"ratio": float("nan")},
+        "finite_number",
+        "quant.ratio: nan is out of range; allowed: 0 < ratio < 1 (a fraction of the layer)",
+    ),
+    (
+        {"weights": [0.5, -1.0]},
+        "greater_than_equal",
+        "quant.weights: [0.5, -1.0] (item -1.0) is out of range; allowed: 0 <= weights",
+    ),
     ({"weights": [-1.0]}, "greater_than_equal", "quant.weights: [-1.0] is out of range; allowed: 0 <= weights"),
     ({"bits": 2.5}, "int_type", "quant.bits: 2.5 is not an integer; allowed: 1 <= bits <= 8"),
     ({"bits": "3"}, "int_type", "quant.bits: '3' is not an integer; allowed: 1 <= bits <= 8"),
@@ -69,12 +85,18 @@ CASES = [
     ({"weights": ["a"]}, "float_type", "quant.weights: ['a'] is not a list of numbers; allowed: 0 <= weights"),
     ({"weights": 0.5}, "list_type", "quant.weights: 0.5 is not a list; allowed: a list"),
     ({"stages": []}, "too_short", "quant.stages: [] is too short; allowed: at least 1 item"),
-    ({"stages": ["pretrain", "evl"]}, "literal_error",
-     "quant.stages: ['pretrain', 'evl'] (item 'evl') is not allowed; allowed: 'pretrain', 'eval' (did you mean 'eval'?)"),
+    (
+        {"stages": ["pretrain", "evl"]},
+        "literal_error",
+        "quant.stages: ['pretrain', 'evl'] (item 'evl') is not allowed; allowed: 'pretrain', 'eval' (did you mean 'eval'?)",
+    ),
     ({"bits": DROP}, "missing", "quant.bits: missing; it must be set"),
-    ({"bitz": 1}, "extra_forbidden",
-     "quant.bitz: unknown key (did you mean 'bits'?); allowed keys of quant: kind, bits, ratio, flag, name, weights, "
-     "stages, width"),
+    (
+        {"bitz": 1},
+        "extra_forbidden",
+        "quant.bitz: unknown key (did you mean 'bits'?); allowed keys of quant: kind, bits, ratio, flag, name, weights, "
+        "stages, width",
+    ),
     ({"width": 3}, "esq_check", "quant.width: 3 is not allowed; allowed: an even number"),
     ({"kind": "bwn"}, "esq_rule", "quant.bits: 2 does not match quant.kind=bwn; allowed: 1"),
 ]
@@ -92,10 +114,13 @@ def test_each_pydantic_error_type_is_one_line(change: dict[str, Any], kind: str,
     assert "\n" not in message
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    ({"quant": 3}, "quant: 3 is not a mapping; allowed: a mapping of quant keys"),
-    ({"quant": GOOD, "qaunt": 1}, "qaunt: unknown key (did you mean 'quant'?); allowed keys of the config: quant"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"quant": 3}, "quant: 3 is not a mapping; allowed: a mapping of quant keys"),
+        ({"quant": GOOD, "qaunt": 1}, "qaunt: unknown key (did you mean 'quant'?); allowed keys of the config: quant"),
+    ],
+)
 def test_top_level_errors(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ESQUserError) as err:
         validate(Root, data)
@@ -123,13 +148,41 @@ def test_a_commands_unknown_key_reads_the_same_from_the_command_line_and_the_mod
     """One wording: check_command_line (before Hydra) and the option model (the Python API) agree."""
     with pytest.raises(ESQUserError) as line:
         check_command_line(command, ["quite=true" if command == "esq-report" else "scael=cifar"])
-    values = {"esq-report": {"runs": ["x"], "out": None, "format": "md", "digits": 2, "quiet": False,
-                             "curve_x": "bits", "wandb": None, "wandb_mode": None, "quite": True},
-              "esq-reproduce": {"scale": "digits", "seeds": None, "n_jobs": None, "launcher": None, "runs_root": None,
-                                "datasets": None, "stages": ["eval"], "ablations": False, "blackbox": False,
-                                "threads": None, "dry_run": False, "train": [], "evaluate": [], "scael": "cifar"}}
+    values = {
+        "esq-report": {
+            "runs": ["x"],
+            "out": None,
+            "format": "md",
+            "digits": 2,
+            "quiet": False,
+            "curve_x": "bits",
+            "wandb": None,
+            "wandb_mode": None,
+            "quite": True,
+        },
+        "esq-reproduce": {
+            "scale": "digits",
+            "seeds": None,
+            "n_jobs": None,
+            "launcher": None,
+            "runs_root": None,
+            "datasets": None,
+            "stages": ["eval"],
+            "ablations": False,
+            "blackbox": False,
+            "threads": None,
+            "dry_run": False,
+            "train": [],
+            "evaluate": [],
+            "scael": "cifar",
+        },
+    }
     with pytest.raises(ESQUserError) as model:
         validate_options(command, values[command])
     assert str(line.value) == str(model.value)
-    assert str(model.value).startswith(("quite: unknown key (did you mean 'quiet'?); allowed keys of esq-report: ",
-                                        "scael: unknown key (did you mean 'scale'?); allowed keys of esq-reproduce: "))
+    assert str(model.value).startswith(
+        (
+            "quite: unknown key (did you mean 'quiet'?); allowed keys of esq-report: ",
+            "scael: unknown key (did you mean 'scale'?); allowed keys of esq-reproduce: ",
+        )
+    )

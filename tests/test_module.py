@@ -14,8 +14,9 @@ from esq_lightning.training.objectives import Objective
 
 def _module(method: str = "esq", steps: int = 3, quantizer: Quantizer = QUANTIZERS[0]) -> ESQModule:
     torch.manual_seed(0)
-    model = quantize_model(SmallCNN(num_classes=10, in_channels=1, mean=[0.3], std=[0.4]), quantizer.kind,
-                           bits=quantizer.bits)
+    model = quantize_model(
+        SmallCNN(num_classes=10, in_channels=1, mean=[0.3], std=[0.4]), quantizer.kind, bits=quantizer.bits
+    )
     set_sq_ratio(model, 0.4)
     module = ESQModule(model, Objective(method), num_classes=10, seed=5)
     module.train_attack = TrainAttack(eps=0.2, step_size=0.05, steps=steps)

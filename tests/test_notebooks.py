@@ -11,9 +11,16 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-TINY = ["threads=1", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "eval.n_samples=32",
-        "callbacks.pgd.steps=1", "callbacks.pgd.val_n_samples=32", "trainer.enable_progress_bar=false",
-        "trainer.accelerator=cpu"]
+TINY = [
+    "threads=1",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "eval.n_samples=32",
+    "callbacks.pgd.steps=1",
+    "callbacks.pgd.val_n_samples=32",
+    "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
+]
 
 
 def test_there_are_notebooks() -> None:
@@ -34,8 +41,16 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two error-silenced BWN runs (pairing the logits vs the digits blocks), through the real entry point."""
     root = tmp_path_factory.mktemp("notebook_runs")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "esq_lightning.cli.train", "-m", "pairing=logits,digits_blocks", *TINY,
-           f"paths.runs_root={root}", f"hydra.sweep.dir={root}/multirun"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "esq_lightning.cli.train",
+        "-m",
+        "pairing=logits,digits_blocks",
+        *TINY,
+        f"paths.runs_root={root}",
+        f"hydra.sweep.dir={root}/multirun",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(root.rglob("results.json"))) == 2
@@ -43,8 +58,9 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_on_tiny_runs(path: Path, tiny_runs: Path, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notebook_runs_on_tiny_runs(
+    path: Path, tiny_runs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import nbformat
     from nbclient import NotebookClient
 
@@ -56,8 +72,12 @@ def test_notebook_runs_on_tiny_runs(path: Path, tiny_runs: Path, tmp_path: Path,
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    text = "\n".join(o.get("text", "") + json.dumps(o.get("data", {}).get("text/markdown", ""))
-                     for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    text = "\n".join(
+        o.get("text", "") + json.dumps(o.get("data", {}).get("text/markdown", ""))
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+    )
     if path.stem == "error_amplification":
         assert "measured 2 curves on 32 test inputs each" in text
     elif path.stem == "results_tables":

@@ -92,7 +92,9 @@ def test_onnxruntime_agrees_with_pytorch(family, bits, act_bits):
             assert np.abs(codes).max() <= levels and f"{rec['layer']}.weight" not in inits
             assert inits[f"{rec['layer']}.weight_max"] == levels
     act_nodes = [n for n in onnx.load_from_string(model_bytes).graph.node if n.op_type == "QuantizeLinear"]
-    assert len(act_nodes) == (0 if act_bits == 32 else sum(1 for m in model.modules() if type(m).__name__ == "ActQuant"))
+    assert len(act_nodes) == (
+        0 if act_bits == 32 else sum(1 for m in model.modules() if type(m).__name__ == "ActQuant")
+    )
 
 
 def test_the_weight_form_follows_the_code_values():
@@ -167,8 +169,9 @@ def test_export_record_states_the_file_and_the_check(exported, ckpts):
 
 def test_replayed_examples_and_square_in_onnxruntime(exported, tmp_path):
     out, record = exported
-    res = run_eval(tmp_path, [f"ckpt_path={out}", "eval.n_samples=32", "++eval.params.square.n_queries=60",
-                              "eval.batch_size=16"])
+    res = run_eval(
+        tmp_path, [f"ckpt_path={out}", "eval.n_samples=32", "++eval.params.square.n_queries=60", "eval.batch_size=16"]
+    )
     replay = res["attacks"]["replay_pgd20"]
     # the deployed file gives PyTorch's prediction on every white-box example of the source checkpoint
     assert replay["differences"] == [] and replay["same_predictions_as_torch"] == 32

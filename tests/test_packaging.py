@@ -68,8 +68,12 @@ def test_onnx_export_is_an_extra_that_make_setup_installs_pinned() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("setuptools") is None, reason="needs setuptools in the venv")
 def test_wheel_builds_without_packaging_warnings_and_ships_every_config(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-                           str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     output = proc.stdout + proc.stderr
     assert "absent from the `packages` configuration" not in output
@@ -112,10 +116,19 @@ def test_results_record_the_package_versions() -> None:
 
     from esq_lightning.artifacts.results import build_results
 
-    cfg = OmegaConf.create({"data": {"name": "digits"}, "model": {"name": "small_cnn"}, "method": {"name": "esq"},
-                            "quant": {"kind": "bwn", "bits": 1}, "seed": 0, "eval": {"eps": 0.1}})
+    cfg = OmegaConf.create(
+        {
+            "data": {"name": "digits"},
+            "model": {"name": "small_cnn"},
+            "method": {"name": "esq"},
+            "quant": {"kind": "bwn", "bits": 1},
+            "seed": 0,
+            "eval": {"eps": 0.1},
+        }
+    )
     record = build_results(cfg, {"clean_acc": 1.0, "robust_acc": {}, "attacks": {}, "n_samples": 1})
     versions = record["versions"]
     assert versions["torch"] == metadata.version("torch") and versions["pytorch-lightning"] == metadata.version(
-        "pytorch-lightning")
+        "pytorch-lightning"
+    )
     assert versions["numpy"] == metadata.version("numpy") and versions["python"].count(".") == 2

@@ -86,8 +86,11 @@ def test_esq_objective_adds_weighted_distances() -> None:
     obj = Objective("esq", ["logits", "block1"], [1.0, 0.5])
     out = obj(model, x, y, _shift_attack)
     xa = x + 0.5
-    expected = (F.cross_entropy(model(x), y) + pairing_distance(model(x), model(xa))
-                + 0.5 * pairing_distance(model.block1(x), model.block1(xa)))
+    expected = (
+        F.cross_entropy(model(x), y)
+        + pairing_distance(model(x), model(xa))
+        + 0.5 * pairing_distance(model.block1(x), model.block1(xa))
+    )
     assert torch.allclose(out.loss, expected)
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())

@@ -69,7 +69,8 @@ def test_scaling_both_inputs_leaves_relative_forms_unchanged(name: str) -> None:
 def test_distribution_distances_are_not_scale_invariant(name: str) -> None:
     clean, adv = _logits(2)
     assert pairing_distance(4 * clean, 4 * adv, distance=name).item() != pytest.approx(
-        pairing_distance(clean, adv, distance=name).item(), rel=1e-2)
+        pairing_distance(clean, adv, distance=name).item(), rel=1e-2
+    )
     assert pairing_distance(clean, clean.clone(), distance=name).item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -105,14 +106,19 @@ def test_logits_only_distances_refuse_a_feature_map() -> None:
     check_distance_for_layers("relative_l1", ["block1", "logits"])
 
 
-@pytest.mark.parametrize(("overrides", "expected"), [
-    (["pairing.distance=kl", "pairing=digits_blocks"],
-     "pairing.distance: kl is defined on the logits only but pairing.layers pairs ['block1', 'block2', 'block3']"),
-    (["pairing.distance=centred_l2", "pairing.p=2"], "pairing.p: 2 contradicts pairing.distance=centred_l2"),
-    (["pairing.p=1"], "pairing.p: 1 contradicts pairing.distance=kl"),
-    (["pairing=logits_paper", "pairing.p=1"], "pairing.p: 1 contradicts pairing.distance=relative_l2"),
-    (["pairing.distance=l3"], "pairing.distance: 'l3' is not allowed"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["pairing.distance=kl", "pairing=digits_blocks"],
+            "pairing.distance: kl is defined on the logits only but pairing.layers pairs ['block1', 'block2', 'block3']",
+        ),
+        (["pairing.distance=centred_l2", "pairing.p=2"], "pairing.p: 2 contradicts pairing.distance=centred_l2"),
+        (["pairing.p=1"], "pairing.p: 1 contradicts pairing.distance=kl"),
+        (["pairing=logits_paper", "pairing.p=1"], "pairing.p: 1 contradicts pairing.distance=relative_l2"),
+        (["pairing.distance=l3"], "pairing.distance: 'l3' is not allowed"),
+    ],
+)
 def test_bad_distance_configs_fail_in_one_line(overrides: list[str], expected: str, tmp_path: Path) -> None:
     cfg = compose_config("train", overrides, tmp_path)
     with pytest.raises(ESQUserError) as info:
@@ -157,7 +163,8 @@ def test_esq_objective_trains_the_chosen_distance_and_logs_the_honest_terms() ->
     z, z_adv = model(x), model(x + 0.3)
     assert out.terms["D/logits"].item() == pytest.approx(pairing_distance(z, z_adv, distance="kl").item(), rel=1e-5)
     assert out.terms["D_centred/logits"].item() == pytest.approx(
-        pairing_distance(z, z_adv, distance="centred_l2").item(), rel=1e-5)
+        pairing_distance(z, z_adv, distance="centred_l2").item(), rel=1e-5
+    )
     assert out.terms["logit_offset"].item() == pytest.approx(z.mean().item(), rel=1e-4, abs=1e-6)
     assert {"logit_centred_norm", "logit_offset_ratio"} <= set(out.terms)
 
@@ -165,12 +172,23 @@ def test_esq_objective_trains_the_chosen_distance_and_logs_the_honest_terms() ->
 def _train(tmp_path: Path, overrides: list[str]) -> dict:
     from esq_lightning.commands.train import train
 
-    cfg = compose_config("train", [*FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=3",
-                                   "eval.n_samples=64", "callbacks.pgd.val_n_samples=32", "callbacks.pgd.steps=2",
-                                   "eval.attacks=[fgsm]",
-                                   # The full SQ ratio from the start: two epochs would otherwise end below ratio 1,
-                                   # with its own named warning (sq_schedule_short) beside the one tested here.
-                                   "callbacks.quant_ratio.start=1", *overrides], tmp_path)
+    cfg = compose_config(
+        "train",
+        [
+            *FAST,
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=3",
+            "eval.n_samples=64",
+            "callbacks.pgd.val_n_samples=32",
+            "callbacks.pgd.steps=2",
+            "eval.attacks=[fgsm]",
+            # The full SQ ratio from the start: two epochs would otherwise end below ratio 1,
+            # with its own named warning (sq_schedule_short) beside the one tested here.
+            "callbacks.quant_ratio.start=1",
+            *overrides,
+        ],
+        tmp_path,
+    )
     results, objects = train(cfg)
     return results
 
@@ -259,8 +277,9 @@ def test_training_with_a_warmup_logs_the_ramp(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("experiment", [None, "digits/AEB", "cifar10/AEB", "cifar100/NET"])
-def test_the_default_pairing_is_kl_at_lambda_1_and_the_papers_form_is_one_switch(experiment: str | None,
-                                                                                  tmp_path: Path) -> None:
+def test_the_default_pairing_is_kl_at_lambda_1_and_the_papers_form_is_one_switch(
+    experiment: str | None, tmp_path: Path
+) -> None:
     base = [f"experiment={experiment}"] if experiment else []
     cfg = compose_config("train", base, tmp_path)
     assert (list(cfg.pairing.layers), cfg.pairing.distance, list(cfg.pairing.lambdas)) == (["logits"], "kl", [1.0])

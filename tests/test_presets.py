@@ -24,8 +24,15 @@ def presets(dataset: str) -> list[str]:
 def test_every_preset_runs_fast_dev_run(dataset: str, tmp_path: Path) -> None:
     names = presets(dataset)
     assert {"NF", "AF", "NVB", "NEB", "AVB", "AEB", "AET", "NAB", "NAT", "AAB", "AAT"} <= set(names)
-    common = [*FAST, "trainer.fast_dev_run=1", "callbacks.pgd.steps=1", "eval.n_samples=4", "eval.attacks=[fgsm]",
-              "logger=none", f"paths.runs_root={tmp_path / 'runs'}"]
+    common = [
+        *FAST,
+        "trainer.fast_dev_run=1",
+        "callbacks.pgd.steps=1",
+        "eval.n_samples=4",
+        "eval.attacks=[fgsm]",
+        "logger=none",
+        f"paths.runs_root={tmp_path / 'runs'}",
+    ]
     if dataset != "digits":
         from tests.fakes import make_fake_cifar
 

@@ -46,9 +46,15 @@ def median_sign_codes(w: Tensor, per_filter: bool = True, bits: int = 1) -> tupl
 
 
 def toy_spec(name: str = TOY, letter: str = "M", values: Any = lambda bits: (-1, 1)) -> QuantizerSpec:
-    return QuantizerSpec(name=name, widths=(1,), letter=letter, text="sign weights with a median scale (toy, 1 bit)",
-                         codes=median_sign_codes, code_values=values,
-                         description="median |W_i| * sign(W_i) per output filter")
+    return QuantizerSpec(
+        name=name,
+        widths=(1,),
+        letter=letter,
+        text="sign weights with a median scale (toy, 1 bit)",
+        codes=median_sign_codes,
+        code_values=values,
+        description="median |W_i| * sign(W_i) per output filter",
+    )
 
 
 @pytest.fixture
@@ -58,19 +64,29 @@ def toy() -> Any:
     unregister_quantizer(TOY)
 
 
-TINY = [*FAST, "method=natural", f"quant.kind={TOY}", "quant.bits=1", "trainer.max_epochs=2",
-        "trainer.limit_train_batches=6", "callbacks.pgd.val_every_n_epochs=0", "callbacks.quant_ratio.start=1.0",
-        "eval.attacks=[fgsm]", "eval.n_samples=16"]
+TINY = [
+    *FAST,
+    "method=natural",
+    f"quant.kind={TOY}",
+    "quant.bits=1",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=6",
+    "callbacks.pgd.val_every_n_epochs=0",
+    "callbacks.quant_ratio.start=1.0",
+    "eval.attacks=[fgsm]",
+    "eval.n_samples=16",
+]
 
 
 def _header(path: Path) -> dict[str, Any]:
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[8:16])
-    return json.loads(zlib.decompress(data[16:16 + length]))
+    return json.loads(zlib.decompress(data[16 : 16 + length]))
 
 
-def test_a_registered_quantizer_trains_exports_labels_and_reports_without_other_edits(toy: QuantizerSpec,
-                                                                                      tmp_path: Path) -> None:
+def test_a_registered_quantizer_trains_exports_labels_and_reports_without_other_edits(
+    toy: QuantizerSpec, tmp_path: Path
+) -> None:
     from esq_lightning.artifacts.export import export_checkpoint
     from esq_lightning.artifacts.loading import load_exported, load_trained_model
     from esq_lightning.commands.train import train
@@ -111,8 +127,7 @@ def test_a_registered_quantizer_trains_exports_labels_and_reports_without_other_
         assert torch.equal(rebuilt(x), expected)
 
     # The writers: RobustBench's footnote has the entry's words, esq-report's table the label.
-    info = model_info({**results, "robust_acc": {"autoattack": 0.5}, "attacks": {"autoattack": {"eps": 0.1}}},
-                      config)
+    info = model_info({**results, "robust_acc": {"autoattack": 0.5}, "attacks": {"autoattack": {"eps": 0.1}}}, config)
     assert info["footnote"].startswith("sign weights with a median scale (toy, 1 bit): 1-bit weights;")
     table = make_report(tmp_path / "train", out=tmp_path / "report", fmt="md")["markdown"]
     assert "| VM | 1 |" in table
@@ -187,9 +202,11 @@ def test_registration_is_checked_and_undone() -> None:
 
 def test_the_entries_are_read_without_torch() -> None:
     """Labels, the schema's choices and the writers' words come from the entries before torch is imported."""
-    code = ("import sys; from esq_lightning.config import schema; from esq_lightning.config.labels import derive_setting; "
-            "from esq_lightning.config.quantizers import QUANT_BITS, QUANTIZER_SPECS; "
-            "print(derive_setting('esq', 'uniform', 4, 'N'), list(QUANT_BITS), QUANTIZER_SPECS['twn'].text, "
-            "'torch' in sys.modules)")
+    code = (
+        "import sys; from esq_lightning.config import schema; from esq_lightning.config.labels import derive_setting; "
+        "from esq_lightning.config.quantizers import QUANT_BITS, QUANTIZER_SPECS; "
+        "print(derive_setting('esq', 'uniform', 4, 'N'), list(QUANT_BITS), QUANTIZER_SPECS['twn'].text, "
+        "'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "NEU4 ['bwn', 'twn', 'uniform', 'full'] ternary weights (TWN, 2 bits) False"

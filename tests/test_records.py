@@ -29,13 +29,26 @@ from tests.hydra_utils import FAST, compose_config
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 # One epoch of two batches, 32 test inputs, FGSM only: a finished run in about ten seconds.
-TINY = [*FAST, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "eval.n_samples=32", "eval.attacks=[fgsm]",
-        "callbacks.pgd.steps=1", "callbacks.pgd.val_n_samples=16"]
+TINY = [
+    *FAST,
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "eval.n_samples=32",
+    "eval.attacks=[fgsm]",
+    "callbacks.pgd.steps=1",
+    "callbacks.pgd.val_n_samples=16",
+]
 
 
 def run_cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"esq_lightning.cli.{module}", *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", f"esq_lightning.cli.{module}", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -43,8 +56,11 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-            and p.name != LOCK_NAME}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != LOCK_NAME
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +89,22 @@ def test_a_second_run_into_a_finished_run_directory_is_refused_and_changes_nothi
 def test_two_processes_racing_for_one_run_directory(tmp_path: Path) -> None:
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             from esq_lightning.artifacts.rundir import claim_run_dir
             claim_run_dir({str(run)!r}, "train")
             print("claimed", flush=True)
             sys.stdin.read()
-        """)], env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        env=ENV,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "claimed"
         proc = run_cli("train", [*TINY, f"hydra.run.dir={run}"], tmp_path)
@@ -101,8 +126,7 @@ def test_a_refused_run_leaves_no_directory(tmp_path: Path) -> None:
     run = tmp_path / "new"
     proc = run_cli("train", ["threads=1", "quant.bits=nine", f"hydra.run.dir={run}"], tmp_path)
     assert proc.returncode == 2
-    assert error_lines(proc.stderr) == ["error: quant.bits: 'nine' is not allowed; allowed: 1, 2, 3, 4, 5, 6, 7, "
-                                        "8, 32"]
+    assert error_lines(proc.stderr) == ["error: quant.bits: 'nine' is not allowed; allowed: 1, 2, 3, 4, 5, 6, 7, 8, 32"]
     assert not run.exists()
 
 
@@ -111,14 +135,29 @@ def test_esq_eval_never_writes_over_a_training_record(finished, tmp_path: Path) 
 
     run, results = finished
     before = snapshot(run)
-    proc = run_cli("evaluate", [f"ckpt_path={results['checkpoint']}", "eval.attacks=[fgsm]", "eval.n_samples=16",
-                                "threads=1", f"hydra.run.dir={run}"], tmp_path)
+    proc = run_cli(
+        "evaluate",
+        [
+            f"ckpt_path={results['checkpoint']}",
+            "eval.attacks=[fgsm]",
+            "eval.n_samples=16",
+            "threads=1",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     [line] = error_lines(proc.stderr)
     assert f"{run} holds a training run" in line and f"hydra.run.dir={run / 'eval'}" in line
     # A named sub-directory of the run is the evaluation's own.
-    record = api.evaluate(results["checkpoint"], run_dir=run / "eval", eval__attacks=["fgsm"], eval__n_samples=16,
-                          threads=1, progress=False)
+    record = api.evaluate(
+        results["checkpoint"],
+        run_dir=run / "eval",
+        eval__attacks=["fgsm"],
+        eval__n_samples=16,
+        threads=1,
+        progress=False,
+    )
     assert record["task"] == "eval" and (run / "eval" / "results.json").is_file()
     after = snapshot(run)
     assert {k: v for k, v in after.items() if not k.startswith("eval/")} == before
@@ -130,8 +169,10 @@ def test_export_never_writes_over_its_source_or_an_existing_file(finished, tmp_p
     before = ckpt.read_bytes()
     proc = run_cli("export", [f"ckpt_path={ckpt}", f"out={ckpt}"], tmp_path)
     assert proc.returncode == 2
-    assert error_lines(proc.stderr) == [f"error: out: {ckpt} is the checkpoint being exported; esq-export never "
-                                        f"writes over its source (default out: {ckpt.with_suffix('.esq')})"]
+    assert error_lines(proc.stderr) == [
+        f"error: out: {ckpt} is the checkpoint being exported; esq-export never "
+        f"writes over its source (default out: {ckpt.with_suffix('.esq')})"
+    ]
     assert ckpt.read_bytes() == before
     out = tmp_path / "model.esq"
     out.write_bytes(b"keep me")
@@ -151,7 +192,8 @@ def test_export_never_writes_over_its_source_or_an_existing_file(finished, tmp_p
     assert proc.returncode == 2 and error_lines(proc.stderr)[0].startswith("error: out: cannot write /proc/nope")
     proc = run_cli("export", [], tmp_path)
     assert proc.returncode == 2 and error_lines(proc.stderr) == [
-        "error: ckpt_path: missing; esq-export needs ckpt_path=path/to/final.ckpt"]
+        "error: ckpt_path: missing; esq-export needs ckpt_path=path/to/final.ckpt"
+    ]
 
 
 # ---- a resume continues the same run or refuses ----------------------------------------------------------------
@@ -250,8 +292,9 @@ def test_esq_report_skips_a_malformed_results_json_naming_file_and_field(finishe
     (bad / "results.json").write_text(json.dumps({**results, "clean_acc": "high"}))
     proc = run_cli("report", [f"runs={tmp_path / 'runs'}", "quiet=true"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (f"esq-report: skipped {bad / 'results.json'}: field clean_acc: a string where a number belongs"
-            in proc.stderr)
+    assert (
+        f"esq-report: skipped {bad / 'results.json'}: field clean_acc: a string where a number belongs" in proc.stderr
+    )
     assert "1 runs" in proc.stderr + proc.stdout
 
 
@@ -304,11 +347,14 @@ def test_the_api_raises_one_line_user_errors_for_composition_errors(tmp_path: Pa
 
 # ---- every job validated before the first one runs -------------------------------------------------------------
 def test_a_multirun_checks_every_job_before_the_first(tmp_path: Path) -> None:
-    proc = run_cli("train", ["-m", "threads=1", "seed=0,1", "quant.bits=1,nine", f"hydra.sweep.dir={tmp_path / 'm'}"],
-                   tmp_path)
+    proc = run_cli(
+        "train", ["-m", "threads=1", "seed=0,1", "quant.bits=1,nine", f"hydra.sweep.dir={tmp_path / 'm'}"], tmp_path
+    )
     assert proc.returncode == 2
-    assert error_lines(proc.stderr) == ["error: job 1 of 4 (seed=0 quant.bits=nine): quant.bits: 'nine' is not "
-                                        "allowed; allowed: 1, 2, 3, 4, 5, 6, 7, 8, 32; no job was started"]
+    assert error_lines(proc.stderr) == [
+        "error: job 1 of 4 (seed=0 quant.bits=nine): quant.bits: 'nine' is not "
+        "allowed; allowed: 1, 2, 3, 4, 5, 6, 7, 8, 32; no job was started"
+    ]
     assert not list((tmp_path / "m").rglob("results.json")) and not list((tmp_path / "m").rglob(".hydra"))
 
 
@@ -321,17 +367,26 @@ def test_reproduce_checks_every_stage_before_the_first(capsys) -> None:
     assert "error: job 0 of 2 (experiment=digits/NF): quant.bits: 'nine' is not allowed" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("command", "args", "message"), [
-    ("train", ["quant=bwm"], "error: quant=bwm: unknown option of group quant (did you mean 'bwn'?); allowed: "),
-    ("train", ["trainer.max_epoch=3"], "error: trainer.max_epoch: unknown key (did you mean 'max_epochs'?)"),
-    ("evaluate", ["ckpt_path=x.ckpt", "eval=defualt"], "error: eval=defualt: unknown option of group eval"),
-    ("export", ["ckpt_path=x.ckpt", "+fromat=onnx"], None),
-])
-def test_cli_composition_errors_are_one_line_exit_2(tmp_path: Path, command: str, args: list[str],
-                                                     message: str | None) -> None:
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        ("train", ["quant=bwm"], "error: quant=bwm: unknown option of group quant (did you mean 'bwn'?); allowed: "),
+        ("train", ["trainer.max_epoch=3"], "error: trainer.max_epoch: unknown key (did you mean 'max_epochs'?)"),
+        ("evaluate", ["ckpt_path=x.ckpt", "eval=defualt"], "error: eval=defualt: unknown option of group eval"),
+        ("export", ["ckpt_path=x.ckpt", "+fromat=onnx"], None),
+    ],
+)
+def test_cli_composition_errors_are_one_line_exit_2(
+    tmp_path: Path, command: str, args: list[str], message: str | None
+) -> None:
     """Hydra's own composition errors (unknown group option, misspelt key) on the command line: one line, exit 2."""
-    proc = subprocess.run([sys.executable, "-m", f"esq_lightning.cli.{command}", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"esq_lightning.cli.{command}", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if message is None:  # a key added with + composes; the schema refuses it afterwards, in one line too
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
         return

@@ -28,14 +28,28 @@ from tests.hydra_utils import FAST, compose_config
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 # 4 epochs of 8 batches (about a second each here), ratio 0.2, 0.4, 0.6, 0.8: every epoch draws SQ masks.
-RESUME = [*FAST, "trainer.max_epochs=4", "trainer.limit_train_batches=8", "callbacks.pgd.steps=3",
-          "callbacks.pgd.val_n_samples=32", "callbacks.quant_ratio.every_n_epochs=1", "eval.n_samples=64",
-          "eval.attacks=[fgsm,pgd20]", "++eval.params.pgd20.steps=3"]
+RESUME = [
+    *FAST,
+    "trainer.max_epochs=4",
+    "trainer.limit_train_batches=8",
+    "callbacks.pgd.steps=3",
+    "callbacks.pgd.val_n_samples=32",
+    "callbacks.quant_ratio.every_n_epochs=1",
+    "eval.n_samples=64",
+    "eval.attacks=[fgsm,pgd20]",
+    "++eval.params.pgd20.steps=3",
+]
 
 
 def cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "esq_lightning.cli.train", *args], cwd=cwd, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "esq_lightning.cli.train", *args],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -91,10 +105,21 @@ def test_resume_path_forms(tmp_path: Path) -> None:
 
 def test_resume_checkpoint_must_be_readable_same_model_same_run(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(4, 3))
-    config = {"data": {"name": "digits"}, "model": {"name": "m"}, "quant": {"kind": "bwn"}, "method": {"name": "esq"},
-              "seed": 0}
-    good = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "optimizer_states": [],
-            "loops": {}, "epoch": 1, "global_step": 8, "esq_config": config}
+    config = {
+        "data": {"name": "digits"},
+        "model": {"name": "m"},
+        "quant": {"kind": "bwn"},
+        "method": {"name": "esq"},
+        "seed": 0,
+    }
+    good = {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "optimizer_states": [],
+        "loops": {},
+        "epoch": 1,
+        "global_step": 8,
+        "esq_config": config,
+    }
     path = tmp_path / "last.ckpt"
     torch.save(good, path)
     check_resume_checkpoint(path, model, config)
@@ -105,7 +130,9 @@ def test_resume_checkpoint_must_be_readable_same_model_same_run(tmp_path: Path) 
         check_resume_checkpoint(corrupt, model, config)
     with pytest.raises(ESQUserError, match=f"{path} holds weights of another model"):
         check_resume_checkpoint(path, nn.Sequential(nn.Linear(4, 5)), config)
-    with pytest.raises(ESQUserError, match="another run than this config \\(quant.kind='bwn' there, 'twn' here\\).*init_from"):
+    with pytest.raises(
+        ESQUserError, match="another run than this config \\(quant.kind='bwn' there, 'twn' here\\).*init_from"
+    ):
         check_resume_checkpoint(path, model, {**config, "quant": {"kind": "twn"}})
     weights_only = tmp_path / "weights.ckpt"
     torch.save({"state_dict": good["state_dict"]}, weights_only)
@@ -115,8 +142,16 @@ def test_resume_checkpoint_must_be_readable_same_model_same_run(tmp_path: Path) 
 
 def test_train_rejects_a_checkpoint_of_another_model_in_one_line(tmp_path: Path) -> None:
     other = tmp_path / "other.ckpt"
-    torch.save({"state_dict": {"model.fc.weight": torch.zeros(2, 2)}, "optimizer_states": [], "loops": {},
-                "epoch": 0, "global_step": 0}, other)
+    torch.save(
+        {
+            "state_dict": {"model.fc.weight": torch.zeros(2, 2)},
+            "optimizer_states": [],
+            "loops": {},
+            "epoch": 0,
+            "global_step": 0,
+        },
+        other,
+    )
     for key in ("init_from", "ckpt_path"):
         cfg = compose_config("train", [*FAST, f"{key}={other}"], tmp_path / key)
         with pytest.raises(ESQUserError, match=f"{other} .*another model") as info:
@@ -218,8 +253,15 @@ def test_non_finite_stops_before_the_step_and_keeps_the_last_good_checkpoint(
     snap = _Snapshot()
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=1, every_n_epochs=1)
     finite = FiniteLossCallback(check_grads=check_grads)
-    trainer = pl.Trainer(max_epochs=5, callbacks=[snap, ckpt, finite], plugins=[AtomicCheckpointIO()],
-                         logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=5,
+        callbacks=[snap, ckpt, finite],
+        plugins=[AtomicCheckpointIO()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     model = _Toy(bad_epoch=2, bad_batch=1, where=where)
     with pytest.raises(NonFiniteLossError) as info:
         trainer.fit(model)
@@ -257,8 +299,18 @@ def test_cli_turns_data_errors_into_one_line(tmp_path: Path, capsys) -> None:
 
 def test_corrupt_cifar_archive_is_one_line_naming_the_file(tmp_path: Path, capsys) -> None:
     corrupt = write_corrupt_cifar(tmp_path / "cifar")
-    cfg = compose_config("train", [*FAST, "data=cifar10", "model=resnet20", "model.depth=8",
-                                   f"data.data_dir={corrupt.parent}", "trainer.max_epochs=1"], tmp_path / "run")
+    cfg = compose_config(
+        "train",
+        [
+            *FAST,
+            "data=cifar10",
+            "model=resnet20",
+            "model.depth=8",
+            f"data.data_dir={corrupt.parent}",
+            "trainer.max_epochs=1",
+        ],
+        tmp_path / "run",
+    )
     with pytest.raises(SystemExit) as info:
         user_errors_as_one_line(train)(cfg)  # what esq-train's main wraps around train()
     assert info.value.code == 2
@@ -269,12 +321,18 @@ def test_corrupt_cifar_archive_is_one_line_naming_the_file(tmp_path: Path, capsy
 
 
 def test_nan_loss_through_the_cli_wrapper_is_one_line_exit_2_without_results(tmp_path: Path, capsys) -> None:
-    cfg = compose_config("train", [*FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=3",
-                                   "callbacks.pgd.steps=1", "optimizer.lr=1e30"], tmp_path)
+    cfg = compose_config(
+        "train",
+        [*FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=3", "callbacks.pgd.steps=1", "optimizer.lr=1e30"],
+        tmp_path,
+    )
     with pytest.raises(SystemExit) as info:
         user_errors_as_one_line(train)(cfg)  # what esq-train's main wraps around train()
     assert info.value.code == 2
     lines = error_lines(capsys.readouterr().err)
-    assert len(lines) == 1 and re.search(r"train/loss is (nan|inf|-inf) at epoch 0, batch \d+ \(global step \d+\): "
-                                         "training stopped before the optimizer step", lines[0]), lines
+    assert len(lines) == 1 and re.search(
+        r"train/loss is (nan|inf|-inf) at epoch 0, batch \d+ \(global step \d+\): "
+        "training stopped before the optimizer step",
+        lines[0],
+    ), lines
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "checkpoints" / "final.ckpt").exists()

@@ -15,16 +15,39 @@ from esq_lightning.reporting.formats import format_eps, latex_escape
 from esq_lightning.reporting.report import PAPER_SETTINGS, make_report
 
 
-def write_result(run_dir: Path, setting: str, seed: int, clean: float, pgd: float, *, task: str = "train",
-                 quant: str = "bwn", method: str = "esq", eps: float = 8 / 255, overrides: list[str] | None = None,
-                 dataset: str = "cifar10", model: str = "wrn28_10", lambdas: tuple[float, ...] = (10.0,),
-                 distance: str = "relative_l2") -> None:
+def write_result(
+    run_dir: Path,
+    setting: str,
+    seed: int,
+    clean: float,
+    pgd: float,
+    *,
+    task: str = "train",
+    quant: str = "bwn",
+    method: str = "esq",
+    eps: float = 8 / 255,
+    overrides: list[str] | None = None,
+    dataset: str = "cifar10",
+    model: str = "wrn28_10",
+    lambdas: tuple[float, ...] = (10.0,),
+    distance: str = "relative_l2",
+) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"task": task, "setting": setting, "experiment": f"{dataset}-{model}-{setting}", "dataset": dataset,
-              "model": model, "method": method, "quant": quant, "seed": seed, "clean_acc": clean,
-              "robust_acc": {"fgsm": pgd + 0.1, "pgd20": pgd}, "threat_model": {"norm": "linf", "eps": eps},
-              "n_samples": 1000, "pairing": {"layers": ["logits"], "lambdas": list(lambdas), "p": 2,
-                                                       "distance": distance}}
+    record = {
+        "task": task,
+        "setting": setting,
+        "experiment": f"{dataset}-{model}-{setting}",
+        "dataset": dataset,
+        "model": model,
+        "method": method,
+        "quant": quant,
+        "seed": seed,
+        "clean_acc": clean,
+        "robust_acc": {"fgsm": pgd + 0.1, "pgd20": pgd},
+        "threat_model": {"norm": "linf", "eps": eps},
+        "n_samples": 1000,
+        "pairing": {"layers": ["logits"], "lambdas": list(lambdas), "p": 2, "distance": distance},
+    }
     (run_dir / "results.json").write_text(json.dumps(record))
     if overrides is not None:
         (run_dir / ".hydra").mkdir(exist_ok=True)
@@ -42,7 +65,9 @@ def row(markdown: str, label: str) -> list[str]:
 def test_mean_and_sample_std_over_seeds_in_percent(tmp_path: Path) -> None:
     cleans, pgds = [0.90, 0.80, 0.85], [0.30, 0.50, 0.46]
     for seed, (c, p) in enumerate(zip(cleans, pgds)):
-        write_result(tmp_path / "mr" / str(seed), "AEB", seed, c, p, overrides=[f"seed={seed}", "experiment=cifar10/AEB"])
+        write_result(
+            tmp_path / "mr" / str(seed), "AEB", seed, c, p, overrides=[f"seed={seed}", "experiment=cifar10/AEB"]
+        )
     write_result(tmp_path / "mr" / "3", "NF", 0, 0.95, 0.0)
     report = make_report(tmp_path / "mr")
     md = report["markdown"]
@@ -54,8 +79,13 @@ def test_mean_and_sample_std_over_seeds_in_percent(tmp_path: Path) -> None:
     # The threat model is stated with the table; 8/255 in the paper's units.
     assert "linf eps=8/255" in md and "1000 test inputs" in md
     out = tmp_path / "mr" / "report"
-    assert {p.name for p in out.iterdir()} >= {"report.md", "report.tex", "whitebox_train.md", "whitebox_train.tex",
-                                               "whitebox.csv"}
+    assert {p.name for p in out.iterdir()} >= {
+        "report.md",
+        "report.tex",
+        "whitebox_train.md",
+        "whitebox_train.tex",
+        "whitebox.csv",
+    }
     tex = (out / "whitebox_train.tex").read_text()
     assert r"85.00 $\pm$ 5.00" in tex and r"\epsilon = 8/255" in tex and r"\toprule" in tex
     table = report["tables"]["train"][0]
@@ -75,8 +105,16 @@ def test_paper_settings_first_in_paper_order_then_others(tmp_path: Path) -> None
 
 def test_runs_differing_in_more_than_the_seed_are_separate_rows(tmp_path: Path) -> None:
     for i, (quant, lam) in enumerate([("bwn", 1), ("twn", 1), ("bwn", 10), ("bwn", 10)]):
-        write_result(tmp_path / str(i), "EB", i, 0.5 + i / 100, 0.1, quant=quant, lambdas=(lam,),
-                     overrides=[f"quant={quant}", f"pairing.lambdas=[{lam}]", f"seed={i}", "threads=1"])
+        write_result(
+            tmp_path / str(i),
+            "EB",
+            i,
+            0.5 + i / 100,
+            0.1,
+            quant=quant,
+            lambdas=(lam,),
+            overrides=[f"quant={quant}", f"pairing.lambdas=[{lam}]", f"seed={i}", "threads=1"],
+        )
     md = make_report(tmp_path)["markdown"]
     # The row names what the record says the run trained with, each key once, numbers in order.
     assert row(md, "EB (lambdas=10, quant=bwn)")[1] == "2"
@@ -87,12 +125,24 @@ def test_runs_differing_in_more_than_the_seed_are_separate_rows(tmp_path: Path) 
 
 def test_rows_of_a_sweep_name_each_distance_and_order_lambdas_by_size(tmp_path: Path) -> None:
     for i, (distance, lam) in enumerate([("kl", 30), ("kl", 3), ("relative_l2", 10), ("kl", 10)]):
-        write_result(tmp_path / str(i), "AEB", 0, 0.5, 0.1, lambdas=(lam,), distance=distance,
-                     overrides=[f"pairing.distance={distance}", f"pairing.lambdas=[{lam}.0]", "seed=0"])
+        write_result(
+            tmp_path / str(i),
+            "AEB",
+            0,
+            0.5,
+            0.1,
+            lambdas=(lam,),
+            distance=distance,
+            overrides=[f"pairing.distance={distance}", f"pairing.lambdas=[{lam}.0]", "seed=0"],
+        )
     md = make_report(tmp_path)["markdown"]
     names = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines() if line.startswith("| AEB")]
-    assert names == ["AEB (distance=kl, lambdas=3)", "AEB (distance=kl, lambdas=10)", "AEB (distance=kl, lambdas=30)",
-                     "AEB (distance=relative_l2, lambdas=10)"]
+    assert names == [
+        "AEB (distance=kl, lambdas=3)",
+        "AEB (distance=kl, lambdas=10)",
+        "AEB (distance=kl, lambdas=30)",
+        "AEB (distance=relative_l2, lambdas=10)",
+    ]
 
 
 def test_eval_results_go_to_a_second_table_and_datasets_to_separate_tables(tmp_path: Path) -> None:
@@ -112,26 +162,64 @@ def test_transfer_amplification_and_blackbox_sections(tmp_path: Path) -> None:
     write_result(tmp_path / "train" / "0", "NF", 0, 0.9, 0.1)
     ev = tmp_path / "eval"
     (ev / "t").mkdir(parents=True)
-    (ev / "t" / "transfer.json").write_text(json.dumps({
-        "task": "eval", "mode": "transfer", "dataset": "cifar10", "labels": ["NF (full)", "AEB (bwn)"],
-        "matrix": [[0.1, 0.6], [0.7, 0.4]], "clean_acc": [0.9, 0.8], "attack": "pgd20", "n_samples": 100,
-        "threat_model": {"norm": "linf", "eps": 8 / 255}}))
+    (ev / "t" / "transfer.json").write_text(
+        json.dumps(
+            {
+                "task": "eval",
+                "mode": "transfer",
+                "dataset": "cifar10",
+                "labels": ["NF (full)", "AEB (bwn)"],
+                "matrix": [[0.1, 0.6], [0.7, 0.4]],
+                "clean_acc": [0.9, 0.8],
+                "attack": "pgd20",
+                "n_samples": 100,
+                "threat_model": {"norm": "linf", "eps": 8 / 255},
+            }
+        )
+    )
     (ev / "a").mkdir()
     (ev / "a" / "amplification.png").write_bytes(b"\x89PNG fake")
-    (ev / "a" / "amplification.json").write_text(json.dumps({
-        "task": "eval", "mode": "amplification", "dataset": "cifar10", "n_samples": 100,
-        "attack": {"norm": "linf", "eps": 8 / 255, "steps": 10},
-        "curves": [{"label": "NF (full)", "modules": ["m1", "m2"], "d": [0.1, 0.5], "clean_acc": 0.9, "adv_acc": 0.0}],
-        "figure": str(ev / "a" / "amplification.png")}))
+    (ev / "a" / "amplification.json").write_text(
+        json.dumps(
+            {
+                "task": "eval",
+                "mode": "amplification",
+                "dataset": "cifar10",
+                "n_samples": 100,
+                "attack": {"norm": "linf", "eps": 8 / 255, "steps": 10},
+                "curves": [
+                    {"label": "NF (full)", "modules": ["m1", "m2"], "d": [0.1, 0.5], "clean_acc": 0.9, "adv_acc": 0.0}
+                ],
+                "figure": str(ev / "a" / "amplification.png"),
+            }
+        )
+    )
     (ev / "b").mkdir()
-    (ev / "b" / "blackbox.json").write_text(json.dumps({
-        "task": "eval", "mode": "blackbox", "dataset": "cifar10", "n_samples": 20, "budgets": [0, 1, 2],
-        "curves": [{"label": "NF (full)", "attack": "boundary", "legend": "NF (full), Boundary (7000 queries)",
-                    "accuracy": [0.9, 0.5, 0.1]}]}))
+    (ev / "b" / "blackbox.json").write_text(
+        json.dumps(
+            {
+                "task": "eval",
+                "mode": "blackbox",
+                "dataset": "cifar10",
+                "n_samples": 20,
+                "budgets": [0, 1, 2],
+                "curves": [
+                    {
+                        "label": "NF (full)",
+                        "attack": "boundary",
+                        "legend": "NF (full), Boundary (7000 queries)",
+                        "accuracy": [0.9, 0.5, 0.1],
+                    }
+                ],
+            }
+        )
+    )
     report = make_report(tmp_path)
     md = report["markdown"]
     assert "| NF (full) | 10.00 | 60.00 |" in md and "| clean | 90.00 | 80.00 |" in md
-    assert "| NF (full) | 90.00 | 0.00 | 0.1000 | 0.5000 |" in md and "![error amplification](amplification_1.png)" in md
+    assert (
+        "| NF (full) | 90.00 | 0.00 | 0.1000 | 0.5000 |" in md and "![error amplification](amplification_1.png)" in md
+    )
     assert "| NF (full), Boundary (7000 queries) | 90.0 | 50.0 | 10.0 |" in md
     out = tmp_path / "report"
     assert (out / "amplification_1.png").read_bytes() == b"\x89PNG fake"
@@ -151,8 +239,9 @@ def test_nothing_to_report_is_a_user_error(tmp_path: Path) -> None:
 
 
 def esq_report(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "esq_lightning.cli.report", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "esq_lightning.cli.report", *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_prints_markdown_and_fails_in_one_line(tmp_path: Path) -> None:
@@ -174,7 +263,10 @@ def test_cli_is_hydra_and_makes_no_run_directory(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and "esq-report: 1 runs" in proc.stderr  # quiet: no markdown on stdout
     assert sorted(p.name for p in work.iterdir()) == ["tables"]
-    assert not list((work / "tables").glob("*.tex")) and "| NVB | 1 | 90.0 |" in (work / "tables" / "report.md").read_text()
+    assert (
+        not list((work / "tables").glob("*.tex"))
+        and "| NVB | 1 | 90.0 |" in (work / "tables" / "report.md").read_text()
+    )
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["0"]
     # --cfg job shows the options with their defaults and runs nothing.
     proc = esq_report("--cfg", "job", "runs=../runs", cwd=work)
@@ -194,17 +286,26 @@ def test_cli_reads_a_list_of_folders(tmp_path: Path) -> None:
     assert (tmp_path / "report" / "report.md").is_file() and "| NEB | 1 | 80.00 |" in proc.stdout
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["ruins=x"], "error: ruins: unknown key (did you mean 'runs'?); allowed keys of esq-report: runs, out, format, "),
-    (["runs=x", "+quite=true"], "error: quite: unknown key (did you mean 'quiet'?); allowed keys of esq-report: "),
-    (["runs=x", "format=pdf"], "error: format: 'pdf' is not allowed; allowed: 'md', 'latex', 'both'"),
-    (["runs=x", "digits=two"], "error: digits: 'two' is not an integer; allowed: 0 <= digits <= 10"),
-    (["runs=x", "curve_x=byte"], "error: curve_x: 'byte' is not allowed; allowed: 'bits', 'bytes' (did you mean 'bytes'?)"),
-    ([], "error: runs: required"),
-    (["outputs/x"], "error: outputs/x: give options as key=value, e.g. runs=outputs/x"),
-    (["runs=x", "--quiet"], "error: --quiet: esq-report takes options as key=value, e.g. quiet=true"),
-    (["-m", "runs=x"], "error: -m: esq-report runs once"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["ruins=x"],
+            "error: ruins: unknown key (did you mean 'runs'?); allowed keys of esq-report: runs, out, format, ",
+        ),
+        (["runs=x", "+quite=true"], "error: quite: unknown key (did you mean 'quiet'?); allowed keys of esq-report: "),
+        (["runs=x", "format=pdf"], "error: format: 'pdf' is not allowed; allowed: 'md', 'latex', 'both'"),
+        (["runs=x", "digits=two"], "error: digits: 'two' is not an integer; allowed: 0 <= digits <= 10"),
+        (
+            ["runs=x", "curve_x=byte"],
+            "error: curve_x: 'byte' is not allowed; allowed: 'bits', 'bytes' (did you mean 'bytes'?)",
+        ),
+        ([], "error: runs: required"),
+        (["outputs/x"], "error: outputs/x: give options as key=value, e.g. runs=outputs/x"),
+        (["runs=x", "--quiet"], "error: --quiet: esq-report takes options as key=value, e.g. quiet=true"),
+        (["-m", "runs=x"], "error: -m: esq-report runs once"),
+    ],
+)
 def test_cli_bad_options_fail_in_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     proc = esq_report(*args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr

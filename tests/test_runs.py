@@ -10,16 +10,34 @@ from esq_lightning.artifacts.runs import resolve_checkpoint, resolve_init_from
 from esq_lightning.errors import ESQUserError
 
 
-def _run(root: Path, name: str, setting: str, seed: int, mtime: float, dataset: str = "digits", task: str = "train",
-         config: dict | None = None) -> str:
+def _run(
+    root: Path,
+    name: str,
+    setting: str,
+    seed: int,
+    mtime: float,
+    dataset: str = "digits",
+    task: str = "train",
+    config: dict | None = None,
+) -> str:
     run = root / name
     (run / "checkpoints").mkdir(parents=True)
     ckpt = run / "checkpoints" / "final.ckpt"
     ckpt.write_bytes(b"x")
     os.utime(ckpt, (mtime, mtime))
-    (run / "results.json").write_text(json.dumps({"setting": setting, "seed": seed, "dataset": dataset, "task": task,
-                                                  "model": "small_cnn", "checkpoint": str(ckpt),
-                                                  **({"train_config": config} if config is not None else {})}))
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "setting": setting,
+                "seed": seed,
+                "dataset": dataset,
+                "task": task,
+                "model": "small_cnn",
+                "checkpoint": str(ckpt),
+                **({"train_config": config} if config is not None else {}),
+            }
+        )
+    )
     return str(ckpt)
 
 
@@ -51,8 +69,11 @@ def test_setting_specs_refuse_to_choose_among_runs_of_different_training_configs
     short = _run(tmp_path, "a", "EB", 0, 1000, config={"trainer.max_epochs": 2, "quant.kind": "bwn", "seed": 0})
     full = _run(tmp_path, "b", "EB", 0, 900, config={"trainer.max_epochs": 30, "quant.kind": "bwn", "seed": 0})
     # the newest is the 2-epoch run: taking it silently is what the refusal prevents
-    with pytest.raises(ESQUserError, match=r"2 finished runs .* differ in their training config "
-                                           r"\(trainer.max_epochs: 2 \| 30\); pick one: a run directory") as err:
+    with pytest.raises(
+        ESQUserError,
+        match=r"2 finished runs .* differ in their training config "
+        r"\(trainer.max_epochs: 2 \| 30\); pick one: a run directory",
+    ) as err:
         resolve_checkpoint("setting:EB", tmp_path, 0)
     assert "setting:EB/trainer.max_epochs:2" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ESQUserError, match="differ in their training config"):
@@ -81,8 +102,21 @@ def test_training_config_keeps_what_is_trained_and_leaves_out_how_it_is_watched(
 
     from esq_lightning.artifacts.results import training_config
 
-    cfg = OmegaConf.create({"seed": 3, "threads": 2, "paths": {"runs_root": "x"}, "eval": {"n_samples": 5},
-                            "trainer": {"max_epochs": 30, "enable_progress_bar": False},
-                            "quant": {"kind": "bwn", "bits": 1}, "callbacks": {"pgd": {"eps": "${quant.bits}"}}})
-    assert training_config(cfg) == {"callbacks.pgd.eps": 1, "quant.bits": 1, "quant.kind": "bwn", "seed": 3,
-                                    "trainer.max_epochs": 30}
+    cfg = OmegaConf.create(
+        {
+            "seed": 3,
+            "threads": 2,
+            "paths": {"runs_root": "x"},
+            "eval": {"n_samples": 5},
+            "trainer": {"max_epochs": 30, "enable_progress_bar": False},
+            "quant": {"kind": "bwn", "bits": 1},
+            "callbacks": {"pgd": {"eps": "${quant.bits}"}},
+        }
+    )
+    assert training_config(cfg) == {
+        "callbacks.pgd.eps": 1,
+        "quant.bits": 1,
+        "quant.kind": "bwn",
+        "seed": 3,
+        "trainer.max_epochs": 30,
+    }

@@ -22,8 +22,15 @@ from tests.hydra_utils import FAST, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-TINY = [*FAST, "method=natural", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-        "callbacks.pgd.val_every_n_epochs=0", "eval.attacks=[fgsm]", "eval.n_samples=16"]
+TINY = [
+    *FAST,
+    "method=natural",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "callbacks.pgd.val_every_n_epochs=0",
+    "eval.attacks=[fgsm]",
+    "eval.n_samples=16",
+]
 EVAL = ["threads=1", "progress=false", "eval.n_samples=16", "eval.attacks=[fgsm]"]
 
 
@@ -50,8 +57,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # setting:EVIL finds it as the newest finished run of that setting.
     record = {**json.loads((root / "run" / "results.json").read_text()), "setting": "EVIL", "checkpoint": str(evil)}
     (root / "evil" / "results.json").write_text(json.dumps(record))
-    return {"good": good, "last": good.parent / "last.ckpt", "evil": evil, "marker": root / "marker",
-            "runs": root}
+    return {"good": good, "last": good.parent / "last.ckpt", "evil": evil, "marker": root / "marker", "runs": root}
 
 
 def one_error_line(capsys) -> str:
@@ -76,8 +82,9 @@ ENTRY_POINTS = {
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-def test_malicious_checkpoint_is_refused_in_one_line_without_running_it(entry: str, files, tmp_path: Path,
-                                                                        capsys) -> None:
+def test_malicious_checkpoint_is_refused_in_one_line_without_running_it(
+    entry: str, files, tmp_path: Path, capsys
+) -> None:
     kind, overrides = ENTRY_POINTS[entry]
     base = TINY if kind == "train" else EVAL
     cfg = compose_config(kind, [*base, *overrides(files)], tmp_path / "out")
@@ -100,8 +107,11 @@ def test_lightning_resume_read_is_safe(files) -> None:
 
 @pytest.mark.parametrize("tool", ["esq_lightning.cli.evaluate", "esq_lightning.cli.export"])
 def test_cli_refuses_with_exit_code_2_and_loads_only_with_the_opt_in(tool: str, files, tmp_path: Path) -> None:
-    args = [sys.executable, "-m", tool, f"ckpt_path={files['evil']}", "threads=1"] if tool.endswith("evaluate") else \
-        [sys.executable, "-m", tool, f"ckpt_path={files['evil']}", f"out={tmp_path / 'm.esq'}"]
+    args = (
+        [sys.executable, "-m", tool, f"ckpt_path={files['evil']}", "threads=1"]
+        if tool.endswith("evaluate")
+        else [sys.executable, "-m", tool, f"ckpt_path={files['evil']}", f"out={tmp_path / 'm.esq'}"]
+    )
     if tool.endswith("evaluate"):
         args += ["progress=false", "eval.n_samples=16", "eval.attacks=[fgsm]", f"hydra.run.dir={tmp_path / 'e'}"]
     proc = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
@@ -111,8 +121,9 @@ def test_cli_refuses_with_exit_code_2_and_loads_only_with_the_opt_in(tool: str, 
     assert_refused(lines[0], files["evil"])
     assert not files["marker"].exists()
 
-    trusted = subprocess.run([*args, "trust_checkpoint=true"], cwd=tmp_path, env=ENV, capture_output=True,
-                             text=True, timeout=300)
+    trusted = subprocess.run(
+        [*args, "trust_checkpoint=true"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300
+    )
     try:
         assert files["marker"].exists(), trusted.stderr[-2000:]  # the opt-in really unpickles the file
         assert f"warning: trust_checkpoint=true: unpickling {files['evil']}" in trusted.stderr

@@ -6,8 +6,14 @@ from esq_lightning.evaluation.checks import Thresholds, probe_flags, sq_schedule
 
 
 def _probe(n: int = 300, classes: int = 10) -> dict:
-    return {"n": n, "num_classes": classes, "distinct_predictions": classes, "zero_margin_gradient_share": 0.0,
-            "zero_ce_gradient_share": 0.0, "forward_max_abs_diff": 0.0}
+    return {
+        "n": n,
+        "num_classes": classes,
+        "distinct_predictions": classes,
+        "zero_margin_gradient_share": 0.0,
+        "zero_ce_gradient_share": 0.0,
+        "forward_max_abs_diff": 0.0,
+    }
 
 
 def names(flags: list[dict]) -> list[str]:

@@ -17,11 +17,30 @@ from esq_lightning.commands.train import train
 from tests.hydra_utils import FAST, compose_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-TINY = [*FAST, "trainer.max_epochs=2", "trainer.limit_train_batches=3", "eval.n_samples=64",
-        "callbacks.pgd.val_n_samples=32", "callbacks.pgd.steps=2"]
+TINY = [
+    *FAST,
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+    "eval.n_samples=64",
+    "callbacks.pgd.val_n_samples=32",
+    "callbacks.pgd.steps=2",
+]
 
-RESULT_KEYS = {"dataset", "model", "method", "quant", "seed", "clean_acc", "robust_acc", "threat_model", "epochs",
-               "train_seconds", "checkpoint", "attacks", "setting"}
+RESULT_KEYS = {
+    "dataset",
+    "model",
+    "method",
+    "quant",
+    "seed",
+    "clean_acc",
+    "robust_acc",
+    "threat_model",
+    "epochs",
+    "train_seconds",
+    "checkpoint",
+    "attacks",
+    "setting",
+}
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -69,7 +88,12 @@ def test_default_experiment_writes_results_json(tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == results
     assert set(results) >= RESULT_KEYS
-    assert (results["dataset"], results["model"], results["method"], results["quant"]) == ("digits", "small_cnn", "esq", "bwn")
+    assert (results["dataset"], results["model"], results["method"], results["quant"]) == (
+        "digits",
+        "small_cnn",
+        "esq",
+        "bwn",
+    )
     assert 0.0 <= results["clean_acc"] <= 1.0
     # The per-sample worst case over the attack list heads robust_acc; the verdict of the checks is recorded.
     # The default list holds attacks that do not trust the loss scale and multi-targeted PGD: the first number is honest.
@@ -97,8 +121,16 @@ def test_end_of_training_masking_report_uses_the_configured_tolerance(tmp_path: 
 
 
 def test_quant_ratio_schedule_is_logged_every_epoch(tmp_path: Path) -> None:
-    _train(tmp_path, ["trainer.max_epochs=5", "callbacks.quant_ratio.every_n_epochs=1", "method=natural",
-                      "trainer.limit_train_batches=2", "eval.attacks=[fgsm]"])
+    _train(
+        tmp_path,
+        [
+            "trainer.max_epochs=5",
+            "callbacks.quant_ratio.every_n_epochs=1",
+            "method=natural",
+            "trainer.limit_train_batches=2",
+            "eval.attacks=[fgsm]",
+        ],
+    )
     with open(tmp_path / "csv" / "metrics.csv") as f:
         ratios = [float(r["sq_ratio"]) for r in csv.DictReader(f) if r.get("sq_ratio")]
     # Lightning logs float32: 0.2 arrives as 0.20000000298...
@@ -120,8 +152,15 @@ def test_esq_eval_cli_reproduces_clean_accuracy_from_any_directory(tmp_path: Pat
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "esq_lightning.cli.evaluate", f"ckpt_path={results['checkpoint']}",
-           "eval.n_samples=64", "threads=1", f"hydra.run.dir={tmp_path / 'eval'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "esq_lightning.cli.evaluate",
+        f"ckpt_path={results['checkpoint']}",
+        "eval.n_samples=64",
+        "threads=1",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    ]
     proc = subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ev = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -130,15 +169,28 @@ def test_esq_eval_cli_reproduces_clean_accuracy_from_any_directory(tmp_path: Pat
     assert ev["task"] == "eval" and ev["setting"] == results["setting"]
 
 
-MODEL_DATA = [("small_cnn", "digits"), ("resnet20", "cifar10"), ("resnet56", "cifar10"),
-              ("preact_resnet18", "cifar10"), ("wrn28_10", "cifar10"), ("resnet152", "cifar100")]
+MODEL_DATA = [
+    ("small_cnn", "digits"),
+    ("resnet20", "cifar10"),
+    ("resnet56", "cifar10"),
+    ("preact_resnet18", "cifar10"),
+    ("wrn28_10", "cifar10"),
+    ("resnet152", "cifar100"),
+]
 
 
 @pytest.mark.parametrize(("model", "data"), MODEL_DATA)
 def test_fast_dev_run_of_every_model_on_its_data(model: str, data: str, tmp_path: Path) -> None:
     """One error-silenced BWN training step, one validation batch and the final evaluation, per model."""
-    overrides = [f"model={model}", f"data={data}", "trainer.fast_dev_run=1", "callbacks.pgd.steps=1",
-                 "eval.n_samples=4", "eval.attacks=[fgsm]", "logger=none"]
+    overrides = [
+        f"model={model}",
+        f"data={data}",
+        "trainer.fast_dev_run=1",
+        "callbacks.pgd.steps=1",
+        "eval.n_samples=4",
+        "eval.attacks=[fgsm]",
+        "logger=none",
+    ]
     if data != "digits":
         from tests.fakes import make_fake_cifar
 

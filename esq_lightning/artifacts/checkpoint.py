@@ -48,6 +48,7 @@ def trusting_checkpoints(trusted: bool) -> Iterator[None]:
 
 def with_checkpoint_trust(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator of an entry point fn(cfg, ...): its checkpoint reads follow cfg.trust_checkpoint (default false)."""
+
     @functools.wraps(fn)
     def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
         trusted = cfg.get(TRUST_KEY, False) if hasattr(cfg, "get") else False
@@ -89,12 +90,17 @@ def _disallowed_globals(path: str | Path, exc: BaseException) -> list[str]:
 def _warn_trusted(path: str) -> None:
     if path not in _WARNED:
         _WARNED.add(path)
-        print(f"warning: {TRUST_KEY}=true: unpickling {path} in full, which runs any code the file carries; "
-              "use it only for files you trust", file=sys.stderr, flush=True)
+        print(
+            f"warning: {TRUST_KEY}=true: unpickling {path} in full, which runs any code the file carries; "
+            "use it only for files you trust",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
-def safe_torch_load(path: str | Path, map_location: Any = "cpu", trusted: bool | None = None,
-                    opener: Callable[[], Any] | None = None) -> Any:
+def safe_torch_load(
+    path: str | Path, map_location: Any = "cpu", trusted: bool | None = None, opener: Callable[[], Any] | None = None
+) -> Any:
     """torch.load(path) that never runs code from the file unless trusted (trust_checkpoint=true).
 
     A file that needs a global outside the allowlist raises ESQUserError naming the file and the global;
@@ -118,8 +124,10 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", trusted: bool |
                 f"trust the file, rerun with {TRUST_KEY}=true"
             ) from None
         if not trusted and "weights only load failed" in str(exc).lower():
-            raise ESQUserError(f"cannot read checkpoint {path}: the weights-only unpickler refused it "
-                               f"({_refusal_reason(exc)}); if you trust the file, rerun with {TRUST_KEY}=true") from None
+            raise ESQUserError(
+                f"cannot read checkpoint {path}: the weights-only unpickler refused it "
+                f"({_refusal_reason(exc)}); if you trust the file, rerun with {TRUST_KEY}=true"
+            ) from None
         raise ESQUserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     except ESQUserError:
         raise
@@ -138,12 +146,15 @@ def read_checkpoint(path: str | Path, trusted: bool | None = None) -> dict[str, 
         raise ESQUserError(f"checkpoint not found: {path}")
     kind = not_a_checkpoint(path)
     if kind:
-        raise ESQUserError(f"{path} is {kind}, not a checkpoint; give the .ckpt file a run wrote "
-                           "(<run dir>/checkpoints/final.ckpt or last.ckpt)")
+        raise ESQUserError(
+            f"{path} is {kind}, not a checkpoint; give the .ckpt file a run wrote "
+            "(<run dir>/checkpoints/final.ckpt or last.ckpt)"
+        )
     ckpt = safe_torch_load(path, trusted=trusted)
     if not isinstance(ckpt, dict):
-        raise ESQUserError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict with a "
-                           "state_dict)")
+        raise ESQUserError(
+            f"{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict with a state_dict)"
+        )
     return ckpt
 
 
@@ -181,7 +192,7 @@ def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     state = ckpt.get("state_dict", ckpt)
     prefix = "model."
     if any(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     # torch.compile saves its wrapped module under _orig_mod.
     return {k.replace("_orig_mod.", ""): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
@@ -193,8 +204,10 @@ def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: st
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
-        detail = (f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected, "
-                  f"{len(mismatched)} with other shapes (e.g. {mismatched[:2]})")
+        detail = (
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected, "
+            f"{len(mismatched)} with other shapes (e.g. {mismatched[:2]})"
+        )
         raise ESQUserError(f"{path} holds weights of another model than {type(model).__name__}: {detail}")
 
 
@@ -229,11 +242,14 @@ def resolve_resume_path(spec: str, run_dir: str | Path | None) -> Path:
         for candidate in (path / "checkpoints" / LAST, path / LAST):
             if candidate.is_file():
                 return candidate
-        raise ESQUserError(f"ckpt_path: {path} is a directory without checkpoints/{LAST}; allowed: a run directory, "
-                           "a .ckpt file, or `last`")
+        raise ESQUserError(
+            f"ckpt_path: {path} is a directory without checkpoints/{LAST}; allowed: a run directory, "
+            "a .ckpt file, or `last`"
+        )
     if not path.is_file():
-        raise ESQUserError(f"ckpt_path: checkpoint not found: {path}; allowed: a .ckpt file, a run directory, "
-                           "or `last`")
+        raise ESQUserError(
+            f"ckpt_path: checkpoint not found: {path}; allowed: a .ckpt file, a run directory, or `last`"
+        )
     return path
 
 
@@ -255,8 +271,9 @@ def resume_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, 
     if isinstance(old, dict) and isinstance(new, dict):
         found = []
         for key in list(old) + [k for k in new if k not in old]:
-            found += resume_differences(old.get(key, _ABSENT), new.get(key, _ABSENT),
-                                        f"{prefix}.{key}" if prefix else str(key))
+            found += resume_differences(
+                old.get(key, _ABSENT), new.get(key, _ABSENT), f"{prefix}.{key}" if prefix else str(key)
+            )
         return found
     if prefix in RESUME_MAY_GROW and isinstance(old, (int, float)) and isinstance(new, (int, float)):
         return [] if new >= old else [(prefix, old, new)]
@@ -280,10 +297,15 @@ def check_resume_checkpoint(path: str | Path, model: nn.Module, config: dict[str
     ckpt = read_checkpoint(path)
     for key in ("state_dict", "optimizer_states", "loops", "epoch", "global_step"):
         if key not in ckpt:
-            kind = "a plain state dict" if "state_dict" not in ckpt and ckpt and all(
-                isinstance(v, torch.Tensor) for v in ckpt.values()) else f"no {key}"
-            raise ESQUserError(f"ckpt_path: {path} is not a Lightning training checkpoint ({kind}); to start from "
-                               f"its weights use init_from={path}")
+            kind = (
+                "a plain state dict"
+                if "state_dict" not in ckpt and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+                else f"no {key}"
+            )
+            raise ESQUserError(
+                f"ckpt_path: {path} is not a Lightning training checkpoint ({kind}); to start from "
+                f"its weights use init_from={path}"
+            )
     check_model_state(model, model_state_dict(ckpt), path)
     old = ckpt.get("esq_config") or {}
     if old:
@@ -294,7 +316,8 @@ def check_resume_checkpoint(path: str | Path, model: nn.Module, config: dict[str
                 f"ckpt_path: {path} was written by another run than this config ({shown}); a resume continues the "
                 f"same run: resume with its config (only {', '.join(RESUME_MAY_CHANGE[:4])}, ..., and a larger "
                 f"trainer.max_epochs may change; docs/reliability.md), or start a new run from its weights with "
-                f"init_from={path}")
+                f"init_from={path}"
+            )
     return old
 
 
@@ -315,7 +338,8 @@ def check_something_left(run_dir: str | Path, config: dict[str, Any]) -> None:
         raise ESQUserError(
             f"ckpt_path: {run_dir} holds a finished run that trained {done} epoch{'' if done == 1 else 's'}; "
             f"trainer.max_epochs={want} leaves "
-            f"nothing to train, so its records stay as they are (set trainer.max_epochs above {done} to train on)")
+            f"nothing to train, so its records stay as they are (set trainer.max_epochs above {done} to train on)"
+        )
 
 
 def _dig(d: Any, keys: tuple[str, ...]) -> Any:
@@ -400,4 +424,3 @@ def merge_resumed_metrics(run_dir: str | Path) -> Path | None:
     for path in parts:
         path.unlink(missing_ok=True)
     return current
-

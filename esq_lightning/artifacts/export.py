@@ -25,8 +25,10 @@ def check_export_target(source: Path, out: Path, overwrite: bool) -> None:
     if not source.is_file():
         raise ESQUserError(f"ckpt_path: checkpoint not found: {source}")
     if out.exists() and (out.resolve() == source.resolve() or out.samefile(source)):
-        raise ESQUserError(f"out: {out} is the checkpoint being exported; esq-export never writes over its source "
-                           f"(default out: {source.with_suffix('.esq')})")
+        raise ESQUserError(
+            f"out: {out} is the checkpoint being exported; esq-export never writes over its source "
+            f"(default out: {source.with_suffix('.esq')})"
+        )
     if out.is_dir():
         raise ESQUserError(f"out: {out} is a directory; give the packed file's path, e.g. out={out / 'model.esq'}")
     if out.exists() and not overwrite:
@@ -51,8 +53,9 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True,
-                      overwrite: bool = False) -> dict[str, Any]:
+def export_checkpoint(
+    ckpt_path: str | Path, out: str | Path | None = None, verify: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
     """Pack the checkpoint's model; returns the size report (and the logits check when verify).
 
     The packed file never replaces its source, and an existing file only with overwrite=True; both are refused
@@ -62,19 +65,30 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, veri
     model, config, _, _ = load_trained_model(ckpt_path)
     if not quant_layers(model):
         raise ESQUserError(f"{ckpt_path}: the model is full precision (quant=full); nothing to pack")
-    meta = {"model": config["model"], "quant": config["quant"], "data": {"name": config["data"]["name"]},
-            "source_checkpoint": str(ckpt_path)}
+    meta = {
+        "model": config["model"],
+        "quant": config["quant"],
+        "data": {"name": config["data"]["name"]},
+        "source_checkpoint": str(ckpt_path),
+    }
     # Additive metadata: the source checkpoint's identity, the sizes, and the whole training config (what
     # esq-eval needs to rebuild the data and the model from this file alone).
     source = Path(ckpt_path)
-    meta.update(source={"path": str(source.resolve()), "bytes": source.stat().st_size, "sha256": file_digest(source)},
-                config=_json_safe(config))
+    meta.update(
+        source={"path": str(source.resolve()), "bytes": source.stat().st_size, "sha256": file_digest(source)},
+        config=_json_safe(config),
+    )
     # One write, complete: the sizes in the header do not depend on the header (packing.HEADER_FREE_SIZES).
     report = export_packed(model, out, meta, sizes_key="sizes")
     report["path"] = str(out)
     report["source"] = meta["source"]
     if verify:
-        shape = (8, int(config["data"]["in_channels"]), int(config["data"]["image_size"]), int(config["data"]["image_size"]))
+        shape = (
+            8,
+            int(config["data"]["in_channels"]),
+            int(config["data"]["image_size"]),
+            int(config["data"]["image_size"]),
+        )
         x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad(), full_quantization(model):
             expected = model.eval()(x)
@@ -83,5 +97,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path | None = None, veri
             got = rebuilt(x)
         report["identical_logits"] = bool(torch.equal(expected, got))
         if not report["identical_logits"]:
-            raise RuntimeError(f"{out}: reloaded logits differ from the checkpoint's (max {(expected - got).abs().max():.3g})")
+            raise RuntimeError(
+                f"{out}: reloaded logits differ from the checkpoint's (max {(expected - got).abs().max():.3g})"
+            )
     return report

@@ -26,9 +26,14 @@ from esq_lightning.quant import load_packed, quantize_activations, quantize_mode
 PACKED_MAGIC = b"ESQPACK\x00"
 
 
-def build_network(cfg_model: DictConfig | dict, cfg_quant: DictConfig | dict | None = None, *,
-                  weights: bool = True, activations: bool = True,
-                  cfg_prune: DictConfig | dict | None = None) -> nn.Module:
+def build_network(
+    cfg_model: DictConfig | dict,
+    cfg_quant: DictConfig | dict | None = None,
+    *,
+    weights: bool = True,
+    activations: bool = True,
+    cfg_prune: DictConfig | dict | None = None,
+) -> nn.Module:
     """The classifier of a run: the architecture, quantized as `quant` says (nothing for quant=full), with the
     bits of each layer (quant.layer_bits, quant.first_last_bits) and the pruning structure of `cfg_prune`
     (all-keep masks, HYDRA's frozen scores: a checkpoint's masks load into them; a new run prunes with
@@ -46,8 +51,14 @@ def build_network(cfg_model: DictConfig | dict, cfg_quant: DictConfig | dict | N
         q = dict(cfg_quant)
         # Every key is set by conf/quant/*.yaml (the one place of their defaults) and checked by the schema.
         model = quantize_model(
-            model, q["kind"], per_filter=q["per_filter"], keep_first_last=q["keep_first_last"],
-            variant=q["variant"], f=q["f"], bits=q["bits"], layer_bits=resolve_layer_bits(model, q),
+            model,
+            q["kind"],
+            per_filter=q["per_filter"],
+            keep_first_last=q["keep_first_last"],
+            variant=q["variant"],
+            f=q["f"],
+            bits=q["bits"],
+            layer_bits=resolve_layer_bits(model, q),
         )
         model = add_pruning(model, str((cfg_prune or {}).get("method") or "none"))
     return add_act_quant(model, cfg_quant) if activations else model
@@ -88,8 +99,10 @@ def load_packed_for_eval(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise ESQUserError(f"ckpt_path: {exc}") from None
     config = meta.get("config")
     if not isinstance(config, dict):
-        raise ESQUserError(f"ckpt_path: {path} carries no training config (written by an older esq-export); "
-                           f"export it again from its checkpoint: esq-export ckpt_path={meta.get('source_checkpoint')}")
+        raise ESQUserError(
+            f"ckpt_path: {path} carries no training config (written by an older esq-export); "
+            f"export it again from its checkpoint: esq-export ckpt_path={meta.get('source_checkpoint')}"
+        )
     return model, config
 
 

@@ -31,10 +31,16 @@ def train_attack_record(cfg: DictConfig) -> dict[str, Any] | None:
     eps = float(pgd.eps)
     random_start = bool(pgd.get("random_start", True))
     noise = pgd.get("noise")
-    return {"name": str(pgd.get("name") or "pgd"), "eps": eps, "steps": int(pgd.steps),
-            "step_size": float(pgd.step_size), "random_start": random_start,
-            "noise": (eps if noise is None else float(noise)) if random_start else 0.0,
-            "project": bool(pgd.get("project", True)), "gradalign": float(pgd.get("gradalign") or 0.0)}
+    return {
+        "name": str(pgd.get("name") or "pgd"),
+        "eps": eps,
+        "steps": int(pgd.steps),
+        "step_size": float(pgd.step_size),
+        "random_start": random_start,
+        "noise": (eps if noise is None else float(noise)) if random_start else 0.0,
+        "project": bool(pgd.get("project", True)),
+        "gradalign": float(pgd.get("gradalign") or 0.0),
+    }
 
 
 def train_attack_label(record: dict[str, Any] | None) -> str | None:
@@ -62,10 +68,30 @@ def model_width(cfg_model: Any) -> dict[str, int]:
 # trains (the names and the labels derived from the others are left out too). Everything else is the run's training
 # config (results.json `train_config`): what `setting:NAME` tells candidates apart by and what esq-report groups on.
 NOT_TRAINING_KEYS = (
-    "logger", "threads", "trust_checkpoint", "ckpt_path", "tags", "optimized_metric", "paths", "eval",
-    "hparams_search", "channels_last", "compile", "init_seed", "task_name", "experiment_name", "setting", "progress",
-    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.accelerator",
-    "data.data_dir", "data.num_workers", "hydra", "callbacks.checkpoint",
+    "logger",
+    "threads",
+    "trust_checkpoint",
+    "ckpt_path",
+    "tags",
+    "optimized_metric",
+    "paths",
+    "eval",
+    "hparams_search",
+    "channels_last",
+    "compile",
+    "init_seed",
+    "task_name",
+    "experiment_name",
+    "setting",
+    "progress",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "trainer.accelerator",
+    "data.data_dir",
+    "data.num_workers",
+    "hydra",
+    "callbacks.checkpoint",
 )
 # NOT_TRAINING_KEYS are also what a resume may change (artifacts/checkpoint.py RESUME_MAY_CHANGE).
 
@@ -112,8 +138,12 @@ def build_results(cfg: DictConfig, ev: dict[str, Any], **extra: Any) -> dict[str
         "bits": int(cfg.quant.get("bits", 32)),
         "act_bits": int(cfg.quant.get("act_bits", 32)),
         "model_width": model_width(cfg.model),
-        "pairing": {"layers": list(pairing.get("layers", [])), "lambdas": [float(v) for v in pairing.get("lambdas", [])],
-                    "p": int(pairing.get("p") or 2), "distance": _distance_name(pairing)},
+        "pairing": {
+            "layers": list(pairing.get("layers", [])),
+            "lambdas": [float(v) for v in pairing.get("lambdas", [])],
+            "p": int(pairing.get("p") or 2),
+            "distance": _distance_name(pairing),
+        },
         "seed": int(cfg.seed),
         "init_from": cfg.get("init_from"),
         # Every key that changes what is trained, so runs are told apart and grouped by their whole config.
@@ -151,20 +181,33 @@ def logit_offset_warnings(stats: dict[str, float], ratio: float = OFFSET_WARN_RA
     """[] or the one named warning for results.json["warnings"], from esq_lightning.pairing.logit_offset_stats."""
     if not stats["offset_ratio"] > ratio:
         return []
-    return [{"name": LOGIT_OFFSET_WARNING,
-             "message": f"the mean logit offset ({stats['offset']:.3g}) carries {stats['offset_ratio']:.2f}x the norm "
-                        f"of the centred logits ({stats['centred_norm']:.3g}), above {ratio:g}x: a relative distance "
-                        "on raw logits can fall by this drift alone; read D_centred/logits (docs/pairing.md)",
-             "offset": stats["offset"], "centred_norm": stats["centred_norm"],
-             "offset_ratio": stats["offset_ratio"], "threshold": ratio}]
+    return [
+        {
+            "name": LOGIT_OFFSET_WARNING,
+            "message": f"the mean logit offset ({stats['offset']:.3g}) carries {stats['offset_ratio']:.2f}x the norm "
+            f"of the centred logits ({stats['centred_norm']:.3g}), above {ratio:g}x: a relative distance "
+            "on raw logits can fall by this drift alone; read D_centred/logits (docs/pairing.md)",
+            "offset": stats["offset"],
+            "centred_norm": stats["centred_norm"],
+            "offset_ratio": stats["offset_ratio"],
+            "threshold": ratio,
+        }
+    ]
 
 
 def format_table(results: dict[str, Any]) -> str:
     """A small plain-text table of a results record."""
-    rows = [("dataset", results["dataset"]), ("model", results["model"]), ("setting", results.get("setting")),
-            ("method", results["method"]), ("quant", results["quant"]), ("seed", results["seed"]),
-            ("threat model", f"{results['threat_model']['norm']} eps={results['threat_model']['eps']:.4g}"),
-            ("n_samples", results["n_samples"]), ("clean_acc", f"{results['clean_acc']:.4f}")]
+    rows = [
+        ("dataset", results["dataset"]),
+        ("model", results["model"]),
+        ("setting", results.get("setting")),
+        ("method", results["method"]),
+        ("quant", results["quant"]),
+        ("seed", results["seed"]),
+        ("threat model", f"{results['threat_model']['norm']} eps={results['threat_model']['eps']:.4g}"),
+        ("n_samples", results["n_samples"]),
+        ("clean_acc", f"{results['clean_acc']:.4f}"),
+    ]
     for name, acc in results["robust_acc"].items():
         eps = results["attacks"].get(name, {}).get("eps")
         label = f"{name} acc" + (f" (eps={eps:.4g})" if isinstance(eps, (int, float)) else "")
@@ -173,8 +216,13 @@ def format_table(results: dict[str, Any]) -> str:
         rows.append((label, f"{acc:.4f}"))
     audit = results.get("audit") or {}
     if audit.get("verdict"):
-        rows.append(("verdict", f"{audit['verdict']}" + (f" ({', '.join(f['name'] for f in audit.get('flags', []))})"
-                                                         if audit.get("flags") else "")))
+        rows.append(
+            (
+                "verdict",
+                f"{audit['verdict']}"
+                + (f" ({', '.join(f['name'] for f in audit.get('flags', []))})" if audit.get("flags") else ""),
+            )
+        )
     if results.get("sq_ratio_final") is not None:
         ratio = float(results["sq_ratio_final"])
         rows.append(("sq_ratio_final", f"{ratio:g}" + ("" if ratio >= 1 else " (below 1: flag sq_schedule_short)")))

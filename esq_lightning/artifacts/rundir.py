@@ -30,8 +30,8 @@ RESULTS = "results.json"
 # What Hydra (and the lock) put into a run directory before the task starts: such a directory holds no record.
 _HYDRA_ONLY = {".hydra", LOCK_NAME}
 
-_HELD: dict[str, Any] = {}          # resolved run dir -> FileLock held by this process
-_FRESH: set[str] = set()            # run dirs this process created (removed again if the run is refused)
+_HELD: dict[str, Any] = {}  # resolved run dir -> FileLock held by this process
+_FRESH: set[str] = set()  # run dirs this process created (removed again if the run is refused)
 
 
 def _key(path: str | Path) -> str:
@@ -91,26 +91,32 @@ def check_run_dir(run_dir: str | Path, task: str, resume_from: str | None = None
             raise ESQUserError(
                 f"hydra.run.dir: {run_dir} holds a training run ({what}); esq-eval never writes over a training "
                 f"record: give it a directory of its own, e.g. hydra.run.dir={run_dir / 'eval'} (or leave "
-                f"hydra.run.dir unset)")
+                f"hydra.run.dir unset)"
+            )
         return
     eval_record = _record_task(run_dir) == "eval"
     if eval_record:
-        raise ESQUserError(f"hydra.run.dir: {run_dir} holds an evaluation record ({RESULTS} of esq-eval); "
-                           "choose another hydra.run.dir for a training run")
+        raise ESQUserError(
+            f"hydra.run.dir: {run_dir} holds an evaluation record ({RESULTS} of esq-eval); "
+            "choose another hydra.run.dir for a training run"
+        )
     resuming_here = resume_from is not None and (str(resume_from) == "last" or _inside(resume_from, run_dir))
     if (finished or interrupted) and not resuming_here:
         if resume_from is not None:
             raise ESQUserError(
                 f"hydra.run.dir: {run_dir} holds another run ({finished or interrupted}) than the one ckpt_path="
-                f"{resume_from} resumes; resume a run in its own directory, or choose a new hydra.run.dir")
+                f"{resume_from} resumes; resume a run in its own directory, or choose a new hydra.run.dir"
+            )
         if finished:
             raise ESQUserError(
                 f"hydra.run.dir: {run_dir} holds a finished run ({finished}); a run never writes over another: "
                 f"choose another hydra.run.dir (or leave it unset), or train on with ckpt_path=last and a larger "
-                f"trainer.max_epochs")
+                f"trainer.max_epochs"
+            )
         raise ESQUserError(
             f"hydra.run.dir: {run_dir} holds an interrupted run ({interrupted}); resume it with ckpt_path=last "
-            f"and the same config, or choose another hydra.run.dir")
+            f"and the same config, or choose another hydra.run.dir"
+        )
 
 
 def claim_run_dir(run_dir: str | Path, task: str, resume_from: str | None = None) -> bool:
@@ -131,19 +137,25 @@ def claim_run_dir(run_dir: str | Path, task: str, resume_from: str | None = None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ESQUserError(f"hydra.run.dir: cannot create {run_dir}: {exc.strerror or exc}; choose a writable "
-                           "place (paths.runs_root=... or hydra.run.dir=...)") from None
+        raise ESQUserError(
+            f"hydra.run.dir: cannot create {run_dir}: {exc.strerror or exc}; choose a writable "
+            "place (paths.runs_root=... or hydra.run.dir=...)"
+        ) from None
     if created:
         _FRESH.add(key)
     lock = FileLock(str(run_dir / LOCK_NAME), timeout=0)
     try:
         lock.acquire()
     except Timeout:
-        raise ESQUserError(f"hydra.run.dir: {run_dir} is in use by another run that is still working (it holds "
-                           f"{run_dir / LOCK_NAME}); wait for it to end, or choose another hydra.run.dir") from None
+        raise ESQUserError(
+            f"hydra.run.dir: {run_dir} is in use by another run that is still working (it holds "
+            f"{run_dir / LOCK_NAME}); wait for it to end, or choose another hydra.run.dir"
+        ) from None
     except OSError as exc:
-        raise ESQUserError(f"hydra.run.dir: cannot write into {run_dir}: {exc.strerror or exc}; choose a writable "
-                           "place (paths.runs_root=... or hydra.run.dir=...)") from None
+        raise ESQUserError(
+            f"hydra.run.dir: cannot write into {run_dir}: {exc.strerror or exc}; choose a writable "
+            "place (paths.runs_root=... or hydra.run.dir=...)"
+        ) from None
     _HELD[key] = lock
     try:
         check_run_dir(run_dir, task, resume_from)
@@ -173,8 +185,9 @@ def forget_fresh_run_dir() -> None:
         except OSError:
             _FRESH.discard(key)
             continue
-        if all(e.name in _HYDRA_ONLY or e.suffix == ".log" or e.name == "csv" and not any(e.iterdir())
-               for e in entries):
+        if all(
+            e.name in _HYDRA_ONLY or e.suffix == ".log" or e.name == "csv" and not any(e.iterdir()) for e in entries
+        ):
             shutil.rmtree(path, ignore_errors=True)
         _FRESH.discard(key)
 

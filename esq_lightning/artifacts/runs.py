@@ -21,8 +21,9 @@ from esq_lightning.errors import ESQUserError, show_value
 RESULTS = "results.json"
 
 
-def iter_results(root: str | Path, unreadable: list[tuple[Path, str]] | None = None,
-                 required: tuple[str, ...] = ()) -> Iterator[tuple[Path, dict[str, Any]]]:
+def iter_results(
+    root: str | Path, unreadable: list[tuple[Path, str]] | None = None, required: tuple[str, ...] = ()
+) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Every readable results.json under root (a run or multirun directory), as (run_dir, results).
 
     The others (a run that is still writing, a corrupt or foreign file, a record with a field of the wrong type or
@@ -48,13 +49,34 @@ def iter_results(root: str | Path, unreadable: list[tuple[Path, str]] | None = N
 _NUMBER, _INT, _STR, _DICT, _LIST, _NONE = "a number", "an integer", "a string", "an object", "a list", "null"
 RECORD_REQUIRED = ("dataset", "model", "seed", "clean_acc", "robust_acc")
 RECORD_FIELDS: dict[str, tuple[str, ...]] = {
-    "schema_version": (_INT,), "task": (_STR,), "setting": (_STR, _NONE), "dataset": (_STR,), "model": (_STR,),
-    "method": (_STR,), "quant": (_STR,), "bits": (_INT,), "act_bits": (_INT,), "seed": (_INT,),
-    "clean_acc": (_NUMBER,), "robust_acc": (_DICT,), "attacks": (_DICT,), "threat_model": (_DICT, _NONE),
-    "train_threat_model": (_DICT, _NONE), "n_samples": (_INT, _NONE), "pairing": (_DICT,), "epochs": (_INT,),
-    "train_seconds": (_NUMBER,), "checkpoint": (_STR, _NONE), "run_dir": (_STR,), "audit": (_DICT,),
-    "worst_case": (_DICT,), "warnings": (_LIST,), "model_width": (_DICT,), "sq_ratio_final": (_NUMBER,),
-    "eval_sq_ratio": (_NUMBER,), "init_from": (_STR, _NONE),
+    "schema_version": (_INT,),
+    "task": (_STR,),
+    "setting": (_STR, _NONE),
+    "dataset": (_STR,),
+    "model": (_STR,),
+    "method": (_STR,),
+    "quant": (_STR,),
+    "bits": (_INT,),
+    "act_bits": (_INT,),
+    "seed": (_INT,),
+    "clean_acc": (_NUMBER,),
+    "robust_acc": (_DICT,),
+    "attacks": (_DICT,),
+    "threat_model": (_DICT, _NONE),
+    "train_threat_model": (_DICT, _NONE),
+    "n_samples": (_INT, _NONE),
+    "pairing": (_DICT,),
+    "epochs": (_INT,),
+    "train_seconds": (_NUMBER,),
+    "checkpoint": (_STR, _NONE),
+    "run_dir": (_STR,),
+    "audit": (_DICT,),
+    "worst_case": (_DICT,),
+    "warnings": (_LIST,),
+    "model_width": (_DICT,),
+    "sq_ratio_final": (_NUMBER,),
+    "eval_sq_ratio": (_NUMBER,),
+    "init_from": (_STR, _NONE),
 }
 
 
@@ -67,9 +89,18 @@ def _is(value: Any, kind: str) -> bool:
 
 
 def _type_name(value: Any) -> str:
-    return "null" if value is None else {"bool": "a boolean", "str": "a string", "dict": "an object",
-                                        "list": "a list", "int": "an integer", "float": "a number"}.get(
-        type(value).__name__, type(value).__name__)
+    return (
+        "null"
+        if value is None
+        else {
+            "bool": "a boolean",
+            "str": "a string",
+            "dict": "an object",
+            "list": "a list",
+            "int": "an integer",
+            "float": "a number",
+        }.get(type(value).__name__, type(value).__name__)
+    )
 
 
 def record_problem(record: dict[str, Any], required: tuple[str, ...] = RECORD_REQUIRED) -> str | None:
@@ -113,9 +144,16 @@ def _same_threat_model(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bo
     return str(a.get("norm")) == str(b.get("norm")) and abs(float(a["eps"]) - float(b["eps"])) <= 1e-9
 
 
-def find_runs(runs_root: str | Path, setting: str, *, seed: int | None = None, dataset: str | None = None,
-              model: str | None = None, threat_model: dict[str, Any] | None = None,
-              width: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def find_runs(
+    runs_root: str | Path,
+    setting: str,
+    *,
+    seed: int | None = None,
+    dataset: str | None = None,
+    model: str | None = None,
+    threat_model: dict[str, Any] | None = None,
+    width: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """The finished training runs of `setting` under runs_root that match every given field, newest first.
 
     `width` (the model's capacity knobs, results.model_width) must match where the run recorded it, so a
@@ -182,14 +220,17 @@ def parse_setting_spec(spec: str) -> tuple[str, dict[str, Any]]:
     for part in parts:
         key, sep, value = part.partition(":")
         if not sep or not key:
-            raise ESQUserError(f"{spec}: the filter {part!r} is not key:value (e.g. setting:{name}/trainer.max_epochs:30)")
+            raise ESQUserError(
+                f"{spec}: the filter {part!r} is not key:value (e.g. setting:{name}/trainer.max_epochs:30)"
+            )
         filters[key] = yaml.safe_load(value)
     return name, filters
 
 
 def _matches(config: dict[str, Any], filters: dict[str, Any]) -> bool:
-    return all(key in config and (config[key] == value or str(config[key]) == str(value))
-               for key, value in filters.items())
+    return all(
+        key in config and (config[key] == value or str(config[key]) == str(value)) for key, value in filters.items()
+    )
 
 
 def choose_run(found: list[dict[str, Any]], spec: str, filters: dict[str, Any], where: str) -> dict[str, Any]:
@@ -205,8 +246,9 @@ def choose_run(found: list[dict[str, Any]], spec: str, filters: dict[str, Any], 
     differences = config_differences(configs)
     if not differences:
         return found[0]
-    shown = "; ".join(f"{key}: {' | '.join(show_value(v) for v in values)}" for key, values in
-                      list(differences.items())[:6])
+    shown = "; ".join(
+        f"{key}: {' | '.join(show_value(v) for v in values)}" for key, values in list(differences.items())[:6]
+    )
     more = f" (and {len(differences) - 6} more keys)" if len(differences) > 6 else ""
     key, values = next(iter(differences.items()))
     runs = ", ".join(str(Path(r["checkpoint"]).parent.parent) for r in found[:4])
@@ -214,7 +256,8 @@ def choose_run(found: list[dict[str, Any]], spec: str, filters: dict[str, Any], 
     raise ESQUserError(
         f"{spec}: {len(found)} finished runs {where} differ in their training config ({shown}{more}); pick one: "
         f"a run directory ({runs}{', ...' if len(found) > 4 else ''}) or a key filter, e.g. "
-        f"setting:{setting}/{key}:{values[0]}")
+        f"setting:{setting}/{key}:{values[0]}"
+    )
 
 
 def resolve_run_dir(spec: str) -> str | None:
@@ -234,9 +277,16 @@ def _describe(tm: dict[str, Any] | None) -> str:
     return "no training attack" if tm is None else f"{tm.get('norm')} eps={float(tm['eps']):.4g}"
 
 
-def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, model: str, seed: int,
-                      threat_model: dict[str, Any] | None = None, init_seed: int | None = None,
-                      width: dict[str, Any] | None = None) -> str | None:
+def resolve_init_from(
+    spec: str | None,
+    runs_root: str | Path,
+    dataset: str,
+    model: str,
+    seed: int,
+    threat_model: dict[str, Any] | None = None,
+    init_seed: int | None = None,
+    width: dict[str, Any] | None = None,
+) -> str | None:
     """A checkpoint path for `init_from`.
 
     `setting:NF` picks the newest finished run of setting NF with the same dataset, model, training threat
@@ -252,8 +302,9 @@ def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, mod
         return spec
     setting, filters = parse_setting_spec(str(spec))
     want_seed = seed if init_seed is None else int(init_seed)
-    found = find_runs(runs_root, setting, seed=want_seed, dataset=dataset, model=model, threat_model=threat_model,
-                       width=width)
+    found = find_runs(
+        runs_root, setting, seed=want_seed, dataset=dataset, model=model, threat_model=threat_model, width=width
+    )
     if found:
         return choose_run(found, f"init_from={spec}", filters, f"under {runs_root}")["checkpoint"]
     others = find_runs(runs_root, setting, dataset=dataset, model=model)
@@ -262,8 +313,9 @@ def resolve_init_from(spec: str | None, runs_root: str | Path, dataset: str, mod
             f"init_from={spec}: no finished run of setting {setting} for data={dataset} model={model} under "
             f"{runs_root} (train it first, e.g. esq-train experiment={dataset}/{setting}, or give a checkpoint path)"
         )
-    seen = sorted({(int(r.get("seed", -1)), _describe(train_threat_model(r)), _width(r.get("model_width")))
-                   for r in others})
+    seen = sorted(
+        {(int(r.get("seed", -1)), _describe(train_threat_model(r)), _width(r.get("model_width"))) for r in others}
+    )
     shown = ", ".join(f"seed {s} ({tm}{w})" for s, tm, w in seen[:6])
     raise ESQUserError(
         f"init_from={spec}: no finished run of setting {setting} with seed {want_seed} trained at "
@@ -280,10 +332,14 @@ def resolve_checkpoint(spec: str, runs_root: str | Path, seed: int) -> str:
     setting, filters = parse_setting_spec(str(spec))
     found = find_runs(runs_root, setting, seed=seed)
     if not found:
-        raise ESQUserError(f"{spec}: no finished training run of setting {setting} with seed {seed} under {runs_root} "
-                           "(set paths.runs_root=... and seed=..., or give a checkpoint path)")
+        raise ESQUserError(
+            f"{spec}: no finished training run of setting {setting} with seed {seed} under {runs_root} "
+            "(set paths.runs_root=... and seed=..., or give a checkpoint path)"
+        )
     kinds = {(r.get("dataset"), r.get("model")) for r in found}
     if len(kinds) > 1:
-        raise ESQUserError(f"{spec}: runs of setting {setting} for several data/models under {runs_root} "
-                           f"({sorted(kinds)}); give a checkpoint path or a narrower paths.runs_root")
+        raise ESQUserError(
+            f"{spec}: runs of setting {setting} for several data/models under {runs_root} "
+            f"({sorted(kinds)}); give a checkpoint path or a narrower paths.runs_root"
+        )
     return choose_run(found, spec, filters, f"with seed {seed} under {runs_root}")["checkpoint"]

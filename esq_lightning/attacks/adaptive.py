@@ -44,9 +44,16 @@ def step_size_of(p: Mapping[str, Any], eps: float) -> float:
 
 
 def pgd_restarts(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float, p: Mapping[str, Any], loss: LossFactory,
-    step_size: float | None = None, generator: torch.Generator | None = None,
-    remaining: Tensor | None = None, x_adv: Tensor | None = None,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    p: Mapping[str, Any],
+    loss: LossFactory,
+    step_size: float | None = None,
+    generator: torch.Generator | None = None,
+    remaining: Tensor | None = None,
+    x_adv: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """p["restarts"] runs of PGD on the samples not yet fooled; returns (x_adv, indices still robust)."""
     generator = _generator(p.get("seed", 0)) if generator is None else generator
@@ -56,9 +63,19 @@ def pgd_restarts(
     for _ in range(int(p.get("restarts", 1))):
         if remaining.numel() == 0:
             break
-        found = pgd(model, x[remaining], y[remaining], eps=eps, step_size=step, steps=int(p["steps"]),
-                    norm=p["norm"], random_start=bool(p.get("random_start", True)), loss_fn=loss(remaining),
-                    generator=generator, keep_best=True)
+        found = pgd(
+            model,
+            x[remaining],
+            y[remaining],
+            eps=eps,
+            step_size=step,
+            steps=int(p["steps"]),
+            norm=p["norm"],
+            random_start=bool(p.get("random_start", True)),
+            loss_fn=loss(remaining),
+            generator=generator,
+            keep_best=True,
+        )
         x_adv[remaining] = found
         with torch.no_grad():
             still = _predict(model, found) == y[remaining]
@@ -86,12 +103,13 @@ def _run_pgd_pp(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Pa
         temps = torch.full((len(x),), float(p["temperature"]), device=x.device)
     base = get_loss(p["loss"])
     x_adv, _ = pgd_restarts(model, x, y, eps, p, lambda idx: temperature_scaled(base, temps[idx]))
-    return x_adv, {"step_size": step_size_of(p, eps),
-                   "temperature_mean": round(float(temps.mean().item()), 6) if len(temps) else None}
+    return x_adv, {
+        "step_size": step_size_of(p, eps),
+        "temperature_mean": round(float(temps.mean().item()), 6) if len(temps) else None,
+    }
 
 
-def _run_multitargeted(model: nn.Module, x: Tensor, y: Tensor, eps: float | None,
-                       p: Params) -> tuple[Tensor, Params]:
+def _run_multitargeted(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params) -> tuple[Tensor, Params]:
     assert eps is not None
     with torch.no_grad():
         logits = model(x)
@@ -102,8 +120,17 @@ def _run_multitargeted(model: nn.Module, x: Tensor, y: Tensor, eps: float | None
     x_adv, remaining = x.clone(), torch.arange(len(x), device=x.device)
     for i in range(k):
         target = ranked[:, i]
-        x_adv, remaining = pgd_restarts(model, x, y, eps, p, lambda idx, t=target: targeted_margin_loss(t[idx]),
-                                        generator=generator, remaining=remaining, x_adv=x_adv)
+        x_adv, remaining = pgd_restarts(
+            model,
+            x,
+            y,
+            eps,
+            p,
+            lambda idx, t=target: targeted_margin_loss(t[idx]),
+            generator=generator,
+            remaining=remaining,
+            x_adv=x_adv,
+        )
     return x_adv, {"step_size": step_size_of(p, eps), "targets": k}
 
 
@@ -157,43 +184,99 @@ def _run_schedule(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: 
     x_adv, remaining = x.clone(), torch.arange(len(x), device=x.device)
     for loss_name in p["losses"]:
         for fraction in p["step_fractions"]:
-            x_adv, remaining = pgd_restarts(model, x, y, eps, p, _fixed(get_loss(loss_name)),
-                                            step_size=float(fraction) * eps, generator=generator,
-                                            remaining=remaining, x_adv=x_adv)
+            x_adv, remaining = pgd_restarts(
+                model,
+                x,
+                y,
+                eps,
+                p,
+                _fixed(get_loss(loss_name)),
+                step_size=float(fraction) * eps,
+                generator=generator,
+                remaining=remaining,
+                x_adv=x_adv,
+            )
     return x_adv, {"runs": len(p["losses"]) * len(p["step_fractions"]) * int(p["restarts"])}
 
 
 def _pgd_defaults(**kw: Any) -> dict[str, Any]:
-    return {"norm": "linf", "steps": 100, "step_size": None, "step_fraction": 0.25, "random_start": True,
-            "restarts": 1, "seed": 0, **kw}
+    return {
+        "norm": "linf",
+        "steps": 100,
+        "step_size": None,
+        "step_fraction": 0.25,
+        "random_start": True,
+        "restarts": 1,
+        "seed": 0,
+        **kw,
+    }
 
 
 def _spec(name: str, runner: Any, defaults: dict[str, Any], description: str, title: str, **kw: Any) -> AttackSpec:
-    return AttackSpec(name=name, kind=BUDGETED, norm="linf", library="esq_lightning", gradient_based=True,
-                      default_eps=8 / 255, defaults=defaults, runner=runner, description=description,
-                      family=ADAPTIVE, title=title, **{"ranges": PGD_RANGES, **kw})
+    return AttackSpec(
+        name=name,
+        kind=BUDGETED,
+        norm="linf",
+        library="esq_lightning",
+        gradient_based=True,
+        default_eps=8 / 255,
+        defaults=defaults,
+        runner=runner,
+        description=description,
+        family=ADAPTIVE,
+        title=title,
+        **{"ranges": PGD_RANGES, **kw},
+    )
 
 
 ADAPTIVE_ATTACKS: dict[str, AttackSpec] = {
     s.name: s
     for s in [
-        _spec("pgd_margin", _run_loss_pgd, _pgd_defaults(loss="margin"),
-              "PGD on the C&W margin loss (no softmax: does not saturate with the logit scale).", "PGD-margin",
-              loss=SCALE_FREE),
-        _spec("pgd_dlr", _run_loss_pgd, _pgd_defaults(loss="dlr"),
-              "PGD on the DLR loss (Croce & Hein 2020): invariant to shift and scale of the logits.", "PGD-DLR",
-              loss=SCALE_FREE),
-        _spec("pgd_mt", _run_multitargeted, _pgd_defaults(targets=3),
-              "Multi-targeted PGD: a targeted margin run against each of the top-k other classes.", "PGD-MT",
-              ranges={**PGD_RANGES, "targets": count()}),
-        _spec("pgd_pp", _run_pgd_pp, _pgd_defaults(loss="ce", temperature="auto"),
-              "PGD++ (Gupta & Ajanthan 2022): CE on logits / T; T 'auto' gives clean logits std 10.", "PGD++"),
-        _spec("pgd_pairing", _run_pairing,
-              _pgd_defaults(loss="ce", layers=["logits"], lambdas=[1.0], p=None, distance="relative_l2"),
-              "Pairing-adaptive PGD: CE + sum_l lambda_l * D_l at the model's own paired layers.", "PGD-pairing"),
-        _spec("pgd_schedule", _run_schedule,
-              _pgd_defaults(steps=200, restarts=5, losses=["ce", "margin", "dlr"], step_fractions=[0.5, 0.25, 0.1]),
-              "Step-size x loss x restarts schedule of PGD (thorough budget).", "PGD-schedule"),
+        _spec(
+            "pgd_margin",
+            _run_loss_pgd,
+            _pgd_defaults(loss="margin"),
+            "PGD on the C&W margin loss (no softmax: does not saturate with the logit scale).",
+            "PGD-margin",
+            loss=SCALE_FREE,
+        ),
+        _spec(
+            "pgd_dlr",
+            _run_loss_pgd,
+            _pgd_defaults(loss="dlr"),
+            "PGD on the DLR loss (Croce & Hein 2020): invariant to shift and scale of the logits.",
+            "PGD-DLR",
+            loss=SCALE_FREE,
+        ),
+        _spec(
+            "pgd_mt",
+            _run_multitargeted,
+            _pgd_defaults(targets=3),
+            "Multi-targeted PGD: a targeted margin run against each of the top-k other classes.",
+            "PGD-MT",
+            ranges={**PGD_RANGES, "targets": count()},
+        ),
+        _spec(
+            "pgd_pp",
+            _run_pgd_pp,
+            _pgd_defaults(loss="ce", temperature="auto"),
+            "PGD++ (Gupta & Ajanthan 2022): CE on logits / T; T 'auto' gives clean logits std 10.",
+            "PGD++",
+        ),
+        _spec(
+            "pgd_pairing",
+            _run_pairing,
+            _pgd_defaults(loss="ce", layers=["logits"], lambdas=[1.0], p=None, distance="relative_l2"),
+            "Pairing-adaptive PGD: CE + sum_l lambda_l * D_l at the model's own paired layers.",
+            "PGD-pairing",
+        ),
+        _spec(
+            "pgd_schedule",
+            _run_schedule,
+            _pgd_defaults(steps=200, restarts=5, losses=["ce", "margin", "dlr"], step_fractions=[0.5, 0.25, 0.1]),
+            "Step-size x loss x restarts schedule of PGD (thorough budget).",
+            "PGD-schedule",
+        ),
     ]
 }
 
@@ -208,9 +291,12 @@ def pairing_attack_params(config: Mapping[str, Any] | None) -> dict[str, Any]:
     pairing = config.get("pairing") or {}
     if method != "esq" or not list(pairing.get("layers") or []):
         return {}
-    out: dict[str, Any] = {"layers": [str(v) for v in pairing["layers"]],
-                           "lambdas": [float(v) for v in pairing.get("lambdas") or []], "p": None,
-                           "distance": resolve_distance(pairing.get("distance"), pairing.get("p"))}
+    out: dict[str, Any] = {
+        "layers": [str(v) for v in pairing["layers"]],
+        "lambdas": [float(v) for v in pairing.get("lambdas") or []],
+        "p": None,
+        "distance": resolve_distance(pairing.get("distance"), pairing.get("p")),
+    }
     return out
 
 

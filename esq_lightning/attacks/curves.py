@@ -16,9 +16,7 @@ from esq_lightning.attacks.utils import _predict, frozen_eval
 __all__ = ["accuracy_at_budgets", "accuracy_curve"]
 
 
-def accuracy_at_budgets(
-    output: AttackOutput, clean_correct: Tensor, budgets: list[float]
-) -> list[float]:
+def accuracy_at_budgets(output: AttackOutput, clean_correct: Tensor, budgets: list[float]) -> list[float]:
     """Accuracy at each budget: clean-correct and (attack failed or found norm > budget).
 
     Exact for minimum-norm attacks at any budget. A budgeted attack only answers for its own eps

@@ -19,8 +19,10 @@ def check_attack_names(names: list[Any], key: str) -> None:
     for i, name in enumerate(names):
         if name not in ATTACKS:
             where = f"{key}[{i}]" if len(names) > 1 or key.endswith("attacks") else key
-            raise ESQUserError(f"{where}: {show(name)} is not an attack{did_you_mean(str(name), allowed)}; "
-                               f"allowed: {', '.join(allowed)}")
+            raise ESQUserError(
+                f"{where}: {show(name)} is not an attack{did_you_mean(str(name), allowed)}; "
+                f"allowed: {', '.join(allowed)}"
+            )
 
 
 def check_attack_params(params: Any, key: str, budgeted: bool = True) -> None:
@@ -35,8 +37,9 @@ def check_attack_params(params: Any, key: str, budgeted: bool = True) -> None:
     for name in params:
         pkey = f"{key}.{name}"
         if name not in ATTACKS:
-            raise ESQUserError(f"{pkey}: {str(name)!r} is not an attack{did_you_mean(str(name), names)}; "
-                               f"allowed: {', '.join(names)}")
+            raise ESQUserError(
+                f"{pkey}: {str(name)!r} is not an attack{did_you_mean(str(name), names)}; allowed: {', '.join(names)}"
+            )
         spec = ATTACKS[str(name)]
         entry = _value(params, str(name), key)
         if entry is None:
@@ -47,14 +50,18 @@ def check_attack_params(params: Any, key: str, budgeted: bool = True) -> None:
         for p in entry:
             p = str(p)
             if p not in allowed:
-                raise ESQUserError(f"{pkey}.{p}: unknown parameter of {name}{did_you_mean(p, allowed)}; "
-                                   f"allowed: {', '.join(allowed)}")
+                raise ESQUserError(
+                    f"{pkey}.{p}: unknown parameter of {name}{did_you_mean(p, allowed)}; allowed: {', '.join(allowed)}"
+                )
             value = _value(entry, p, pkey)
             rule = spec.ranges.get(p)
             if p == "eps":
                 norm = _value(entry, "norm", pkey) if "norm" in entry else spec.norm
-                rule = (ParamRange(float, gt=0, le=1, note="an L_inf radius within the input range [0, 1]")
-                        if str(norm).lower() in ("linf", "inf") else positive())
+                rule = (
+                    ParamRange(float, gt=0, le=1, note="an L_inf radius within the input range [0, 1]")
+                    if str(norm).lower() in ("linf", "inf")
+                    else positive()
+                )
             # null: the attack's default (eps from the threat model, step_size from step_fraction x eps)
             if rule is not None:
                 rule.check(value, f"{pkey}.{p}")
@@ -72,5 +79,6 @@ def _value(node: Mapping[str, Any], sub: str, key: str) -> Any:
         return node[sub]
     except OmegaConfBaseException as exc:
         text = str(exc).strip()
-        raise ESQUserError(f"{where}: cannot resolve its value: "
-                           f"{text.splitlines()[0] if text else type(exc).__name__}") from None
+        raise ESQUserError(
+            f"{where}: cannot resolve its value: {text.splitlines()[0] if text else type(exc).__name__}"
+        ) from None

@@ -34,9 +34,7 @@ def _view_per_sample(v: Tensor, like: Tensor) -> Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _random_start(
-    x: Tensor, eps: float, norm: str, generator: torch.Generator | None
-) -> Tensor:
+def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
     """Uniform in the L_inf ball (per coordinate) or uniform in the volume of the L2 ball."""
     gen_device = generator.device if generator is not None else x.device
     shape, n, d = x.shape, x.shape[0], x[0].numel()

@@ -53,21 +53,21 @@ __all__ = [
 ]
 
 # kind: what the attack answers.
-BUDGETED = "budgeted"          # the best x_adv within eps
+BUDGETED = "budgeted"  # the best x_adv within eps
 MINIMUM_NORM = "minimum-norm"  # the smallest perturbation that fools the model (accuracy read at any budget)
 KINDS = (BUDGETED, MINIMUM_NORM)
 
 # family: what the attack uses of the model, as the gradient-masking report (evaluation/masking.py) and the
 # checks (evaluation/checks.py) compare attacks.
-SINGLE_STEP = "single-step"      # one gradient step (FGSM): should never beat an iterative attack
-ITERATIVE = "iterative"          # iterative gradient attacks the masking report compares (CE PGD, AutoAttack, DDN, C&W)
-ADAPTIVE = "adaptive"            # iterative gradient attacks on a loss of their own (margin, DLR, targeted, pairing):
-                                 # they nest with no other attack, so the masking report leaves them out
+SINGLE_STEP = "single-step"  # one gradient step (FGSM): should never beat an iterative attack
+ITERATIVE = "iterative"  # iterative gradient attacks the masking report compares (CE PGD, AutoAttack, DDN, C&W)
+ADAPTIVE = "adaptive"  # iterative gradient attacks on a loss of their own (margin, DLR, targeted, pairing):
+# they nest with no other attack, so the masking report leaves them out
 GRADIENT_FREE = "gradient-free"  # score- or decision-based: never look at a gradient
 FAMILIES = (SINGLE_STEP, ITERATIVE, ADAPTIVE, GRADIENT_FREE)
 
 # loss: what loss_scale_sensitivity (evaluation/checks.py) compares.
-CE = "ce"                  # cross-entropy: saturates with the logit scale
+CE = "ce"  # cross-entropy: saturates with the logit scale
 SCALE_FREE = "scale-free"  # untargeted PGD on a loss that does not saturate (C&W margin, DLR)
 LOSSES = (None, CE, SCALE_FREE)
 
@@ -96,9 +96,18 @@ class ParamRange:
         name = key.rsplit(".", 1)[-1]
         if not _is_type(value, self.type):
             raise ESQUserError(f"{key}: {show(value)} is not {_type_name(self.type)}; allowed: {self.allowed(name)}")
-        bad = (isinstance(value, float) and not math.isfinite(value)
-               or self.gt is not None and not value > self.gt or self.ge is not None and not value >= self.ge
-               or self.lt is not None and not value < self.lt or self.le is not None and not value <= self.le)
+        bad = (
+            isinstance(value, float)
+            and not math.isfinite(value)
+            or self.gt is not None
+            and not value > self.gt
+            or self.ge is not None
+            and not value >= self.ge
+            or self.lt is not None
+            and not value < self.lt
+            or self.le is not None
+            and not value <= self.le
+        )
         if bad:
             raise ESQUserError(f"{key}: {show(value)} is out of range; allowed: {self.allowed(name)}")
 
@@ -170,8 +179,9 @@ class AttackSpec:
             raise ValueError(f"{where}: loss {self.loss!r} is not one of {', '.join(map(str, LOSSES))}")
         unknown = sorted(set(self.ranges) - set(self.defaults))
         if unknown:
-            raise ValueError(f"{where}: ranges for parameters it does not take: {unknown}; "
-                             f"its parameters: {sorted(self.defaults)}")
+            raise ValueError(
+                f"{where}: ranges for parameters it does not take: {unknown}; its parameters: {sorted(self.defaults)}"
+            )
         if not self.title:
             object.__setattr__(self, "title", self.name)
 
@@ -212,10 +222,7 @@ class Attack:
     def __init__(self, spec: AttackSpec, eps: float | None, params: dict[str, Any]) -> None:
         unknown = sorted(set(params) - set(spec.defaults))
         if unknown:
-            raise ValueError(
-                f"attack {spec.name!r} got unknown parameters {unknown}; "
-                f"valid: {sorted(spec.defaults)}"
-            )
+            raise ValueError(f"attack {spec.name!r} got unknown parameters {unknown}; valid: {sorted(spec.defaults)}")
         self.spec = spec
         self.params: dict[str, Any] = {**spec.defaults, **params}
         if "norm" in self.params:
@@ -301,9 +308,7 @@ def _check_box(x_adv: Tensor, name: str) -> None:
 def _check_budget(norms: Tensor, eps: float | None, name: str) -> None:
     # A float32 clamp can land one ulp outside the ball: tolerate that, nothing more.
     if eps is not None and norms.numel() and norms.max() > eps * (1 + 1e-5) + 1e-6:
-        raise RuntimeError(
-            f"attack {name!r} exceeded its budget: max norm {norms.max().item():.6g} > eps {eps}"
-        )
+        raise RuntimeError(f"attack {name!r} exceeded its budget: max norm {norms.max().item():.6g} > eps {eps}")
 
 
 @contextlib.contextmanager

@@ -100,9 +100,7 @@ def check_gradients(
             )
         (grad,) = torch.autograd.grad(margin(logits, ys).sum(), xs, allow_unused=True)
     if grad is None:
-        raise GradientCheckError(
-            "the logits have no gradient path to the input: gradient attacks would fail silently"
-        )
+        raise GradientCheckError("the logits have no gradient path to the input: gradient attacks would fail silently")
     g = grad.detach().flatten(1)
     nonfinite = ~torch.isfinite(g).all(dim=1)
     zero = g.abs().amax(dim=1) == 0

@@ -73,8 +73,9 @@ def user_errors_as_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def run_hydra_command(command: str, hydra_main: Callable[[], Any], argv: Sequence[str] | None = None,
-                      pass_through: Sequence[str] = ()) -> None:
+def run_hydra_command(
+    command: str, hydra_main: Callable[[], Any], argv: Sequence[str] | None = None, pass_through: Sequence[str] = ()
+) -> None:
     """Run the Hydra main of a command that is no training job (esq-report, esq-reproduce) on argv.
 
     Hydra refuses an unknown key, a positional word or a --flag with a long message; those are checked first

@@ -34,17 +34,27 @@ def _export(cfg: DictConfig) -> dict:
     from esq_lightning.commands.onnx_export import export_onnx, require_onnx
 
     # Never over the source, an existing file only with overwrite=true (artifacts/export.py), before any work.
-    check_export_target(Path(cfg.ckpt_path), Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).with_suffix(".onnx"),
-                        bool(cfg.overwrite))
+    check_export_target(
+        Path(cfg.ckpt_path), Path(cfg.out) if cfg.out else Path(cfg.ckpt_path).with_suffix(".onnx"), bool(cfg.overwrite)
+    )
     from esq_lightning.utils import set_threads
 
     require_onnx("esq-export format=onnx")
     set_threads(cfg.get("threads"))
     o = cfg.onnx
-    return export_onnx(cfg.ckpt_path, cfg.out, n_samples=o.n_samples, attack=o.attack, eps=o.eps,
-                       attack_params=_plain(o.get("params")), data=_plain(cfg.get("data")),
-                       batch_size=int(o.batch_size), rtol=float(o.rtol), threads=cfg.get("threads"),
-                       progress=bool(cfg.get("progress", True)))
+    return export_onnx(
+        cfg.ckpt_path,
+        cfg.out,
+        n_samples=o.n_samples,
+        attack=o.attack,
+        eps=o.eps,
+        attack_params=_plain(o.get("params")),
+        data=_plain(cfg.get("data")),
+        batch_size=int(o.batch_size),
+        rtol=float(o.rtol),
+        threads=cfg.get("threads"),
+        progress=bool(cfg.get("progress", True)),
+    )
 
 
 @composition_in_one_line("export")
@@ -68,10 +78,18 @@ def main(cfg: DictConfig) -> None:
     print(json.dumps(report, indent=2))
 
 
-EXPORT_KEYS = {"ckpt_path": "a checkpoint path", "format": "packed or onnx", "out": "a file path or null",
-               "verify": "true or false", "overwrite": "true or false", "trust_checkpoint": "true or false",
-               "progress": "true or false",
-               "threads": "an integer or null", "data": "data overrides", "onnx": "the format=onnx options"}
+EXPORT_KEYS = {
+    "ckpt_path": "a checkpoint path",
+    "format": "packed or onnx",
+    "out": "a file path or null",
+    "verify": "true or false",
+    "overwrite": "true or false",
+    "trust_checkpoint": "true or false",
+    "progress": "true or false",
+    "threads": "an integer or null",
+    "data": "data overrides",
+    "onnx": "the format=onnx options",
+}
 
 
 def check_export_config(cfg: DictConfig) -> None:
@@ -82,8 +100,9 @@ def check_export_config(cfg: DictConfig) -> None:
 
     for key in cfg:
         if key not in EXPORT_KEYS:
-            raise ESQUserError(f"{key}: unknown key of esq-export{did_you_mean(key, EXPORT_KEYS)}; allowed: "
-                               f"{', '.join(EXPORT_KEYS)}")
+            raise ESQUserError(
+                f"{key}: unknown key of esq-export{did_you_mean(key, EXPORT_KEYS)}; allowed: {', '.join(EXPORT_KEYS)}"
+            )
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
         raise ESQUserError("ckpt_path: missing; esq-export needs ckpt_path=path/to/final.ckpt")
     for key in ("verify", "overwrite", "trust_checkpoint", "progress"):

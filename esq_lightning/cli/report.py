@@ -23,8 +23,9 @@ COMMAND = "esq-report"
 def report_options(cfg: DictConfig) -> ReportOptions:
     """The checked options of a composed conf/report.yaml (one ESQUserError line for a bad or missing one)."""
     if OmegaConf.is_missing(cfg, "runs"):
-        raise ESQUserError("runs: required: the run or multirun folder(s) to report, e.g. "
-                           "runs=outputs/digits-table or runs=[a,b]")
+        raise ESQUserError(
+            "runs: required: the run or multirun folder(s) to report, e.g. runs=outputs/digits-table or runs=[a,b]"
+        )
     values = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(values, dict)
     return validate_options(COMMAND, values)

@@ -32,8 +32,11 @@ TABLE4_ADVERSARIAL = ["NAB", "NAT", "AAB", "AAT"]
 DIGITS_SECONDS = {"NF": 20, "AF": 90, "V": 25, "E": 120, "A": 100}
 DIGITS_EVAL_SECONDS = 90
 
-MODULES = {"esq-train": "esq_lightning.cli.train", "esq-eval": "esq_lightning.cli.evaluate",
-           "esq-report": "esq_lightning.cli.report"}
+MODULES = {
+    "esq-train": "esq_lightning.cli.train",
+    "esq-eval": "esq_lightning.cli.evaluate",
+    "esq-report": "esq_lightning.cli.report",
+}
 
 
 @dataclass
@@ -98,8 +101,7 @@ def plan(opts: dict[str, Any], train_extra: Sequence[str], eval_extra: Sequence[
     root = opts["runs_root"]
     seeds = ",".join(str(s) for s in opts["seeds"])
     threads = [f"threads={opts['threads']}"] if opts["threads"] is not None else []
-    common = [f"seed={seeds}", f"paths.runs_root={root}", *threads, "progress=false",
-              *_launcher_args(opts)]
+    common = [f"seed={seeds}", f"paths.runs_root={root}", *threads, "progress=false", *_launcher_args(opts)]
     steps: list[Step] = []
     models = dict(SCALES[opts["scale"]])
 
@@ -111,21 +113,39 @@ def plan(opts: dict[str, Any], train_extra: Sequence[str], eval_extra: Sequence[
         if "pretrain" in opts["stages"]:
             steps.append(train_step("pretrain", f"pretrain_{dataset}", dataset, f"{dataset}: NF and AF"))
         if "quantize" in opts["stages"]:
-            steps.append(train_step("quantize", f"quantize_{dataset}", dataset,
-                                    f"{dataset}: V/E x B/T from N/A (init_from=setting:NF|AF, same seed)"))
+            steps.append(
+                train_step(
+                    "quantize",
+                    f"quantize_{dataset}",
+                    dataset,
+                    f"{dataset}: V/E x B/T from N/A (init_from=setting:NF|AF, same seed)",
+                )
+            )
         if "ablations" in opts["stages"]:
             table4 = "table4_digits" if dataset == "digits" else ("table4_cifar10" if dataset == "cifar10" else None)
             table5 = "table5_digits" if dataset == "digits" else ("table5_cifar100" if dataset == "cifar100" else None)
             # Only what the quantize stage did not train: a second copy of a run would count as another seed.
             if table4:
-                steps.append(train_step("ablations", table4, dataset,
-                                        f"{dataset}: Table 4 (NVB, NVT, AVB, AVT come from the quantize stage)",
-                                        ["experiment=" + ",".join(f"{dataset}/{s}" for s in TABLE4_ADVERSARIAL)]))
+                steps.append(
+                    train_step(
+                        "ablations",
+                        table4,
+                        dataset,
+                        f"{dataset}: Table 4 (NVB, NVT, AVB, AVT come from the quantize stage)",
+                        ["experiment=" + ",".join(f"{dataset}/{s}" for s in TABLE4_ADVERSARIAL)],
+                    )
+                )
             if table5:
                 modules = "digits_blocks" if dataset == "digits" else "resnet152_modules_4_12_48"
-                steps.append(train_step("ablations", table5, dataset,
-                                        f"{dataset}: Table 5 (AEB pairing the logits comes from the quantize stage)",
-                                        [f"pairing={modules}"]))
+                steps.append(
+                    train_step(
+                        "ablations",
+                        table5,
+                        dataset,
+                        f"{dataset}: Table 5 (AEB pairing the logits comes from the quantize stage)",
+                        [f"pairing={modules}"],
+                    )
+                )
         if "eval" in opts["stages"]:
             seed = opts["seeds"][0]
             model = models[dataset]
@@ -133,22 +153,43 @@ def plan(opts: dict[str, Any], train_extra: Sequence[str], eval_extra: Sequence[
             if opts["blackbox"]:
                 evals.append(("blackbox", ["NF", "NVB", "NEB", "AF", "AEB"]))
             for mode, settings in evals:
-                def build(dry: bool, mode: str = mode, settings: list[str] = settings, dataset: str = dataset,
-                          model: str = model, seed: int = seed) -> list[str]:
+
+                def build(
+                    dry: bool,
+                    mode: str = mode,
+                    settings: list[str] = settings,
+                    dataset: str = dataset,
+                    model: str = model,
+                    seed: int = seed,
+                ) -> list[str]:
                     ckpts = []
                     for s in settings:
                         ckpt = None if dry else find_checkpoint(root, s, dataset, model, seed)
                         if ckpt is None and not dry:
-                            raise ESQUserError(f"esq-reproduce: no finished {s} run of {dataset} seed {seed} under {root}"
-                                               " (did the training stages fail? see their output above)")
+                            raise ESQUserError(
+                                f"esq-reproduce: no finished {s} run of {dataset} seed {seed} under {root}"
+                                " (did the training stages fail? see their output above)"
+                            )
                         ckpts.append(ckpt or f"<{root}: {s} seed {seed} final.ckpt>")
-                    return [f"mode={mode}", "ckpts=[" + ",".join(ckpts) + "]", *threads, "progress=false",
-                            f"hydra.run.dir={root}/eval/{dataset}_{mode}", *eval_extra]
+                    return [
+                        f"mode={mode}",
+                        "ckpts=[" + ",".join(ckpts) + "]",
+                        *threads,
+                        "progress=false",
+                        f"hydra.run.dir={root}/eval/{dataset}_{mode}",
+                        *eval_extra,
+                    ]
+
                 steps.append(Step("eval", "esq-eval", build, f"{dataset}: {mode} ({', '.join(settings)}, seed {seed})"))
     if "report" in opts["stages"]:
-        steps.append(Step("report", "esq-report", lambda dry: [f"runs={hydra_value(root)}",
-                                                               f"out={hydra_value(root + '/report')}"],
-                          "the tables (markdown + LaTeX) and figures"))
+        steps.append(
+            Step(
+                "report",
+                "esq-report",
+                lambda dry: [f"runs={hydra_value(root)}", f"out={hydra_value(root + '/report')}"],
+                "the tables (markdown + LaTeX) and figures",
+            )
+        )
     return steps
 
 
@@ -185,17 +226,22 @@ def command_text(step: Step, argv: Sequence[str]) -> str:
     return shlex.join([step.tool, *argv])
 
 
-def run_pipeline(opts: dict[str, Any], train_extra: Sequence[str], eval_extra: Sequence[str],
-                 echo: Callable[[str], None] = print) -> int:
+def run_pipeline(
+    opts: dict[str, Any], train_extra: Sequence[str], eval_extra: Sequence[str], echo: Callable[[str], None] = print
+) -> int:
     steps = plan(opts, train_extra, eval_extra)
     dry = bool(opts["dry_run"])
     if opts["scale"] == "digits":
         minutes = estimate_digits_seconds(opts) / 60
-        echo(f"# esq-reproduce scale=digits: {len(opts['seeds'])} seeds, {opts['n_jobs']} jobs at a time; estimated "
-             f"~{minutes:.0f} min on {opts['n_jobs']} quiet CPU cores (single-run times in docs/sweeps.md)")
+        echo(
+            f"# esq-reproduce scale=digits: {len(opts['seeds'])} seeds, {opts['n_jobs']} jobs at a time; estimated "
+            f"~{minutes:.0f} min on {opts['n_jobs']} quiet CPU cores (single-run times in docs/sweeps.md)"
+        )
     else:
-        echo(f"# esq-reproduce scale=cifar: the paper's settings ({', '.join(opts['datasets'])}); days of GPU time, "
-             "see docs/sweeps.md. Datasets are read from data.data_dir (default ./data).")
+        echo(
+            f"# esq-reproduce scale=cifar: the paper's settings ({', '.join(opts['datasets'])}); days of GPU time, "
+            "see docs/sweeps.md. Datasets are read from data.data_dir (default ./data)."
+        )
     env = {**os.environ}
     if str(opts["threads"]) == "1":
         # One torch/OpenMP thread per job: the jobs, not the threads, use the cores.
@@ -211,9 +257,11 @@ def run_pipeline(opts: dict[str, Any], train_extra: Sequence[str], eval_extra: S
         proc = subprocess.run([sys.executable, "-m", MODULES[step.tool], *argv], env=env)
         echo(f"# [{i}/{len(steps)}] done in {time.perf_counter() - start:.0f} s (exit code {proc.returncode})")
         if proc.returncode != 0:
-            rest = opts["stages"][opts["stages"].index(step.stage):]
-            echo(f"esq-reproduce: stage {step.stage} failed (exit code {proc.returncode}); rerun from it with "
-                 f"stages=[{','.join(rest)}]")
+            rest = opts["stages"][opts["stages"].index(step.stage) :]
+            echo(
+                f"esq-reproduce: stage {step.stage} failed (exit code {proc.returncode}); rerun from it with "
+                f"stages=[{','.join(rest)}]"
+            )
             return proc.returncode
     if not dry and "report" in opts["stages"]:
         echo(f"# report: {opts['runs_root']}/report/report.md")

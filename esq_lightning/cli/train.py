@@ -40,9 +40,15 @@ def metric_value(results: dict, name: str) -> float:
     for i, part in enumerate(name.split(".")):
         if not isinstance(node, dict) or part not in node:
             where = ".".join(name.split(".")[:i]) or "results.json"
-            have = sorted(k for k, v in node.items() if isinstance(v, (int, float, dict))) if isinstance(node, dict) else []
-            raise ESQUserError(f"optimized_metric: {name!r} is not in this run's results ({where} has "
-                               f"{', '.join(have) or 'no keys'}); allowed: a dotted key such as robust_acc.pgd20")
+            have = (
+                sorted(k for k, v in node.items() if isinstance(v, (int, float, dict)))
+                if isinstance(node, dict)
+                else []
+            )
+            raise ESQUserError(
+                f"optimized_metric: {name!r} is not in this run's results ({where} has "
+                f"{', '.join(have) or 'no keys'}); allowed: a dotted key such as robust_acc.pgd20"
+            )
         node = node[part]
     if not isinstance(node, (int, float)):
         raise ESQUserError(f"optimized_metric: {name!r} is not a number in results.json")

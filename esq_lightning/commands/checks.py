@@ -87,8 +87,6 @@ def validate_eval_config(cfg: DictConfig, run_cfg: DictConfig | None = None) -> 
     _check_trainer(data.get("trainer"))
 
 
-
-
 # ---- the checks --------------------------------------------------------------------------------------
 def _check_trainer(trainer: dict | None, key: str = "trainer") -> None:
     """trainer.*: arguments of the installed pytorch_lightning.Trainer, with values it accepts."""
@@ -98,8 +96,10 @@ def _check_trainer(trainer: dict | None, key: str = "trainer") -> None:
     accepted = [n for n in params if n != "self"]
     for k in trainer:
         if k not in accepted:
-            raise ESQUserError(f"{key}.{k}: unknown key{did_you_mean(k, accepted)}; allowed keys of {key}: the "
-                               f"arguments of pytorch_lightning.Trainer {pl.__version__}: {', '.join(accepted)}")
+            raise ESQUserError(
+                f"{key}.{k}: unknown key{did_you_mean(k, accepted)}; allowed keys of {key}: the "
+                f"arguments of pytorch_lightning.Trainer {pl.__version__}: {', '.join(accepted)}"
+            )
     # The names Lightning's accelerator connector accepts (pytorch_lightning/trainer/connectors/
     # accelerator_connector.py): its registries plus "auto" (and "gpu" for accelerators).
     choices = {
@@ -114,14 +114,18 @@ def _check_trainer(trainer: dict | None, key: str = "trainer") -> None:
         v = value.lower() if isinstance(value, str) and k != "precision" else value
         if not any(v == c and type(v) is type(c) for c in allowed):
             names = [c for c in allowed if isinstance(c, str)]
-            raise ESQUserError(f"{key}.{k}: {show(value)} is not allowed; allowed: "
-                               f"{', '.join(show(c) for c in dict.fromkeys(allowed))} (pytorch_lightning "
-                               f"{pl.__version__}){did_you_mean(str(value), names)}")
+            raise ESQUserError(
+                f"{key}.{k}: {show(value)} is not allowed; allowed: "
+                f"{', '.join(show(c) for c in dict.fromkeys(allowed))} (pytorch_lightning "
+                f"{pl.__version__}){did_you_mean(str(value), names)}"
+            )
     num_nodes = trainer.get("num_nodes", params["num_nodes"].default)
     strategy = trainer.get("strategy", params["strategy"].default)
     if num_nodes > 1 and not str(strategy).startswith(("ddp", "fsdp", "deepspeed")):
-        raise ESQUserError(f"{key}.strategy: {strategy!r} cannot span {num_nodes} nodes; allowed: ddp (or another "
-                           "distributed strategy) with num_nodes > 1")
+        raise ESQUserError(
+            f"{key}.strategy: {strategy!r} cannot span {num_nodes} nodes; allowed: ddp (or another "
+            "distributed strategy) with num_nodes > 1"
+        )
 
 
 def _literal_values(tp: Any) -> list[Any]:
@@ -148,15 +152,19 @@ def _check_setting(cfg: DictConfig) -> None:
     derived = derived_setting(cfg)
     given = cfg.get("setting")
     if given != derived:
-        raise ESQUserError(f"setting: {given!r} contradicts the run, which is {derived!r} (method, quant and the "
-                           "init_from run decide it); allowed: leave setting unset")
+        raise ESQUserError(
+            f"setting: {given!r} contradicts the run, which is {derived!r} (method, quant and the "
+            "init_from run decide it); allowed: leave setting unset"
+        )
 
 
 def _check_paths(run: TrainConfig) -> None:
     init_from = run.init_from
     if init_from is not None and not str(init_from).startswith("setting:") and not Path(init_from).is_file():
-        raise ESQUserError(f"init_from: {init_from!r} is not a file; allowed: a checkpoint file, or setting:NAME "
-                           "(the newest finished run of that setting)")
+        raise ESQUserError(
+            f"init_from: {init_from!r} is not a file; allowed: a checkpoint file, or setting:NAME "
+            "(the newest finished run of that setting)"
+        )
     if run.ckpt_path is not None:
         resolve_resume_path(str(run.ckpt_path), _run_dir())
 
@@ -176,8 +184,9 @@ def _check_model_and_pairing(cfg: DictConfig) -> None:
     except Exception as exc:
         # Hydra wraps the constructor's exception; its own message is the useful one.
         cause = exc.__cause__ or exc
-        raise ESQUserError(f"model: {cfg.model.name} cannot be built from its config: "
-                           f"{type(cause).__name__}: {first_line(cause)}") from None
+        raise ESQUserError(
+            f"model: {cfg.model.name} cannot be built from its config: {type(cause).__name__}: {first_line(cause)}"
+        ) from None
     try:
         check_pairing_names(model, [str(n) for n in cfg.pairing.layers])
     except ValueError as exc:

@@ -72,22 +72,29 @@ def _num(v: Any) -> bool:
 def whitebox_items(record: Mapping[str, Any], out: Path | None = None) -> EvalLog:
     columns, values = results_row(record)
     log = EvalLog(tables={"eval/results": (columns, [values])})
-    log.summary = {"eval/clean_acc": float(record["clean_acc"]),
-                   **{f"eval/{k}_acc": float(v) for k, v in (record.get("robust_acc") or {}).items()}}
+    log.summary = {
+        "eval/clean_acc": float(record["clean_acc"]),
+        **{f"eval/{k}_acc": float(v) for k, v in (record.get("robust_acc") or {}).items()},
+    }
     labels = ["clean", *(record.get("robust_acc") or {})]
     accs = [float(record["clean_acc"]), *(float(v) for v in (record.get("robust_acc") or {}).values())]
     tm = record.get("threat_model") or {}
     title = f"{record.get('dataset')}: accuracy per attack, {tm.get('norm')} eps={float(tm.get('eps', 0)):.4g}"
     log.bars.append(Bar("eval/accuracy_per_attack", title, labels, accs))
     attacks = record.get("attacks") or {}
-    eps_rows = [[name, float(p["eps"]), float(record["robust_acc"][name])]
-                for name, p in attacks.items() if _num((p or {}).get("eps")) and name in record["robust_acc"]]
+    eps_rows = [
+        [name, float(p["eps"]), float(record["robust_acc"][name])]
+        for name, p in attacks.items()
+        if _num((p or {}).get("eps")) and name in record["robust_acc"]
+    ]
     if eps_rows:
         log.tables["eval/attacks"] = (["attack", "eps", "accuracy"], eps_rows)
     flags = (record.get("gradient_masking") or {}).get("flags") or []
     if flags:
-        log.tables["eval/gradient_masking"] = (["flag"], [[str(f.get("name", f)) if isinstance(f, Mapping) else str(f)]
-                                                          for f in flags])
+        log.tables["eval/gradient_masking"] = (
+            ["flag"],
+            [[str(f.get("name", f)) if isinstance(f, Mapping) else str(f)] for f in flags],
+        )
     if out is not None:
         from matplotlib.figure import Figure
 
@@ -105,17 +112,29 @@ def whitebox_items(record: Mapping[str, Any], out: Path | None = None) -> EvalLo
 def transfer_items(record: Mapping[str, Any], out: Path | None = None) -> EvalLog:
     labels = list(record["labels"])
     matrix = [[float(v) for v in row] for row in record["matrix"]]
-    log = EvalLog(tables={"eval/transfer_matrix": (["source \\ target", *labels],
-                                                   [[src, *row] for src, row in zip(labels, matrix)])})
-    log.tables["eval/clean"] = (["model", "clean_acc"], [[lab, float(c)] for lab, c in zip(labels, record["clean_acc"])])
+    log = EvalLog(
+        tables={
+            "eval/transfer_matrix": (["source \\ target", *labels], [[src, *row] for src, row in zip(labels, matrix)])
+        }
+    )
+    log.tables["eval/clean"] = (
+        ["model", "clean_acc"],
+        [[lab, float(c)] for lab, c in zip(labels, record["clean_acc"])],
+    )
     log.summary = {f"eval/white_box_acc/{lab}": matrix[i][i] for i, lab in enumerate(labels)}
     log.summary.update({f"eval/clean_acc/{lab}": float(c) for lab, c in zip(labels, record["clean_acc"])})
     for j, target in enumerate(labels):
         others = [matrix[i][j] for i in range(len(labels)) if i != j]
         if others:
             log.summary[f"eval/transfer_acc_min/{target}"] = min(others)
-    log.bars.append(Bar("eval/white_box_accuracy", f"{record.get('attack')}: accuracy on own adversarial examples",
-                        labels, [matrix[i][i] for i in range(len(labels))]))
+    log.bars.append(
+        Bar(
+            "eval/white_box_accuracy",
+            f"{record.get('attack')}: accuracy on own adversarial examples",
+            labels,
+            [matrix[i][i] for i in range(len(labels))],
+        )
+    )
     if out is not None:
         from matplotlib.figure import Figure
 
@@ -130,7 +149,9 @@ def transfer_items(record: Mapping[str, Any], out: Path | None = None) -> EvalLo
         ax.set_xlabel("target (evaluated) model")
         ax.set_ylabel("source (attacked) model")
         tm = record.get("threat_model") or {}
-        ax.set_title(f"transfer {record.get('attack')}, {tm.get('norm')} eps={float(tm.get('eps') or 0):.4g}", fontsize=9)
+        ax.set_title(
+            f"transfer {record.get('attack')}, {tm.get('norm')} eps={float(tm.get('eps') or 0):.4g}", fontsize=9
+        )
         fig.colorbar(im, ax=ax, fraction=0.046)
         log.images["eval/figure/transfer"] = save_figure(fig, Path(out) / "transfer.png")
     return log
@@ -140,12 +161,21 @@ def amplification_items(record: Mapping[str, Any], out: Path | None = None) -> E
     curves = record["curves"]
     n_modules = max(len(c["d"]) for c in curves)
     log = EvalLog()
-    log.lines.append(Line("eval/D_l", "D_l per residual module", "residual module", "D_l",
-                          list(range(1, n_modules + 1)), [[float(d) for d in c["d"]] for c in curves],
-                          [c["label"] for c in curves]))
-    log.tables["eval/amplification"] = (["model", "module_index", "module", "D_l"],
-                                        [[c["label"], i + 1, name, float(d)]
-                                         for c in curves for i, (name, d) in enumerate(zip(c["modules"], c["d"]))])
+    log.lines.append(
+        Line(
+            "eval/D_l",
+            "D_l per residual module",
+            "residual module",
+            "D_l",
+            list(range(1, n_modules + 1)),
+            [[float(d) for d in c["d"]] for c in curves],
+            [c["label"] for c in curves],
+        )
+    )
+    log.tables["eval/amplification"] = (
+        ["model", "module_index", "module", "D_l"],
+        [[c["label"], i + 1, name, float(d)] for c in curves for i, (name, d) in enumerate(zip(c["modules"], c["d"]))],
+    )
     for c in curves:
         log.summary[f"eval/clean_acc/{c['label']}"] = float(c["clean_acc"])
         log.summary[f"eval/adv_acc/{c['label']}"] = float(c["adv_acc"])
@@ -159,11 +189,21 @@ def blackbox_items(record: Mapping[str, Any], out: Path | None = None) -> EvalLo
     curves = record["curves"]
     budgets = [float(b) for b in record["budgets"]]
     log = EvalLog()
-    log.lines.append(Line("eval/accuracy_vs_l2_budget", "accuracy vs L2 budget (black-box)", "L2 budget", "accuracy",
-                          budgets, [[float(a) for a in c["accuracy"]] for c in curves], [c["legend"] for c in curves]))
-    log.tables["eval/blackbox"] = (["model", "attack", "budget", "accuracy"],
-                                   [[c["label"], c["attack"], b, float(a)]
-                                    for c in curves for b, a in zip(c["budgets"], c["accuracy"])])
+    log.lines.append(
+        Line(
+            "eval/accuracy_vs_l2_budget",
+            "accuracy vs L2 budget (black-box)",
+            "L2 budget",
+            "accuracy",
+            budgets,
+            [[float(a) for a in c["accuracy"]] for c in curves],
+            [c["legend"] for c in curves],
+        )
+    )
+    log.tables["eval/blackbox"] = (
+        ["model", "attack", "budget", "accuracy"],
+        [[c["label"], c["attack"], b, float(a)] for c in curves for b, a in zip(c["budgets"], c["accuracy"])],
+    )
     for c in curves:
         log.summary[f"eval/acc_at_max_budget/{c['label']}/{c['attack']}"] = float(c["accuracy"][-1])
     if record.get("figure"):
@@ -179,8 +219,12 @@ def generic_items(record: Mapping[str, Any], out: Path | None = None) -> EvalLog
     return log
 
 
-MODE_ITEMS = {"whitebox": whitebox_items, "transfer": transfer_items, "amplification": amplification_items,
-              "blackbox": blackbox_items}
+MODE_ITEMS = {
+    "whitebox": whitebox_items,
+    "transfer": transfer_items,
+    "amplification": amplification_items,
+    "blackbox": blackbox_items,
+}
 
 
 def dashboard_items(mode: str, record: Mapping[str, Any], out: Path | None = None) -> EvalLog:
@@ -199,14 +243,18 @@ def check_eval_loggers(cfg: DictConfig) -> None:
 
     entries = _logger_entries(cfg)
     if "tensorboard" in entries and importlib.util.find_spec("tensorboard") is None:
-        raise ESQUserError("logger=tensorboard needs the tensorboard package: pip install 'esq-lightning[tensorboard]' "
-                           "(make setup installs it)")
+        raise ESQUserError(
+            "logger=tensorboard needs the tensorboard package: pip install 'esq-lightning[tensorboard]' "
+            "(make setup installs it)"
+        )
     if "wandb" in entries and not entries["wandb"].get("offline", True):
         import wandb
 
         if not (os.environ.get("WANDB_API_KEY") or wandb.api.api_key):
-            raise ESQUserError("logger.wandb.offline=false needs a W&B login: run `wandb login` or set WANDB_API_KEY "
-                               "(or keep the default offline mode and `wandb sync` later)")
+            raise ESQUserError(
+                "logger.wandb.offline=false needs a W&B login: run `wandb login` or set WANDB_API_KEY "
+                "(or keep the default offline mode and `wandb sync` later)"
+            )
 
 
 def _common_experiment(train_configs: Sequence[Mapping[str, Any]], mode: str) -> str:
@@ -232,9 +280,15 @@ def resolve_logger_configs(cfg: DictConfig, mode: str, train_configs: Sequence[M
         base.pop(key, None)
     raw = OmegaConf.to_container(cfg.logger, resolve=False)
     tags = [*(base.get("tags") or []), *(cfg.get("tags") or [])]
-    context = OmegaConf.create({**base, "task_name": "eval", "tags": tags,
-                                "experiment_name": _common_experiment(train_configs, mode),
-                                "logger": {k: v for k, v in raw.items() if k in entries}})
+    context = OmegaConf.create(
+        {
+            **base,
+            "task_name": "eval",
+            "tags": tags,
+            "experiment_name": _common_experiment(train_configs, mode),
+            "logger": {k: v for k, v in raw.items() if k in entries},
+        }
+    )
     resolved = OmegaConf.to_container(context.logger, resolve=True)
     if "wandb" in resolved:
         resolved["wandb"]["tags"] = [*wandb_tags(context, resolved["wandb"].get("tags")), f"eval:{mode}"][:64]
@@ -250,9 +304,16 @@ def _log_wandb(conf: Mapping[str, Any], log: EvalLog, run_config: dict[str, Any]
     save_dir.mkdir(parents=True, exist_ok=True)
     with isolated_wandb_env():
         run = wandb.init(
-            project=conf.get("project"), entity=conf.get("entity"), name=conf.get("name"), group=conf.get("group"),
-            job_type=str(conf.get("job_type") or "eval"), tags=list(conf.get("tags") or []), config=run_config,
-            dir=str(save_dir), mode="offline" if conf.get("offline", True) else "online", reinit="create_new",
+            project=conf.get("project"),
+            entity=conf.get("entity"),
+            name=conf.get("name"),
+            group=conf.get("group"),
+            job_type=str(conf.get("job_type") or "eval"),
+            tags=list(conf.get("tags") or []),
+            config=run_config,
+            dir=str(save_dir),
+            mode="offline" if conf.get("offline", True) else "online",
+            reinit="create_new",
         )
         try:
             payload: dict[str, Any] = {}
@@ -263,10 +324,12 @@ def _log_wandb(conf: Mapping[str, Any], log: EvalLog, run_config: dict[str, Any]
                     payload[name] = wandb.Image(str(path))
             for line in log.lines:
                 payload[f"{line.name}_plot"] = wandb.plot.line_series(
-                    xs=line.xs, ys=line.ys, keys=line.keys, title=line.title, xname=line.xname)
+                    xs=line.xs, ys=line.ys, keys=line.keys, title=line.title, xname=line.xname
+                )
             for bar in log.bars:
-                table = wandb.Table(columns=["label", bar.value_name], data=[[lab, v] for lab, v in zip(bar.labels,
-                                                                                                    bar.values)])
+                table = wandb.Table(
+                    columns=["label", bar.value_name], data=[[lab, v] for lab, v in zip(bar.labels, bar.values)]
+                )
                 payload[f"{bar.name}_plot"] = wandb.plot.bar(table, "label", bar.value_name, title=bar.title)
             run.log(payload)
             run.summary.update(log.summary)
@@ -281,8 +344,9 @@ def _log_tensorboard(conf: Mapping[str, Any], log: EvalLog, mode: str) -> Path:
     from matplotlib.image import imread
     from torch.utils.tensorboard import SummaryWriter
 
-    log_dir = Path(str(conf.get("save_dir") or ".")) / str(conf.get("name") or "tensorboard") / str(
-        conf.get("version") or "")
+    log_dir = (
+        Path(str(conf.get("save_dir") or ".")) / str(conf.get("name") or "tensorboard") / str(conf.get("version") or "")
+    )
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
         for key, value in log.summary.items():
@@ -294,8 +358,9 @@ def _log_tensorboard(conf: Mapping[str, Any], log: EvalLog, mode: str) -> Path:
             writer.add_text(f"{line.name}/x", f"{line.xname}: " + ", ".join(f"{x:g}" for x in line.xs), 0)
         for name, (columns, rows) in log.tables.items():
             head = "| " + " | ".join(map(str, columns)) + " |\n|" + "---|" * len(columns) + "\n"
-            body = "".join("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r) + " |\n"
-                           for r in rows)
+            body = "".join(
+                "| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r) + " |\n" for r in rows
+            )
             writer.add_text(name, head + body, 0)
         for name, path in log.images.items():
             if Path(path).is_file():
@@ -318,9 +383,14 @@ def _eval_settings(cfg: DictConfig, train_configs: Sequence[Mapping[str, Any]]) 
         return OmegaConf.to_container(cfg.get("eval") or {}, resolve=False)
 
 
-def log_evaluation(cfg: DictConfig, mode: str, record: Mapping[str, Any],
-                   train_configs: Sequence[Mapping[str, Any]], items: EvalLog | None = None,
-                   out: Path | None = None) -> dict[str, str]:
+def log_evaluation(
+    cfg: DictConfig,
+    mode: str,
+    record: Mapping[str, Any],
+    train_configs: Sequence[Mapping[str, Any]],
+    items: EvalLog | None = None,
+    out: Path | None = None,
+) -> dict[str, str]:
     """Send one evaluation to the loggers of `cfg.logger`; returns {logger: where it wrote} (empty without any).
 
     `record` is what the mode wrote (results.json, transfer.json, ...), `train_configs` the training configs of
@@ -331,10 +401,14 @@ def log_evaluation(cfg: DictConfig, mode: str, record: Mapping[str, Any],
     if not confs:
         return {}
     log = items if items is not None else dashboard_items(mode, record, out)
-    run_config = {"mode": mode, "eval": _eval_settings(cfg, train_configs),
-                  "checkpoints": [m.get("checkpoint") for m in record.get("models") or []] or [record.get("checkpoint")],
-                  "models": list(record.get("models") or []), "n_samples": record.get("n_samples"),
-                  "train_config": dict(train_configs[0]) if train_configs else {}}
+    run_config = {
+        "mode": mode,
+        "eval": _eval_settings(cfg, train_configs),
+        "checkpoints": [m.get("checkpoint") for m in record.get("models") or []] or [record.get("checkpoint")],
+        "models": list(record.get("models") or []),
+        "n_samples": record.get("n_samples"),
+        "train_config": dict(train_configs[0]) if train_configs else {},
+    }
     where: dict[str, str] = {}
     if "wandb" in confs:
         run_dir = _log_wandb(confs["wandb"], log, run_config)

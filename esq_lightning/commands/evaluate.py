@@ -111,8 +111,10 @@ def checkpoint_paths(cfg: DictConfig, mode: str) -> list[str]:
     if not ckpts and cfg.get("ckpt_path"):
         ckpts = [_resolve(cfg, cfg.ckpt_path)]
     if not ckpts:
-        raise ESQUserError(f"ckpts: mode={mode} needs checkpoints, e.g. ckpts=[runs/a/checkpoints/final.ckpt,"
-                           "runs/b/checkpoints/final.ckpt]")
+        raise ESQUserError(
+            f"ckpts: mode={mode} needs checkpoints, e.g. ckpts=[runs/a/checkpoints/final.ckpt,"
+            "runs/b/checkpoints/final.ckpt]"
+        )
     return ckpts
 
 
@@ -126,8 +128,10 @@ def load_checkpoints(paths: Sequence[str], mode: str) -> list[Loaded]:
     for item in loaded[1:]:
         ident = dataset_identity(item.train_config)
         if ident != first:
-            raise ESQUserError(f"ckpts: {item.path} was trained on {ident} but {loaded[0].path} on {first}; "
-                               f"all checkpoints of mode={mode} must share the dataset")
+            raise ESQUserError(
+                f"ckpts: {item.path} was trained on {ident} but {loaded[0].path} on {first}; "
+                f"all checkpoints of mode={mode} must share the dataset"
+            )
     for item, label in zip(loaded, unique_labels([x.label for x in loaded])):
         item.label = label
     return loaded
@@ -153,14 +157,23 @@ def _model_records(loaded: Sequence[Loaded]) -> list[dict[str, Any]]:
     out = []
     for item in loaded:
         tc = item.train_config
-        out.append({"label": item.label, "checkpoint": item.path, **{k: tc.get(k) for k in keys},
-                    "model": tc["model"].get("name"), "method": tc["method"].get("name"),
-                    "quant": tc["quant"].get("kind"), "bits": int(tc["quant"].get("bits", 32))})
+        out.append(
+            {
+                "label": item.label,
+                "checkpoint": item.path,
+                **{k: tc.get(k) for k in keys},
+                "model": tc["model"].get("name"),
+                "method": tc["method"].get("name"),
+                "quant": tc["quant"].get("kind"),
+                "bits": int(tc["quant"].get("bits", 32)),
+            }
+        )
     return out
 
 
-def _header(mode: str, cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Loaded], out: Path,
-            n: int) -> dict[str, Any]:
+def _header(
+    mode: str, cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Loaded], out: Path, n: int
+) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "esq_lightning_version": __version__,
@@ -180,8 +193,10 @@ def check_transfer_attack(name: str) -> None:
     """The transfer matrix needs examples within the budget: minimum-norm attacks (DDN, C&W, Boundary) are refused."""
     if ATTACKS[name].kind != "budgeted":
         budgeted = [n for n, s in ATTACKS.items() if s.kind == "budgeted"]
-        raise ESQUserError(f"eval.transfer.attack: {name} is a minimum-norm attack (its examples are not limited to "
-                           f"eps, so the matrix would not be accuracy at the budget); allowed: {', '.join(budgeted)}")
+        raise ESQUserError(
+            f"eval.transfer.attack: {name} is a minimum-norm attack (its examples are not limited to "
+            f"eps, so the matrix would not be accuracy at the budget); allowed: {', '.join(budgeted)}"
+        )
 
 
 @with_checkpoint_trust
@@ -212,8 +227,10 @@ def _evaluate(cfg: DictConfig, mode: str, out: Path) -> dict[str, Any]:
     if onnx_files:
         # An ONNX file runs in onnxruntime: clean, replayed white-box examples and Square (commands/deployed.py).
         if mode != "whitebox" or cfg.get("ckpts"):
-            raise ESQUserError(f"ckpt_path: {onnx_files[0]} is an ONNX file; it is evaluated alone with mode=whitebox "
-                               "(ckpt_path=model.onnx); the other modes take checkpoints or packed files")
+            raise ESQUserError(
+                f"ckpt_path: {onnx_files[0]} is an ONNX file; it is evaluated alone with mode=whitebox "
+                "(ckpt_path=model.onnx); the other modes take checkpoints or packed files"
+            )
         return evaluate_onnx(cfg, out)
     if mode == "whitebox":
         return evaluate_whitebox(cfg, out)
@@ -225,8 +242,9 @@ def _evaluate(cfg: DictConfig, mode: str, out: Path) -> dict[str, Any]:
     loaded = load_checkpoints(checkpoint_paths(cfg, mode), mode)
     # eps, attack parameters and data resolve against the first checkpoint's config (the models share the data).
     run_cfg = run_config_with_eval(loaded[0].train_config, cfg)
-    return {"transfer": evaluate_transfer, "amplification": evaluate_amplification,
-            "blackbox": evaluate_blackbox}[mode](cfg, run_cfg, loaded, out)
+    return {"transfer": evaluate_transfer, "amplification": evaluate_amplification, "blackbox": evaluate_blackbox}[
+        mode
+    ](cfg, run_cfg, loaded, out)
 
 
 def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -234,7 +252,8 @@ def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if not cfg.get("ckpt_path"):
         extra = " (ckpts= is for mode=transfer|amplification|blackbox)" if cfg.get("ckpts") else ""
         raise ESQUserError(
-            f"ckpt_path: mode=whitebox evaluates one checkpoint: give ckpt_path=path/to/final.ckpt{extra}")
+            f"ckpt_path: mode=whitebox evaluates one checkpoint: give ckpt_path=path/to/final.ckpt{extra}"
+        )
     check_attack_names(list(cfg.eval.attacks), "eval.attacks")
     check_robustbench(cfg)
     # trainer=ddp_cpu|ddp: one process per device, each on its share of the batches (evaluation/distributed.py).
@@ -247,17 +266,37 @@ def evaluate_whitebox(cfg: DictConfig, out: Path) -> dict[str, Any]:
     x, y = datamodule.test_tensors()
     # The one evaluation sequence (evaluation/sequence.py); pgd_pairing at the checkpoint's own pairing.
     threat = ThreatModel.from_config(run_cfg)
-    settings = EvalSettings.from_config(run_cfg, train_config, int(cfg.seed),
-                                        progress=bool(cfg.get("progress", True)) and shard.is_main)
+    settings = EvalSettings.from_config(
+        run_cfg, train_config, int(cfg.seed), progress=bool(cfg.get("progress", True)) and shard.is_main
+    )
     # Per-(attack, batch) results in <run dir>/eval_state, read back when the same command runs again there. The
     # threat model (norm, FGSM's eps factor) is part of what the batches depend on.
-    store = open_store(out, evaluation_identity(
-        cfg.ckpt_path, x, y, list(settings.attacks), threat.eps,
-        {**settings.params, "_threat_model": {"norm": threat.norm, "fgsm_factor": threat.fgsm_factor}},
-        settings.n_samples, settings.batch_size, settings.seed), cfg.get("resume", "auto"), shard)
+    store = open_store(
+        out,
+        evaluation_identity(
+            cfg.ckpt_path,
+            x,
+            y,
+            list(settings.attacks),
+            threat.eps,
+            {**settings.params, "_threat_model": {"norm": threat.norm, "fgsm_factor": threat.fgsm_factor}},
+            settings.n_samples,
+            settings.batch_size,
+            settings.seed,
+        ),
+        cfg.get("resume", "auto"),
+        shard,
+    )
     ev = evaluate_model(model, x, y, threat, settings, device=shard.device, store=store, shard=shard)
-    results = build_results(run_cfg, ev, checkpoint=str(cfg.ckpt_path), run_dir=str(out), mode="whitebox",
-                            gradient_masking=ev["gradient_masking"], processes=shard.world_size)
+    results = build_results(
+        run_cfg,
+        ev,
+        checkpoint=str(cfg.ckpt_path),
+        run_dir=str(out),
+        mode="whitebox",
+        gradient_masking=ev["gradient_masking"],
+        processes=shard.world_size,
+    )
     if not shard.is_main:
         return results
     atomic_write_json(out / "results.json", results)
@@ -277,12 +316,23 @@ def evaluate_transfer(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Loa
     eps, params = attack_budget(attack, float(ev.eps), all_params.get(attack, {}))
     x, y = load_test_split(run_cfg, int(loaded[0].train_config["seed"]), ev.n_samples)
     result = transfer_matrix(
-        [item.model for item in loaded], [item.label for item in loaded], x, y, attack=attack, eps=eps,
-        params=params, batch_size=int(ev.batch_size), device=default_device(), seed=int(cfg.seed),
+        [item.model for item in loaded],
+        [item.label for item in loaded],
+        x,
+        y,
+        attack=attack,
+        eps=eps,
+        params=params,
+        batch_size=int(ev.batch_size),
+        device=default_device(),
+        seed=int(cfg.seed),
         progress=bool(cfg.get("progress", True)),
     )
-    record = {**_header("transfer", cfg, run_cfg, loaded, out, len(y)), **result,
-              "threat_model": {"norm": result["params"].get("norm"), "eps": eps}}
+    record = {
+        **_header("transfer", cfg, run_cfg, loaded, out, len(y)),
+        **result,
+        "threat_model": {"norm": result["params"].get("norm"), "eps": eps},
+    }
     table = markdown_table(result)
     atomic_write_json(out / "transfer.json", record)
     atomic_write_text(out / "transfer.md", table)
@@ -292,8 +342,7 @@ def evaluate_transfer(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Loa
     return record
 
 
-def evaluate_amplification(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Loaded],
-                           out: Path) -> dict[str, Any]:
+def evaluate_amplification(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Loaded], out: Path) -> dict[str, Any]:
     """D_l per residual module for every checkpoint: amplification.json and one PNG with a curve per model."""
     ev = run_cfg.eval
     amp = ev.get("amplification") or {}
@@ -308,27 +357,44 @@ def evaluate_amplification(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequenc
         except TypeError as exc:
             raise ESQUserError(f"ckpts: {item.path}: {exc}") from None
         curve = amplification_curve(
-            item.model, x, y, eps=eps, steps=steps, step_size=None if step_size is None else float(step_size),
-            norm=str(ev.get("norm", "linf")), batch_size=int(ev.batch_size), device=default_device(),
-            seed=int(cfg.seed), modules=names, progress=bool(cfg.get("progress", True)),
+            item.model,
+            x,
+            y,
+            eps=eps,
+            steps=steps,
+            step_size=None if step_size is None else float(step_size),
+            norm=str(ev.get("norm", "linf")),
+            batch_size=int(ev.batch_size),
+            device=default_device(),
+            seed=int(cfg.seed),
+            modules=names,
+            progress=bool(cfg.get("progress", True)),
         )
         curves.append({"label": item.label, "checkpoint": item.path, "measured_at": measured_at(item.model), **curve})
     attack = curves[0]["attack"]
-    title = (f"{run_cfg.data.name}: {steps}-step PGD, {attack['norm']} eps={eps:.4g}, "
-             f"{len(y)} test inputs, eval mode, ratio 1")
+    title = (
+        f"{run_cfg.data.name}: {steps}-step PGD, {attack['norm']} eps={eps:.4g}, "
+        f"{len(y)} test inputs, eval mode, ratio 1"
+    )
     png = plot_amplification(curves, out / "amplification.png", title=title)
-    record = {**_header("amplification", cfg, run_cfg, loaded, out, len(y)), "attack": attack,
-              "threat_model": {"norm": attack["norm"], "eps": eps},
-              "definition": "D_l = mean over inputs of ||F_l(x) - F_l(x_adv)||_2 / ||F_l(x)||_2, F_l the output of "
-                            "residual module l (where, per model family: each curve's measured_at), x_adv from PGD "
-                            "against the measured model; curves[i].logits: D at the logit layer, relative_l2 on raw "
-                            "logits and centred_l2 on z - mean_k z (docs/pairing.md)",
-              "curves": curves, "figure": str(png)}
+    record = {
+        **_header("amplification", cfg, run_cfg, loaded, out, len(y)),
+        "attack": attack,
+        "threat_model": {"norm": attack["norm"], "eps": eps},
+        "definition": "D_l = mean over inputs of ||F_l(x) - F_l(x_adv)||_2 / ||F_l(x)||_2, F_l the output of "
+        "residual module l (where, per model family: each curve's measured_at), x_adv from PGD "
+        "against the measured model; curves[i].logits: D at the logit layer, relative_l2 on raw "
+        "logits and centred_l2 on z - mean_k z (docs/pairing.md)",
+        "curves": curves,
+        "figure": str(png),
+    }
     atomic_write_json(out / "amplification.json", record)
     for curve in curves:
         values = " ".join(f"{d:.4f}" for d in curve["d"])
-        print(f"{curve['label']}: clean {curve['clean_acc']:.4f}, pgd {curve['adv_acc']:.4f}, D_l = {values}; "
-              f"logits D {curve['logits']['relative_l2']:.4f}, centred {curve['logits']['centred_l2']:.4f}")
+        print(
+            f"{curve['label']}: clean {curve['clean_acc']:.4f}, pgd {curve['adv_acc']:.4f}, D_l = {values}; "
+            f"logits D {curve['logits']['relative_l2']:.4f}, centred {curve['logits']['centred_l2']:.4f}"
+        )
     print(f"wrote {out / 'amplification.json'} and {png}", flush=True)
     log_evaluation(cfg, "amplification", record, [item.train_config for item in loaded], out=out)
     return record
@@ -341,8 +407,10 @@ def evaluate_blackbox(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Loa
     attacks = list(bb.get("attacks") or [])
     budgets = [float(b) for b in bb.get("budgets") or []]
     if not attacks or not budgets:
-        raise ESQUserError("eval.blackbox: give attacks and budgets, e.g. eval.blackbox.attacks=[boundary,nattack] "
-                           "eval.blackbox.budgets=[0,1,2,3,4]")
+        raise ESQUserError(
+            "eval.blackbox: give attacks and budgets, e.g. eval.blackbox.attacks=[boundary,nattack] "
+            "eval.blackbox.budgets=[0,1,2,3,4]"
+        )
     if any(b < 0 for b in budgets):
         raise ESQUserError(f"eval.blackbox.budgets: L2 budgets must be >= 0, got {budgets}")
     params = bb.get("params") or {}
@@ -350,13 +418,27 @@ def evaluate_blackbox(cfg: DictConfig, run_cfg: DictConfig, loaded: Sequence[Loa
     n = bb.get("n_samples") if bb.get("n_samples") is not None else ev.n_samples
     x, y = load_test_split(run_cfg, int(loaded[0].train_config["seed"]), n)
     curves = blackbox_curves(
-        [item.model for item in loaded], [item.label for item in loaded], x, y, attacks=attacks, budgets=budgets,
-        params=params, batch_size=int(ev.batch_size), device=default_device(), progress=bool(cfg.get("progress", True)),
+        [item.model for item in loaded],
+        [item.label for item in loaded],
+        x,
+        y,
+        attacks=attacks,
+        budgets=budgets,
+        params=params,
+        batch_size=int(ev.batch_size),
+        device=default_device(),
+        progress=bool(cfg.get("progress", True)),
     )
     title = f"{run_cfg.data.name}: black-box attacks, L2, {len(y)} test inputs, eval mode, ratio 1"
     png = plot_blackbox(curves, out / "blackbox.png", title=title)
-    record = {**_header("blackbox", cfg, run_cfg, loaded, out, len(y)), "norm": "l2", "budgets": budgets,
-              "attacks": attacks, "curves": curves, "figure": str(png)}
+    record = {
+        **_header("blackbox", cfg, run_cfg, loaded, out, len(y)),
+        "norm": "l2",
+        "budgets": budgets,
+        "attacks": attacks,
+        "curves": curves,
+        "figure": str(png),
+    }
     atomic_write_json(out / "blackbox.json", record)
     for curve in curves:
         accs = " ".join(f"{a:.3f}" for a in curve["accuracy"])
@@ -386,16 +468,27 @@ def evaluate_audit(cfg: DictConfig, out: Path) -> dict[str, Any]:
     threat = ThreatModel.from_config(run_cfg)
     eps = threat.eps
     settings = EvalSettings(
-        attacks=list(audit_cfg.get("attacks") or []), params=_plain(ev_cfg.get("params")),
-        batch_size=int(ev_cfg.batch_size), seed=int(cfg.seed), masking_tolerance=float(ev_cfg.masking.tolerance),
-        thresholds=Thresholds.from_config(_plain(ev_cfg.get("checks"))), progress=bool(cfg.get("progress", True)),
+        attacks=list(audit_cfg.get("attacks") or []),
+        params=_plain(ev_cfg.get("params")),
+        batch_size=int(ev_cfg.batch_size),
+        seed=int(cfg.seed),
+        masking_tolerance=float(ev_cfg.masking.tolerance),
+        thresholds=Thresholds.from_config(_plain(ev_cfg.get("checks"))),
+        progress=bool(cfg.get("progress", True)),
     )
     x, y = load_test_split(run_cfg, int(loaded[0].train_config["seed"]), ev_cfg.n_samples)
     records = []
     for i, item in enumerate(loaded):
         rec = audit_model(
-            item.model, x, y, threat, settings, budget=budget, pairing=pairing_attack_params(item.train_config),
-            eps_factors=[float(f) for f in audit_cfg["eps_factors"]], unbounded_eps=audit_cfg["unbounded_eps"],
+            item.model,
+            x,
+            y,
+            threat,
+            settings,
+            budget=budget,
+            pairing=pairing_attack_params(item.train_config),
+            eps_factors=[float(f) for f in audit_cfg["eps_factors"]],
+            unbounded_eps=audit_cfg["unbounded_eps"],
             device=default_device(),
         )
         rec = {"label": item.label, "checkpoint": item.path, **rec}
@@ -409,12 +502,17 @@ def evaluate_audit(cfg: DictConfig, out: Path) -> dict[str, Any]:
         print_results(results)
         print(format_verdict(rec["verdict"], rec["flags"]), flush=True)
     command = "esq-eval " + " ".join(sys.argv[1:]) if sys.argv[1:] else "esq-eval mode=audit"
-    title = (f"{run_cfg.data.name}: audit ({budget}), L_inf eps={eps:.4g}, {len(y)} test inputs, eval mode, ratio 1")
+    title = f"{run_cfg.data.name}: audit ({budget}), L_inf eps={eps:.4g}, {len(y)} test inputs, eval mode, ratio 1"
     png = plot_audit(records, out / "audit.png", title)
-    record = {**_header("audit", cfg, run_cfg, loaded, out, len(y)), "budget": budget,
-              "threat_model": {"norm": "linf", "eps": eps}, "attack_sets": {"attacks": BUDGETS[budget],
-                                                                        "curve": CURVE_ATTACKS[budget]},
-              "models_audit": records, "figure": str(png), "command": command}
+    record = {
+        **_header("audit", cfg, run_cfg, loaded, out, len(y)),
+        "budget": budget,
+        "threat_model": {"norm": "linf", "eps": eps},
+        "attack_sets": {"attacks": BUDGETS[budget], "curve": CURVE_ATTACKS[budget]},
+        "models_audit": records,
+        "figure": str(png),
+        "command": command,
+    }
     atomic_write_json(out / "audit.json", record)
     atomic_write_text(out / "audit.md", audit_markdown(records, eps, run_cfg.data.name, command))
     print(f"wrote {out / 'audit.json'}, {out / 'audit.md'} and {png}", flush=True)

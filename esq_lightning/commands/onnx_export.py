@@ -71,8 +71,9 @@ def require_onnx(what: str) -> tuple[Any, Any]:
         import onnx
         import onnxruntime
     except ImportError as exc:
-        raise ESQUserError(f"{what} needs the packages onnx and onnxruntime ({exc.name} is missing): "
-                           f"{EXTRA_HINT}") from None
+        raise ESQUserError(
+            f"{what} needs the packages onnx and onnxruntime ({exc.name} is missing): {EXTRA_HINT}"
+        ) from None
     return onnx, onnxruntime
 
 
@@ -119,10 +120,19 @@ def weight_layout(model: nn.Module) -> list[dict[str, Any]]:
             codes, scale = layer.quantizer.codes(layer.weight.detach(), layer.per_filter)
             values = tuple(sorted(int(c) for c in layer.quantizer.code_values))
             levels = max(abs(c) for c in values)
-            out.append({"layer": name, "kind": layer.kind, "bits": int(layer.bits), "per_filter": bool(layer.per_filter),
-                        "quantizer_per_filter": bool(layer.per_filter),
-                        "codes": codes.reshape(layer.weight.shape), "scale": scale.reshape(-1),
-                        "range": [-levels, levels], "form": "qdq_int8" if has_qdq_form(values) else "float32"})
+            out.append(
+                {
+                    "layer": name,
+                    "kind": layer.kind,
+                    "bits": int(layer.bits),
+                    "per_filter": bool(layer.per_filter),
+                    "quantizer_per_filter": bool(layer.per_filter),
+                    "codes": codes.reshape(layer.weight.shape),
+                    "scale": scale.reshape(-1),
+                    "range": [-levels, levels],
+                    "form": "qdq_int8" if has_qdq_form(values) else "float32",
+                }
+            )
     return out
 
 
@@ -140,7 +150,7 @@ def _plain_copy(model: nn.Module, layout: list[dict[str, Any]]) -> nn.Module:
             _to_plain(layer)
             layer.weight.copy_(weight)
     for _, aq in act_quant_layers(plain):
-        scale, levels = act_scale(aq.alpha, aq.bits), 2 ** aq.bits - 1
+        scale, levels = act_scale(aq.alpha, aq.bits), 2**aq.bits - 1
         aq.forward = lambda x, scale=scale, levels=levels: _ActQDQ.apply(x, scale, levels)  # type: ignore[method-assign]
     return plain
 
@@ -242,34 +252,56 @@ def _weights_as_qdq(onnx: Any, proto: Any, layout: list[dict[str, Any]]) -> None
         per_channel = item["per_filter"]
         zero = np.zeros(scale.shape if per_channel else (), dtype=np.int8)
         lo, hi = item["range"]
-        graph.initializer.extend([
-            _initializer(onnx, f"{key}_quantized", codes),
-            _initializer(onnx, f"{key}_scale", scale if per_channel else scale.reshape(())),
-            _initializer(onnx, f"{key}_zero_point", zero),
-            _initializer(onnx, f"{key}_min", np.array(lo, dtype=np.int8)),
-            _initializer(onnx, f"{key}_max", np.array(hi, dtype=np.int8)),
-        ])
-        nodes.append(onnx.helper.make_node("Clip", [f"{key}_quantized", f"{key}_min", f"{key}_max"],
-                                           [f"{key}_clipped"], name=f"{key}/Clip"))
+        graph.initializer.extend(
+            [
+                _initializer(onnx, f"{key}_quantized", codes),
+                _initializer(onnx, f"{key}_scale", scale if per_channel else scale.reshape(())),
+                _initializer(onnx, f"{key}_zero_point", zero),
+                _initializer(onnx, f"{key}_min", np.array(lo, dtype=np.int8)),
+                _initializer(onnx, f"{key}_max", np.array(hi, dtype=np.int8)),
+            ]
+        )
+        nodes.append(
+            onnx.helper.make_node(
+                "Clip", [f"{key}_quantized", f"{key}_min", f"{key}_max"], [f"{key}_clipped"], name=f"{key}/Clip"
+            )
+        )
         attrs = {"axis": 0} if per_channel else {}
-        nodes.append(onnx.helper.make_node("DequantizeLinear", [f"{key}_clipped", f"{key}_scale", f"{key}_zero_point"],
-                                           [key], name=f"{key}/DequantizeLinear", **attrs))
+        nodes.append(
+            onnx.helper.make_node(
+                "DequantizeLinear",
+                [f"{key}_clipped", f"{key}_scale", f"{key}_zero_point"],
+                [key],
+                name=f"{key}/DequantizeLinear",
+                **attrs,
+            )
+        )
     # Constants first: the graph stays topologically sorted.
     old = list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes + old)
 
 
-def build_onnx(model: nn.Module, input_shape: tuple[int, ...], metadata: dict[str, str] | None = None) -> tuple[bytes, list[dict[str, Any]]]:
+def build_onnx(
+    model: nn.Module, input_shape: tuple[int, ...], metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[dict[str, Any]]]:
     """The serialized ONNX model of `model` at full quantization, and the per-layer weight layout."""
     onnx, _ = require_onnx("esq-export format=onnx")
     layout = weight_layout(model)
     plain = _plain_copy(model, layout)
     buffer = io.BytesIO()
     dummy = torch.zeros((1, *input_shape[1:]))
-    torch.onnx.export(plain, (dummy,), buffer, dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
-                      output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                      do_constant_folding=False)
+    torch.onnx.export(
+        plain,
+        (dummy,),
+        buffer,
+        dynamo=False,
+        opset_version=OPSET,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        do_constant_folding=False,
+    )
     proto = onnx.load_from_string(buffer.getvalue())
     _check_float_weights(onnx, {t.name: t for t in proto.graph.initializer}, layout)
     _fold_batchnorm(onnx, proto, layout)
@@ -289,11 +321,20 @@ def layout_record(layout: list[dict[str, Any]]) -> list[dict[str, Any]]:
         n = item["codes"].numel()
         stored = n if item["form"] == "qdq_int8" else 4 * n
         scales = 4 * item["scale"].numel() if item["form"] == "qdq_int8" else 0
-        out.append({"layer": item["layer"], "kind": item["kind"], "bits": item["bits"],
-                    "quantizer_per_filter": item["quantizer_per_filter"],
-                    "per_channel_scales": item["per_filter"] if item["form"] == "qdq_int8" else None,
-                    "batchnorm_folded": item.get("batchnorm_folded"), "form": item["form"],
-                    "range": item["range"] if item["form"] == "qdq_int8" else None, "weights": n, "bytes": stored + scales})
+        out.append(
+            {
+                "layer": item["layer"],
+                "kind": item["kind"],
+                "bits": item["bits"],
+                "quantizer_per_filter": item["quantizer_per_filter"],
+                "per_channel_scales": item["per_filter"] if item["form"] == "qdq_int8" else None,
+                "batchnorm_folded": item.get("batchnorm_folded"),
+                "form": item["form"],
+                "range": item["range"] if item["form"] == "qdq_int8" else None,
+                "weights": n,
+                "bytes": stored + scales,
+            }
+        )
     return out
 
 
@@ -362,12 +403,19 @@ def compare_logits(expected: Tensor, got: np.ndarray, rtol: float = LOGIT_RTOL) 
     allowed = rtol * expected.abs().amax(dim=1).clamp_min(1.0)
     same = got_t.argmax(1) == expected.argmax(1)
     worst = int((diff / allowed).argmax()) if len(diff) else -1
-    return {"n_inputs": len(expected), "predictions_equal": int(same.sum()), "prediction_differences": int((~same).sum()),
-            "max_abs_logit_diff": float(diff.max()) if len(diff) else 0.0,
-            "max_relative_logit_diff": float((diff / expected.abs().amax(dim=1).clamp_min(1.0)).max()) if len(diff) else 0.0,
-            "within_tolerance": int((diff <= allowed).sum()), "worst_input": worst,
-            "tolerance": f"max_k |z_onnx - z_torch| <= {rtol:g} * max(1, max_k |z_torch|) per input",
-            "passed": bool(same.all() and (diff <= allowed).all())}
+    return {
+        "n_inputs": len(expected),
+        "predictions_equal": int(same.sum()),
+        "prediction_differences": int((~same).sum()),
+        "max_abs_logit_diff": float(diff.max()) if len(diff) else 0.0,
+        "max_relative_logit_diff": float((diff / expected.abs().amax(dim=1).clamp_min(1.0)).max())
+        if len(diff)
+        else 0.0,
+        "within_tolerance": int((diff <= allowed).sum()),
+        "worst_input": worst,
+        "tolerance": f"max_k |z_onnx - z_torch| <= {rtol:g} * max(1, max_k |z_torch|) per input",
+        "passed": bool(same.all() and (diff <= allowed).all()),
+    }
 
 
 def _layer_of(node: Any) -> tuple[str, str]:
@@ -380,7 +428,9 @@ def _layer_of(node: Any) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def first_divergence(model_bytes: bytes, model: nn.Module, x: Tensor, rtol: float = LAYER_RTOL) -> dict[str, Any] | None:
+def first_divergence(
+    model_bytes: bytes, model: nn.Module, x: Tensor, rtol: float = LAYER_RTOL
+) -> dict[str, Any] | None:
     """The first conv/linear layer (in graph order) whose onnxruntime output differs from PyTorch's by more than
     rtol in relative L2, with its error; None when every layer agrees (the difference is after the last one)."""
     onnx, _ = require_onnx("the ONNX check")
@@ -394,8 +444,10 @@ def first_divergence(model_bytes: bytes, model: nn.Module, x: Tensor, rtol: floa
     got = dict(zip(names, run_session(sess, x, outputs=names)))
     seen: dict[str, Tensor] = {}
     modules = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))}
-    handles = [m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, out.detach()))
-               for name, m in modules.items()]
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, out.detach()))
+        for name, m in modules.items()
+    ]
     try:
         with full_quantization(model):
             model.eval()(x)
@@ -414,8 +466,14 @@ def first_divergence(model_bytes: bytes, model: nn.Module, x: Tensor, rtol: floa
     return None
 
 
-def check_onnx(model_bytes: bytes, model: nn.Module, inputs: dict[str, Tensor], batch_size: int = 500,
-               threads: int | None = None, rtol: float = LOGIT_RTOL) -> dict[str, Any]:
+def check_onnx(
+    model_bytes: bytes,
+    model: nn.Module,
+    inputs: dict[str, Tensor],
+    batch_size: int = 500,
+    threads: int | None = None,
+    rtol: float = LOGIT_RTOL,
+) -> dict[str, Any]:
     """Run the file in onnxruntime and the model in PyTorch on each named input set; {name: compare_logits}.
 
     The session runs QDQ as the spec defines it (EXACT_QDQ_OPTION). ONNXCheckFailed (one line) on the first set
@@ -432,18 +490,23 @@ def check_onnx(model_bytes: bytes, model: nn.Module, inputs: dict[str, Tensor], 
         report[name] = result
         (got_fused,) = run_session(fused, x, batch_size, [OUTPUT_NAME])
         if not np.array_equal(got_fused, got):
-            report[f"{name}_int8_fusion"] = {k: v for k, v in compare_logits(expected, got_fused, rtol).items()
-                                             if k not in ("worst_input", "passed")}
+            report[f"{name}_int8_fusion"] = {
+                k: v for k, v in compare_logits(expected, got_fused, rtol).items() if k not in ("worst_input", "passed")
+            }
         if not result["passed"]:
             i = result["worst_input"]
             where = first_divergence(model_bytes, model, x[i : i + 1])
-            at = (f"first diverging layer {where['layer']} (relative L2 error {where['relative_l2']:.3g} > {LAYER_RTOL:g})"
-                  if where else "every conv/linear layer agrees: the difference is after the last one")
+            at = (
+                f"first diverging layer {where['layer']} (relative L2 error {where['relative_l2']:.3g} > {LAYER_RTOL:g})"
+                if where
+                else "every conv/linear layer agrees: the difference is after the last one"
+            )
             raise ONNXCheckFailed(
                 f"the ONNX model disagrees with PyTorch on the {name} inputs: {result['prediction_differences']} of "
                 f"{result['n_inputs']} predictions differ, max logit difference {result['max_abs_logit_diff']:.3g} "
                 f"({result['n_inputs'] - result['within_tolerance']} inputs outside {result['tolerance']}); "
-                f"input {i}: {at}")
+                f"input {i}: {at}"
+            )
     return report
 
 
@@ -464,21 +527,29 @@ def read_record(path: str | Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise ESQUserError(f"ckpt_path: {path} does not exist")
     if not rec.is_file():
-        raise ESQUserError(f"ckpt_path: {path} has no export record {rec}; write the file with "
-                           "esq-export ckpt_path=<checkpoint> format=onnx")
+        raise ESQUserError(
+            f"ckpt_path: {path} has no export record {rec}; write the file with "
+            "esq-export ckpt_path=<checkpoint> format=onnx"
+        )
     record = json.loads(rec.read_text())
     digest = file_sha256(Path(path).read_bytes())
     if record.get("sha256") != digest:
-        raise ESQUserError(f"ckpt_path: {path} is not the file its record {rec} describes (sha256 {digest[:12]}... "
-                           f"!= {str(record.get('sha256'))[:12]}...); export it again")
+        raise ESQUserError(
+            f"ckpt_path: {path} is not the file its record {rec} describes (sha256 {digest[:12]}... "
+            f"!= {str(record.get('sha256'))[:12]}...); export it again"
+        )
     return record
 
 
 def save_adversarial(path: Path, x_adv: Tensor, y: Tensor, torch_pred: Tensor, writer: Callable[..., None]) -> str:
     """Write the adversarial examples (npz, no pickle) through `writer`; returns their sha256."""
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, x_adv=x_adv.numpy().astype(np.float32), y=y.numpy().astype(np.int64),
-                        torch_pred=torch_pred.numpy().astype(np.int64))
+    np.savez_compressed(
+        buffer,
+        x_adv=x_adv.numpy().astype(np.float32),
+        y=y.numpy().astype(np.int64),
+        torch_pred=torch_pred.numpy().astype(np.int64),
+    )
     data = buffer.getvalue()
     writer(path, lambda fh: fh.write(data))
     return file_sha256(data)
@@ -504,7 +575,6 @@ def _packed_bytes(ckpt_path: str | Path) -> dict[str, Any]:
     folder and measured); None for a full-precision model, which has no packed form."""
     import tempfile
 
-
     with tempfile.TemporaryDirectory() as tmp:
         try:
             report = export_checkpoint(ckpt_path, Path(tmp) / "model.esq", verify=False)
@@ -513,17 +583,26 @@ def _packed_bytes(ckpt_path: str | Path) -> dict[str, Any]:
     return {"packed_bytes": int(report["file_bytes"])}
 
 
-def export_onnx(ckpt_path: str | Path, out: str | Path | None = None, *, n_samples: int | None = 1000,
-                attack: str | None = "pgd20", eps: float | None = None, attack_params: dict[str, Any] | None = None,
-                data: dict[str, Any] | None = None, batch_size: int = 500, rtol: float = LOGIT_RTOL,
-                threads: int | None = None, progress: bool = False) -> dict[str, Any]:
+def export_onnx(
+    ckpt_path: str | Path,
+    out: str | Path | None = None,
+    *,
+    n_samples: int | None = 1000,
+    attack: str | None = "pgd20",
+    eps: float | None = None,
+    attack_params: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    batch_size: int = 500,
+    rtol: float = LOGIT_RTOL,
+    threads: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Write the checkpoint's model as ONNX (out, default next to the checkpoint with the suffix .onnx) after
     checking it in onnxruntime on the first n_samples test inputs and on the white-box adversarial examples of
     `attack` (at eps, default the checkpoint's eval.eps) made on the PyTorch model; those are written next to
     it (model.onnx.adv.npz) for esq-eval to replay. The record (model.onnx.json) says what was written, its
     size next to the packed size, and the check's numbers. Returns the record."""
     from omegaconf import OmegaConf
-
 
     onnx, ort = require_onnx("esq-export format=onnx")
     loaded = load_trained_model(ckpt_path)
@@ -535,49 +614,78 @@ def export_onnx(ckpt_path: str | Path, out: str | Path | None = None, *, n_sampl
     source_rec = {"path": str(source.resolve()), "bytes": source.stat().st_size, "sha256": file_digest(source)}
     run_cfg = OmegaConf.merge(OmegaConf.create(config), {"data": data or {}})
     x, y = load_test_split(run_cfg, int(config.get("seed", 0)), n_samples)
-    model_bytes, layout = build_onnx(model, tuple(x.shape), {
-        META_CONFIG: json.dumps(_json_safe(config)), META_SOURCE: json.dumps(source_rec),
-        META_VERSION: __version__})
+    model_bytes, layout = build_onnx(
+        model,
+        tuple(x.shape),
+        {META_CONFIG: json.dumps(_json_safe(config)), META_SOURCE: json.dumps(source_rec), META_VERSION: __version__},
+    )
     inputs = {"test": x}
     adv_rec: dict[str, Any] | None = None
     if attack:
-
         if eps is None:
             eps = float(OmegaConf.select(run_cfg, "eval.eps", default=None) or run_cfg.data.attack.eps)
         attack_eps, extra = attack_budget(attack, float(eps), attack_params or {})
         torch.manual_seed(0)
         with full_quantization(model):
-            correct, x_adv, used = attack_in_batches(attack, model, x, y, attack_eps, extra, batch_size,
-                                                     progress=progress, keep_adv=True)
+            correct, x_adv, used = attack_in_batches(
+                attack, model, x, y, attack_eps, extra, batch_size, progress=progress, keep_adv=True
+            )
         assert x_adv is not None
         inputs["adversarial"] = x_adv
-        adv_rec = {"attack": attack, "params": used, "n_inputs": len(y), "norm": used.get("norm", "linf"),
-                   "eps": attack_eps, "torch_robust_acc": float(correct.float().mean()) if len(y) else None}
+        adv_rec = {
+            "attack": attack,
+            "params": used,
+            "n_inputs": len(y),
+            "norm": used.get("norm", "linf"),
+            "eps": attack_eps,
+            "torch_robust_acc": float(correct.float().mean()) if len(y) else None,
+        }
     check = check_onnx(model_bytes, model, inputs, batch_size, threads, rtol)
     atomic_write(out, lambda fh: fh.write(model_bytes))
     if adv_rec is not None:
         torch_pred = torch_logits(model, inputs["adversarial"], batch_size).argmax(1)
         adv_path = adversarial_path(out)
-        adv_rec.update(path=adv_path.name, sha256=save_adversarial(adv_path, inputs["adversarial"], y, torch_pred,
-                                                                   atomic_write))
+        adv_rec.update(
+            path=adv_path.name, sha256=save_adversarial(adv_path, inputs["adversarial"], y, torch_pred, atomic_write)
+        )
     layers = layout_record(layout)
     act = [(name, m) for name, m in model.named_modules() if type(m).__name__ == "ActQuant"]
     float32 = sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in model.state_dict().values())
     sizes = {"onnx_bytes": len(model_bytes), **_packed_bytes(ckpt_path), "float32_model_bytes": float32}
     record = {
-        "format": "onnx", "path": str(out), "bytes": len(model_bytes), "sha256": file_sha256(model_bytes),
-        "opset": OPSET, "onnx_version": onnx.__version__, "onnxruntime_version": ort.__version__,
-        "torch_version": torch.__version__, "source": source_rec,
-        "quant": {"kind": config["quant"].get("kind"), "bits": int(config["quant"].get("bits", 32)),
-                  "act_bits": int(config["quant"].get("act_bits", 32))},
+        "format": "onnx",
+        "path": str(out),
+        "bytes": len(model_bytes),
+        "sha256": file_sha256(model_bytes),
+        "opset": OPSET,
+        "onnx_version": onnx.__version__,
+        "onnxruntime_version": ort.__version__,
+        "torch_version": torch.__version__,
+        "source": source_rec,
+        "quant": {
+            "kind": config["quant"].get("kind"),
+            "bits": int(config["quant"].get("bits", 32)),
+            "act_bits": int(config["quant"].get("act_bits", 32)),
+        },
         "sizes": sizes,
-        "weights": {"qdq_int8_layers": sum(1 for r in layers if r["form"] == "qdq_int8"),
-                    "float32_folded_layers": sum(1 for r in layers if r["form"] == "float32"),
-                    "quantized_weight_bytes": sum(r["bytes"] for r in layers), "layers": layers},
-        "activations": {"bits": int(config["quant"].get("act_bits", 32)), "qdq_layers": len(act),
-                        "form": "QuantizeLinear(uint8) -> Clip(0, 2^k - 1) -> DequantizeLinear" if act else None},
-        "check": {"inputs": f"the first {len(y)} test inputs" + (f" and their {attack} adversarial examples" if attack else ""),
-                  "threads": int(threads or torch.get_num_threads()), "layer_rtol": LAYER_RTOL, **check},
+        "weights": {
+            "qdq_int8_layers": sum(1 for r in layers if r["form"] == "qdq_int8"),
+            "float32_folded_layers": sum(1 for r in layers if r["form"] == "float32"),
+            "quantized_weight_bytes": sum(r["bytes"] for r in layers),
+            "layers": layers,
+        },
+        "activations": {
+            "bits": int(config["quant"].get("act_bits", 32)),
+            "qdq_layers": len(act),
+            "form": "QuantizeLinear(uint8) -> Clip(0, 2^k - 1) -> DequantizeLinear" if act else None,
+        },
+        "check": {
+            "inputs": f"the first {len(y)} test inputs"
+            + (f" and their {attack} adversarial examples" if attack else ""),
+            "threads": int(threads or torch.get_num_threads()),
+            "layer_rtol": LAYER_RTOL,
+            **check,
+        },
         "adversarial": adv_rec,
         "data": {"name": config["data"]["name"], "n_samples": len(y), "seed": int(config.get("seed", 0))},
         "config": _json_safe(config),

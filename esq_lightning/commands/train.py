@@ -75,8 +75,9 @@ def allocate_mixed_precision(cfg: DictConfig, model: nn.Module, datamodule: Any)
         alloc = allocate_bits(model, x[idx], y[idx], float(cfg.eval.eps), list(q.allocate_bits), int(q.budget_bytes))
     except ValueError as exc:
         raise ESQUserError(str(exc)) from None
-    quantize_model(model, q.kind, per_filter=q.per_filter, variant=q.variant, f=q.f, bits=q.bits,
-                   layer_bits=alloc["layer_bits"])
+    quantize_model(
+        model, q.kind, per_filter=q.per_filter, variant=q.variant, f=q.f, bits=q.bits, layer_bits=alloc["layer_bits"]
+    )
     return alloc
 
 
@@ -184,9 +185,16 @@ def _train(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     # Unpruned first: the start (init_from) has no masks; the pruning structure is added after it is loaded.
     model = build_network(cfg.model, cfg.quant, activations=False)
     check_pairing_names(model, list(cfg.pairing.layers))
-    init_from = resolve_init_from(cfg.get("init_from"), cfg.paths.runs_root, cfg.data.name, cfg.model.name, cfg.seed,
-                                  threat_model=train_threat_model(cfg), init_seed=cfg.get("init_seed"),
-                                  width=model_width(cfg.model))
+    init_from = resolve_init_from(
+        cfg.get("init_from"),
+        cfg.paths.runs_root,
+        cfg.data.name,
+        cfg.model.name,
+        cfg.seed,
+        threat_model=train_threat_model(cfg),
+        init_seed=cfg.get("init_seed"),
+        width=model_width(cfg.model),
+    )
     if init_from:
         # The start's weights (a full-precision or weight-quantized run); the clipping ranges start afresh.
         load_model_weights(model, init_from)
@@ -228,8 +236,14 @@ def _train(cfg: DictConfig, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if pl.utilities.rank_zero_only.rank == 0:
             keep_metrics_of_interrupted_run(out)
     module = ESQModule(
-        model=model, objective=build_objective(cfg), num_classes=cfg.data.num_classes, optimizer=optimizer,
-        scheduler=scheduler, seed=cfg.seed, config=config, channels_last=bool(cfg.get("channels_last")),
+        model=model,
+        objective=build_objective(cfg),
+        num_classes=cfg.data.num_classes,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        seed=cfg.seed,
+        config=config,
+        channels_last=bool(cfg.get("channels_last")),
     )
     if cfg.get("compile"):
         module.model = compile_model(module.model, list(cfg.pairing.layers))
@@ -303,8 +317,14 @@ def keep_metrics_history(loggers: list[Any], out: Path) -> None:
 
 
 def evaluate_and_record(
-    cfg: DictConfig, module: ESQModule, datamodule: pl.LightningDataModule, trainer: pl.Trainer,
-    final_ckpt: Path, train_seconds: float, out: Path, loggers: list[Any],
+    cfg: DictConfig,
+    module: ESQModule,
+    datamodule: pl.LightningDataModule,
+    trainer: pl.Trainer,
+    final_ckpt: Path,
+    train_seconds: float,
+    out: Path,
+    loggers: list[Any],
 ) -> dict[str, Any]:
     """The end-of-training evaluation on the test split, written to results.json and the loggers."""
     datamodule.setup("test")
@@ -313,29 +333,50 @@ def evaluate_and_record(
     # The one evaluation sequence (evaluation/sequence.py): worst case, checks, and the verdict with the flags of
     # the training monitors; pgd_pairing at this run's own pairing.
     threat = ThreatModel.from_config(cfg)
-    settings = EvalSettings.from_config(cfg, OmegaConf.to_container(cfg, resolve=True), int(cfg.seed),
-                                        progress=progress_enabled(cfg))
+    settings = EvalSettings.from_config(
+        cfg, OmegaConf.to_container(cfg, resolve=True), int(cfg.seed), progress=progress_enabled(cfg)
+    )
     # A run shorter than its SQ schedule says so in its verdict (sq_schedule_short).
-    ev = evaluate_model(model, x, y, threat, settings, device=module.device,
-                        extra_flags=[*getattr(module, "training_flags", []),
-                                     *sq_schedule_flags(_final_sq_ratio(trainer, model))])
+    ev = evaluate_model(
+        model,
+        x,
+        y,
+        threat,
+        settings,
+        device=module.device,
+        extra_flags=[*getattr(module, "training_flags", []), *sq_schedule_flags(_final_sq_ratio(trainer, model))],
+    )
     # The logit offset against the centred logits on the test inputs, and its named warning (docs/pairing.md).
     offset = measure_logit_offset(model, x[: cfg.eval.n_samples] if cfg.eval.n_samples else x, module.device)
-    results = build_results(cfg, ev, gradient_masking=ev.get("gradient_masking"), epochs=trainer.current_epoch, train_seconds=train_seconds,
-                            checkpoint=str(final_ckpt), run_dir=str(out), **packed_size(model),
-                            val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-                            logit_offset=offset, **sq_schedule_record(trainer, model),
-                            warnings=logit_offset_warnings(offset),
-                            compression=compression_record(model, getattr(module, "compression", {}),
-                                                           cfg.get("compress_name"), cfg.get("budget")),
-                            **getattr(module, "training_record", {}))
+    results = build_results(
+        cfg,
+        ev,
+        gradient_masking=ev.get("gradient_masking"),
+        epochs=trainer.current_epoch,
+        train_seconds=train_seconds,
+        checkpoint=str(final_ckpt),
+        run_dir=str(out),
+        **packed_size(model),
+        val={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        logit_offset=offset,
+        **sq_schedule_record(trainer, model),
+        warnings=logit_offset_warnings(offset),
+        compression=compression_record(
+            model, getattr(module, "compression", {}), cfg.get("compress_name"), cfg.get("budget")
+        ),
+        **getattr(module, "training_record", {}),
+    )
     for warning in results["warnings"]:
         print(f"warning: {warning['name']}: {warning['message']}", flush=True)
     atomic_write_json(out / "results.json", results)
     for logger in loggers:
-        logger.log_metrics({"test/clean_acc": results["clean_acc"],
-                            **{f"test/{k}_acc": v for k, v in results["robust_acc"].items()},
-                            **{f"test/logit_{k}": v for k, v in offset.items()}})
+        logger.log_metrics(
+            {
+                "test/clean_acc": results["clean_acc"],
+                **{f"test/{k}_acc": v for k, v in results["robust_acc"].items()},
+                **{f"test/logit_{k}": v for k, v in offset.items()},
+            }
+        )
     log_results_table(loggers, results)
     print_results(results)
     audit = results["audit"]
@@ -343,13 +384,16 @@ def evaluate_and_record(
     # model that cannot be attacked honestly is named once, by the CLI (cli/train.py).
     print(format_verdict(audit["verdict"], audit["flags"]), flush=True)
     if audit["verdict"] != "pass" and not unattackable_verdict(audit):
-        print(f"the robust accuracies above may overstate robustness; run esq-eval mode=audit ckpt_path={final_ckpt}",
-              flush=True)
+        print(
+            f"the robust accuracies above may overstate robustness; run esq-eval mode=audit ckpt_path={final_ckpt}",
+            flush=True,
+        )
     return results
 
 
-def compression_record(model: nn.Module, done: dict[str, Any], preset: str | None = None,
-                       budget: int | None = None) -> dict[str, Any]:
+def compression_record(
+    model: nn.Module, done: dict[str, Any], preset: str | None = None, budget: int | None = None
+) -> dict[str, Any]:
     """results.json `compression`: the bits of every Conv2d/Linear, the sparsity per layer, the allocation and
     pruning as done (each derived from the model that was evaluated), and the preset and budget level of the
     robustness-vs-bytes front (conf/compress/) when the run had one."""
@@ -396,7 +440,10 @@ def raise_if_unattackable(results: dict[str, Any]) -> None:
 
 
 def measure_logit_offset(
-    model: nn.Module, x: torch.Tensor, device: torch.device | str, batch_size: int = 500,
+    model: nn.Module,
+    x: torch.Tensor,
+    device: torch.device | str,
+    batch_size: int = 500,
 ) -> dict[str, float]:
     """esq_lightning.pairing.logit_offset_stats over `x`, in eval mode at full quantization."""
     model.to(device)

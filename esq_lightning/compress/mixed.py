@@ -46,8 +46,10 @@ def resolve_layer_bits(model: nn.Module, cfg_quant: Mapping[str, Any]) -> dict[s
     explicit = dict(cfg_quant.get("layer_bits") or {})
     unknown = [k for k in explicit if k not in names]
     if unknown:
-        raise ValueError(f"quant.layer_bits names {', '.join(map(str, unknown))}: not a Conv2d/Linear of the model; "
-                         f"allowed: {', '.join(names)}")
+        raise ValueError(
+            f"quant.layer_bits names {', '.join(map(str, unknown))}: not a Conv2d/Linear of the model; "
+            f"allowed: {', '.join(names)}"
+        )
     out.update({str(k): int(v) for k, v in explicit.items()})
     return out
 
@@ -102,7 +104,12 @@ def _payload(model: nn.Module, layer_bits: Mapping[str, int]) -> int:
 
 
 def allocate_bits(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float, widths: Sequence[int], budget_bytes: int,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    widths: Sequence[int],
+    budget_bytes: int,
 ) -> dict[str, Any]:
     """The greedy allocation under ``budget_bytes``: {"layer_bits", "model_bytes", "sensitivity", ...}.
 
@@ -113,8 +120,10 @@ def allocate_bits(
     bits = {n: widths[0] for n in names}
     size = _payload(model, bits)
     if size > budget_bytes:
-        raise ValueError(f"quant.budget_bytes={budget_bytes} is below the payload with every layer at {widths[0]} bits "
-                         f"({size} bytes)")
+        raise ValueError(
+            f"quant.budget_bytes={budget_bytes} is below the payload with every layer at {widths[0]} bits "
+            f"({size} bytes)"
+        )
     # The payload is a sum over tensors, so each layer's cost of a width is measured once against the base.
     cost = {n: {b: _payload(model, {**bits, n: b}) - size for b in widths} for n in names}
     while True:
@@ -136,6 +145,16 @@ def allocate_bits(
         _, _, n, nxt = best
         size += cost[n][nxt] - cost[n][bits[n]]
         bits[n] = nxt
-    return {"layer_bits": bits, "model_bytes": size, "budget_bytes": int(budget_bytes), "widths": widths,
-            "sensitivity": {"metric": "fgsm", "eps": eps, "n_samples": int(len(x)), "reference": sens["reference"],
-                            "drop": {n: {str(b): d for b, d in v.items()} for n, v in sens["drop"].items()}}}
+    return {
+        "layer_bits": bits,
+        "model_bytes": size,
+        "budget_bytes": int(budget_bytes),
+        "widths": widths,
+        "sensitivity": {
+            "metric": "fgsm",
+            "eps": eps,
+            "n_samples": int(len(x)),
+            "reference": sens["reference"],
+            "drop": {n: {str(b): d for b, d in v.items()} for n, v in sens["drop"].items()},
+        },
+    }

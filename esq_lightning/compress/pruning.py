@@ -28,8 +28,17 @@ from torch import nn
 
 from esq_lightning.quant.masks import MASK, SCORES, PrunedConv2d, PrunedLinear, keep_mask, topk_mask
 
-__all__ = ["METHODS", "SCOPES", "PruneCallback", "add_pruning", "init_pruning", "prunable_layers", "set_score_phase",
-           "solve_sparsity", "sparsity_report"]
+__all__ = [
+    "METHODS",
+    "SCOPES",
+    "PruneCallback",
+    "add_pruning",
+    "init_pruning",
+    "prunable_layers",
+    "set_score_phase",
+    "solve_sparsity",
+    "sparsity_report",
+]
 
 METHODS = ("none", "magnitude", "hydra")
 SCOPES = ("layer", "global")
@@ -107,8 +116,10 @@ def solve_sparsity(model: nn.Module, budget_bytes: int, scope: str) -> float:
     if fits(0.0):
         return 0.0
     if not fits(MAX_SPARSITY):
-        raise ValueError(f"prune.budget_bytes={budget_bytes} is below the payload at sparsity {MAX_SPARSITY} "
-                         f"({_payload(trial)} bytes)")
+        raise ValueError(
+            f"prune.budget_bytes={budget_bytes} is below the payload at sparsity {MAX_SPARSITY} "
+            f"({_payload(trial)} bytes)"
+        )
     lo, hi = 0.0, MAX_SPARSITY
     while hi - lo > 1e-4:
         mid = (lo + hi) / 2
@@ -135,8 +146,13 @@ def init_pruning(model: nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
     budget = cfg.get("budget_bytes")
     sparsity = solve_sparsity(model, int(budget), scope) if budget is not None else float(cfg["sparsity"])
     _set_masks(layers, _keep_counts(layers, sparsity, scope), zero_weights=method == "magnitude")
-    return {"method": method, "scope": scope, "sparsity": sparsity, "budget_bytes": budget,
-            "score_epochs": int(cfg.get("score_epochs") or 0) if method == "hydra" else 0}
+    return {
+        "method": method,
+        "scope": scope,
+        "sparsity": sparsity,
+        "budget_bytes": budget,
+        "score_epochs": int(cfg.get("score_epochs") or 0) if method == "hydra" else 0,
+    }
 
 
 @torch.no_grad()

@@ -85,8 +85,9 @@ class ReproduceOptions(_Options):
         known = [d for d, _ in SCALES[self.scale]]
         bad = [d for d in self.datasets or [] if d not in known]
         if bad:
-            raise rule("datasets", f"{', '.join(bad)} is not a dataset of scale={self.scale}; "
-                                   f"allowed: {', '.join(known)}")
+            raise rule(
+                "datasets", f"{', '.join(bad)} is not a dataset of scale={self.scale}; allowed: {', '.join(known)}"
+            )
         return self
 
 
@@ -101,11 +102,45 @@ def validate_options(command: str, values: Mapping[str, Any]) -> Any:
 # ------------------------------------------------------------------------------------------------ command lines
 
 # Hydra's own flags; those in TAKES_VALUE read the next word.
-HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-p", "--package", "--resolve",
-               "-i", "--info", "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir",
-               "--experimental-rerun", "-sc", "--shell-completion", "-r", "--run"}
-TAKES_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name", "-cd",
-               "--config-dir", "--experimental-rerun", "-sc", "--shell-completion"}
+HYDRA_FLAGS = {
+    "-h",
+    "--help",
+    "--hydra-help",
+    "--version",
+    "-c",
+    "--cfg",
+    "-p",
+    "--package",
+    "--resolve",
+    "-i",
+    "--info",
+    "-cp",
+    "--config-path",
+    "-cn",
+    "--config-name",
+    "-cd",
+    "--config-dir",
+    "--experimental-rerun",
+    "-sc",
+    "--shell-completion",
+    "-r",
+    "--run",
+}
+TAKES_VALUE = {
+    "-c",
+    "--cfg",
+    "-p",
+    "--package",
+    "-cp",
+    "--config-path",
+    "-cn",
+    "--config-name",
+    "-cd",
+    "--config-dir",
+    "--experimental-rerun",
+    "-sc",
+    "--shell-completion",
+}
 INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 _OVERRIDE_KEY = re.compile(r"^(\+{0,2}[\w@/.\-]+=|~[\w@/.\-]+(=|$))")
 
@@ -124,13 +159,20 @@ def check_command_line(command: str, argv: Sequence[str]) -> None:
         if arg.startswith("-"):
             flag = arg.split("=", 1)[0]
             if flag in HYDRA_FLAGS:
-                skip = "=" not in arg and (flag in TAKES_VALUE or (flag in ("-i", "--info") and i + 1 < len(argv)
-                                                                  and argv[i + 1] in INFO_VALUES))
+                skip = "=" not in arg and (
+                    flag in TAKES_VALUE
+                    or (flag in ("-i", "--info") and i + 1 < len(argv) and argv[i + 1] in INFO_VALUES)
+                )
                 continue
             key = arg.lstrip("-").split("=", 1)[0].replace("-", "_")
             model = COMMANDS[command]
-            hint = (f"{key}=true" if key in fields and model.model_fields[key].annotation in (bool, "bool")
-                    else f"{key}=..." if key in fields else f"key=value ({', '.join(fields)})")
+            hint = (
+                f"{key}=true"
+                if key in fields and model.model_fields[key].annotation in (bool, "bool")
+                else f"{key}=..."
+                if key in fields
+                else f"key=value ({', '.join(fields)})"
+            )
             raise ESQUserError(f"{arg}: {command} takes options as key=value, e.g. {hint}; see {command} --help")
         key, sep, _ = arg.partition("=")
         if not sep and not key.startswith("~"):
@@ -143,8 +185,9 @@ def check_command_line(command: str, argv: Sequence[str]) -> None:
             raise ESQUserError(unknown_key("", name, fields, root=command))
         value = arg.partition("=")[2]
         if len(_top_level_split(value)) > 1:
-            raise ESQUserError(f"{arg}: {command} runs once (a comma would make a sweep); give a list as "
-                               f"{name}=[{value}]")
+            raise ESQUserError(
+                f"{arg}: {command} runs once (a comma would make a sweep); give a list as {name}=[{value}]"
+            )
 
 
 def quote_pass_through(argv: Sequence[str], keys: Sequence[str]) -> list[str]:

@@ -33,8 +33,10 @@ def composition_error(config_name: str, overrides: list[str], exc: BaseException
     if missing:
         group, option = missing.group(1), missing.group(2)
         options = re.findall(r"^\t(\S+)$", text, flags=re.M)
-        return ESQUserError(f"{group}={option}: unknown option of group {group}{did_you_mean(option, options)}; "
-                            f"allowed: {', '.join(options) or '(none)'}")
+        return ESQUserError(
+            f"{group}={option}: unknown option of group {group}{did_you_mean(option, options)}; "
+            f"allowed: {', '.join(options) or '(none)'}"
+        )
     override = re.search(r"Could not override '([^']+)'", text)
     if override and ("not in struct" in f"{text} {exc.__cause__}" or "To append to your config" in text):
         key = override.group(1)
@@ -113,8 +115,7 @@ def expand_jobs(config_name: str, overrides: Sequence[str]) -> list[list[str]]:
         if str(key) in keys:
             continue  # the command line's value wins
         [o] = parser.parse_overrides([f"{key}={value}"])
-        choices.append([f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
-                       else [o.input_line])
+        choices.append([f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line])
     return [list(job) for job in itertools.islice(itertools.product(*choices), MAX_CHECKED)]
 
 
@@ -142,8 +143,9 @@ def check_jobs(config_name: str, overrides: Sequence[str]) -> int:
                     validate_train_config(cfg)
                 except ESQUserError as exc:
                     swept = [o for o in job if o not in overrides] or job
-                    raise ESQUserError(f"job {i} of {len(jobs)} ({' '.join(swept)}): {exc}; no job was "
-                                       "started") from None
+                    raise ESQUserError(
+                        f"job {i} of {len(jobs)} ({' '.join(swept)}): {exc}; no job was started"
+                    ) from None
     finally:
         if saved is not None:
             HydraConfig.instance().cfg = saved

@@ -150,8 +150,10 @@ def validate(model: type[BaseModel], cfg: Any, key: str = "", root: str = "the c
 
 def unknown_key(parent: str, name: str, declared: list[str], root: str = "the config") -> str:
     """`<parent>.<name>: unknown key (did you mean 'x'?); allowed keys of <parent>: ...` (root at the top level)."""
-    return (f"{dotted(parent, (name,))}: unknown key{did_you_mean(name, declared)}; allowed keys of "
-            f"{parent or root}: {', '.join(declared)}")
+    return (
+        f"{dotted(parent, (name,))}: unknown key{did_you_mean(name, declared)}; allowed keys of "
+        f"{parent or root}: {', '.join(declared)}"
+    )
 
 
 def one_line(err: dict, model: type[BaseModel], data: Any, prefix: str, root: str = "the config") -> str:
@@ -200,8 +202,9 @@ def one_line(err: dict, model: type[BaseModel], data: Any, prefix: str, root: st
     if kind == "too_short":
         n = int(ctx.get("min_length", 1))
         least = f"at least {n} item" + ("s" if n != 1 else "")
-        return f"{key}: {shown} is too short; allowed: {least}" + (f" ({info.description})" if info and
-                                                                   info.description else "")
+        return f"{key}: {shown} is too short; allowed: {least}" + (
+            f" ({info.description})" if info and info.description else ""
+        )
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"):
         if index and isinstance(value, list) and len(value) > 1:
             shown = f"{shown} (item {show(err['input'])})"
@@ -212,8 +215,15 @@ def one_line(err: dict, model: type[BaseModel], data: Any, prefix: str, root: st
     return f"{key}: {shown} is not {what}; allowed: {allowed or what}"
 
 
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
-               "list": "a list", "dict": "a mapping", "literal": "one of the choices"}
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a string",
+    "list": "a list",
+    "dict": "a mapping",
+    "literal": "one of the choices",
+}
 
 
 def _locate(model: type[BaseModel], loc: tuple) -> tuple[tuple, type[BaseModel] | None, FieldInfo | None]:
@@ -309,8 +319,12 @@ def _allowed(name: str, info: FieldInfo | None) -> str:
     if info is None:
         return ""
     choices = _choices(info)
-    bounds = {op: getattr(m, op) for m in info.metadata for op in ("gt", "ge", "lt", "le")
-              if isinstance(m, getattr(annotated_types, op.capitalize()))}
+    bounds = {
+        op: getattr(m, op)
+        for m in info.metadata
+        for op in ("gt", "ge", "lt", "le")
+        if isinstance(m, getattr(annotated_types, op.capitalize()))
+    }
     if choices:
         text = ", ".join(show(c) for c in choices)
     elif bounds:
@@ -329,7 +343,13 @@ def _num(v: float) -> str:
 
 def at(data: Any, path: Iterable[Any]) -> Any:
     for part in path:
-        if isinstance(data, dict) and part in data or isinstance(data, list) and isinstance(part, int) and part < len(data):
+        if (
+            isinstance(data, dict)
+            and part in data
+            or isinstance(data, list)
+            and isinstance(part, int)
+            and part < len(data)
+        ):
             data = data[part]
         else:
             return None

@@ -98,19 +98,34 @@ def symmetric_levels(bits: int) -> tuple[int, ...]:
 
 BUILTIN_QUANTIZERS: tuple[QuantizerSpec, ...] = (
     QuantizerSpec(
-        name="bwn", widths=(1,), default_for=(1,), letter="B", text="binary weights (BWN, 1 bit)",
-        codes="esq_lightning.quant.functional:bwn_codes", code_values=lambda bits: (-1, 1),
+        name="bwn",
+        widths=(1,),
+        default_for=(1,),
+        letter="B",
+        text="binary weights (BWN, 1 bit)",
+        codes="esq_lightning.quant.functional:bwn_codes",
+        code_values=lambda bits: (-1, 1),
         description="alpha_i * sign(W_i), alpha_i = mean |W_i| per output filter",
     ),
     QuantizerSpec(
-        name="twn", widths=(2,), default_for=(2,), letter="T", text="ternary weights (TWN, 2 bits)",
-        codes="esq_lightning.quant.functional:twn_codes", code_values=lambda bits: (-1, 0, 1),
+        name="twn",
+        widths=(2,),
+        default_for=(2,),
+        letter="T",
+        text="ternary weights (TWN, 2 bits)",
+        codes="esq_lightning.quant.functional:twn_codes",
+        code_values=lambda bits: (-1, 0, 1),
         description="alpha_i * {-1, 0, +1}, threshold 0.7 * mean |W_i|, alpha_i = mean |W_ij| above it",
     ),
     QuantizerSpec(
-        name="uniform", widths=UNIFORM_BITS, default_for=tuple(b for b in UNIFORM_BITS if b > 2), letter="U",
+        name="uniform",
+        widths=UNIFORM_BITS,
+        default_for=tuple(b for b in UNIFORM_BITS if b > 2),
+        letter="U",
         # The RobustBench footnote has always named this family by its kind.
-        text="uniform", codes="esq_lightning.quant.functional:uniform_codes", code_values=symmetric_levels,
+        text="uniform",
+        codes="esq_lightning.quant.functional:uniform_codes",
+        code_values=symmetric_levels,
         description="s_i * c, c in -L..L (L = 2^(bits-1) - 1), s_i the least-squares scale per output filter",
     ),
 )
@@ -170,16 +185,23 @@ def _check_spec(spec: QuantizerSpec) -> None:
             raise ValueError(f"{where}: quant.bits={b} already picks {taken[b]}")
     letters = {other.letter: name for name, other in _SPECS.items()}
     if not spec.letter or not spec.letter.isalpha() or spec.letter == "F" or spec.letter in letters:
-        raise ValueError(f"{where}: letter {spec.letter!r} must be letters, not F (full precision) and not taken "
-                         f"(taken: {', '.join(f'{k} {v}' for k, v in letters.items())})")
+        raise ValueError(
+            f"{where}: letter {spec.letter!r} must be letters, not F (full precision) and not taken "
+            f"(taken: {', '.join(f'{k} {v}' for k, v in letters.items())})"
+        )
     if not (callable(spec.codes) or (isinstance(spec.codes, str) and ":" in spec.codes)):
         raise ValueError(f"{where}: codes must be a function or a 'module:function' path")
     for b in spec.widths:
         values = tuple(spec.code_values(b))
-        if (not values or list(values) != sorted(set(values)) or len(values) > 2**b
-                or any(not isinstance(v, int) or not -128 <= v <= 127 for v in values)):
-            raise ValueError(f"{where}: code_values({b}) must be at most {2**b} distinct ascending int8 integers, "
-                             f"got {values!r}")
+        if (
+            not values
+            or list(values) != sorted(set(values))
+            or len(values) > 2**b
+            or any(not isinstance(v, int) or not -128 <= v <= 127 for v in values)
+        ):
+            raise ValueError(
+                f"{where}: code_values({b}) must be at most {2**b} distinct ascending int8 integers, got {values!r}"
+            )
 
 
 def register_quantizer(spec: QuantizerSpec) -> QuantizerSpec:

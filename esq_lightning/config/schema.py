@@ -78,7 +78,6 @@ def absent(**constraints: Any) -> Any:
     return Field(None, **constraints)
 
 
-
 class Model(BaseModel):
     """Base of the group models: strict types (no 'yes' -> true, no '3' -> 3), unknown keys refused.
 
@@ -94,8 +93,12 @@ class Model(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _extra_keys_need_a_target(cls, data: Any) -> Any:
-        if cls.model_config.get("extra") == "allow" and cls.extra_needs_target and isinstance(data, dict) \
-                and "_target_" not in data:
+        if (
+            cls.model_config.get("extra") == "allow"
+            and cls.extra_needs_target
+            and isinstance(data, dict)
+            and "_target_" not in data
+        ):
             declared = _keys_of(cls)
             for k in data:
                 if k not in declared:
@@ -165,13 +168,19 @@ def _fast_dev_run(v: Any) -> str | None:
 
 
 def _int_or_text(v: Any) -> str | None:
-    return None if v is None or isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool) \
+    return (
+        None
+        if v is None or isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool)
         else "a precision of pytorch_lightning.Trainer, e.g. 32-true, bf16-mixed"
+    )
 
 
 def _number_or_text(v: Any) -> str | None:
-    return None if v is None or isinstance(v, str) or isinstance(v, (int, float)) and not isinstance(v, bool) \
+    return (
+        None
+        if v is None or isinstance(v, str) or isinstance(v, (int, float)) and not isinstance(v, bool)
         else "null, a number or a text"
+    )
 
 
 Threads = Annotated[Any, _check(_threads)]
@@ -223,8 +232,11 @@ class DigitsDataConfig(DataConfig):
     def _leaves_training_data(self) -> DigitsDataConfig:
         val, test = self.val_size, self.test_size
         if val is not None and test is not None and val + test >= 1797:
-            raise _rule("val_size", f"{val} with test_size={test} leaves no training data; "
-                                    "allowed: val_size + test_size < 1797 (the digits set)")
+            raise _rule(
+                "val_size",
+                f"{val} with test_size={test} leaves no training data; "
+                "allowed: val_size + test_size < 1797 (the digits set)",
+            )
         return self
 
 
@@ -250,13 +262,24 @@ def _data_kind(node: Any) -> str | None:
     return None
 
 
-_DATA_UNKNOWN = {"text": "{value} is not a known dataset; allowed: " + ", ".join(DATASETS)
-                 + " (or a data config with its own _target_)", "sub": "name"}
+_DATA_UNKNOWN = {
+    "text": "{value} is not a known dataset; allowed: "
+    + ", ".join(DATASETS)
+    + " (or a data config with its own _target_)",
+    "sub": "name",
+}
 Data = Annotated[
-    Union[Annotated[DigitsDataConfig, Tag("digits")], Annotated[CIFARDataConfig, Tag("cifar")],
-          Annotated[CustomDataConfig, Tag("custom")]],
-    Discriminator(_data_kind, custom_error_type="esq_rule", custom_error_message="unknown dataset",
-                  custom_error_context=_DATA_UNKNOWN),
+    Union[
+        Annotated[DigitsDataConfig, Tag("digits")],
+        Annotated[CIFARDataConfig, Tag("cifar")],
+        Annotated[CustomDataConfig, Tag("custom")],
+    ],
+    Discriminator(
+        _data_kind,
+        custom_error_type="esq_rule",
+        custom_error_message="unknown dataset",
+        custom_error_context=_DATA_UNKNOWN,
+    ),
 ]
 
 
@@ -295,13 +318,20 @@ class QuantConfig(Model):
 
     @model_validator(mode="after")
     def _one_allocation(self) -> QuantConfig:
-        if self.budget_bytes is not None and (self.layer_bits or self.first_last_bits is not None
-                                              or self.keep_first_last):
-            raise _rule("budget_bytes", f"{self.budget_bytes} allocates the bits of every layer, but layer_bits, "
-                                        "first_last_bits or keep_first_last set some too; allowed: one of them")
+        if self.budget_bytes is not None and (
+            self.layer_bits or self.first_last_bits is not None or self.keep_first_last
+        ):
+            raise _rule(
+                "budget_bytes",
+                f"{self.budget_bytes} allocates the bits of every layer, but layer_bits, "
+                "first_last_bits or keep_first_last set some too; allowed: one of them",
+            )
         if self.first_last_bits is not None and self.keep_first_last:
-            raise _rule("first_last_bits", f"{self.first_last_bits} and keep_first_last=true both set the first and "
-                                           "last layers; allowed: one of them (keep_first_last = first_last_bits=32)")
+            raise _rule(
+                "first_last_bits",
+                f"{self.first_last_bits} and keep_first_last=true both set the first and "
+                "last layers; allowed: one of them (keep_first_last = first_last_bits=32)",
+            )
         return self
 
     @model_validator(mode="after")
@@ -309,8 +339,11 @@ class QuantConfig(Model):
         if self.bits not in QUANT_BITS[self.kind]:
             widths = ", ".join(map(str, QUANT_BITS[self.kind]))
             every = "; ".join(f"{k}=" + ",".join(map(str, b)) for k, b in QUANT_BITS.items())
-            raise _rule("bits", f"{self.bits} does not match {{key}}.kind={self.kind}; allowed: {widths} ({every}; "
-                                "quant=default lets quant.bits pick the kind)")
+            raise _rule(
+                "bits",
+                f"{self.bits} does not match {{key}}.kind={self.kind}; allowed: {widths} ({every}; "
+                "quant=default lets quant.bits pick the kind)",
+            )
         return self
 
 
@@ -328,12 +361,18 @@ class PruneConfig(Model):
         if self.method == "none":
             return self
         if (self.sparsity is None) == (self.budget_bytes is None):
-            raise _rule("sparsity", f"{self.sparsity} with budget_bytes={self.budget_bytes}: method={self.method} needs "
-                                    "exactly one of them; allowed: sparsity in [0, 1) and budget_bytes=null, or "
-                                    "sparsity=null and budget_bytes > 0")
+            raise _rule(
+                "sparsity",
+                f"{self.sparsity} with budget_bytes={self.budget_bytes}: method={self.method} needs "
+                "exactly one of them; allowed: sparsity in [0, 1) and budget_bytes=null, or "
+                "sparsity=null and budget_bytes > 0",
+            )
         if self.method == "hydra" and self.score_epochs < 1:
-            raise _rule("score_epochs", f"{self.score_epochs}: method=hydra trains its scores for at least one epoch; "
-                                        "allowed: >= 1 (method=magnitude prunes without scores)")
+            raise _rule(
+                "score_epochs",
+                f"{self.score_epochs}: method=hydra trains its scores for at least one epoch; "
+                "allowed: >= 1 (method=magnitude prunes without scores)",
+            )
         if self.method != "hydra" and self.score_epochs:
             raise _rule("score_epochs", f"{self.score_epochs}: only method=hydra has a score phase; allowed: 0")
         return self
@@ -349,8 +388,11 @@ class MethodConfig(Model):
     def _parameters_of_the_method(self) -> MethodConfig:
         for sub, owner in (("alp_lambda", "alp"), ("trades_beta", "trades")):
             if sub in self.model_fields_set and self.name != owner:
-                raise _rule(sub, f"only used by method={owner}, this run has method={self.name}; "
-                                 f"allowed keys for method={self.name}: name")
+                raise _rule(
+                    sub,
+                    f"only used by method={owner}, this run has method={self.name}; "
+                    f"allowed keys for method={self.name}: name",
+                )
             if self.name == owner and getattr(self, sub) is None:
                 raise _rule(sub, f"missing; method={owner} needs it (conf/method/{owner}.yaml)")
         return self
@@ -361,7 +403,8 @@ class PairingConfig(Model):
     layers: list[str]
     lambdas: list[Annotated[float, Field(ge=0)]] = Field(description="non-negative weights, one per layer")
     distance: Choice(*PAIRING_DISTANCES, None) = Field(
-        description="a pairing distance (null: relative_l{p}, the paper's for p=2)")
+        description="a pairing distance (null: relative_l{p}, the paper's for p=2)"
+    )
     p: Choice(1, 2, None) = Field(description="1, 2 or null (older spelling of the distance)")
     warmup_epochs: int = Field(ge=0, description="0: the full lambda from the first step")
 
@@ -369,16 +412,25 @@ class PairingConfig(Model):
     def _layers_and_distance(self) -> PairingConfig:
         distance, p = self.distance, self.p
         if distance is not None and p is not None and distance != f"relative_l{p}":
-            raise _rule("p", f"{p} contradicts {{key}}.distance={distance}; allowed: set {{key}}.distance only "
-                             "({key}.p is the older spelling of relative_l1 / relative_l2)")
+            raise _rule(
+                "p",
+                f"{p} contradicts {{key}}.distance={distance}; allowed: set {{key}}.distance only "
+                "({key}.p is the older spelling of relative_l1 / relative_l2)",
+            )
         if distance in PAIRING_LOGITS_ONLY:
             inner = [n for n in self.layers if n != "logits"]
             if inner:
-                raise _rule("distance", f"{distance} is defined on the logits only but {{key}}.layers pairs {inner}; "
-                                        "allowed there: relative_l2, relative_l1 (or layers: [logits])")
+                raise _rule(
+                    "distance",
+                    f"{distance} is defined on the logits only but {{key}}.layers pairs {inner}; "
+                    "allowed there: relative_l2, relative_l1 (or layers: [logits])",
+                )
         if len(self.layers) != len(self.lambdas):
-            raise _rule("lambdas", f"{{value}} has {len(self.lambdas)} values for {len(self.layers)} "
-                                   f"layers {self.layers}; allowed: one lambda per layer")
+            raise _rule(
+                "lambdas",
+                f"{{value}} has {len(self.lambdas)} values for {len(self.layers)} "
+                f"layers {self.layers}; allowed: one lambda per layer",
+            )
         if len(set(self.layers)) != len(self.layers):
             raise _rule("layers", f"{self.layers} names a module twice; allowed: distinct module names")
         return self
@@ -451,16 +503,24 @@ class PGDCallbackConfig(TargetModel):
             raise _rule("steps", f"{{value}} with name={name}, a single-step attack; allowed: 1 (or name=pgd)")
         wants = {"pgd": (None, True), "fgsm": (False, True), "fgsm_rs": (True, True), "nfgsm": (True, False)}[name]
         if wants[0] is not None and self.random_start != wants[0]:
-            raise _rule("random_start", f"{{value}} with name={name}; allowed: {str(wants[0]).lower()} "
-                                        "(fgsm: none, fgsm_rs and nfgsm: a uniform start)")
+            raise _rule(
+                "random_start",
+                f"{{value}} with name={name}; allowed: {str(wants[0]).lower()} "
+                "(fgsm: none, fgsm_rs and nfgsm: a uniform start)",
+            )
         if project != wants[1]:
-            raise _rule("project", f"{_show(project)} with name={name}; allowed: {str(wants[1]).lower()} "
-                                   "(only nfgsm leaves the eps-ball)")
+            raise _rule(
+                "project",
+                f"{_show(project)} with name={name}; allowed: {str(wants[1]).lower()} (only nfgsm leaves the eps-ball)",
+            )
         if not project and self.norm != "linf":
             raise _rule("project", f"false with norm={self.norm}; allowed: norm=linf (nfgsm is an L_inf attack)")
         if self.noise is not None and project and self.noise > self.eps:
-            raise _rule("noise", f"{{value}} is larger than eps={self.eps:g} with project=true; allowed: "
-                                 "noise <= eps (or name=nfgsm, which does not project)")
+            raise _rule(
+                "noise",
+                f"{{value}} is larger than eps={self.eps:g} with project=true; allowed: "
+                "noise <= eps (or name=nfgsm, which does not project)",
+            )
         return self
 
 
@@ -475,8 +535,12 @@ def _known_entry(target: str) -> Callable[[Any], str]:
 
 
 def _entry(model: type[BaseModel], target: str) -> Any:
-    return Optional[Annotated[Union[Annotated[model, Tag("ours")], Annotated[TargetEntry, Tag("other")]],
-                              Discriminator(_known_entry(target))]]
+    return Optional[
+        Annotated[
+            Union[Annotated[model, Tag("ours")], Annotated[TargetEntry, Tag("other")]],
+            Discriminator(_known_entry(target)),
+        ]
+    ]
 
 
 class Entries(Model):
@@ -496,11 +560,17 @@ class Entries(Model):
             if entry is None:
                 continue  # `callbacks.pgd=null` switches an entry off
             if not isinstance(entry, dict):
-                raise _rule(name, f"{_show(entry)} is not a mapping; allowed: a {cls.what} config with _target_, "
-                                  "or null to switch it off")
+                raise _rule(
+                    name,
+                    f"{_show(entry)} is not a mapping; allowed: a {cls.what} config with _target_, "
+                    "or null to switch it off",
+                )
             if "_target_" not in entry:
-                hint = f"; known {cls.what}s: {', '.join(cls.names)}{_did_you_mean(name, cls.names)}" \
-                    if name not in cls.names else ""
+                hint = (
+                    f"; known {cls.what}s: {', '.join(cls.names)}{_did_you_mean(name, cls.names)}"
+                    if name not in cls.names
+                    else ""
+                )
                 raise _rule(name, f"no _target_; allowed: a {cls.what} config with _target_{hint}")
         return data
 
@@ -516,8 +586,9 @@ class CallbacksConfig(Entries):
     names = ("quant_ratio", "pgd", "checkpoint", "lr_monitor", "finite_loss")
     quant_ratio: _entry(QuantRatioCallbackConfig, "esq_lightning.training.callbacks.QuantRatioCallback") = absent()
     pgd: _entry(PGDCallbackConfig, "esq_lightning.training.callbacks.PGDCallback") = absent()
-    finite_loss: _entry(FiniteLossCallbackConfig,
-                        "esq_lightning.training.callbacks.finite_loss.FiniteLossCallback") = absent()
+    finite_loss: _entry(FiniteLossCallbackConfig, "esq_lightning.training.callbacks.finite_loss.FiniteLossCallback") = (
+        absent()
+    )
 
 
 class LoggersConfig(Entries):
@@ -667,36 +738,57 @@ class TrainConfig(Model):
         method = self.method.name
         pgd = self.callbacks.pgd if self.callbacks is not None else None
         if method != "natural" and pgd is None:
-            raise _rule("callbacks.pgd", f"null, but method={method} trains on x_adv; allowed: keep callbacks.pgd "
-                                         "(the training attack), or method=natural")
+            raise _rule(
+                "callbacks.pgd",
+                f"null, but method={method} trains on x_adv; allowed: keep callbacks.pgd "
+                "(the training attack), or method=natural",
+            )
         if method == "esq" and not self.pairing.layers:
-            raise _rule("pairing.layers", "[] pairs nothing, but method=esq needs at least one layer; "
-                                          "allowed: module names of the model, e.g. [logits]")
+            raise _rule(
+                "pairing.layers",
+                "[] pairs nothing, but method=esq needs at least one layer; "
+                "allowed: module names of the model, e.g. [logits]",
+            )
         if method == "esq" and self.pairing.lambdas and not any(self.pairing.lambdas):
-            raise _rule("pairing.lambdas", f"{self.pairing.lambdas} weighs the pairing term zero at every layer, so "
-                                           "method=esq would train the cross-entropy term alone (SQ without error "
-                                           "silencing) under the label of error-silenced training; allowed: a "
-                                           "positive lambda at one layer at least, or method=adversarial / natural "
-                                           "for a run without pairing")
+            raise _rule(
+                "pairing.lambdas",
+                f"{self.pairing.lambdas} weighs the pairing term zero at every layer, so "
+                "method=esq would train the cross-entropy term alone (SQ without error "
+                "silencing) under the label of error-silenced training; allowed: a "
+                "positive lambda at one layer at least, or method=adversarial / natural "
+                "for a run without pairing",
+            )
         steps, random_start = getattr(pgd, "steps", None), getattr(pgd, "random_start", None)
         if method != "natural" and steps == 0 and random_start is False:
             what = "the pairing term is always zero" if method == "esq" else "it trains on the clean inputs"
-            raise _rule("callbacks.pgd.steps", f"0 with random_start=false makes x_adv = x, so method={method} would "
-                                               f"train something other than it names ({what}); allowed: steps >= 1, "
-                                               "or random_start=true, or method=natural")
+            raise _rule(
+                "callbacks.pgd.steps",
+                f"0 with random_start=false makes x_adv = x, so method={method} would "
+                f"train something other than it names ({what}); allowed: steps >= 1, "
+                "or random_start=true, or method=natural",
+            )
         epochs = self.trainer.max_epochs
         if self.prune.method == "hydra" and isinstance(epochs, int) and epochs <= self.prune.score_epochs:
-            raise _rule("prune.score_epochs", f"{self.prune.score_epochs} leaves no epoch of trainer.max_epochs="
-                                              f"{epochs} to fine-tune the kept weights; allowed: < trainer.max_epochs")
+            raise _rule(
+                "prune.score_epochs",
+                f"{self.prune.score_epochs} leaves no epoch of trainer.max_epochs="
+                f"{epochs} to fine-tune the kept weights; allowed: < trainer.max_epochs",
+            )
         if self.prune.method != "none" and self.quant.budget_bytes is not None:
-            raise _rule("quant.budget_bytes", f"{self.quant.budget_bytes} with prune.method={self.prune.method}: the "
-                                              "bit allocation does not count pruned weights; allowed: one budget "
-                                              "(prune.budget_bytes with fixed bits, or quant.budget_bytes unpruned)")
+            raise _rule(
+                "quant.budget_bytes",
+                f"{self.quant.budget_bytes} with prune.method={self.prune.method}: the "
+                "bit allocation does not count pruned weights; allowed: one budget "
+                "(prune.budget_bytes with fixed bits, or quant.budget_bytes unpruned)",
+            )
         metric, attacks = self.optimized_metric, self.eval.attacks
         if metric and metric.startswith("robust_acc.") and metric.split(".", 1)[1] not in [*attacks, "worst_case"]:
-            raise _rule("optimized_metric", f"{metric} names an attack that eval.attacks does not run "
-                                            f"({', '.join(attacks) or 'none'}); allowed: robust_acc.<one of "
-                                            "eval.attacks>, robust_acc.worst_case, clean_acc")
+            raise _rule(
+                "optimized_metric",
+                f"{metric} names an attack that eval.attacks does not run "
+                f"({', '.join(attacks) or 'none'}); allowed: robust_acc.<one of "
+                "eval.attacks>, robust_acc.worst_case, clean_acc",
+            )
         return self
 
 
@@ -774,8 +866,9 @@ def _check_target(key: str, node: BaseModel, raw: dict) -> None:
         if k in accepted or k in declared:
             continue
         shown = [a for a in dict.fromkeys([*declared, *accepted]) if a != "params" and not a.startswith("_")]
-        raise ESQUserError(f"{_join(key, k)}: unknown key{_did_you_mean(k, accepted)}; allowed: "
-                           f"{', '.join(shown)} ({target})")
+        raise ESQUserError(
+            f"{_join(key, k)}: unknown key{_did_you_mean(k, accepted)}; allowed: {', '.join(shown)} ({target})"
+        )
 
 
 def _check_targets(targets: list[tuple[str, BaseModel]], data: dict) -> None:
@@ -789,11 +882,15 @@ def _check_cifar_dir(data: CIFARDataConfig, key: str = "data") -> None:
     archive, folder = CIFAR_FILES[data.name]
     root = Path(data.data_dir).expanduser()
     if not root.is_dir():
-        raise ESQUserError(f"{key}.data_dir: {str(root)!r} does not exist (resolved: {root.resolve()}); allowed: a "
-                           f"folder holding {archive} or {folder}/, or {key}.download=true")
+        raise ESQUserError(
+            f"{key}.data_dir: {str(root)!r} does not exist (resolved: {root.resolve()}); allowed: a "
+            f"folder holding {archive} or {folder}/, or {key}.download=true"
+        )
     if not (root / archive).is_file() and not (root / folder).is_dir():
-        raise ESQUserError(f"{key}.data_dir: {str(root)!r} holds neither {archive} nor {folder}/; "
-                           f"allowed: the folder that holds them, or {key}.download=true")
+        raise ESQUserError(
+            f"{key}.data_dir: {str(root)!r} holds neither {archive} nor {folder}/; "
+            f"allowed: the folder that holds them, or {key}.download=true"
+        )
 
 
 class DataRoot(Model):

@@ -67,15 +67,25 @@ def amplification_curve(
             if i == 0 and steps > 0 and eps > 0:
                 # A quantizer without a straight-through path gives PGD nothing to follow: D_l would read 0.
                 check_gradients(model, xb, yb)
-            x_adv = pgd(model, xb, yb, eps=eps, step_size=step_size, steps=steps, norm=norm, random_start=True,
-                        generator=generator)
+            x_adv = pgd(
+                model,
+                xb,
+                yb,
+                eps=eps,
+                step_size=step_size,
+                steps=steps,
+                norm=norm,
+                random_start=True,
+                generator=generator,
+            )
             with torch.no_grad():
                 logits_c, clean = forward_with_activations(model, xb, names)
                 logits_a, adv = forward_with_activations(model, x_adv, names)
                 # pairing_distance is the batch mean: weight by the batch size for the mean over all inputs.
                 sums += torch.stack([pairing_distance(clean[m], adv[m], p=2) for m in names]).double() * len(yb)
-                logit_sums += torch.stack([pairing_distance(logits_c, logits_a, distance=d)
-                                           for d in LOGIT_DISTANCES]).double() * len(yb)
+                logit_sums += torch.stack(
+                    [pairing_distance(logits_c, logits_a, distance=d) for d in LOGIT_DISTANCES]
+                ).double() * len(yb)
                 clean_right += (logits_c.argmax(1) == yb).sum()
                 adv_right += (logits_a.argmax(1) == yb).sum()
     d = (sums / max(n, 1)).cpu().tolist()
@@ -87,8 +97,16 @@ def amplification_curve(
         "clean_acc": clean_right.item() / max(n, 1),
         "adv_acc": adv_right.item() / max(n, 1),
         "logits": dict(zip(LOGIT_DISTANCES, d_logits)),
-        "attack": {"attack": "pgd", "norm": norm, "eps": float(eps), "steps": int(steps), "step_size": step_size,
-                   "random_start": True, "seed": int(seed), "batch_size": int(batch_size)},
+        "attack": {
+            "attack": "pgd",
+            "norm": norm,
+            "eps": float(eps),
+            "steps": int(steps),
+            "step_size": step_size,
+            "random_start": True,
+            "seed": int(seed),
+            "batch_size": int(batch_size),
+        },
     }
 
 

@@ -40,21 +40,37 @@ from esq_lightning.quant import full_quantization
 # L_inf attack at eval.eps, PGD steps at eps/4 unless the schedule says otherwise.
 BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
-        "fgsm": {}, "pgd20": {}, "pgd_margin": {"steps": 20}, "pgd_dlr": {"steps": 20},
-        "pgd_pp": {"steps": 20}, "pgd_pairing": {"steps": 20},
+        "fgsm": {},
+        "pgd20": {},
+        "pgd_margin": {"steps": 20},
+        "pgd_dlr": {"steps": 20},
+        "pgd_pp": {"steps": 20},
+        "pgd_pairing": {"steps": 20},
     },
     "standard": {
-        "fgsm": {}, "pgd20": {}, "pgd100": {"restarts": 2},
-        "pgd_margin": {"steps": 100, "restarts": 2}, "pgd_dlr": {"steps": 100, "restarts": 2},
-        "pgd_mt": {"steps": 50, "targets": 3}, "pgd_pp": {"steps": 100}, "pgd_pairing": {"steps": 100},
-        "square": {"n_queries": 1000}, "autoattack": {},
+        "fgsm": {},
+        "pgd20": {},
+        "pgd100": {"restarts": 2},
+        "pgd_margin": {"steps": 100, "restarts": 2},
+        "pgd_dlr": {"steps": 100, "restarts": 2},
+        "pgd_mt": {"steps": 50, "targets": 3},
+        "pgd_pp": {"steps": 100},
+        "pgd_pairing": {"steps": 100},
+        "square": {"n_queries": 1000},
+        "autoattack": {},
     },
     "thorough": {
-        "fgsm": {}, "pgd20": {}, "pgd100": {"restarts": 5},
-        "pgd_margin": {"steps": 200, "restarts": 5}, "pgd_dlr": {"steps": 200, "restarts": 5},
-        "pgd_mt": {"steps": 100, "targets": 9}, "pgd_pp": {"steps": 200, "restarts": 5},
+        "fgsm": {},
+        "pgd20": {},
+        "pgd100": {"restarts": 5},
+        "pgd_margin": {"steps": 200, "restarts": 5},
+        "pgd_dlr": {"steps": 200, "restarts": 5},
+        "pgd_mt": {"steps": 100, "targets": 9},
+        "pgd_pp": {"steps": 200, "restarts": 5},
         "pgd_pairing": {"steps": 200, "restarts": 5},
-        "pgd_schedule": {"steps": 200, "restarts": 5}, "square": {"n_queries": 5000}, "autoattack": {},
+        "pgd_schedule": {"steps": 200, "restarts": 5},
+        "square": {"n_queries": 5000},
+        "autoattack": {},
     },
 }
 # The eps curve: independent runs (not nested), so a rise with eps is visible (non_monotone_eps).
@@ -103,8 +119,12 @@ def survival_table(clean_correct: Tensor, correct: Mapping[str, Tensor]) -> dict
     """Which test inputs stayed correctly classified, clean and under each attack (input i = bit i, the order of the
     test split): a worst case over any subset of attacks, or against another library's results, is the AND of
     these masks, recomputed without attacking again (unpack_mask)."""
-    return {"n": int(len(clean_correct)), "encoding": "base64 numpy.packbits, input i = bit i",
-            "clean": pack_mask(clean_correct), "attacks": {k: pack_mask(v) for k, v in correct.items()}}
+    return {
+        "n": int(len(clean_correct)),
+        "encoding": "base64 numpy.packbits, input i = bit i",
+        "clean": pack_mask(clean_correct),
+        "attacks": {k: pack_mask(v) for k, v in correct.items()},
+    }
 
 
 def _merge(base: Mapping[str, Any], user: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -112,9 +132,17 @@ def _merge(base: Mapping[str, Any], user: Mapping[str, Any] | None) -> dict[str,
 
 
 def audit_model(
-    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, settings: EvalSettings, *,
-    budget: str = "standard", pairing: Mapping[str, Any] | None = None, eps_factors: Sequence[float] = EPS_FACTORS,
-    unbounded_eps: float | None = UNBOUNDED_EPS, device: torch.device | str = "cpu",
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    settings: EvalSettings,
+    *,
+    budget: str = "standard",
+    pairing: Mapping[str, Any] | None = None,
+    eps_factors: Sequence[float] = EPS_FACTORS,
+    unbounded_eps: float | None = UNBOUNDED_EPS,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """The audit of one model at the L_inf threat model: {"clean_acc", "robust_acc" (worst_case first), "attacks",
     "worst_case", "eps_curve", "unbounded", "probe", "verdict", "flags", "budget", "runtime_s"}.
@@ -135,14 +163,24 @@ def audit_model(
     run_params = {name: _merge(chosen.get(name, {}), user.get(name)) for name in names}
     if "pgd_pairing" in names and pairing:
         run_params["pgd_pairing"] = {**pairing, **run_params["pgd_pairing"]}
-    ev = evaluate_robustness(model, x, y, ThreatModel("linf", eps, threat.fgsm_factor),
-                             replace(settings, attacks=names, params=run_params, n_samples=None),
-                             device=device, on_gradient_error="record")
+    ev = evaluate_robustness(
+        model,
+        x,
+        y,
+        ThreatModel("linf", eps, threat.fgsm_factor),
+        replace(settings, attacks=names, params=run_params, n_samples=None),
+        device=device,
+        on_gradient_error="record",
+    )
     clean_correct = ev["clean_correct"]
     n = len(clean_correct)
     x, y = x[:n], y[:n]
-    curve: dict[str, Any] = {"factors": list(eps_factors), "eps": [min(1.0, f * eps) for f in eps_factors],
-                             "attacks": {}, "worst_case": []}
+    curve: dict[str, Any] = {
+        "factors": list(eps_factors),
+        "eps": [min(1.0, f * eps) for f in eps_factors],
+        "attacks": {},
+        "worst_case": [],
+    }
     unbounded: dict[str, Any] = {}
     was_training = model.training
     model.eval()
@@ -156,8 +194,9 @@ def audit_model(
                 accs = []
                 for i, e in enumerate(curve["eps"]):
                     torch.manual_seed(seed)
-                    correct, _, _ = attack_in_batches(name, model, x, y, e, _merge(p, user.get(name)), batch_size,
-                                                      device, progress=False)
+                    correct, _, _ = attack_in_batches(
+                        name, model, x, y, e, _merge(p, user.get(name)), batch_size, device, progress=False
+                    )
                     per_eps[i][name] = correct & clean_correct
                     accs.append(per_eps[i][name].float().mean().item())
                 curve["attacks"][name] = {"acc": accs, "params": p}
@@ -168,10 +207,15 @@ def audit_model(
                 curve["worst_case"].append(mask.float().mean().item() if masks and n else None)
             if unbounded_eps is not None and gradients_ok:
                 torch.manual_seed(seed)
-                correct, _, _ = attack_in_batches("pgd_margin", model, x, y, float(unbounded_eps), {"steps": 50},
-                                                  batch_size, device, progress=False)
-                unbounded = {"attack": "pgd_margin", "steps": 50, "eps": float(unbounded_eps),
-                             "acc": (correct & clean_correct).float().mean().item()}
+                correct, _, _ = attack_in_batches(
+                    "pgd_margin", model, x, y, float(unbounded_eps), {"steps": 50}, batch_size, device, progress=False
+                )
+                unbounded = {
+                    "attack": "pgd_margin",
+                    "steps": 50,
+                    "eps": float(unbounded_eps),
+                    "acc": (correct & clean_correct).float().mean().item(),
+                }
     finally:
         model.train(was_training)
     flags = probe_flags(probe, ev["clean_acc"], th) + attack_flags(ev, "linf", eps, th)
@@ -180,16 +224,33 @@ def audit_model(
     if unbounded:
         flags += unbounded_flags(unbounded["acc"], unbounded["eps"], probe["num_classes"], th, unbounded["attack"])
     if missing:
-        flags.append(flag("attack_set_incomplete",
-                          f"the {budget} budget's {', '.join(missing)} did not run: "
-                          + "; ".join(f"{k} needs the {v} package" for k, v in missing.items())
-                          + "; the worst case is over the other attacks only", missing=missing))
+        flags.append(
+            flag(
+                "attack_set_incomplete",
+                f"the {budget} budget's {', '.join(missing)} did not run: "
+                + "; ".join(f"{k} needs the {v} package" for k, v in missing.items())
+                + "; the worst case is over the other attacks only",
+                missing=missing,
+            )
+        )
     wc = worst_case(clean_correct, ev["correct"], ev["attacks"], "linf", eps)
-    return {"missing_attacks": missing, "per_sample": survival_table(clean_correct, ev["correct"]),
-        "budget": budget, "clean_acc": ev["clean_acc"], "robust_acc": ev["robust_acc"], "attacks": ev["attacks"],
-        "worst_case": {k: v for k, v in wc.items() if k != "mask"}, "eps_curve": curve, "unbounded": unbounded,
-        "probe": probe, "unattackable": ev["unattackable"], "gradient_masking": ev["gradient_masking"],
-        "verdict": verdict(flags, attacked=bool(ev["attacks"])), "flags": flags, "n_samples": n, "runtime_s": round(time.perf_counter() - start, 1),
+    return {
+        "missing_attacks": missing,
+        "per_sample": survival_table(clean_correct, ev["correct"]),
+        "budget": budget,
+        "clean_acc": ev["clean_acc"],
+        "robust_acc": ev["robust_acc"],
+        "attacks": ev["attacks"],
+        "worst_case": {k: v for k, v in wc.items() if k != "mask"},
+        "eps_curve": curve,
+        "unbounded": unbounded,
+        "probe": probe,
+        "unattackable": ev["unattackable"],
+        "gradient_masking": ev["gradient_masking"],
+        "verdict": verdict(flags, attacked=bool(ev["attacks"])),
+        "flags": flags,
+        "n_samples": n,
+        "runtime_s": round(time.perf_counter() - start, 1),
     }
 
 
@@ -200,28 +261,42 @@ def audit_markdown(records: Sequence[Mapping[str, Any]], eps: float, dataset: st
         for name in rec["robust_acc"]:
             if name != "worst_case" and name not in attacks:
                 attacks.append(name)
+
     def pct(v: Any) -> str:
         return "–" if v is None else f"{100 * v:.1f}"
+
     def head(name: str, rec: Mapping[str, Any]) -> str:
         e = (rec["attacks"].get(name) or {}).get("eps")
         return name if e is None or abs(e - eps) < 1e-9 else f"{name} (eps={e:.3g})"
-    lines = [f"# Audit: {dataset}, L_inf eps={eps:.4g}, budget {records[0]['budget']}, "
-             f"{records[0]['n_samples']} test inputs, eval mode, full quantization", "",
-             f"Command: `{command}`", "",
-             "| model | clean | worst case | " + " | ".join(head(a, records[0]) for a in attacks) + " | verdict |",
-             "|---|---|---|" + "---|" * len(attacks) + "---|"]
+
+    lines = [
+        f"# Audit: {dataset}, L_inf eps={eps:.4g}, budget {records[0]['budget']}, "
+        f"{records[0]['n_samples']} test inputs, eval mode, full quantization",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| model | clean | worst case | " + " | ".join(head(a, records[0]) for a in attacks) + " | verdict |",
+        "|---|---|---|" + "---|" * len(attacks) + "---|",
+    ]
     for rec in records:
         cells = [pct(rec["robust_acc"].get(a)) for a in attacks]
-        lines.append(f"| {rec['label']} | {pct(rec['clean_acc'])} | **{pct(rec['worst_case']['acc'])}** | "
-                     + " | ".join(cells) + f" | {rec['verdict']} |")
+        lines.append(
+            f"| {rec['label']} | {pct(rec['clean_acc'])} | **{pct(rec['worst_case']['acc'])}** | "
+            + " | ".join(cells)
+            + f" | {rec['verdict']} |"
+        )
     factors = records[0]["eps_curve"]["factors"]
-    lines += ["", "Accuracy vs eps (independent runs per eps; worst case over "
-              f"{', '.join(records[0]['eps_curve']['attacks'])}):", "",
-              "| model | curve | " + " | ".join(f"{f:g}x eps ({min(1.0, f * eps):.3g})" for f in factors) + " |",
-              "|---|---|" + "---|" * len(factors)]
+    lines += [
+        "",
+        f"Accuracy vs eps (independent runs per eps; worst case over {', '.join(records[0]['eps_curve']['attacks'])}):",
+        "",
+        "| model | curve | " + " | ".join(f"{f:g}x eps ({min(1.0, f * eps):.3g})" for f in factors) + " |",
+        "|---|---|" + "---|" * len(factors),
+    ]
     for rec in records:
-        lines.append(f"| {rec['label']} | worst case | "
-                     + " | ".join(pct(v) for v in rec["eps_curve"]["worst_case"]) + " |")
+        lines.append(
+            f"| {rec['label']} | worst case | " + " | ".join(pct(v) for v in rec["eps_curve"]["worst_case"]) + " |"
+        )
         fgsm = (rec["eps_curve"]["attacks"].get("fgsm") or {}).get("acc")
         if fgsm:
             lines.append(f"| {rec['label']} | FGSM | " + " | ".join(pct(v) for v in fgsm) + " |")
@@ -248,12 +323,22 @@ def plot_audit(records: Sequence[Mapping[str, Any]], path: str | Path, title: st
         curve = rec["eps_curve"]
         pts = [(e, 100 * v) for e, v in zip(curve["eps"], curve["worst_case"]) if v is not None]
         if pts:
-            line = ax2.plot([0.0] + [p[0] for p in pts], [100 * rec["clean_acc"]] + [p[1] for p in pts], marker="o",
-                            label=f"{rec['label']} worst case of the curve attacks")[0]
+            line = ax2.plot(
+                [0.0] + [p[0] for p in pts],
+                [100 * rec["clean_acc"]] + [p[1] for p in pts],
+                marker="o",
+                label=f"{rec['label']} worst case of the curve attacks",
+            )[0]
             fgsm = (curve["attacks"].get("fgsm") or {}).get("acc")
             if fgsm:
-                ax2.plot([0.0, *curve["eps"]], [100 * rec["clean_acc"], *[100 * v for v in fgsm]], linestyle="--",
-                         marker="x", color=line.get_color(), label=f"{rec['label']} FGSM")
+                ax2.plot(
+                    [0.0, *curve["eps"]],
+                    [100 * rec["clean_acc"], *[100 * v for v in fgsm]],
+                    linestyle="--",
+                    marker="x",
+                    color=line.get_color(),
+                    label=f"{rec['label']} FGSM",
+                )
     ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=45, ha="right", fontsize=7)
     ax1.set_ylabel("accuracy (%)")
     ax1.set_ylim(0, 100)
@@ -261,8 +346,9 @@ def plot_audit(records: Sequence[Mapping[str, Any]], path: str | Path, title: st
     # The two panels' worst cases are over different attack sets: say which.
     ax1.set_title("at the threat model; worst_case = over every attack of the bars", fontsize=8)
     curve_attacks = sorted({a for rec in records for a in (rec.get("eps_curve") or {}).get("attacks", {})})
-    ax2.set_title(f"accuracy vs eps; worst case over {', '.join(curve_attacks) or 'the curve attacks'} only",
-                  fontsize=8)
+    ax2.set_title(
+        f"accuracy vs eps; worst case over {', '.join(curve_attacks) or 'the curve attacks'} only", fontsize=8
+    )
     ax2.set_xlabel("L_inf eps")
     ax2.set_ylabel("accuracy (%): worst case (solid), FGSM (dashed)")
     ax2.set_ylim(0, 100)

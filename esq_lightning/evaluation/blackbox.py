@@ -66,15 +66,17 @@ def blackbox_curves(
         record.update({"runtime_s": round(runtime, 3), "n_inputs": n, "eval_batch_size": batch_size})
         budget = query_budget(record)
         accuracy = (correct_sum / max(n, 1)).tolist()
-        curves.append({
-            "label": labels[i],
-            "attack": name,
-            "budgets": budgets,
-            "accuracy": accuracy,
-            "params": record,
-            "query_budget": budget,
-            "legend": f"{labels[i]}, {attack_title(name)} ({budget['text']})",
-        })
+        curves.append(
+            {
+                "label": labels[i],
+                "attack": name,
+                "budgets": budgets,
+                "accuracy": accuracy,
+                "params": record,
+                "query_budget": budget,
+                "legend": f"{labels[i]}, {attack_title(name)} ({budget['text']})",
+            }
+        )
     return curves
 
 
@@ -84,18 +86,25 @@ def check_blackbox_attacks(attacks: Sequence[str], params: Mapping[str, Mapping[
     for name in attacks:
         spec = ATTACKS.get(name)
         if spec is None:
-            raise ESQUserError(f"eval.blackbox.attacks: unknown attack '{name}'; allowed: "
-                               + ", ".join(n for n, s in ATTACKS.items() if not s.gradient_based))
+            raise ESQUserError(
+                f"eval.blackbox.attacks: unknown attack '{name}'; allowed: "
+                + ", ".join(n for n, s in ATTACKS.items() if not s.gradient_based)
+            )
         if spec.gradient_based:
-            raise ESQUserError(f"eval.blackbox.attacks: '{name}' uses gradients; black-box attacks are: "
-                               + ", ".join(n for n, s in ATTACKS.items() if not s.gradient_based))
+            raise ESQUserError(
+                f"eval.blackbox.attacks: '{name}' uses gradients; black-box attacks are: "
+                + ", ".join(n for n, s in ATTACKS.items() if not s.gradient_based)
+            )
         own = dict(params.get(name) or {})
         if "eps" in own:
             raise ESQUserError(f"eval.blackbox.params.{name}.eps: the budgets are eval.blackbox.budgets; remove eps")
         unknown = sorted(set(own) - set(spec.defaults))
         if unknown:
-            raise ESQUserError(f"eval.blackbox.params.{name}: unknown parameters {unknown}; "
-                               f"valid: {', '.join(sorted(spec.defaults))}")
+            raise ESQUserError(
+                f"eval.blackbox.params.{name}: unknown parameters {unknown}; valid: {', '.join(sorted(spec.defaults))}"
+            )
         if str(own.get("norm", spec.norm)).lower() != "l2":
-            raise ESQUserError(f"eval.blackbox.params.{name}.norm: the curves are over L2 budgets; "
-                               f"set eval.blackbox.params.{name}.norm=l2")
+            raise ESQUserError(
+                f"eval.blackbox.params.{name}.norm: the curves are over L2 budgets; "
+                f"set eval.blackbox.params.{name}.norm=l2"
+            )

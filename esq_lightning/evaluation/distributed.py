@@ -85,8 +85,13 @@ def is_distributed(trainer: Mapping[str, Any] | None) -> bool:
     if not trainer:
         return False
     devices, nodes = trainer.get("devices", 1), int(trainer.get("num_nodes", 1) or 1)
-    many = nodes > 1 or devices == -1 or (isinstance(devices, list) and len(devices) > 1) or \
-        (isinstance(devices, int) and devices > 1) or (isinstance(devices, str) and devices not in ("1", "auto"))
+    many = (
+        nodes > 1
+        or devices == -1
+        or (isinstance(devices, list) and len(devices) > 1)
+        or (isinstance(devices, int) and devices > 1)
+        or (isinstance(devices, str) and devices not in ("1", "auto"))
+    )
     return str(trainer.get("strategy", "auto")) == "ddp" or many
 
 
@@ -104,11 +109,18 @@ def launch(trainer: Mapping[str, Any] | None) -> Shard:
         return Shard(0, 1, _single_device(accelerator))
     strategy = str(trainer.get("strategy", "auto"))
     if strategy not in ("ddp", "auto"):
-        raise ESQUserError(f"trainer.strategy={strategy}: esq-eval runs one process per device with strategy=ddp "
-                           "(trainer=ddp_cpu or trainer=ddp); allowed: ddp, auto")
+        raise ESQUserError(
+            f"trainer.strategy={strategy}: esq-eval runs one process per device with strategy=ddp "
+            "(trainer=ddp_cpu or trainer=ddp); allowed: ddp, auto"
+        )
     from lightning_fabric import Fabric
 
-    fabric = Fabric(accelerator=accelerator, strategy="ddp", devices=trainer.get("devices", "auto"),
-                    num_nodes=int(trainer.get("num_nodes", 1) or 1), precision="32-true")
+    fabric = Fabric(
+        accelerator=accelerator,
+        strategy="ddp",
+        devices=trainer.get("devices", "auto"),
+        num_nodes=int(trainer.get("num_nodes", 1) or 1),
+        precision="32-true",
+    )
     fabric.launch()
     return Shard(fabric.global_rank, fabric.world_size, fabric.device)

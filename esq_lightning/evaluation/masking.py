@@ -16,8 +16,12 @@ from esq_lightning.attacks.spec import GRADIENT_FREE, ITERATIVE, SINGLE_STEP
 # The Python API's tolerance; runs take eval.masking.tolerance (conf/eval/default.yaml), passed in by every caller.
 DEFAULT_TOLERANCE = 0.01
 
-CHECKS = ("single_step_beats_iterative", "more_iterations_raise_accuracy", "blackbox_beats_whitebox",
-          "clean_only_failure")
+CHECKS = (
+    "single_step_beats_iterative",
+    "more_iterations_raise_accuracy",
+    "blackbox_beats_whitebox",
+    "clean_only_failure",
+)
 
 
 def _threat(record: Mapping[str, Any]) -> tuple[str, float] | None:
@@ -84,12 +88,22 @@ def gradient_masking_report(
         assert t is not None
         # 1e-9: 0.09 - 0.01 is 0.0799999... in floating point, and 0.08 must not be flagged at tolerance 0.01.
         flagged = robust_acc[weaker] < robust_acc[stronger] - tolerance - 1e-9
-        checks[check].append({"weaker": weaker, "stronger": stronger, "norm": t[0], "eps": t[1],
-                              "weaker_acc": robust_acc[weaker], "stronger_acc": robust_acc[stronger],
-                              "flagged": flagged})
+        checks[check].append(
+            {
+                "weaker": weaker,
+                "stronger": stronger,
+                "norm": t[0],
+                "eps": t[1],
+                "weaker_acc": robust_acc[weaker],
+                "stronger_acc": robust_acc[stronger],
+                "flagged": flagged,
+            }
+        )
         if flagged:
-            flags.append(f"{check}: {weaker} {_fmt(robust_acc[weaker])} < {stronger} {_fmt(robust_acc[stronger])} "
-                         f"at {t[0]} eps={t[1]:.4g} ({why})")
+            flags.append(
+                f"{check}: {weaker} {_fmt(robust_acc[weaker])} < {stronger} {_fmt(robust_acc[stronger])} "
+                f"at {t[0]} eps={t[1]:.4g} ({why})"
+            )
 
     for weak in names:
         for strong in names:
@@ -97,11 +111,19 @@ def gradient_masking_report(
                 continue
             s_weak, s_strong = _strength(weak, attacks[weak]), _strength(strong, attacks[strong])
             if _family(weak) == SINGLE_STEP and _family(strong) == ITERATIVE and s_strong is not None:
-                compare("single_step_beats_iterative", weak, strong,
-                        "a single gradient step should not beat an iterative attack")
+                compare(
+                    "single_step_beats_iterative",
+                    weak,
+                    strong,
+                    "a single gradient step should not beat an iterative attack",
+                )
             elif s_weak is not None and s_strong is not None and s_weak[0] >= 1 and s_weak < s_strong:
-                compare("more_iterations_raise_accuracy", weak, strong,
-                        "more steps, restarts or AutoAttack's ensemble should not raise robust accuracy")
+                compare(
+                    "more_iterations_raise_accuracy",
+                    weak,
+                    strong,
+                    "more steps, restarts or AutoAttack's ensemble should not raise robust accuracy",
+                )
 
     # Black-box against the strongest white-box result of the same threat model: a weak configuration of one
     # gradient attack (C&W with 20 steps) is no sign of masking when another gradient attack does better.
@@ -111,19 +133,33 @@ def gradient_masking_report(
         rivals = [s for s in names if _family(s) == ITERATIVE and _same_threat(threats[weak], threats[s])]
         if rivals:
             strong = min(rivals, key=lambda s: robust_acc[s])
-            compare("blackbox_beats_whitebox", weak, strong,
-                    "a gradient-free attack should not beat the best white-box gradient attack")
+            compare(
+                "blackbox_beats_whitebox",
+                weak,
+                strong,
+                "a gradient-free attack should not beat the best white-box gradient attack",
+            )
 
     for name in names:
         t = threats[name]
         if _family(name) not in (SINGLE_STEP, ITERATIVE) or t is None or t[1] <= 0:
             continue
         flagged = clean_acc > 0 and robust_acc[name] >= clean_acc
-        checks["clean_only_failure"].append({"attack": name, "norm": t[0], "eps": t[1], "acc": robust_acc[name],
-                                             "clean_acc": clean_acc, "flagged": flagged})
+        checks["clean_only_failure"].append(
+            {
+                "attack": name,
+                "norm": t[0],
+                "eps": t[1],
+                "acc": robust_acc[name],
+                "clean_acc": clean_acc,
+                "flagged": flagged,
+            }
+        )
         if flagged:
-            flags.append(f"clean_only_failure: {name} {_fmt(robust_acc[name])} equals clean accuracy at {t[0]} "
-                         f"eps={t[1]:.4g} (a gradient attack that changes no prediction suggests useless gradients)")
+            flags.append(
+                f"clean_only_failure: {name} {_fmt(robust_acc[name])} equals clean accuracy at {t[0]} "
+                f"eps={t[1]:.4g} (a gradient attack that changes no prediction suggests useless gradients)"
+            )
     return {"flags": flags, "checks": checks, "tolerance": tolerance}
 
 
@@ -132,5 +168,9 @@ def format_flags(report: Mapping[str, Any]) -> str:
     n = sum(len(v) for v in report.get("checks", {}).values())
     if not report.get("flags"):
         return f"gradient masking: no sign found ({n} comparisons at equal norm and eps)"
-    return "\n".join(["gradient masking: POSSIBLE, check these signs (Athalye et al. 2018):",
-                      *(f"  - {flag}" for flag in report["flags"])])
+    return "\n".join(
+        [
+            "gradient masking: POSSIBLE, check these signs (Athalye et al. 2018):",
+            *(f"  - {flag}" for flag in report["flags"]),
+        ]
+    )

@@ -41,8 +41,15 @@ def plot_blackbox(curves: Sequence[Mapping[str, Any]], path: str | Path, title: 
     for curve in curves:
         colour = colours.setdefault(curve["label"], f"C{len(colours) % 10}")
         spec = attack_spec(curve["attack"])
-        ax.plot(curve["budgets"], [100 * a for a in curve["accuracy"]], linestyle=spec.plot_style if spec else ":",
-                color=colour, marker="o", markersize=3, label=curve["legend"])
+        ax.plot(
+            curve["budgets"],
+            [100 * a for a in curve["accuracy"]],
+            linestyle=spec.plot_style if spec else ":",
+            color=colour,
+            marker="o",
+            markersize=3,
+            label=curve["legend"],
+        )
     ax.set_xlabel(r"$L_2$ budget $\epsilon$")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)

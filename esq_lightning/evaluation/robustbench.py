@@ -18,10 +18,29 @@ from esq_lightning.atomic import atomic_write_json
 from esq_lightning.config.quantizers import QUANTIZER_SPECS
 from esq_lightning.errors import ESQUserError
 
-FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue", "architecture",
-          "eps", "clean_acc", "reported", "autoattack_acc", "footnote")
-ARCHITECTURES = {"wrn28_10": "WideResNet-28-10", "resnet152": "ResNet-152", "resnet20": "ResNet-20",
-                 "resnet56": "ResNet-56", "preact_resnet18": "PreActResNet-18", "small_cnn": "SmallCNN"}
+FIELDS = (
+    "link",
+    "name",
+    "authors",
+    "additional_data",
+    "number_forward_passes",
+    "dataset",
+    "venue",
+    "architecture",
+    "eps",
+    "clean_acc",
+    "reported",
+    "autoattack_acc",
+    "footnote",
+)
+ARCHITECTURES = {
+    "wrn28_10": "WideResNet-28-10",
+    "resnet152": "ResNet-152",
+    "resnet20": "ResNet-20",
+    "resnet56": "ResNet-56",
+    "preact_resnet18": "PreActResNet-18",
+    "small_cnn": "SmallCNN",
+}
 THREAT_MODELS = {"linf": "Linf", "l2": "L2"}
 FULL_TEXT = "full-precision weights (32 bits)"
 # RobustBench evaluates on the full test set.
@@ -52,14 +71,17 @@ def _percent(acc: float) -> str:
     return f"{100 * float(acc):.2f}"
 
 
-def model_info(results: Mapping[str, Any], train_config: Mapping[str, Any],
-               fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def model_info(
+    results: Mapping[str, Any], train_config: Mapping[str, Any], fields: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The model-info record of a white-box results record that includes the `autoattack` attack."""
     fields = dict(fields or {})
     robust = results.get("robust_acc") or {}
     if "autoattack" not in robust:
-        raise ESQUserError("robustbench.write=true: the RobustBench file needs AutoAttack accuracy; add autoattack to "
-                           f"eval.attacks (got {list(robust)}), e.g. eval.attacks=[autoattack]")
+        raise ESQUserError(
+            "robustbench.write=true: the RobustBench file needs AutoAttack accuracy; add autoattack to "
+            f"eval.attacks (got {list(robust)}), e.g. eval.attacks=[autoattack]"
+        )
     used = (results.get("attacks") or {}).get("autoattack") or {}
     norm = str(used.get("norm") or (results.get("threat_model") or {}).get("norm") or "linf")
     eps = float(used.get("eps", (results.get("threat_model") or {}).get("eps")))
@@ -68,12 +90,14 @@ def model_info(results: Mapping[str, Any], train_config: Mapping[str, Any],
     kind = str(quant.get("kind", "full"))
     bits = int(quant.get("bits", 32))
     n = int(results.get("n_samples") or 0)
-    notes = [f"{quant_text(kind)}: {bits}-bit weights"
-             + (", first and last layers full precision" if quant.get("keep_first_last") else ""),
-             f"trained with {(train_config.get('method') or {}).get('name')} (setting {train_config.get('setting')})",
-             f"clean and AutoAttack ({used.get('version', 'standard')}) accuracy on {n} test points"
-             + ("" if n >= FULL_TEST_SET else f" (RobustBench uses the full {FULL_TEST_SET})"),
-             "evaluated in eval mode at full quantization by esq-lightning"]
+    notes = [
+        f"{quant_text(kind)}: {bits}-bit weights"
+        + (", first and last layers full precision" if quant.get("keep_first_last") else ""),
+        f"trained with {(train_config.get('method') or {}).get('name')} (setting {train_config.get('setting')})",
+        f"clean and AutoAttack ({used.get('version', 'standard')}) accuracy on {n} test points"
+        + ("" if n >= FULL_TEST_SET else f" (RobustBench uses the full {FULL_TEST_SET})"),
+        "evaluated in eval mode at full quantization by esq-lightning",
+    ]
     info = {
         "link": fields.get("link"),
         "name": fields.get("name"),
@@ -98,11 +122,15 @@ def check_robustbench(cfg: Any) -> None:
     if not rb.get("write"):
         return
     if str(cfg.get("mode") or "whitebox") != "whitebox":
-        raise ESQUserError(f"robustbench.write=true: the RobustBench file comes from mode=whitebox, not mode={cfg.mode}")
+        raise ESQUserError(
+            f"robustbench.write=true: the RobustBench file comes from mode=whitebox, not mode={cfg.mode}"
+        )
     attacks = [str(a) for a in (cfg.eval.get("attacks") or [])]
     if "autoattack" not in attacks:
-        raise ESQUserError("robustbench.write=true: the RobustBench file needs AutoAttack accuracy; add autoattack to "
-                           f"eval.attacks (got {attacks}), e.g. eval.attacks=[autoattack]")
+        raise ESQUserError(
+            "robustbench.write=true: the RobustBench file needs AutoAttack accuracy; add autoattack to "
+            f"eval.attacks (got {attacks}), e.g. eval.attacks=[autoattack]"
+        )
 
 
 def write_model_info(cfg: Any, results: Mapping[str, Any], train_config: Mapping[str, Any], out: Path) -> Path | None:

@@ -37,32 +37,58 @@ class EvalSettings:
     progress: bool = True
 
     @classmethod
-    def from_config(cls, run_cfg: Any, train_config: Mapping[str, Any], seed: int,
-                    progress: bool = True) -> EvalSettings:
+    def from_config(
+        cls, run_cfg: Any, train_config: Mapping[str, Any], seed: int, progress: bool = True
+    ) -> EvalSettings:
         """The settings of `run_cfg.eval`; pgd_pairing attacks at the pairing of the run `train_config` describes
         (its layers, distance and weights), unless eval.params.pgd_pairing says otherwise."""
         ev = run_cfg.eval
         params = OmegaConf.to_container(ev.get("params") or {}, resolve=True)
         params["pgd_pairing"] = {**pairing_attack_params(train_config), **(params.get("pgd_pairing") or {})}
-        return cls(attacks=list(ev.attacks), params=params, n_samples=ev.n_samples, batch_size=int(ev.batch_size),
-                   seed=int(seed), masking_tolerance=float(ev.masking.tolerance),
-                   thresholds=Thresholds.from_config(ev.get("checks")), progress=progress)
+        return cls(
+            attacks=list(ev.attacks),
+            params=params,
+            n_samples=ev.n_samples,
+            batch_size=int(ev.batch_size),
+            seed=int(seed),
+            masking_tolerance=float(ev.masking.tolerance),
+            thresholds=Thresholds.from_config(ev.get("checks")),
+            progress=progress,
+        )
 
 
 def evaluate_model(
-    model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, settings: EvalSettings, *,
-    device: torch.device | str = "cpu", store: Any | None = None, shard: Any | None = None,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    settings: EvalSettings,
+    *,
+    device: torch.device | str = "cpu",
+    store: Any | None = None,
+    shard: Any | None = None,
     extra_flags: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """evaluate_robustness (an attack that cannot get gradients is recorded, not raised), then, in the main
     process, the checks of evaluation/checks.py under ev["audit"] with `extra_flags` (e.g. the training
     monitors') added before the verdict. store/shard: resumable and data-parallel evaluation (whitebox.py)."""
-    ev = evaluate_robustness(model, x, y, threat, settings, device=device, store=store, shard=shard,
-                             on_gradient_error="record")
+    ev = evaluate_robustness(
+        model, x, y, threat, settings, device=device, store=store, shard=shard, on_gradient_error="record"
+    )
     if shard is not None and not shard.is_main:
         return ev  # the checks run once, on the merged masks
-    ev["audit"] = evaluation_checks(model, x, y, ev, threat.norm, threat.eps, settings.thresholds, device=device,
-                                    batch_size=settings.batch_size, seed=settings.seed)
+    ev["audit"] = evaluation_checks(
+        model,
+        x,
+        y,
+        ev,
+        threat.norm,
+        threat.eps,
+        settings.thresholds,
+        device=device,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+    )
     if extra_flags is not None:
         ev["audit"]["flags"] += list(extra_flags)
         ev["audit"]["verdict"] = verdict(ev["audit"]["flags"], attacked=bool(ev.get("attacks")))

@@ -48,8 +48,9 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 def batch_seed(seed: int, key: str, index: int) -> int:
     """A seed for batch `index` of `key` (an attack name or "clean"): a pure function of the three, so it
     is the same whichever process runs the batch and whether or not the evaluation was resumed."""
-    z = (int(seed) * 0x9E3779B97F4A7C15 + zlib.crc32(key.encode()) * 0xBF58476D1CE4E5B9
-         + int(index) * 0x94D049BB133111EB) & _MASK64
+    z = (
+        int(seed) * 0x9E3779B97F4A7C15 + zlib.crc32(key.encode()) * 0xBF58476D1CE4E5B9 + int(index) * 0x94D049BB133111EB
+    ) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
@@ -64,8 +65,17 @@ def tensor_digest(*tensors: Tensor) -> str:
     return h.hexdigest()
 
 
-def evaluation_identity(checkpoint: str | Path, x: Tensor, y: Tensor, attacks: Sequence[str], eps: float,
-                        params: Mapping[str, Any], n_samples: int | None, batch_size: int, seed: int) -> dict[str, Any]:
+def evaluation_identity(
+    checkpoint: str | Path,
+    x: Tensor,
+    y: Tensor,
+    attacks: Sequence[str],
+    eps: float,
+    params: Mapping[str, Any],
+    n_samples: int | None,
+    batch_size: int,
+    seed: int,
+) -> dict[str, Any]:
     """What an evaluation's per-batch results depend on; two runs with equal identities give equal batches."""
     if n_samples is not None:
         x, y = x[:n_samples], y[:n_samples]
@@ -82,8 +92,11 @@ def evaluation_identity(checkpoint: str | Path, x: Tensor, y: Tensor, attacks: S
     }
 
 
-_WHAT = {"checkpoint_sha256": "another checkpoint (its sha256 differs)",
-         "test_inputs_sha256": "other test inputs (data or n_samples)", "format": "an older state format"}
+_WHAT = {
+    "checkpoint_sha256": "another checkpoint (its sha256 differs)",
+    "test_inputs_sha256": "other test inputs (data or n_samples)",
+    "format": "an older state format",
+}
 
 
 def _difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -91,8 +104,13 @@ def _difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
         if old.get(key) != new.get(key):
             if key in _WHAT:
                 return _WHAT[key]
-            name = {"eps": "eval.eps", "attacks": "eval.attacks", "params": "eval.params",
-                    "n_samples": "eval.n_samples", "batch_size": "eval.batch_size"}.get(key, key)
+            name = {
+                "eps": "eval.eps",
+                "attacks": "eval.attacks",
+                "params": "eval.params",
+                "n_samples": "eval.n_samples",
+                "batch_size": "eval.batch_size",
+            }.get(key, key)
             return f"{name}={json.dumps(old.get(key))} there, {json.dumps(new.get(key))} here"
     return "nothing"
 
@@ -126,15 +144,19 @@ class EvalStore:
             try:
                 old = json.loads(id_file.read_text())
             except (OSError, json.JSONDecodeError) as exc:
-                raise ESQUserError(f"resume: cannot read {id_file} ({type(exc).__name__}); resume=false discards "
-                                   "the partial evaluation, or use another hydra.run.dir") from None
+                raise ESQUserError(
+                    f"resume: cannot read {id_file} ({type(exc).__name__}); resume=false discards "
+                    "the partial evaluation, or use another hydra.run.dir"
+                ) from None
         if old is not None and resume is False:
             shutil.rmtree(folder)
             old = None
         if old is None:
             if resume is True:
-                raise ESQUserError(f"resume=true: no partial evaluation in {run_dir} to continue; give the "
-                                   "interrupted evaluation's directory as hydra.run.dir=<its run dir>")
+                raise ESQUserError(
+                    f"resume=true: no partial evaluation in {run_dir} to continue; give the "
+                    "interrupted evaluation's directory as hydra.run.dir=<its run dir>"
+                )
             atomic_write_json(id_file, dict(identity))
             return cls(folder, identity)
         if old != dict(identity):
@@ -166,8 +188,17 @@ class EvalStore:
         return _mask_of(rec["correct"]), rec.get("params") or {}
 
     def put(self, key: str, index: int, start: int, stop: int, mask: Tensor, params: Mapping[str, Any]) -> None:
-        atomic_write_json(self._path(key, index), {"key": key, "batch": index, "start": start, "stop": stop,
-                                                    "correct": _mask_text(mask), "params": dict(params)})
+        atomic_write_json(
+            self._path(key, index),
+            {
+                "key": key,
+                "batch": index,
+                "start": start,
+                "stop": stop,
+                "correct": _mask_text(mask),
+                "params": dict(params),
+            },
+        )
 
 
 def run_in_batches(
@@ -219,8 +250,10 @@ def open_store(run_dir: str | Path, identity: Mapping[str, Any], resume: Any, sh
     resume: auto (default), true or false (see EvalStore.open). A refusal is raised on every process.
     """
     if resume not in (True, False, "auto"):
-        raise ESQUserError(f"resume: {resume!r} is not allowed; allowed: auto (continue a partial evaluation of the "
-                           "same config in this run directory), true (require one), false (start over)")
+        raise ESQUserError(
+            f"resume: {resume!r} is not allowed; allowed: auto (continue a partial evaluation of the "
+            "same config in this run directory), true (require one), false (start over)"
+        )
     error = None
     if shard is None or shard.is_main:
         try:
@@ -234,6 +267,9 @@ def open_store(run_dir: str | Path, identity: Mapping[str, Any], resume: Any, sh
     if shard is not None and not shard.is_main:
         store = EvalStore(Path(run_dir) / STATE_DIR, identity)
     if shard is None or shard.is_main:
-        print(f"per-batch results go to {store.folder}; if interrupted, rerun the same command with "
-              f"hydra.run.dir={run_dir} to continue", flush=True)
+        print(
+            f"per-batch results go to {store.folder}; if interrupted, rerun the same command with "
+            f"hydra.run.dir={run_dir} to continue",
+            flush=True,
+        )
     return store

@@ -37,8 +37,10 @@ def transfer_matrix(
     if len(models) != len(labels):
         raise ValueError(f"{len(models)} models but {len(labels)} labels")
     if attack in ATTACKS and ATTACKS[attack].kind != "budgeted":
-        raise ValueError(f"transfer_matrix: {attack} is a minimum-norm attack whose examples are not limited to eps; "
-                         "use a budgeted attack (pgd20, fgsm, ...)")
+        raise ValueError(
+            f"transfer_matrix: {attack} is a minimum-norm attack whose examples are not limited to eps; "
+            "use a budgeted attack (pgd20, fgsm, ...)"
+        )
     params = dict(params or {})
     states = [m.training for m in models]
     for m in models:
@@ -54,8 +56,9 @@ def transfer_matrix(
             # The same seeding as the white-box evaluation, so the diagonal reproduces it.
             torch.manual_seed(seed)
             with full_quantization(source):
-                _, x_adv, record = attack_in_batches(attack, source, x, y, eps, params, batch_size, device,
-                                                     progress, keep_adv=True)
+                _, x_adv, record = attack_in_batches(
+                    attack, source, x, y, eps, params, batch_size, device, progress, keep_adv=True
+                )
             assert x_adv is not None
             row = []
             for j, target in enumerate(models):
@@ -77,7 +80,7 @@ def transfer_matrix(
         "n_samples": len(y),
         "seed": seed,
         "definition": "matrix[i][j] = accuracy of column model j on the adversarial examples made on row "
-                      "model i (correct on the clean input and on x_adv)",
+        "model i (correct on the clean input and on x_adv)",
     }
 
 
@@ -92,6 +95,8 @@ def markdown_table(result: Mapping[str, Any], digits: int = 2) -> str:
     lines.append("| clean | " + " | ".join(f"{100 * a:.{digits}f}" for a in result["clean_acc"]) + " |")
     for label, row in zip(labels, result["matrix"]):
         lines.append(f"| {label} | " + " | ".join(f"{100 * a:.{digits}f}" for a in row) + " |")
-    note = (f"\nAccuracy (%) of each column model on {result['attack']} examples made on each row model; "
-            f"{result['n_samples']} test inputs, seed {result['seed']}. The diagonal is white-box accuracy.\n")
+    note = (
+        f"\nAccuracy (%) of each column model on {result['attack']} examples made on each row model; "
+        f"{result['n_samples']} test inputs, seed {result['seed']}. The diagonal is white-box accuracy.\n"
+    )
     return "\n".join(lines) + "\n" + note

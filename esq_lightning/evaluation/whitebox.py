@@ -21,8 +21,9 @@ if TYPE_CHECKING:  # an annotation only: evaluation/sequence.py imports this mod
     from esq_lightning.evaluation.sequence import EvalSettings
 
 
-def attack_budget(name: str, eps: float, params: Mapping[str, Any],
-                  fgsm_factor: float = 1.0) -> tuple[float | None, dict[str, Any]]:
+def attack_budget(
+    name: str, eps: float, params: Mapping[str, Any], fgsm_factor: float = 1.0
+) -> tuple[float | None, dict[str, Any]]:
     """The eps an attack runs at, and its other parameters.
 
     The run's threat-model eps (L_inf) applies to the L_inf attacks (FGSM at fgsm_factor x eps, the
@@ -35,8 +36,9 @@ def attack_budget(name: str, eps: float, params: Mapping[str, Any],
     extra = {k: v for k, v in params.items() if k != "eps"}
     unknown = sorted(set(extra) - set(spec.defaults))
     if unknown:
-        raise ESQUserError(f"eval.params.{name}: unknown parameters {unknown}; "
-                           f"valid: {', '.join(sorted(spec.defaults))}, eps")
+        raise ESQUserError(
+            f"eval.params.{name}: unknown parameters {unknown}; valid: {', '.join(sorted(spec.defaults))}, eps"
+        )
     if params.get("eps") is not None:
         return float(params["eps"]), extra
     norm = str(extra.get("norm", spec.norm)).lower()
@@ -44,8 +46,10 @@ def attack_budget(name: str, eps: float, params: Mapping[str, Any],
     if name == "fgsm" and norm in ("linf", "inf"):
         attack_eps = float(eps) * float(fgsm_factor)
     if spec.kind == "budgeted" and attack_eps is None:
-        raise ESQUserError(f"eval.params.{name}.eps: {name} is a budgeted {norm} attack with no default budget; "
-                           f"give one, e.g. eval.params.{name}.eps=1.0")
+        raise ESQUserError(
+            f"eval.params.{name}.eps: {name} is a budgeted {norm} attack with no default budget; "
+            f"give one, e.g. eval.params.{name}.eps=1.0"
+        )
     return attack_eps, extra
 
 
@@ -98,15 +102,27 @@ def attack_in_batches(
     return correct_all, (torch.cat(advs) if advs else x[:0].clone()) if keep_adv else None, used
 
 
-def _attack_per_batch(name: str, model: nn.Module, x: Tensor, y: Tensor, eps: float | None,
-                      params: Mapping[str, Any], batch_size: int, device: torch.device | str, progress: bool,
-                      store: Any | None, shard: Any | None, seed: int) -> tuple[Tensor, None, dict[str, Any]]:
+def _attack_per_batch(
+    name: str,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | None,
+    params: Mapping[str, Any],
+    batch_size: int,
+    device: torch.device | str,
+    progress: bool,
+    store: Any | None,
+    shard: Any | None,
+    seed: int,
+) -> tuple[Tensor, None, dict[str, Any]]:
     def compute(start: int, stop: int) -> tuple[Tensor, dict[str, Any]]:
         out = run_attack(name, model, x[start:stop].to(device), y[start:stop].to(device), eps=eps, **params)
         return out.correct, out.params
 
-    correct, records = run_in_batches(name, len(y), batch_size, compute, store=store, shard=shard, seed=seed,
-                                      device=device, progress=progress)
+    correct, records = run_in_batches(
+        name, len(y), batch_size, compute, store=store, shard=shard, seed=seed, device=device, progress=progress
+    )
     # Every batch runs with the same parameters; keep the last batch's record, add up the time.
     used = {**(records[-1] if records else {}), "runtime_s": round(sum(r.get("runtime_s", 0.0) for r in records), 3)}
     used["n_inputs"] = len(y)
@@ -114,10 +130,17 @@ def _attack_per_batch(name: str, model: nn.Module, x: Tensor, y: Tensor, eps: fl
     return correct, None, used
 
 
-def clean_correct_in_batches(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500,
-                             device: torch.device | str = "cpu", store: Any | None = None,
-                             shard: Any | None = None) -> Tensor:
+def clean_correct_in_batches(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+    store: Any | None = None,
+    shard: Any | None = None,
+) -> Tensor:
     """predict(...) == y, per batch through evaluation.store.run_in_batches (kept with `store`, split with `shard`)."""
+
     def compute(start: int, stop: int) -> tuple[Tensor, dict[str, Any]]:
         return predict(model, x[start:stop], batch_size, device) == y[start:stop], {}
 
@@ -174,8 +197,20 @@ def evaluate_robustness(
                 torch.manual_seed(seed)  # attacks with their own randomness (random starts, restarts) are repeatable
                 attack_eps, extra = attack_budget(name, threat.eps, params.get(name, {}), threat.fgsm_factor)
                 try:
-                    correct, _, used = attack_in_batches(name, model, x, y, attack_eps, extra, batch_size, device,
-                                                         settings.progress, store=store, shard=shard, seed=seed)
+                    correct, _, used = attack_in_batches(
+                        name,
+                        model,
+                        x,
+                        y,
+                        attack_eps,
+                        extra,
+                        batch_size,
+                        device,
+                        settings.progress,
+                        store=store,
+                        shard=shard,
+                        seed=seed,
+                    )
                 except GradientCheckError as exc:
                     if on_gradient_error != "record":
                         raise
@@ -186,8 +221,9 @@ def evaluate_robustness(
                 result["attacks"][name] = used
     finally:
         model.train(was_training)
-    result["gradient_masking"] = gradient_masking_report(result["clean_acc"], result["robust_acc"], result["attacks"],
-                                                          tolerance=settings.masking_tolerance)
+    result["gradient_masking"] = gradient_masking_report(
+        result["clean_acc"], result["robust_acc"], result["attacks"], tolerance=settings.masking_tolerance
+    )
     # Per-sample worst case over the attacks at the run's threat model (evaluation/worstcase.py).
     wc = worst_case(clean_correct, masks, result["attacks"], str(threat.norm), float(threat.eps))
     result["worst_case"] = {k: v for k, v in wc.items() if k != "mask"}

@@ -22,12 +22,16 @@ def same_threat(record: Mapping[str, Any], norm: str, eps: float) -> bool:
     r_eps = record.get("eps")
     if not isinstance(r_eps, (int, float)) or math.isnan(r_eps):
         return False
-    return str(record.get("norm", "linf")) == norm and math.isclose(float(r_eps), float(eps), rel_tol=1e-6,
-                                                                    abs_tol=1e-12)
+    return str(record.get("norm", "linf")) == norm and math.isclose(
+        float(r_eps), float(eps), rel_tol=1e-6, abs_tol=1e-12
+    )
 
 
 def worst_case(
-    clean_correct: Tensor, correct: Mapping[str, Tensor], records: Mapping[str, Mapping[str, Any]], norm: str,
+    clean_correct: Tensor,
+    correct: Mapping[str, Tensor],
+    records: Mapping[str, Mapping[str, Any]],
+    norm: str,
     eps: float,
 ) -> dict[str, Any]:
     """{"acc": fraction correct under every attack at (norm, eps), "attacks": the attacks that entered,

@@ -21,7 +21,19 @@ from esq_lightning.pairing.distances import (
 )
 
 __all__ = [
-    "DEFAULT_DISTANCE", "DISTANCES", "LOGITS", "Distance", "capture_activations", "centred", "check_distance_for_layers",
-    "check_pairing_names", "forward_with_activations", "get_distance", "logit_offset_stats", "pairing_distance",
-    "pairing_loss", "resolve_distance", "valid_pairing_names",
+    "DEFAULT_DISTANCE",
+    "DISTANCES",
+    "LOGITS",
+    "Distance",
+    "capture_activations",
+    "centred",
+    "check_distance_for_layers",
+    "check_pairing_names",
+    "forward_with_activations",
+    "get_distance",
+    "logit_offset_stats",
+    "pairing_distance",
+    "pairing_loss",
+    "resolve_distance",
+    "valid_pairing_names",
 ]

@@ -72,7 +72,11 @@ def forward_with_activations(model: nn.Module, x: Tensor, names: Sequence[str]) 
 
 
 def pairing_loss(
-    clean: dict[str, Tensor], adv: dict[str, Tensor], names: Sequence[str], lambdas: Sequence[float], p: int = 2,
+    clean: dict[str, Tensor],
+    adv: dict[str, Tensor],
+    names: Sequence[str],
+    lambdas: Sequence[float],
+    p: int = 2,
     distance: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """sum_l lambda_l * D_l over the paired layers (D_l: `distance`, default relative_l{p}); also returns each D_l."""

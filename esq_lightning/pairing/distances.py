@@ -26,8 +26,10 @@ def _relative(diff: Tensor, ref: Tensor, p: int) -> Tensor:
 
 def _check_logits(clean: Tensor, name: str) -> None:
     if clean.dim() != 2:
-        raise ValueError(f"pairing distance '{name}' is defined on logits (batch, classes) only, got an output of "
-                         f"shape {tuple(clean.shape)}; pair this layer with relative_l2 or relative_l1")
+        raise ValueError(
+            f"pairing distance '{name}' is defined on logits (batch, classes) only, got an output of "
+            f"shape {tuple(clean.shape)}; pair this layer with relative_l2 or relative_l1"
+        )
 
 
 def centred(z: Tensor) -> Tensor:
@@ -106,8 +108,10 @@ def resolve_distance(distance: str | None, p: int | None, key: str = "pairing") 
         return f"relative_l{int(p)}" if p is not None else DEFAULT_DISTANCE
     get_distance(str(distance), f"{key}.distance")
     if p is not None and str(distance) != f"relative_l{int(p)}":
-        raise ValueError(f"{key}.p={p} contradicts {key}.distance={distance}; {key}.p is the older spelling of "
-                         f"relative_l1/relative_l2: set {key}.distance only (e.g. {key}.distance=relative_l{int(p)})")
+        raise ValueError(
+            f"{key}.p={p} contradicts {key}.distance={distance}; {key}.p is the older spelling of "
+            f"relative_l1/relative_l2: set {key}.distance only (e.g. {key}.distance=relative_l{int(p)})"
+        )
     return str(distance)
 
 
@@ -116,8 +120,10 @@ def check_distance_for_layers(distance: str, layers: Sequence[str], key: str = "
     d = get_distance(distance, f"{key}.distance")
     inner = [n for n in layers if n != LOGITS]
     if d.logits_only and inner:
-        raise ValueError(f"{key}.distance={distance} is defined on the logits only, but {key}.layers pairs "
-                         f"{', '.join(inner)}; allowed there: relative_l2, relative_l1 (or pair [logits] only)")
+        raise ValueError(
+            f"{key}.distance={distance} is defined on the logits only, but {key}.layers pairs "
+            f"{', '.join(inner)}; allowed there: relative_l2, relative_l1 (or pair [logits] only)"
+        )
 
 
 def pairing_distance(clean: Tensor, adv: Tensor, p: int = 2, distance: str | None = None) -> Tensor:

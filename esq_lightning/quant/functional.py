@@ -173,7 +173,11 @@ def codes_function(spec: QuantizerSpec) -> Callable[..., tuple[Tensor, Tensor]]:
 
 
 def quantize_codes(
-    w: Tensor, kind: str, per_filter: bool = True, bits: int | None = None, mask: Tensor | None = None,
+    w: Tensor,
+    kind: str,
+    per_filter: bool = True,
+    bits: int | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(codes, alpha) of the registered family ``kind`` at ``bits`` (None: the family's only width).
 

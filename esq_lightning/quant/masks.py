@@ -16,8 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MASK", "SCORES", "PrunedConv2d", "PrunedLinear", "TopKMask", "has_mask", "keep_mask", "pruned_weight",
-           "scores_training", "topk_mask"]
+__all__ = [
+    "MASK",
+    "SCORES",
+    "PrunedConv2d",
+    "PrunedLinear",
+    "TopKMask",
+    "has_mask",
+    "keep_mask",
+    "pruned_weight",
+    "scores_training",
+    "topk_mask",
+]
 
 MASK = "prune_mask"
 SCORES = "prune_scores"

@@ -48,8 +48,7 @@ class StraightThroughQuantize(torch.autograd.Function):
     """Forward: exactly quantizer(w, per_filter, mask); backward: the gradient at Q, unchanged, to W."""
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, quantizer: Quantizer, per_filter: bool,
-                mask: Tensor | None = None) -> Tensor:
+    def forward(ctx: Any, w: Tensor, quantizer: Quantizer, per_filter: bool, mask: Tensor | None = None) -> Tensor:
         return quantizer(w, per_filter, mask)
 
     @staticmethod
@@ -183,7 +182,17 @@ class QuantLinear(QuantMixin, nn.Linear):
 
 _QUANT_OF: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 _PLAIN_OF: dict[type, type] = {QuantConv2d: nn.Conv2d, QuantLinear: nn.Linear}
-_QUANT_ATTRS = ("quantizer", "kind", "bits", "per_filter", "sq_variant", "sq_f", "sq_name", "_sq_ratio", "_frozen_weight")
+_QUANT_ATTRS = (
+    "quantizer",
+    "kind",
+    "bits",
+    "per_filter",
+    "sq_variant",
+    "sq_f",
+    "sq_name",
+    "_sq_ratio",
+    "_frozen_weight",
+)
 
 
 def _to_plain(layer: nn.Module) -> None:
@@ -227,8 +236,10 @@ def quantize_model(
     layers = {name for name, m in named if isinstance(m, (nn.Conv2d, nn.Linear))}
     unknown = sorted(set(per_layer) - layers)
     if unknown:
-        raise ValueError(f"layer_bits names {', '.join(unknown)}: not a Conv2d/Linear of the model; "
-                         f"allowed: {', '.join(n for n, m in named if n in layers)}")
+        raise ValueError(
+            f"layer_bits names {', '.join(unknown)}: not a Conv2d/Linear of the model; "
+            f"allowed: {', '.join(n for n, m in named if n in layers)}"
+        )
     if kind == "full" and not per_layer:
         return model
     keep: set[int] = set()

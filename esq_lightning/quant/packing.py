@@ -83,8 +83,9 @@ def pack_codes(codes: Tensor, kind: str, bits: int | None = None) -> Tensor:
     index = torch.searchsorted(table, flat).clamp_max(table.numel() - 1)
     if not bool((table[index] == flat).all()):
         bad = flat[table[index] != flat][0]
-        raise ValueError(f"code {int(bad)} is not a {bits}-bit {kind} code; allowed: "
-                         f"{', '.join(map(str, table.tolist()))}")
+        raise ValueError(
+            f"code {int(bad)} is not a {bits}-bit {kind} code; allowed: {', '.join(map(str, table.tolist()))}"
+        )
     vals = index.to(torch.uint8)
     shifts = torch.arange(bits, dtype=torch.uint8, device=vals.device)
     stream = ((vals.reshape(-1, 1) >> shifts) & 1).reshape(-1)
@@ -144,8 +145,9 @@ def _nbytes(t: Tensor) -> int:
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     # Every layer the format codes specially: quantized (QuantMixin) or pruned (a `prune_mask` buffer).
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, QuantMixin) or m._buffers.get(MASK) is not None]
+    return [
+        (name, m) for name, m in model.named_modules() if isinstance(m, QuantMixin) or m._buffers.get(MASK) is not None
+    ]
 
 
 def _encode(model: nn.Module) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Tensor], dict[str, int]]:
@@ -193,8 +195,15 @@ def _encode(model: nn.Module) -> tuple[list[dict[str, Any]], list[dict[str, Any]
                 codes = codes.reshape(-1)[keep.reshape(-1)]
             packed = pack_codes(codes, layer.kind, layer.bits)
             alpha = alpha.contiguous()
-            entry.update(kind=layer.kind, bits=layer.bits, per_filter=layer.per_filter, codes=add(packed),
-                         codes_bytes=_nbytes(packed), alpha=add(alpha), alpha_numel=alpha.numel())
+            entry.update(
+                kind=layer.kind,
+                bits=layer.bits,
+                per_filter=layer.per_filter,
+                codes=add(packed),
+                codes_bytes=_nbytes(packed),
+                alpha=add(alpha),
+                alpha_numel=alpha.numel(),
+            )
             quantized.append(entry)
             counts["float32_quantized_bytes"] += 4 * w.numel()
             counts["packed_quantized_bytes"] += _nbytes(packed) + _nbytes(alpha)
@@ -234,12 +243,19 @@ def packed_size(model: nn.Module) -> dict[str, int]:
 
 
 # The sizes of the report that do not depend on the header, so they can be stored in it (esq-export's `sizes`).
-HEADER_FREE_SIZES = ("float32_model_bytes", "float32_quantized_bytes", "packed_quantized_bytes", "other_bytes",
-                     "ratio", "quantized_layers")
+HEADER_FREE_SIZES = (
+    "float32_model_bytes",
+    "float32_quantized_bytes",
+    "packed_quantized_bytes",
+    "other_bytes",
+    "ratio",
+    "quantized_layers",
+)
 
 
-def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | None = None,
-                  sizes_key: str | None = None) -> dict[str, Any]:
+def export_packed(
+    model: nn.Module, path: str | os.PathLike[str], meta: dict | None = None, sizes_key: str | None = None
+) -> dict[str, Any]:
     """Write ``model`` to ``path`` with its quantized layers bit-packed and its pruned layers sparse; return a size report.
 
     Quantized layers (at ratio 1, whatever their SQ ratio) are stored as packed codes plus one
@@ -261,15 +277,24 @@ def export_packed(model: nn.Module, path: str | os.PathLike[str], meta: dict | N
     quantized, tensors, blobs, counts = _encode(model)
     if sizes_key is not None:
         pq = counts["packed_quantized_bytes"]
-        sizes = {"float32_quantized_bytes": counts["float32_quantized_bytes"], "packed_quantized_bytes": pq,
-                 "ratio": counts["float32_quantized_bytes"] / pq if pq else float("nan"),
-                 "other_bytes": counts["other_bytes"], "float32_model_bytes": counts["float32_model_bytes"],
-                 "quantized_layers": len(quantized)}
+        sizes = {
+            "float32_quantized_bytes": counts["float32_quantized_bytes"],
+            "packed_quantized_bytes": pq,
+            "ratio": counts["float32_quantized_bytes"] / pq if pq else float("nan"),
+            "other_bytes": counts["other_bytes"],
+            "float32_model_bytes": counts["float32_model_bytes"],
+            "quantized_layers": len(quantized),
+        }
         meta = {**meta, sizes_key: {k: sizes[k] for k in HEADER_FREE_SIZES}}
     header = zlib.compress(
         json.dumps(
-            {"format": FORMAT_NAME, "version": FORMAT_VERSION, "meta": meta,
-             "quantized": quantized, "tensors": tensors},
+            {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "meta": meta,
+                "quantized": quantized,
+                "tensors": tensors,
+            },
             separators=(",", ":"),
         ).encode("utf-8"),
         level=9,
@@ -330,18 +355,26 @@ def _read(path: Path) -> tuple[dict[str, Any], bytearray, int]:
         raise ValueError(f"{path} is not an esq packed model (header names no {FORMAT_NAME!r} format)")
     version = header.get("version")
     if version not in SUPPORTED_VERSIONS:
-        raise ValueError(f"{path}: esq packed format version {version} unsupported "
-                         f"(need one of {', '.join(map(str, SUPPORTED_VERSIONS))})")
+        raise ValueError(
+            f"{path}: esq packed format version {version} unsupported "
+            f"(need one of {', '.join(map(str, SUPPORTED_VERSIONS))})"
+        )
     if version >= CHECKSUM_SINCE:
         body, stored = bytes(data[:-CHECKSUM_BYTES]), bytes(data[-CHECKSUM_BYTES:])
         if len(data) < start + hlen + CHECKSUM_BYTES or hashlib.sha256(body).digest() != stored:
-            raise PackedChecksumError(f"{path}: checksum mismatch: the packed model is corrupt or was modified "
-                                      "after esq-export wrote it; export it again from its checkpoint")
+            raise PackedChecksumError(
+                f"{path}: checksum mismatch: the packed model is corrupt or was modified "
+                "after esq-export wrote it; export it again from its checkpoint"
+            )
         del data[-CHECKSUM_BYTES:]
     else:
-        warnings.warn(UnverifiedPackedFile(f"{path}: esq packed format version {version} carries no checksum, so "
-                                           "its contents cannot be verified; export it again to get one"),
-                      stacklevel=3)
+        warnings.warn(
+            UnverifiedPackedFile(
+                f"{path}: esq packed format version {version} carries no checksum, so "
+                "its contents cannot be verified; export it again to get one"
+            ),
+            stacklevel=3,
+        )
     base = start + hlen
     return header, data, base + _pad(base)
 
@@ -354,9 +387,7 @@ class UnverifiedPackedFile(UserWarning):
     """A packed file of a format version without a checksum (older than CHECKSUM_SINCE) was read."""
 
 
-def load_packed(
-    path: str | os.PathLike[str], build_model: Callable[[dict], nn.Module]
-) -> tuple[nn.Module, dict]:
+def load_packed(path: str | os.PathLike[str], build_model: Callable[[dict], nn.Module]) -> tuple[nn.Module, dict]:
     """Rebuild a model written by export_packed: ``build_model(meta)`` gives the plain architecture.
 
     Quantized weights are dequantized with the same operation as bwn()/twn()/uniform(), so the returned
@@ -382,7 +413,9 @@ def load_packed(
             return None
         keep = unpack_mask(view(entry["mask"], torch.uint8, entry["mask_bytes"]), numel)
         if int(keep.sum()) != int(entry["kept"]):
-            raise ValueError(f"{entry['key']}: the mask keeps {int(keep.sum())} weights, the header says {entry['kept']}")
+            raise ValueError(
+                f"{entry['key']}: the mask keeps {int(keep.sum())} weights, the header says {entry['kept']}"
+            )
         return keep
 
     def scatter(values: Tensor, keep: Tensor) -> Tensor:

@@ -17,8 +17,19 @@ from typing import Any
 from esq_lightning.reporting.formats import _pct, attack_title, format_eps
 
 # Robust-accuracy columns from the most to the least trustworthy: the first one every run of a curve has is used.
-ROBUST_PREFERENCE = ("worst_case", "autoattack", "apgd_dlr", "apgd_ce", "pgd100", "pgd50", "pgd20", "pgd10", "cw",
-                     "ddn", "fgsm")
+ROBUST_PREFERENCE = (
+    "worst_case",
+    "autoattack",
+    "apgd_dlr",
+    "apgd_ce",
+    "pgd100",
+    "pgd50",
+    "pgd20",
+    "pgd10",
+    "cw",
+    "ddn",
+    "fgsm",
+)
 METHOD_TITLES = {"natural": "vanilla (natural)", "adversarial": "adversarial", "esq": "error-silenced (ESQ)"}
 FULL_BITS = 32
 
@@ -73,8 +84,7 @@ ALONG_THE_LINE = ("seed", "init_from", "init_seed", "quant.bits", "quant.kind")
 
 def _other_config(res: dict[str, Any]) -> dict[str, Any]:
     """The run's training config (results.json train_config) without the keys a curve runs along."""
-    return {k: v for k, v in (res.get("train_config") or {}).items()
-            if k not in ALONG_THE_LINE}
+    return {k: v for k, v in (res.get("train_config") or {}).items() if k not in ALONG_THE_LINE}
 
 
 def _line_label(res: dict[str, Any], varying: Sequence[str], config_keys: Sequence[str] = ()) -> str:
@@ -110,10 +120,17 @@ def build_curves(records: Iterable[tuple[Path, dict[str, Any]]], x_axis: str = "
     for (dataset, model, norm, eps), items in sorted(groups.items()):
         if len({int(r["bits"]) for _, r in items}) < 2:
             continue
+
         # A configuration seen at one width only (e.g. the full-precision start itself) is a point, not a line.
         def config(r: dict[str, Any]) -> tuple[str, ...]:
-            return (str(r.get("method")), str(r.get("model_width")), str(r.get("act_bits", 32)), r["start"], _pairing(r),
-                    json.dumps(_other_config(r), sort_keys=True, default=str))
+            return (
+                str(r.get("method")),
+                str(r.get("model_width")),
+                str(r.get("act_bits", 32)),
+                r["start"],
+                _pairing(r),
+                json.dumps(_other_config(r), sort_keys=True, default=str),
+            )
 
         spans: dict[tuple[str, ...], set[int]] = {}
         for _, r in items:
@@ -124,16 +141,33 @@ def build_curves(records: Iterable[tuple[Path, dict[str, Any]]], x_axis: str = "
         metric = robust_metric([r for _, r in items])
         if metric is None:
             continue
-        varying = [name for name, get in (("pairing", _pairing), ("width", lambda r: str(r.get("model_width"))),
-                                          ("act_bits", lambda r: r.get("act_bits", 32)),
-                                          ("init_from", lambda r: r["start"]))
-                   if len({get(r) for _, r in items} - {""}) > 1]  # "": no pairing (methods other than esq)
+        varying = [
+            name
+            for name, get in (
+                ("pairing", _pairing),
+                ("width", lambda r: str(r.get("model_width"))),
+                ("act_bits", lambda r: r.get("act_bits", 32)),
+                ("init_from", lambda r: r["start"]),
+            )
+            if len({get(r) for _, r in items} - {""}) > 1
+        ]  # "": no pairing (methods other than esq)
         # Any other training key that differs between the runs of this group (a schedule, an optimizer) names the line.
         others = [_other_config(r) for _, r in items]
-        shown = {"method.name", "pairing.layers", "pairing.lambdas", "pairing.distance", "pairing.p", "quant.act_bits",
-                 "model.width", "model.widen_factor"}
-        config_keys = sorted(k for k in {k for o in others for k in o} - shown
-                             if len({json.dumps(o.get(k), default=str) for o in others}) > 1)
+        shown = {
+            "method.name",
+            "pairing.layers",
+            "pairing.lambdas",
+            "pairing.distance",
+            "pairing.p",
+            "quant.act_bits",
+            "model.width",
+            "model.widen_factor",
+        }
+        config_keys = sorted(
+            k
+            for k in {k for o in others for k in o} - shown
+            if len({json.dumps(o.get(k), default=str) for o in others}) > 1
+        )
         newest: dict[tuple[str, int, int], tuple[float, dict[str, Any]]] = {}
         for run_dir, res in items:
             try:
@@ -161,19 +195,34 @@ def build_curves(records: Iterable[tuple[Path, dict[str, Any]]], x_axis: str = "
         attacks = ""
         if metric == "worst_case":
             sets = {tuple(sorted((r.get("worst_case") or {}).get("attacks") or [])) for _, r in newest.values()}
-            attacks = (", ".join(attack_title(a) for a in sets.pop()) if len(sets) == 1
-                       else "the runs' attack sets differ")
-        curves.append(Curve(dataset, model, norm, eps, metric, x_axis,
-                            {label: sorted(pts.values(), key=lambda p: p.x) for label, pts in sorted(lines.items())},
-                            attacks))
+            attacks = (
+                ", ".join(attack_title(a) for a in sets.pop()) if len(sets) == 1 else "the runs' attack sets differ"
+            )
+        curves.append(
+            Curve(
+                dataset,
+                model,
+                norm,
+                eps,
+                metric,
+                x_axis,
+                {label: sorted(pts.values(), key=lambda p: p.x) for label, pts in sorted(lines.items())},
+                attacks,
+            )
+        )
     return curves
 
 
 def beyond_bits(res: dict[str, Any]) -> bool:
     """True for a run compressed by more than its one bit width: pruned, bits per layer, or a front preset."""
     comp = res.get("compression") or {}
-    return bool(comp.get("preset") or comp.get("sparsity") or comp.get("allocation") or comp.get("prune")
-                or "-MP" in str(res.get("setting", "")))
+    return bool(
+        comp.get("preset")
+        or comp.get("sparsity")
+        or comp.get("allocation")
+        or comp.get("prune")
+        or "-MP" in str(res.get("setting", ""))
+    )
 
 
 def _start(res: dict[str, Any]) -> str:
@@ -216,8 +265,9 @@ def plot_curve(curve: Curve, path: str | Path) -> Path:
     threat = f"{curve.norm} eps={format_eps(curve.eps)}"
     axes[0].set_ylabel("clean accuracy (%)")
     axes[1].set_ylabel(f"robust accuracy (%), {threat}")
-    axes[1].set_title(metric_title(curve.robust_metric) + (f": {curve.attacks}" if curve.attacks else ""),
-                      fontsize=8, wrap=True)
+    axes[1].set_title(
+        metric_title(curve.robust_metric) + (f": {curve.attacks}" if curve.attacks else ""), fontsize=8, wrap=True
+    )
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 100)
@@ -230,8 +280,11 @@ def plot_curve(curve: Curve, path: str | Path) -> Path:
         ax.minorticks_off()
         ax.grid(alpha=0.3)
     n = sorted({len(p.seeds) for pts in curve.lines.values() for p in pts})
-    fig.suptitle(f"{curve.dataset} / {curve.model}: robustness vs compression\n(mean ± std over "
-                 f"{'/'.join(map(str, n))} seeds; eval mode, full quantization)", fontsize=9)
+    fig.suptitle(
+        f"{curve.dataset} / {curve.model}: robustness vs compression\n(mean ± std over "
+        f"{'/'.join(map(str, n))} seeds; eval mode, full quantization)",
+        fontsize=9,
+    )
     # The legend beside the panels, never over the data; the labels name each line's pairing.
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.subplots_adjust(left=0.06, right=0.72, top=0.82, wspace=0.25)
@@ -241,8 +294,12 @@ def plot_curve(curve: Curve, path: str | Path) -> Path:
 def curve_markdown(curve: Curve, figure: str | None) -> str:
     bits = sorted({p.bits for pts in curve.lines.values() for p in pts})
     head = ["method", *(f"{b} bits" for b in bits)]
-    lines = [f"### Robustness vs compression: {curve.dataset} / {curve.model}", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"### Robustness vs compression: {curve.dataset} / {curve.model}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for label, pts in curve.lines.items():
         by_bits = {p.bits: p for p in pts}
         cells = []
@@ -252,17 +309,26 @@ def curve_markdown(curve: Curve, figure: str | None) -> str:
                 cells.append("–")
                 continue
             (c, cs), (r, rs) = _mean_std(p.clean), _mean_std(p.robust)
-            cells.append(f"{_pct(c, 1)} / {_pct(r, 1)}" + (f" (±{_pct(cs, 1)} / ±{_pct(rs, 1)})" if len(p.seeds) > 1
-                                                               else "") + f" n={len(p.seeds)}")
+            cells.append(
+                f"{_pct(c, 1)} / {_pct(r, 1)}"
+                + (f" (±{_pct(cs, 1)} / ±{_pct(rs, 1)})" if len(p.seeds) > 1 else "")
+                + f" n={len(p.seeds)}"
+            )
         lines.append("| " + " | ".join([label, *cells]) + " |")
-    lines += ["", f"Clean / robust accuracy (%), robust = {metric_title(curve.robust_metric)} under {curve.norm} "
-              f"eps={format_eps(curve.eps)}; mean (± sample std) over n seeds.", ""]
+    lines += [
+        "",
+        f"Clean / robust accuracy (%), robust = {metric_title(curve.robust_metric)} under {curve.norm} "
+        f"eps={format_eps(curve.eps)}; mean (± sample std) over n seeds.",
+        "",
+    ]
     if figure:
         lines += [f"![robustness vs compression]({figure})", ""]
     return "\n".join(lines)
 
 
-def write_curves(records: Sequence[tuple[Path, dict[str, Any]]], out: Path, x_axis: str = "bits") -> tuple[str, list[Path], list[Curve]]:
+def write_curves(
+    records: Sequence[tuple[Path, dict[str, Any]]], out: Path, x_axis: str = "bits"
+) -> tuple[str, list[Path], list[Curve]]:
     """(markdown section, files written, curves): bits_curve_<dataset>_<model>.png per group spanning 2+ widths."""
     curves = build_curves(records, x_axis)
     files: list[Path] = []
@@ -283,22 +349,44 @@ def log_curves_wandb(curves: Sequence[Curve], pngs: Sequence[Path], project: str
     try:
         for curve, png in zip(curves, pngs):
             key = f"bits_curve/{curve.dataset}_{curve.model}"
-            rows = [[label, p.bits, p.x, seed, c, r]
-                    for label, pts in curve.lines.items() for p in pts
-                    for seed, c, r in zip(p.seeds, p.clean, p.robust)]
-            table = wandb.Table(columns=["method", "bits", "x", "seed", "clean_acc", f"robust_acc_{curve.robust_metric}"],
-                                data=rows)
+            rows = [
+                [label, p.bits, p.x, seed, c, r]
+                for label, pts in curve.lines.items()
+                for p in pts
+                for seed, c, r in zip(p.seeds, p.clean, p.robust)
+            ]
+            table = wandb.Table(
+                columns=["method", "bits", "x", "seed", "clean_acc", f"robust_acc_{curve.robust_metric}"], data=rows
+            )
             labels = list(curve.lines)
             xs = [[p.x for p in curve.lines[k]] for k in labels]
             ys = [[statistics.fmean(p.robust) for p in curve.lines[k]] for k in labels]
-            run.log({f"{key}/table": table, f"{key}/png": wandb.Image(str(png)),
-                     f"{key}/robust": wandb.plot.line_series(
-                         xs=xs, ys=ys, keys=labels, xname="bits" if curve.x_axis == "bits" else "model bytes",
-                         title=f"{curve.dataset}/{curve.model}: robust accuracy ({metric_title(curve.robust_metric)})")})
+            run.log(
+                {
+                    f"{key}/table": table,
+                    f"{key}/png": wandb.Image(str(png)),
+                    f"{key}/robust": wandb.plot.line_series(
+                        xs=xs,
+                        ys=ys,
+                        keys=labels,
+                        xname="bits" if curve.x_axis == "bits" else "model bytes",
+                        title=f"{curve.dataset}/{curve.model}: robust accuracy ({metric_title(curve.robust_metric)})",
+                    ),
+                }
+            )
         return str(run.dir)
     finally:
         run.finish()
 
 
-__all__ = ["Curve", "Point", "ROBUST_PREFERENCE", "build_curves", "curve_markdown", "log_curves_wandb", "plot_curve",
-           "robust_metric", "write_curves"]
+__all__ = [
+    "Curve",
+    "Point",
+    "ROBUST_PREFERENCE",
+    "build_curves",
+    "curve_markdown",
+    "log_curves_wandb",
+    "plot_curve",
+    "robust_metric",
+    "write_curves",
+]

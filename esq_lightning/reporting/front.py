@@ -19,11 +19,24 @@ from typing import Any
 from esq_lightning.reporting.curves import _mean_std, metric_title, robust_metric
 from esq_lightning.reporting.formats import _pct, format_eps
 
-__all__ = ["Front", "FrontPoint", "build_fronts", "front_markdown", "log_fronts_wandb", "pareto", "plot_front",
-           "write_fronts"]
+__all__ = [
+    "Front",
+    "FrontPoint",
+    "build_fronts",
+    "front_markdown",
+    "log_fronts_wandb",
+    "pareto",
+    "plot_front",
+    "write_fronts",
+]
 
-PRESET_TITLES = {"uniform": "uniform k-bit", "mixed": "mixed precision (sensitivity)", "magnitude": "magnitude pruning",
-                 "hydra": "HYDRA pruning", "hydra_u4": "HYDRA pruning + 4-bit"}
+PRESET_TITLES = {
+    "uniform": "uniform k-bit",
+    "mixed": "mixed precision (sensitivity)",
+    "magnitude": "magnitude pruning",
+    "hydra": "HYDRA pruning",
+    "hydra_u4": "HYDRA pruning + 4-bit",
+}
 
 
 @dataclass
@@ -64,7 +77,8 @@ def _label(res: dict[str, Any]) -> str:
     # The preset and the method that trained it: "HYDRA pruning, adversarial".
     preset = str(res["compression"]["preset"])
     method = {"esq": "ESQ", "adversarial": "adversarial", "natural": "natural", "trades": "TRADES"}.get(
-        str(res.get("method")), str(res.get("method")))
+        str(res.get("method")), str(res.get("method"))
+    )
     return f"{PRESET_TITLES.get(preset, preset)}, {method}"
 
 
@@ -79,8 +93,11 @@ def _budget_bytes(res: dict[str, Any]) -> float | None:
 
 def pareto(points: Sequence[FrontPoint]) -> list[FrontPoint]:
     """The points no other point dominates (bytes <=, robust >=, one strict), by bytes."""
-    front = [p for p in points
-             if not any(q is not p and q.x <= p.x and q.y >= p.y and (q.x < p.x or q.y > p.y) for q in points)]
+    front = [
+        p
+        for p in points
+        if not any(q is not p and q.x <= p.x and q.y >= p.y and (q.x < p.x or q.y > p.y) for q in points)
+    ]
     return sorted(front, key=lambda p: p.x)
 
 
@@ -121,11 +138,21 @@ def build_fronts(records: Iterable[tuple[Path, dict[str, Any]]]) -> list[Front]:
             if b is not None:
                 budgets.add(b)
         # A preset without a byte budget (one width everywhere) adds its points' sizes as budgets of the table.
-        budgetless = {(_label(r), int(r["compression"].get("budget") or 0)) for _, r in items if _budget_bytes(r) is None}
+        budgetless = {
+            (_label(r), int(r["compression"].get("budget") or 0)) for _, r in items if _budget_bytes(r) is None
+        }
         budgets |= {p.x for label, pts in lines.items() for p in pts.values() if (label, p.budget) in budgetless}
-        fronts.append(Front(dataset, model, norm, eps, metric,
-                            {k: sorted(v.values(), key=lambda p: p.x) for k, v in sorted(lines.items())},
-                            sorted(budgets)))
+        fronts.append(
+            Front(
+                dataset,
+                model,
+                norm,
+                eps,
+                metric,
+                {k: sorted(v.values(), key=lambda p: p.x) for k, v in sorted(lines.items())},
+                sorted(budgets),
+            )
+        )
     return fronts
 
 
@@ -142,11 +169,19 @@ def plot_front(front: Front, path: str | Path) -> Path:
         xs = [p.x for p in pts]
         for ax, attr in zip(axes, ("clean", "robust")):
             stats = [_mean_std(getattr(p, attr)) for p in pts]
-            ax.errorbar(xs, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats], marker="o", markersize=4,
-                        capsize=3, label=label)
+            ax.errorbar(
+                xs,
+                [100 * m for m, _ in stats],
+                yerr=[100 * s for _, s in stats],
+                marker="o",
+                markersize=4,
+                capsize=3,
+                label=label,
+            )
     best = pareto(front.points)
-    axes[1].plot([p.x for p in best], [100 * p.y for p in best], "k--", drawstyle="steps-post", linewidth=1,
-                 label="Pareto front")
+    axes[1].plot(
+        [p.x for p in best], [100 * p.y for p in best], "k--", drawstyle="steps-post", linewidth=1, label="Pareto front"
+    )
     axes[1].scatter([p.x for p in best], [100 * p.y for p in best], s=110, facecolors="none", edgecolors="k")
     threat = f"{front.norm} eps={format_eps(front.eps)}"
     axes[0].set_ylabel("clean accuracy (%)")
@@ -156,8 +191,11 @@ def plot_front(front: Front, path: str | Path) -> Path:
         ax.set_xlabel("model bytes (packed payload of esq-export)")
         ax.grid(alpha=0.3)
     n = sorted({len(p.seeds) for p in front.points})
-    fig.suptitle(f"{front.dataset} / {front.model}: robustness vs bytes (mean ± std over {'/'.join(map(str, n))} "
-                 "seeds; eval mode, full quantization)", fontsize=9)
+    fig.suptitle(
+        f"{front.dataset} / {front.model}: robustness vs bytes (mean ± std over {'/'.join(map(str, n))} "
+        "seeds; eval mode, full quantization)",
+        fontsize=9,
+    )
     axes[1].legend(fontsize=7)
     return _save(fig, path)
 
@@ -169,14 +207,26 @@ def front_markdown(front: Front, figure: str | None) -> str:
         return f"{p.x:,.0f} B: {_pct(c, 1)} / {_pct(r, 1)}{spread} n={len(p.seeds)}"
 
     on_front = {id(p) for p in pareto(front.points)}
-    lines = [f"### Robustness vs bytes: {front.dataset} / {front.model}", "",
-             "| method | settings | points (model bytes: clean / robust %) |", "|---|---|---|"]
+    lines = [
+        f"### Robustness vs bytes: {front.dataset} / {front.model}",
+        "",
+        "| method | settings | points (model bytes: clean / robust %) |",
+        "|---|---|---|",
+    ]
     for label, pts in front.lines.items():
         settings = ", ".join(sorted(set().union(*(p.settings for p in pts))))
-        lines.append(f"| {label} | {settings} | " + "; ".join(("**" + cell(p) + "**") if id(p) in on_front else cell(p)
-                                                             for p in pts) + " |")
-    lines += ["", "Bold: on the Pareto front (no point with fewer or equal bytes has a higher robust accuracy).", "",
-              "| budget (bytes) | best method | model bytes | clean / robust % |", "|---|---|---|---|"]
+        lines.append(
+            f"| {label} | {settings} | "
+            + "; ".join(("**" + cell(p) + "**") if id(p) in on_front else cell(p) for p in pts)
+            + " |"
+        )
+    lines += [
+        "",
+        "Bold: on the Pareto front (no point with fewer or equal bytes has a higher robust accuracy).",
+        "",
+        "| budget (bytes) | best method | model bytes | clean / robust % |",
+        "|---|---|---|---|",
+    ]
     for budget in front.budgets:
         fits = [p for p in front.points if p.x <= budget]
         if not fits:
@@ -185,9 +235,13 @@ def front_markdown(front: Front, figure: str | None) -> str:
         best = max(fits, key=lambda p: (p.y, -p.x))
         (c, _), (r, _) = _mean_std(best.clean), _mean_std(best.robust)
         lines.append(f"| {budget:,.0f} | {best.label} | {best.x:,.0f} | {_pct(c, 1)} / {_pct(r, 1)} |")
-    lines += ["", f"Clean / robust accuracy (%), robust = {metric_title(front.robust_metric)} under {front.norm} "
-              f"eps={format_eps(front.eps)}; mean (± sample std) over n seeds; model bytes = the packed payload "
-              "(results.json model_bytes).", ""]
+    lines += [
+        "",
+        f"Clean / robust accuracy (%), robust = {metric_title(front.robust_metric)} under {front.norm} "
+        f"eps={format_eps(front.eps)}; mean (± sample std) over n seeds; model bytes = the packed payload "
+        "(results.json model_bytes).",
+        "",
+    ]
     if figure:
         lines += [f"![robustness vs bytes]({figure})", ""]
     return "\n".join(lines)
@@ -215,17 +269,39 @@ def log_fronts_wandb(fronts: Sequence[Front], pngs: Sequence[Path], project: str
         for front, png in zip(fronts, pngs):
             key = f"front/{front.dataset}_{front.model}"
             on_front = {id(p) for p in pareto(front.points)}
-            rows = [[label, p.budget, p.x, seed, b, c, r, id(p) in on_front]
-                    for label, pts in front.lines.items() for p in pts
-                    for seed, b, c, r in zip(p.seeds, p.model_bytes, p.clean, p.robust)]
-            table = wandb.Table(columns=["method", "budget", "mean_model_bytes", "seed", "model_bytes", "clean_acc",
-                                         f"robust_acc_{front.robust_metric}", "pareto"], data=rows)
+            rows = [
+                [label, p.budget, p.x, seed, b, c, r, id(p) in on_front]
+                for label, pts in front.lines.items()
+                for p in pts
+                for seed, b, c, r in zip(p.seeds, p.model_bytes, p.clean, p.robust)
+            ]
+            table = wandb.Table(
+                columns=[
+                    "method",
+                    "budget",
+                    "mean_model_bytes",
+                    "seed",
+                    "model_bytes",
+                    "clean_acc",
+                    f"robust_acc_{front.robust_metric}",
+                    "pareto",
+                ],
+                data=rows,
+            )
             labels = list(front.lines)
-            run.log({f"{key}/table": table, f"{key}/png": wandb.Image(str(png)),
-                     f"{key}/robust": wandb.plot.line_series(
-                         xs=[[p.x for p in front.lines[k]] for k in labels],
-                         ys=[[p.y for p in front.lines[k]] for k in labels], keys=labels, xname="model bytes",
-                         title=f"{front.dataset}/{front.model}: robust accuracy ({metric_title(front.robust_metric)})")})
+            run.log(
+                {
+                    f"{key}/table": table,
+                    f"{key}/png": wandb.Image(str(png)),
+                    f"{key}/robust": wandb.plot.line_series(
+                        xs=[[p.x for p in front.lines[k]] for k in labels],
+                        ys=[[p.y for p in front.lines[k]] for k in labels],
+                        keys=labels,
+                        xname="model bytes",
+                        title=f"{front.dataset}/{front.model}: robust accuracy ({metric_title(front.robust_metric)})",
+                    ),
+                }
+            )
         return str(run.dir)
     finally:
         run.finish()

@@ -48,9 +48,26 @@ PAPER_SETTINGS = ["NF", "AF", "NVB", "NEB", "AVB", "AEB", "AET", "NVT", "NET", "
 # The extra JSON files esq-eval's multi-model modes write (docs/evaluation.md).
 EXTRA_FILES = ("transfer.json", "amplification.json", "blackbox.json")
 # Hydra overrides that never tell two configurations apart: they change per seed, or only where and how a job runs.
-IGNORED_OVERRIDES = ("seed", "ckpt_path", "ckpts", "init_from", "threads", "progress", "tags", "sweep",
-                     "hparams_search", "experiment", "experiment_name", "logger", "hydra", "paths", "eval.n_samples",
-                     "trainer.enable_progress_bar", "trainer.accelerator", "trainer.devices")
+IGNORED_OVERRIDES = (
+    "seed",
+    "ckpt_path",
+    "ckpts",
+    "init_from",
+    "threads",
+    "progress",
+    "tags",
+    "sweep",
+    "hparams_search",
+    "experiment",
+    "experiment_name",
+    "logger",
+    "hydra",
+    "paths",
+    "eval.n_samples",
+    "trainer.enable_progress_bar",
+    "trainer.accelerator",
+    "trainer.devices",
+)
 
 
 # ----------------------------------------------------------------------------------------------- collecting
@@ -61,10 +78,25 @@ ABSENT = "(absent)"
 
 # Overrides whose effect the results.json record states (method, quant, and the pairing's layers, lambdas, distance).
 # Overrides that results.json train_attack states (the training attack's name, steps, step size, noise, ...).
-ATTACK_OVERRIDES = ("attack", "callbacks.pgd.name", "callbacks.pgd.steps", "callbacks.pgd.step_size",
-                    "callbacks.pgd.noise", "callbacks.pgd.project", "callbacks.pgd.random_start",
-                    "callbacks.pgd.gradalign")
-RECORDED_OVERRIDES = ("method", "quant", "pairing", "pairing.layers", "pairing.lambdas", "pairing.distance", "pairing.p")
+ATTACK_OVERRIDES = (
+    "attack",
+    "callbacks.pgd.name",
+    "callbacks.pgd.steps",
+    "callbacks.pgd.step_size",
+    "callbacks.pgd.noise",
+    "callbacks.pgd.project",
+    "callbacks.pgd.random_start",
+    "callbacks.pgd.gradalign",
+)
+RECORDED_OVERRIDES = (
+    "method",
+    "quant",
+    "pairing",
+    "pairing.layers",
+    "pairing.lambdas",
+    "pairing.distance",
+    "pairing.p",
+)
 
 
 def _overrides(run_dir: Path) -> dict[str, str]:
@@ -139,6 +171,7 @@ def _setting_order(label: str) -> tuple[int, str]:
 
 def _newest_per_seed(runs: list[tuple[Path, dict[str, Any]]]) -> tuple[list[tuple[Path, dict[str, Any]]], list[str]]:
     """One run per seed (the newest results.json), so n counts seeds, not repeats of the same run."""
+
     def mtime(item: tuple[Path, dict[str, Any]]) -> float:
         try:
             return (item[0] / "results.json").stat().st_mtime
@@ -195,8 +228,16 @@ def build_tables(records: Iterable[tuple[Path, dict[str, Any]]], task: str) -> l
                     vals = [float(v) for _, r in runs for c, v in _robust_columns(r, eps).items() if c == col]
                     if vals:
                         cells[col] = Cell(vals)
-                rows.append(Row(name, cells, [str(d) for d, _ in runs], [int(r.get("seed", 0)) for _, r in runs],
-                                variant, dropped))
+                rows.append(
+                    Row(
+                        name,
+                        cells,
+                        [str(d) for d, _ in runs],
+                        [int(r.get("seed", 0)) for _, r in runs],
+                        variant,
+                        dropped,
+                    )
+                )
         n_samples = sorted({int(r["n_samples"]) for _, r in items if r.get("n_samples") is not None})
         tables.append(Table(task, dataset, model, norm, eps, columns, rows, n_samples))
     return tables
@@ -210,16 +251,20 @@ def _robust_columns(res: dict[str, Any], eps: float) -> dict[str, float]:
         a_eps = ((res.get("attacks") or {}).get(name) or {}).get("eps")
         norm = ((res.get("attacks") or {}).get(name) or {}).get("norm")
         tm_norm = (res.get("threat_model") or {}).get("norm", "linf")
-        if name == "worst_case" or a_eps is None or (norm in (None, tm_norm) and math.isclose(float(a_eps), eps,
-                                                                                              rel_tol=1e-6)):
+        if (
+            name == "worst_case"
+            or a_eps is None
+            or (norm in (None, tm_norm) and math.isclose(float(a_eps), eps, rel_tol=1e-6))
+        ):
             out[name] = value
         else:
             out[f"{name} ({norm + ' ' if norm and norm != tm_norm else ''}eps={format_eps(float(a_eps))})"] = value
     return out
 
 
-def find_extras(root: Path, skip: Path | None = None, unreadable: list[tuple[Path, str]] | None = None
-                ) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
+def find_extras(
+    root: Path, skip: Path | None = None, unreadable: list[tuple[Path, str]] | None = None
+) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
     """The transfer / amplification / blackbox records under root, by kind (file stem); the files that cannot
     be read are appended to `unreadable` as (path, why)."""
     found: dict[str, list[tuple[Path, dict[str, Any]]]] = {name.split(".")[0]: [] for name in EXTRA_FILES}
@@ -245,9 +290,15 @@ def default_out(roots: Sequence[Path]) -> Path:
     return (common if common != Path(common.anchor) else Path.cwd()) / "report"
 
 
-def make_report(root: str | Path | Sequence[str | Path], out: str | Path | None = None, fmt: str = "both",
-                digits: int = 2, curve_x: str = "bits", wandb_project: str | None = None,
-                wandb_mode: str | None = None) -> dict[str, Any]:
+def make_report(
+    root: str | Path | Sequence[str | Path],
+    out: str | Path | None = None,
+    fmt: str = "both",
+    digits: int = 2,
+    curve_x: str = "bits",
+    wandb_project: str | None = None,
+    wandb_mode: str | None = None,
+) -> dict[str, Any]:
     """Collect every results record (and transfer/amplification/blackbox file) under root, write the tables to out.
 
     root is one folder or several (out defaults to default_out); a run found under two of them counts once.
@@ -279,10 +330,13 @@ def make_report(root: str | Path | Sequence[str | Path], out: str | Path | None 
     where = ", ".join(str(r) for r in roots)
     if not records and not any(extras.values()):
         if unreadable:
-            raise ESQUserError(f"{where}: no readable results; cannot read "
-                               + "; ".join(f"{path} ({why})" for path, why in unreadable))
-        raise ESQUserError(f"{where}: no results.json (nor transfer/amplification/blackbox.json) found; "
-                           "give a run or multirun directory of esq-train / esq-eval")
+            raise ESQUserError(
+                f"{where}: no readable results; cannot read " + "; ".join(f"{path} ({why})" for path, why in unreadable)
+            )
+        raise ESQUserError(
+            f"{where}: no results.json (nor transfer/amplification/blackbox.json) found; "
+            "give a run or multirun directory of esq-train / esq-eval"
+        )
     out.mkdir(parents=True, exist_ok=True)
     tables = {task: build_tables(records, task) for task in ("train", "eval")}
     md_parts = [f"# Results: {where}", ""]
@@ -312,8 +366,11 @@ def make_report(root: str | Path | Sequence[str | Path], out: str | Path | None 
             else:
                 md_sec.append(blackbox_markdown(path, rec, figure))
                 tex_sec.append(blackbox_latex(path, rec, figure))
-        heading = {"transfer": "Transfer matrices", "amplification": "Error amplification",
-                   "blackbox": "Black-box attacks"}[kind]
+        heading = {
+            "transfer": "Transfer matrices",
+            "amplification": "Error amplification",
+            "blackbox": "Black-box attacks",
+        }[kind]
         md = f"## {heading}\n\n" + "\n".join(md_sec)
         tex = "\n".join(tex_sec)
         md_parts.append(md)
@@ -341,9 +398,15 @@ def make_report(root: str | Path | Sequence[str | Path], out: str | Path | None 
     csv_path = out / "whitebox.csv"
     atomic_write_text(csv_path, tables_csv([t for ts in tables.values() for t in ts]))
     files.append(csv_path)
-    return {"markdown": markdown, "tables": tables, "files": files, "out": out,
-            "n_runs": len(records), "extras": {k: [str(p) for p, _ in v] for k, v in extras.items()},
-            "unreadable": unreadable}
+    return {
+        "markdown": markdown,
+        "tables": tables,
+        "files": files,
+        "out": out,
+        "n_runs": len(records),
+        "extras": {k: [str(p) for p, _ in v] for k, v in extras.items()},
+        "unreadable": unreadable,
+    }
 
 
 def _write(out: Path, stem: str, md: str, tex: str, fmt: str) -> list[Path]:

@@ -47,8 +47,9 @@ class TrainAttack:
 
     def __post_init__(self) -> None:
         if self.name not in TRAIN_ATTACKS:
-            raise ValueError(f"callbacks.pgd.name: unknown training attack {self.name!r}; allowed: "
-                             f"{', '.join(TRAIN_ATTACKS)}")
+            raise ValueError(
+                f"callbacks.pgd.name: unknown training attack {self.name!r}; allowed: {', '.join(TRAIN_ATTACKS)}"
+            )
         if self.name in SINGLE_STEP_TRAIN_ATTACKS and self.steps != 1:
             raise ValueError(f"callbacks.pgd.steps: {self.steps}, but {self.name} is one step; allowed: 1")
         if not self.project and self.norm != "linf":
@@ -70,18 +71,29 @@ class TrainAttack:
         if self.project and self.start_radius == self.eps:
             # PGD, FGSM and FGSM-RS: the library PGD (projected, start uniform in the eps-ball).
             return pgd(
-                model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm,
-                random_start=self.random_start, loss_fn=loss_fn, generator=generator,
+                model,
+                x,
+                y,
+                eps=self.eps,
+                step_size=self.step_size,
+                steps=self.steps,
+                norm=self.norm,
+                random_start=self.random_start,
+                loss_fn=loss_fn,
+                generator=generator,
             )
         return self._noisy_linf(model, x, y, generator, loss_fn)
 
-    def _noisy_linf(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None,
-                    loss_fn: Any) -> Tensor:
+    def _noisy_linf(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None, loss_fn: Any
+    ) -> Tensor:
         """L_inf steps from a start of half-width `noise`, projected onto the eps-ball only when `project`."""
         loss_fn = loss_fn or (lambda z, t: F.cross_entropy(z, t, reduction="sum"))
         with grad_enabled():
             x0, y0 = as_autograd_input(x), as_autograd_input(y)
-            delta = _random_start(x0, self.start_radius, "linf", generator) if self.random_start else torch.zeros_like(x0)
+            delta = (
+                _random_start(x0, self.start_radius, "linf", generator) if self.random_start else torch.zeros_like(x0)
+            )
             x_adv = (x0 + delta).clamp(0.0, 1.0)
             with frozen_eval(model), frozen_quant_weights(model):
                 for _ in range(self.steps):

@@ -35,8 +35,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options for local paths")
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
 
-    def load_checkpoint(self, path: Any, map_location: Any | None = lambda storage, loc: storage,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         """Lightning's resume read (Trainer.fit(ckpt_path=...)), safe like every other checkpoint read.
 
         weights_only=True with the project's allowlist unless trust_checkpoint=true

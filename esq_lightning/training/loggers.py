@@ -72,12 +72,36 @@ def isolated_wandb_env() -> Iterator[None]:
 def results_row(results: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
     """Columns and values of a results record as one table row (accuracies as fractions)."""
     tm = results.get("threat_model") or {}
-    columns = ["experiment", "setting", "dataset", "model", "method", "quant", "bits", "seed", "norm", "eps",
-               "n_samples", "clean_acc", *(f"{k}_acc" for k in results.get("robust_acc") or {})]
-    values = [results.get("experiment"), results.get("setting"), results.get("dataset"), results.get("model"),
-              results.get("method"), results.get("quant"), results.get("bits"), results.get("seed"), tm.get("norm"),
-              tm.get("eps"), results.get("n_samples"), results.get("clean_acc"),
-              *(float(v) for v in (results.get("robust_acc") or {}).values())]
+    columns = [
+        "experiment",
+        "setting",
+        "dataset",
+        "model",
+        "method",
+        "quant",
+        "bits",
+        "seed",
+        "norm",
+        "eps",
+        "n_samples",
+        "clean_acc",
+        *(f"{k}_acc" for k in results.get("robust_acc") or {}),
+    ]
+    values = [
+        results.get("experiment"),
+        results.get("setting"),
+        results.get("dataset"),
+        results.get("model"),
+        results.get("method"),
+        results.get("quant"),
+        results.get("bits"),
+        results.get("seed"),
+        tm.get("norm"),
+        tm.get("eps"),
+        results.get("n_samples"),
+        results.get("clean_acc"),
+        *(float(v) for v in (results.get("robust_acc") or {}).values()),
+    ]
     # robust_acc starts with worst_case (results/worst_case_acc in the summary); the verdict of the checks follows.
     audit = results.get("audit") or {}
     if audit.get("verdict"):

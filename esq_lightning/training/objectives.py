@@ -24,7 +24,6 @@ from esq_lightning.pairing import (
 Attack = Callable[..., Tensor]
 
 
-
 @dataclass
 class ObjectiveOutput:
     loss: Tensor
@@ -73,8 +72,9 @@ class Objective:
             return 1.0
         return min(1.0, (int(epoch) + 1) / self.pairing_warmup_epochs)
 
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, attack: Attack | None = None,
-                 epoch: int | None = None) -> ObjectiveOutput:
+    def __call__(
+        self, model: nn.Module, x: Tensor, y: Tensor, attack: Attack | None = None, epoch: int | None = None
+    ) -> ObjectiveOutput:
         if self.needs_attack and attack is None:
             raise RuntimeError(f"method '{self.name}' needs a training attack: keep callbacks.pgd enabled")
         if self.name == "esq":
@@ -116,7 +116,9 @@ class Objective:
         ce_adv = F.cross_entropy(logits_adv, y)
         alp = F.mse_loss(logits, logits_adv)
         loss = 0.5 * ce + 0.5 * ce_adv + self.alp_lambda * alp
-        return ObjectiveOutput(loss, logits, logits_adv, {"ce": ce.detach(), "ce_adv": ce_adv.detach(), "alp": alp.detach()})
+        return ObjectiveOutput(
+            loss, logits, logits_adv, {"ce": ce.detach(), "ce_adv": ce_adv.detach(), "alp": alp.detach()}
+        )
 
     def _trades(self, model: nn.Module, x: Tensor, y: Tensor, attack: Attack) -> ObjectiveOutput:
         # Zhang et al. 2019: the attack maximizes KL(p(x) || p(x_adv)), with p(x) fixed during the attack.
@@ -144,6 +146,9 @@ def honest_logit_terms(logits: Tensor, logits_adv: Tensor) -> dict[str, Tensor]:
     train/logit_centred_norm and train/logit_offset_ratio."""
     with torch.no_grad():
         stats = logit_offset_stats(logits)
-        return {f"D_centred/{LOGITS}": pairing_distance(logits, logits_adv, distance="centred_l2"),
-                "logit_offset": stats["offset"], "logit_centred_norm": stats["centred_norm"],
-                "logit_offset_ratio": stats["offset_ratio"]}
+        return {
+            f"D_centred/{LOGITS}": pairing_distance(logits, logits_adv, distance="centred_l2"),
+            "logit_offset": stats["offset"],
+            "logit_centred_norm": stats["centred_norm"],
+            "logit_offset_ratio": stats["offset_ratio"],
+        }

@@ -18,35 +18,48 @@ def _aa_norm(norm: str) -> str:
     return {"linf": "Linf", "l2": "L2"}[norm]
 
 
-def run_square(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params
-) -> tuple[Tensor, Params]:
+def run_square(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params) -> tuple[Tensor, Params]:
     from pyautoattack.square import SquareAttack
 
     attack = SquareAttack(
-        model, norm=_aa_norm(p["norm"]), n_queries=p["n_queries"], eps=eps, p_init=p["p_init"],
-        n_restarts=p["restarts"], seed=p["seed"], verbose=False, loss=p["loss"],
-        resc_schedule=p["rescale_schedule"], device=x.device,
+        model,
+        norm=_aa_norm(p["norm"]),
+        n_queries=p["n_queries"],
+        eps=eps,
+        p_init=p["p_init"],
+        n_restarts=p["restarts"],
+        seed=p["seed"],
+        verbose=False,
+        loss=p["loss"],
+        resc_schedule=p["rescale_schedule"],
+        device=x.device,
     )
     with torch.no_grad():
         return attack.perturb(x, y), {}
 
 
-def run_autoattack(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params
-) -> tuple[Tensor, Params]:
+def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params) -> tuple[Tensor, Params]:
     from pyautoattack import AutoAttack
 
     adversary = AutoAttack(
-        model, eps=eps, norm=_aa_norm(p["norm"]), version="standard", seed=p["seed"],
+        model,
+        eps=eps,
+        norm=_aa_norm(p["norm"]),
+        version="standard",
+        seed=p["seed"],
         device=x.device,
     )
     # AutoAttack's own checks (its flags_doc.md) warn with warnings.warn: keep them as its flags.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=p["batch_size"])
-    aa_flags = sorted({str(w.message) for w in caught if w.category is Warning or issubclass(w.category, Warning)
-                       and "autoattack" in str(w.filename).lower()})
+    aa_flags = sorted(
+        {
+            str(w.message)
+            for w in caught
+            if w.category is Warning or issubclass(w.category, Warning) and "autoattack" in str(w.filename).lower()
+        }
+    )
     return x_adv, {
         "flags": aa_flags,
         "version": "standard",

@@ -24,26 +24,23 @@ def _foolbox() -> Any:
     return foolbox
 
 
-
-def run_ddn(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params
-) -> tuple[Tensor, Params]:
+def run_ddn(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params) -> tuple[Tensor, Params]:
     fb = _foolbox()
     fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=x.device)
-    attack = fb.attacks.DDNAttack(
-        init_epsilon=p["init_epsilon"], steps=p["steps"], gamma=p["gamma"]
-    )
+    attack = fb.attacks.DDNAttack(init_epsilon=p["init_epsilon"], steps=p["steps"], gamma=p["gamma"])
     return attack.run(fmodel, x, fb.criteria.Misclassification(y)), {}
 
 
-def run_cw(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params
-) -> tuple[Tensor, Params]:
+def run_cw(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params) -> tuple[Tensor, Params]:
     fb = _foolbox()
     fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=x.device)
     attack = fb.attacks.L2CarliniWagnerAttack(
-        binary_search_steps=p["binary_search_steps"], steps=p["steps"], stepsize=p["stepsize"],
-        confidence=p["confidence"], initial_const=p["initial_const"], abort_early=p["abort_early"],
+        binary_search_steps=p["binary_search_steps"],
+        steps=p["steps"],
+        stepsize=p["stepsize"],
+        confidence=p["confidence"],
+        initial_const=p["initial_const"],
+        abort_early=p["abort_early"],
     )
     x_adv = attack.run(fmodel, x, fb.criteria.Misclassification(y))
     # foolbox returns an all-zero image where C&W found nothing; a black image is usually
@@ -52,14 +49,10 @@ def run_cw(
     return torch.where(_per_sample(failed, x), x, x_adv), {}
 
 
-def run_boundary(
-    model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params
-) -> tuple[Tensor, Params]:
+def run_boundary(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, p: Params) -> tuple[Tensor, Params]:
     fb = _foolbox()
     fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=x.device)
-    init = fb.attacks.LinearSearchBlendedUniformNoiseAttack(
-        directions=p["init_directions"], steps=p["init_steps"]
-    )
+    init = fb.attacks.LinearSearchBlendedUniformNoiseAttack(directions=p["init_directions"], steps=p["init_steps"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # we handle the failures below
         starts = init.run(fmodel, x, fb.criteria.Misclassification(y))
@@ -79,13 +72,14 @@ def run_boundary(
     idx = ok.nonzero().squeeze(1)
     if idx.numel():
         attack = fb.attacks.BoundaryAttack(
-            steps=p["steps"], spherical_step=p["spherical_step"], source_step=p["source_step"],
+            steps=p["steps"],
+            spherical_step=p["spherical_step"],
+            source_step=p["source_step"],
             source_step_convergance=p["source_step_convergence"],
-            step_adaptation=p["step_adaptation"], update_stats_every_k=p["update_stats_every_k"],
+            step_adaptation=p["step_adaptation"],
+            update_stats_every_k=p["update_stats_every_k"],
         )
-        x_adv[idx] = attack.run(
-            fmodel, x[idx], fb.criteria.Misclassification(y[idx]), starting_points=starts[idx]
-        )
+        x_adv[idx] = attack.run(fmodel, x[idx], fb.criteria.Misclassification(y[idx]), starting_points=starts[idx])
     return x_adv, {"init_failed": int((~ok).sum().item())}
 
 

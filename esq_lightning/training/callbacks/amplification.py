@@ -56,8 +56,16 @@ class AmplificationCallback(pl.Callback):
         x, y = self.validation_inputs(trainer)
         model = getattr(pl_module, "model", pl_module)
         curve = amplification_curve(
-            model, x, y, eps=self.eps, steps=self.steps, step_size=self.step_size, norm=self.norm,
-            batch_size=self.batch_size, device=pl_module.device, seed=self.seed,
+            model,
+            x,
+            y,
+            eps=self.eps,
+            steps=self.steps,
+            step_size=self.step_size,
+            norm=self.norm,
+            batch_size=self.batch_size,
+            device=pl_module.device,
+            seed=self.seed,
         )
         curve["epoch"] = trainer.current_epoch
         self.last = curve
@@ -66,8 +74,9 @@ class AmplificationCallback(pl.Callback):
             pl_module.log(f"amplification/{name}", float(value), on_epoch=True, sync_dist=False)
         # D at the logit layer, raw (the paper's form) and centred (what a logit offset cannot lower).
         pl_module.log("amplification/logits", float(curve["logits"]["relative_l2"]), on_epoch=True, sync_dist=False)
-        pl_module.log("amplification/logits_centred", float(curve["logits"]["centred_l2"]), on_epoch=True,
-                      sync_dist=False)
+        pl_module.log(
+            "amplification/logits_centred", float(curve["logits"]["centred_l2"]), on_epoch=True, sync_dist=False
+        )
         if trainer.is_global_zero:
             self.log_wandb(trainer.loggers, curve, trainer.global_step)
 
@@ -101,12 +110,16 @@ class AmplificationCallback(pl.Callback):
             return
         import wandb
 
-        rows = [[i + 1, name, float(d), int(curve.get("epoch", -1))]
-                for i, (name, d) in enumerate(zip(curve["modules"], curve["d"]))]
+        rows = [
+            [i + 1, name, float(d), int(curve.get("epoch", -1))]
+            for i, (name, d) in enumerate(zip(curve["modules"], curve["d"]))
+        ]
         for logger in wandb_loggers:
             table = wandb.Table(columns=["module_index", "module", "D_l", "epoch"], data=rows)
-            plot = wandb.plot.line(table, "module_index", "D_l",
-                                   title=f"Error amplification D_l, epoch {curve.get('epoch')}")
+            plot = wandb.plot.line(
+                table, "module_index", "D_l", title=f"Error amplification D_l, epoch {curve.get('epoch')}"
+            )
             # The same step key as WandbLogger.log_metrics, so the plot lines up with the scalars.
-            logger.experiment.log({"amplification/curve": plot, "amplification/table": table,
-                                   "trainer/global_step": step})
+            logger.experiment.log(
+                {"amplification/curve": plot, "amplification/table": table, "trainer/global_step": step}
+            )

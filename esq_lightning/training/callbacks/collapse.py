@@ -75,17 +75,30 @@ class CollapseMonitor(pl.Callback):
         if int((counts > 0).sum()) == 1 and int(counts.sum()) > 1:
             epoch = int(trainer.current_epoch)
             if not self.collapsed_epochs:
-                rank_zero_warn(f"training collapse at epoch {epoch}: every validation input gets class "
-                               f"{int(counts.argmax())} (constant output; the pairing term is zero there)")
+                rank_zero_warn(
+                    f"training collapse at epoch {epoch}: every validation input gets class "
+                    f"{int(counts.argmax())} (constant output; the pairing term is zero there)"
+                )
             self.collapsed_epochs.append(epoch)
 
     def flags(self, final_val_acc: float | None) -> list[dict[str, Any]]:
         out = []
         if self.collapsed_epochs:
-            out.append(flag("training_collapse", f"constant output on the validation split at epoch(s) "
-                            f"{self.collapsed_epochs[:10]}", epochs=self.collapsed_epochs))
+            out.append(
+                flag(
+                    "training_collapse",
+                    f"constant output on the validation split at epoch(s) {self.collapsed_epochs[:10]}",
+                    epochs=self.collapsed_epochs,
+                )
+            )
         if self.start_acc is not None and final_val_acc is not None and final_val_acc < self.start_acc - self.max_drop:
-            out.append(flag("accuracy_drop", f"validation clean accuracy fell from {100 * self.start_acc:.1f}% at the "
-                            f"start of training to {100 * final_val_acc:.1f}%", start_acc=self.start_acc,
-                            final_acc=final_val_acc))
+            out.append(
+                flag(
+                    "accuracy_drop",
+                    f"validation clean accuracy fell from {100 * self.start_acc:.1f}% at the "
+                    f"start of training to {100 * final_val_acc:.1f}%",
+                    start_acc=self.start_acc,
+                    final_acc=final_val_acc,
+                )
+            )
         return out

@@ -54,10 +54,14 @@ class FiniteLossCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         loss_ok, loss, self._loss_ok, self._loss = self._loss_ok, self._loss, None, None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        grads = ([(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
-                 if self.check_grads and scaler is None else [])
-        flags = ([loss_ok.reshape(1)] if loss_ok is not None else []) + [torch.isfinite(g).all().reshape(1)
-                                                                          for _, g in grads]
+        grads = (
+            [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+            if self.check_grads and scaler is None
+            else []
+        )
+        flags = ([loss_ok.reshape(1)] if loss_ok is not None else []) + [
+            torch.isfinite(g).all().reshape(1) for _, g in grads
+        ]
         if not flags:
             return
         ok = bool(torch.cat([f.to(flags[0].device) for f in flags]).all())  # the one host sync
@@ -66,8 +70,11 @@ class FiniteLossCallback(pl.Callback):
         if ok:
             return
         if loss_ok is not None and not bool(loss_ok):
-            what = (f"train/loss is {loss.float().cpu().reshape(-1)[0].item()}" if loss is not None
-                    else "train/loss is not finite")
+            what = (
+                f"train/loss is {loss.float().cpu().reshape(-1)[0].item()}"
+                if loss is not None
+                else "train/loss is not finite"
+            )
         elif grads:
             bad = next((n for n, g in grads if not bool(torch.isfinite(g).all())), "a parameter")
             what = f"the gradient of {bad} is not finite"
@@ -77,8 +84,13 @@ class FiniteLossCallback(pl.Callback):
 
     def _message(self, trainer: pl.Trainer, what: str) -> str:
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
-        kept = (f"the last good checkpoint is {ckpt} (resume with ckpt_path=last and the same hydra.run.dir=)"
-                if ckpt else "no checkpoint was written before it")
-        return (f"{what} at epoch {trainer.current_epoch}, batch {self._batch_idx} "
-                f"(global step {trainer.global_step}): training stopped before the optimizer step; {kept}; "
-                "lower optimizer.lr or check the data")
+        kept = (
+            f"the last good checkpoint is {ckpt} (resume with ckpt_path=last and the same hydra.run.dir=)"
+            if ckpt
+            else "no checkpoint was written before it"
+        )
+        return (
+            f"{what} at epoch {trainer.current_epoch}, batch {self._batch_idx} "
+            f"(global step {trainer.global_step}): training stopped before the optimizer step; {kept}; "
+            "lower optimizer.lr or check the data"
+        )

@@ -50,9 +50,14 @@ class OverfittingDetector:
         return False, False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_epoch": self.best_epoch, "best_pgd": self.best_pgd, "fgsm_at_best": self.fgsm_at_best,
-                "fired_epoch": self.fired_epoch, "at_fire": list(self.at_fire) if self.at_fire else None,
-                "history": [list(h) for h in self.history]}
+        return {
+            "best_epoch": self.best_epoch,
+            "best_pgd": self.best_pgd,
+            "fgsm_at_best": self.fgsm_at_best,
+            "fired_epoch": self.fired_epoch,
+            "at_fire": list(self.at_fire) if self.at_fire else None,
+            "history": [list(h) for h in self.history],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_epoch, self.best_pgd = state["best_epoch"], float(state["best_pgd"])
@@ -64,14 +69,21 @@ class OverfittingDetector:
         if self.at_fire is None:
             return "no catastrophic overfitting"
         pgd_acc, fgsm_acc = self.at_fire
-        return (f"validation PGD accuracy fell to {100 * pgd_acc:.1f}% at epoch {self.fired_epoch} from its best "
-                f"{100 * self.best_pgd:.1f}% (epoch {self.best_epoch}) while FGSM accuracy held "
-                f"({100 * fgsm_acc:.1f}% against {100 * self.fgsm_at_best:.1f}%)")
+        return (
+            f"validation PGD accuracy fell to {100 * pgd_acc:.1f}% at epoch {self.fired_epoch} from its best "
+            f"{100 * self.best_pgd:.1f}% (epoch {self.best_epoch}) while FGSM accuracy held "
+            f"({100 * fgsm_acc:.1f}% against {100 * self.fgsm_at_best:.1f}%)"
+        )
 
     def record(self) -> dict[str, Any]:
-        return {"detected": self.fired, "epoch": self.fired_epoch, "best_epoch": self.best_epoch,
-                "best_pgd_acc": self.best_pgd if self.best_epoch is not None else None,
-                "pgd_acc": self.at_fire[0] if self.at_fire else None,
-                "fgsm_acc": self.at_fire[1] if self.at_fire else None,
-                "drop": self.drop, "fgsm_tolerance": self.fgsm_tolerance,
-                "history": [{"epoch": e, "pgd_acc": p, "fgsm_acc": f} for e, p, f in self.history]}
+        return {
+            "detected": self.fired,
+            "epoch": self.fired_epoch,
+            "best_epoch": self.best_epoch,
+            "best_pgd_acc": self.best_pgd if self.best_epoch is not None else None,
+            "pgd_acc": self.at_fire[0] if self.at_fire else None,
+            "fgsm_acc": self.at_fire[1] if self.at_fire else None,
+            "drop": self.drop,
+            "fgsm_tolerance": self.fgsm_tolerance,
+            "history": [{"epoch": e, "pgd_acc": p, "fgsm_acc": f} for e, p, f in self.history],
+        }

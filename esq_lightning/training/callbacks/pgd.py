@@ -49,9 +49,17 @@ class PGDCallback(pl.Callback):
                 raise ValueError(f"callbacks.pgd.{key} must be > 0, got {value}")
         if steps < 0:
             raise ValueError(f"callbacks.pgd.steps must be >= 0, got {steps}")
-        self.attack = TrainAttack(float(eps), float(step_size), int(steps), norm, bool(random_start), name=name,
-                                  noise=None if noise is None else float(noise), project=bool(project),
-                                  gradalign=float(gradalign))
+        self.attack = TrainAttack(
+            float(eps),
+            float(step_size),
+            int(steps),
+            norm,
+            bool(random_start),
+            name=name,
+            noise=None if noise is None else float(noise),
+            project=bool(project),
+            gradalign=float(gradalign),
+        )
         self.val_every_n_epochs = int(val_every_n_epochs)
         self.val_n_samples = val_n_samples
         # Robust validation: multi-step PGD at eps, the training attack's steps and step size unless told otherwise
@@ -59,7 +67,9 @@ class PGDCallback(pl.Callback):
         # A single-step training attack is never its own watch: without val_steps, PGD-10 at eps/4 (the datasets' own).
         if self.attack.name in SINGLE_STEP_TRAIN_ATTACKS and val_steps is None:
             val_steps, val_step_size = 10, val_step_size or float(eps) / 4
-        self.val_attack = TrainAttack(float(eps), float(val_step_size or step_size), int(val_steps or steps), norm, True)
+        self.val_attack = TrainAttack(
+            float(eps), float(val_step_size or step_size), int(val_steps or steps), norm, True
+        )
         self.detector = OverfittingDetector(drop=float(co_drop), fgsm_tolerance=float(co_fgsm_tolerance))
         self.co_stop = bool(co_stop)
         self._best_state: dict[str, Any] | None = None
@@ -88,9 +98,14 @@ class PGDCallback(pl.Callback):
         if fired:
             from pytorch_lightning.utilities import rank_zero_warn
 
-            rank_zero_warn(f"catastrophic_overfitting: {self.detector.message()}"
-                           + ("; stopping and keeping the best weights (callbacks.pgd.co_stop=true)" if self.co_stop
-                              else "; training goes on (callbacks.pgd.co_stop=true stops and keeps the best weights)"))
+            rank_zero_warn(
+                f"catastrophic_overfitting: {self.detector.message()}"
+                + (
+                    "; stopping and keeping the best weights (callbacks.pgd.co_stop=true)"
+                    if self.co_stop
+                    else "; training goes on (callbacks.pgd.co_stop=true stops and keeps the best weights)"
+                )
+            )
             if self.co_stop:
                 self.restore_best(pl_module)
                 trainer.should_stop = True
@@ -121,8 +136,11 @@ class PGDCallback(pl.Callback):
 
         if not self.detector.fired:
             return []
-        kept = (f"; training stopped and kept the weights of epoch {self.restored_epoch}"
-                if self.restored_epoch is not None else "")
+        kept = (
+            f"; training stopped and kept the weights of epoch {self.restored_epoch}"
+            if self.restored_epoch is not None
+            else ""
+        )
         return [flag("catastrophic_overfitting", self.detector.message() + kept, **self.record())]
 
     def robust_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor, Tensor, Tensor]:
