@@ -95,9 +95,16 @@ def test_library_notices_are_filtered_precisely(caplog: pytest.LogCaptureFixture
         warnings.warn("a warning of our own", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["a warning of our own"]
     logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    # The device lines are said once per process: forget what earlier tests of this worker already said.
+    from esq_lightning.notices import _Once
+
+    for f in logger.filters:
+        if isinstance(f, _Once):
+            f.seen.clear()
     with caplog.at_level(logging.INFO, logger=logger.name):
         logger.info("💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/project/x/)")
         logger.info("GPU available: False, used: False")
+        logger.info("GPU available: False, used: False")  # a second Trainer in the process: not repeated
     assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
 
 
