@@ -341,36 +341,34 @@ def write_curves(
     return md, files, curves
 
 
-def log_curves_wandb(curves: Sequence[Curve], pngs: Sequence[Path], project: str, mode: str | None = None) -> str:
-    """One W&B run (job_type report): per curve a line plot of robust accuracy vs bits, its table and the PNG."""
+@dataclass
+class WandbPanel:
+    """One figure of a report on W&B: its table (one row per run), its PNG and a line plot of robust accuracy."""
+
+    key: str
+    columns: list[str]
+    rows: list[list[Any]]
+    png: Path
+    xs: list[list[float]]
+    ys: list[list[float]]
+    labels: list[str]
+    xname: str
+    title: str
+
+
+def log_panels_wandb(panels: Sequence[WandbPanel], project: str, mode: str | None = None) -> str:
+    """One W&B run (job_type report) holding each panel's table, PNG and line plot; returns the run's folder."""
     import wandb
 
     run = wandb.init(project=project, job_type="report", mode=mode, reinit=True)
     try:
-        for curve, png in zip(curves, pngs):
-            key = f"bits_curve/{curve.dataset}_{curve.model}"
-            rows = [
-                [label, p.bits, p.x, seed, c, r]
-                for label, pts in curve.lines.items()
-                for p in pts
-                for seed, c, r in zip(p.seeds, p.clean, p.robust)
-            ]
-            table = wandb.Table(
-                columns=["method", "bits", "x", "seed", "clean_acc", f"robust_acc_{curve.robust_metric}"], data=rows
-            )
-            labels = list(curve.lines)
-            xs = [[p.x for p in curve.lines[k]] for k in labels]
-            ys = [[statistics.fmean(p.robust) for p in curve.lines[k]] for k in labels]
+        for panel in panels:
             run.log(
                 {
-                    f"{key}/table": table,
-                    f"{key}/png": wandb.Image(str(png)),
-                    f"{key}/robust": wandb.plot.line_series(
-                        xs=xs,
-                        ys=ys,
-                        keys=labels,
-                        xname="bits" if curve.x_axis == "bits" else "model bytes",
-                        title=f"{curve.dataset}/{curve.model}: robust accuracy ({metric_title(curve.robust_metric)})",
+                    f"{panel.key}/table": wandb.Table(columns=panel.columns, data=panel.rows),
+                    f"{panel.key}/png": wandb.Image(str(panel.png)),
+                    f"{panel.key}/robust": wandb.plot.line_series(
+                        xs=panel.xs, ys=panel.ys, keys=panel.labels, xname=panel.xname, title=panel.title
                     ),
                 }
             )
@@ -379,13 +377,41 @@ def log_curves_wandb(curves: Sequence[Curve], pngs: Sequence[Path], project: str
         run.finish()
 
 
+def log_curves_wandb(curves: Sequence[Curve], pngs: Sequence[Path], project: str, mode: str | None = None) -> str:
+    """One W&B run (job_type report): per curve a line plot of robust accuracy vs bits, its table and the PNG."""
+    panels = []
+    for curve, png in zip(curves, pngs):
+        labels = list(curve.lines)
+        panels.append(
+            WandbPanel(
+                key=f"bits_curve/{curve.dataset}_{curve.model}",
+                columns=["method", "bits", "x", "seed", "clean_acc", f"robust_acc_{curve.robust_metric}"],
+                rows=[
+                    [label, p.bits, p.x, seed, c, r]
+                    for label, pts in curve.lines.items()
+                    for p in pts
+                    for seed, c, r in zip(p.seeds, p.clean, p.robust)
+                ],
+                png=png,
+                xs=[[p.x for p in curve.lines[k]] for k in labels],
+                ys=[[statistics.fmean(p.robust) for p in curve.lines[k]] for k in labels],
+                labels=labels,
+                xname="bits" if curve.x_axis == "bits" else "model bytes",
+                title=f"{curve.dataset}/{curve.model}: robust accuracy ({metric_title(curve.robust_metric)})",
+            )
+        )
+    return log_panels_wandb(panels, project, mode)
+
+
 __all__ = [
     "Curve",
     "Point",
     "ROBUST_PREFERENCE",
+    "WandbPanel",
     "build_curves",
     "curve_markdown",
     "log_curves_wandb",
+    "log_panels_wandb",
     "plot_curve",
     "robust_metric",
     "write_curves",

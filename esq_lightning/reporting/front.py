@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from esq_lightning.reporting.curves import _mean_std, metric_title, robust_metric
+from esq_lightning.reporting.curves import WandbPanel, _mean_std, log_panels_wandb, metric_title, robust_metric
 from esq_lightning.reporting.formats import _pct, format_eps
 
 __all__ = [
@@ -262,20 +262,13 @@ def write_fronts(records: Sequence[tuple[Path, dict[str, Any]]], out: Path) -> t
 
 def log_fronts_wandb(fronts: Sequence[Front], pngs: Sequence[Path], project: str, mode: str | None = None) -> str:
     """One W&B run (job_type report): per front the robust-vs-bytes line plot, its table and the PNG."""
-    import wandb
-
-    run = wandb.init(project=project, job_type="report", mode=mode, reinit=True)
-    try:
-        for front, png in zip(fronts, pngs):
-            key = f"front/{front.dataset}_{front.model}"
-            on_front = {id(p) for p in pareto(front.points)}
-            rows = [
-                [label, p.budget, p.x, seed, b, c, r, id(p) in on_front]
-                for label, pts in front.lines.items()
-                for p in pts
-                for seed, b, c, r in zip(p.seeds, p.model_bytes, p.clean, p.robust)
-            ]
-            table = wandb.Table(
+    panels = []
+    for front, png in zip(fronts, pngs):
+        on_front = {id(p) for p in pareto(front.points)}
+        labels = list(front.lines)
+        panels.append(
+            WandbPanel(
+                key=f"front/{front.dataset}_{front.model}",
                 columns=[
                     "method",
                     "budget",
@@ -286,22 +279,18 @@ def log_fronts_wandb(fronts: Sequence[Front], pngs: Sequence[Path], project: str
                     f"robust_acc_{front.robust_metric}",
                     "pareto",
                 ],
-                data=rows,
+                rows=[
+                    [label, p.budget, p.x, seed, b, c, r, id(p) in on_front]
+                    for label, pts in front.lines.items()
+                    for p in pts
+                    for seed, b, c, r in zip(p.seeds, p.model_bytes, p.clean, p.robust)
+                ],
+                png=png,
+                xs=[[p.x for p in front.lines[k]] for k in labels],
+                ys=[[p.y for p in front.lines[k]] for k in labels],
+                labels=labels,
+                xname="model bytes",
+                title=f"{front.dataset}/{front.model}: robust accuracy ({metric_title(front.robust_metric)})",
             )
-            labels = list(front.lines)
-            run.log(
-                {
-                    f"{key}/table": table,
-                    f"{key}/png": wandb.Image(str(png)),
-                    f"{key}/robust": wandb.plot.line_series(
-                        xs=[[p.x for p in front.lines[k]] for k in labels],
-                        ys=[[p.y for p in front.lines[k]] for k in labels],
-                        keys=labels,
-                        xname="model bytes",
-                        title=f"{front.dataset}/{front.model}: robust accuracy ({metric_title(front.robust_metric)})",
-                    ),
-                }
-            )
-        return str(run.dir)
-    finally:
-        run.finish()
+        )
+    return log_panels_wandb(panels, project, mode)
