@@ -19,6 +19,19 @@ FAST = [
 ]
 
 
+# One short digits run (1 epoch, 2 batches) for tests that run esq-train as a command (sweeps, notebooks, bits).
+TINY_RUN = [
+    "threads=1",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "eval.n_samples=32",
+    "callbacks.pgd.steps=1",
+    "callbacks.pgd.val_n_samples=32",
+    "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
+]
+
+
 def compose_config(config_name: str, overrides: list[str], run_dir: Path) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_module("esq_lightning.conf", version_base="1.3"):

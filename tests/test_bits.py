@@ -35,6 +35,7 @@ from esq_lightning.quant import (
     uniform_codes,
 )
 from esq_lightning.quant.registry import get
+from tests.hydra_utils import TINY_RUN
 
 SHAPES = [(8, 5), (6, 3, 3, 3), (4, 16, 1, 1)]
 
@@ -263,18 +264,7 @@ def test_width_knob_of_every_model_family() -> None:
 
 
 # ---------------------------------------------------------------- esq-train
-TINY = [
-    "threads=1",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "eval.n_samples=32",
-    "callbacks.pgd.steps=1",
-    "callbacks.pgd.val_n_samples=32",
-    "trainer.enable_progress_bar=false",
-    "trainer.accelerator=cpu",
-    "eval.attacks=[fgsm]",
-    "logger=none",
-]
+TINY = [*TINY_RUN, "eval.attacks=[fgsm]", "logger=none"]
 
 
 def _multirun(tmp_path: Path, overrides: list[str]) -> list[dict]:

@@ -10,17 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.hydra_utils import TINY_RUN as TINY
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-TINY = [
-    "threads=1",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "eval.n_samples=32",
-    "callbacks.pgd.steps=1",
-    "callbacks.pgd.val_n_samples=32",
-    "trainer.enable_progress_bar=false",
-    "trainer.accelerator=cpu",
-]
 
 
 def test_there_are_notebooks() -> None:

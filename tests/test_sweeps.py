@@ -14,21 +14,12 @@ import torch
 
 from esq_lightning.cli.reproduce import compose_options, estimate_digits_seconds, plan
 from esq_lightning.training.loggers import restore_wandb_env, snapshot_wandb_env, wandb_tags
+from tests.hydra_utils import TINY_RUN as TINY
 from tests.hydra_utils import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
-TINY = [
-    "threads=1",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "eval.n_samples=32",
-    "callbacks.pgd.steps=1",
-    "callbacks.pgd.val_n_samples=32",
-    "trainer.enable_progress_bar=false",
-    "trainer.accelerator=cpu",
-]
 
 
 def esq(module: str, args: list[str], cwd: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
